@@ -1,0 +1,117 @@
+//! The engine trait: where sessions and connections live, and how events reach the
+//! nodes that hold the affected sockets.
+//!
+//! An engine is one node's handle on shared state. Every state change is one atomic
+//! step in the engine. Events that concern sockets (a session was created for a user,
+//! sessions ended) are delivered, through the [`EventSender`] given at construction,
+//! to exactly the nodes whose connection records match, including this one.
+
+use async_trait::async_trait;
+
+use crate::ids::{ConnectionId, NodeId, SessionId, UserId};
+use crate::model::{CreatedSession, EndReason, NewSession, Session};
+use crate::token::Token;
+
+/// Capacity of the queue from an engine to its node's event dispatcher.
+pub const EVENT_QUEUE_CAPACITY: usize = 4096;
+
+/// Why an engine call failed. "Not found" is not an error: calls return `None`,
+/// `false` or `0` for it.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The backing store cannot be reached or did not answer in time. Retry later.
+    #[error("session store unavailable: {0}")]
+    Unavailable(String),
+    /// The store answered with something this version cannot read.
+    #[error("session store returned an unexpected reply: {0}")]
+    Corrupt(String),
+}
+
+/// An event for the sockets held by one node.
+#[derive(Debug, Clone)]
+pub enum NodeEvent {
+    /// A new session was created for `session.user_id`: tell that user's other
+    /// sessions' sockets.
+    SessionCreated {
+        /// The new session (public fields).
+        session: Session,
+    },
+    /// These sessions ended: send `session_ended` to their sockets and close them.
+    SessionsEnded {
+        /// The sessions.
+        session_ids: Vec<SessionId>,
+        /// Why.
+        reason: EndReason,
+    },
+    /// The event stream was interrupted and may have lost events: the node must
+    /// re-check the sessions of the sockets it holds.
+    Resync,
+}
+
+/// Where an engine delivers this node's events. Bounded: a full queue slows the
+/// engine's event reader, it never drops events.
+pub type EventSender = tokio::sync::mpsc::Sender<NodeEvent>;
+
+/// Storage and event bus for sessions and connections. Implemented by the in-memory
+/// engine (one node) and the Redis engine (a cluster). Both pass the same
+/// conformance suite in `tests/`.
+#[async_trait]
+pub trait Engine: Send + Sync + 'static {
+    /// Short name for logs and `/healthz` (`memory`, `redis`).
+    fn name(&self) -> &'static str;
+
+    /// This node.
+    fn node_id(&self) -> &NodeId;
+
+    /// Checks that the store answers.
+    async fn ping(&self) -> Result<(), EngineError>;
+
+    /// Creates a session and tells the user's other sessions' sockets
+    /// ([`NodeEvent::SessionCreated`]), in one atomic step.
+    async fn create_session(&self, new: NewSession) -> Result<CreatedSession, EngineError>;
+
+    /// The session of a token, if the token is valid and the session alive. The
+    /// returned session has no `connections` filled in.
+    async fn authenticate(&self, token: &Token) -> Result<Option<Session>, EngineError>;
+
+    /// One session with its live connections.
+    async fn get_session(&self, session_id: &SessionId) -> Result<Option<Session>, EngineError>;
+
+    /// All live sessions of a user with their connections, oldest first.
+    async fn user_sessions(&self, user_id: &UserId) -> Result<Vec<Session>, EngineError>;
+
+    /// Ends a session everywhere: its token stops working at once and every node
+    /// holding one of its sockets gets [`NodeEvent::SessionsEnded`]. With `owner`,
+    /// only a session of that user is ended (another user's session is reported as
+    /// not found). Returns whether a session was ended.
+    async fn kill_session(
+        &self,
+        session_id: &SessionId,
+        owner: Option<&UserId>,
+        reason: EndReason,
+    ) -> Result<bool, EngineError>;
+
+    /// Ends every session of a user except `except`, in one atomic step. Returns how
+    /// many were ended.
+    async fn kill_user_sessions(
+        &self,
+        user_id: &UserId,
+        except: Option<&SessionId>,
+        reason: EndReason,
+    ) -> Result<u64, EngineError>;
+
+    /// Authenticates `token` and, if valid, records connection `connection_id` on this
+    /// node, in one atomic step. Returns the session, or `None` for a bad token.
+    async fn register_connection(
+        &self,
+        token: &Token,
+        connection_id: &ConnectionId,
+    ) -> Result<Option<Session>, EngineError>;
+
+    /// Removes a connection record of this node. Unknown ids are ignored.
+    async fn unregister_connection(
+        &self,
+        session_id: &SessionId,
+        connection_id: &ConnectionId,
+    ) -> Result<(), EngineError>;
+}

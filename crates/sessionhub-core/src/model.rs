@@ -1,0 +1,115 @@
+//! Sessions and connections as engines store and return them.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ConnectionId, NodeId, SessionId, UserId};
+use crate::time::as_rfc3339;
+use crate::token::Token;
+
+/// Default session lifetime when the caller gives none.
+pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Longest lifetime a caller may ask for.
+pub const MAX_SESSION_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Longest `user_agent` kept, in bytes (longer ones are refused).
+pub const MAX_USER_AGENT_LEN: usize = 512;
+
+/// What is needed to create a session. Validated by the caller (the HTTP layer).
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    /// Owner.
+    pub user_id: UserId,
+    /// The device's user agent, for display.
+    pub user_agent: Option<String>,
+    /// The device's address, for display.
+    pub ip: Option<String>,
+    /// Lifetime from now.
+    pub ttl: Duration,
+}
+
+/// A live WebSocket connection of a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConnectionInfo {
+    /// The connection.
+    pub connection_id: ConnectionId,
+    /// The node that holds its socket.
+    pub node_id: NodeId,
+    /// When it was registered (Unix ms; RFC 3339 on the wire).
+    #[serde(with = "as_rfc3339")]
+    pub connected_at: i64,
+}
+
+/// A session, as shown to the application, the user and other sessions of the user.
+/// It never carries the secret or its hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Session {
+    /// Public id.
+    pub session_id: SessionId,
+    /// Owner.
+    pub user_id: UserId,
+    /// Device user agent, if known.
+    pub user_agent: Option<String>,
+    /// Device address, if known.
+    pub ip: Option<String>,
+    /// Creation time (Unix ms; RFC 3339 on the wire).
+    #[serde(with = "as_rfc3339")]
+    pub created_at: i64,
+    /// Last authenticated activity (Unix ms; RFC 3339 on the wire).
+    #[serde(with = "as_rfc3339")]
+    pub last_seen_at: i64,
+    /// Absolute expiry (Unix ms; RFC 3339 on the wire).
+    #[serde(with = "as_rfc3339")]
+    pub expires_at: i64,
+    /// Live connections, sorted by connection time.
+    pub connections: Vec<ConnectionInfo>,
+}
+
+/// A freshly created session and its token, which is shown exactly once.
+#[derive(Debug, Clone)]
+pub struct CreatedSession {
+    /// The session.
+    pub session: Session,
+    /// The token for the client's cookie.
+    pub token: Token,
+}
+
+/// Why a session ended; sent to its sockets in `session_ended`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// Ended by the application, an operator, or another session of the user.
+    Killed,
+    /// The session logged itself out.
+    Logout,
+    /// Its lifetime ran out.
+    Expired,
+}
+
+impl EndReason {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Killed => "killed",
+            EndReason::Logout => "logout",
+            EndReason::Expired => "expired",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "killed" => Some(EndReason::Killed),
+            "logout" => Some(EndReason::Logout),
+            "expired" => Some(EndReason::Expired),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for EndReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

@@ -1,0 +1,276 @@
+//! The HTTP API: service calls (API key) and self-service calls (session cookie).
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use actix_web::cookie::Cookie;
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde::{Deserialize, Serialize};
+use sessionhub_core::model::{DEFAULT_SESSION_TTL, MAX_SESSION_TTL, MAX_USER_AGENT_LEN};
+use sessionhub_core::time::rfc3339;
+use sessionhub_core::{EndReason, NewSession, Session, SessionId, UserId};
+
+use crate::auth::{COOKIE_NAME, CookieSession, ServiceAuth, check_same_origin};
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Registers every API route.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::scope("/api/v1")
+            .route("/sessions", web::post().to(create_session))
+            .route("/sessions/{session_id}", web::get().to(get_session))
+            .route("/sessions/{session_id}", web::delete().to(kill_session))
+            .route("/users/{user_id}/sessions", web::get().to(user_sessions))
+            .route(
+                "/users/{user_id}/sessions",
+                web::delete().to(kill_user_sessions),
+            )
+            .route("/me", web::get().to(me))
+            .route("/me/sessions", web::get().to(my_sessions))
+            .route("/me/sessions", web::delete().to(kill_my_other_sessions))
+            .route(
+                "/me/sessions/{session_id}",
+                web::delete().to(kill_my_session),
+            )
+            .route("/me/logout", web::post().to(logout)),
+    );
+}
+
+/// Body of `POST /api/v1/sessions`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSession {
+    user_id: String,
+    user_agent: Option<String>,
+    ip: Option<String>,
+    ttl_secs: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct Created<'a> {
+    session_id: &'a SessionId,
+    user_id: &'a UserId,
+    token: String,
+    created_at: String,
+    expires_at: String,
+}
+
+#[derive(Serialize)]
+struct Killed {
+    killed: u64,
+}
+
+/// An unknown or malformed id is simply not found.
+fn parse_sid(s: &str) -> Result<SessionId, ApiError> {
+    SessionId::parse(s).map_err(|_| ApiError::NotFound)
+}
+
+fn parse_uid(s: &str) -> Result<UserId, ApiError> {
+    UserId::parse(s).map_err(|e| ApiError::BadRequest(e.to_string()))
+}
+
+async fn create_session(
+    _: ServiceAuth,
+    state: web::Data<AppState>,
+    body: web::Json<CreateSession>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    let user_id = parse_uid(&body.user_id)?;
+    let ttl = match body.ttl_secs {
+        None => DEFAULT_SESSION_TTL,
+        Some(s) if s >= 1 && s <= MAX_SESSION_TTL.as_secs() => Duration::from_secs(s),
+        Some(_) => {
+            return Err(ApiError::BadRequest(format!(
+                "ttl_secs must be between 1 and {}",
+                MAX_SESSION_TTL.as_secs()
+            )));
+        }
+    };
+    let user_agent = body.user_agent.filter(|s| !s.is_empty());
+    if let Some(ua) = &user_agent
+        && (ua.len() > MAX_USER_AGENT_LEN || ua.chars().any(char::is_control))
+    {
+        return Err(ApiError::BadRequest(format!(
+            "user_agent must be at most {MAX_USER_AGENT_LEN} bytes without control characters"
+        )));
+    }
+    let ip = match body.ip.filter(|s| !s.is_empty()) {
+        None => None,
+        Some(ip) => Some(
+            ip.parse::<IpAddr>()
+                .map_err(|_| ApiError::BadRequest(format!("ip {ip:?} is not an IP address")))?
+                .to_string(),
+        ),
+    };
+    let created = state
+        .engine
+        .create_session(NewSession {
+            user_id,
+            user_agent,
+            ip,
+            ttl,
+        })
+        .await?;
+    let s = &created.session;
+    tracing::info!(session_id = %s.session_id, user_id = %s.user_id, "session created");
+    Ok(HttpResponse::Created().json(Created {
+        session_id: &s.session_id,
+        user_id: &s.user_id,
+        token: created.token.expose(),
+        created_at: rfc3339(s.created_at),
+        expires_at: rfc3339(s.expires_at),
+    }))
+}
+
+async fn get_session(
+    _: ServiceAuth,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let sid = parse_sid(&path)?;
+    let session = state
+        .engine
+        .get_session(&sid)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    Ok(HttpResponse::Ok().json(session))
+}
+
+async fn kill_session(
+    _: ServiceAuth,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let sid = parse_sid(&path)?;
+    if !state
+        .engine
+        .kill_session(&sid, None, EndReason::Killed)
+        .await?
+    {
+        return Err(ApiError::NotFound);
+    }
+    tracing::info!(session_id = %sid, "session killed by the application");
+    Ok(HttpResponse::NoContent().finish())
+}
+
+async fn user_sessions(
+    _: ServiceAuth,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let uid = parse_uid(&path)?;
+    Ok(HttpResponse::Ok().json(state.engine.user_sessions(&uid).await?))
+}
+
+async fn kill_user_sessions(
+    _: ServiceAuth,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let uid = parse_uid(&path)?;
+    let killed = state
+        .engine
+        .kill_user_sessions(&uid, None, EndReason::Killed)
+        .await?;
+    tracing::info!(user_id = %uid, killed, "user's sessions killed by the application");
+    Ok(HttpResponse::Ok().json(Killed { killed }))
+}
+
+#[derive(Serialize)]
+struct Me<'a> {
+    user_id: &'a UserId,
+    session_id: &'a SessionId,
+    expires_at: String,
+}
+
+/// `GET /api/v1/me`; also the target of nginx `auth_request`, hence the headers.
+async fn me(caller: CookieSession) -> HttpResponse {
+    let s = &caller.session;
+    HttpResponse::Ok()
+        .insert_header(("X-Sessionhub-User", s.user_id.as_str()))
+        .insert_header(("X-Sessionhub-Session", s.session_id.as_str()))
+        .insert_header(("Cache-Control", "no-store"))
+        .json(Me {
+            user_id: &s.user_id,
+            session_id: &s.session_id,
+            expires_at: rfc3339(s.expires_at),
+        })
+}
+
+#[derive(Serialize)]
+struct MySession<'a> {
+    #[serde(flatten)]
+    session: &'a Session,
+    current: bool,
+}
+
+async fn my_sessions(
+    caller: CookieSession,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let sessions = state.engine.user_sessions(&caller.session.user_id).await?;
+    let out: Vec<MySession<'_>> = sessions
+        .iter()
+        .map(|s| MySession {
+            session: s,
+            current: s.session_id == caller.session.session_id,
+        })
+        .collect();
+    Ok(HttpResponse::Ok()
+        .insert_header(("Cache-Control", "no-store"))
+        .json(out))
+}
+
+async fn kill_my_session(
+    req: HttpRequest,
+    caller: CookieSession,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    check_same_origin(&req, &state.config)?;
+    let sid = parse_sid(&path)?;
+    let user = &caller.session.user_id;
+    // Another user's session is "not found", exactly like an unknown id.
+    if !state
+        .engine
+        .kill_session(&sid, Some(user), EndReason::Killed)
+        .await?
+    {
+        return Err(ApiError::NotFound);
+    }
+    tracing::info!(session_id = %sid, by = %caller.session.session_id, "session killed by its user");
+    Ok(HttpResponse::NoContent().finish())
+}
+
+async fn kill_my_other_sessions(
+    req: HttpRequest,
+    caller: CookieSession,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    check_same_origin(&req, &state.config)?;
+    let s = &caller.session;
+    let killed = state
+        .engine
+        .kill_user_sessions(&s.user_id, Some(&s.session_id), EndReason::Killed)
+        .await?;
+    tracing::info!(by = %s.session_id, killed, "user signed out their other sessions");
+    Ok(HttpResponse::Ok().json(Killed { killed }))
+}
+
+async fn logout(
+    req: HttpRequest,
+    caller: CookieSession,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    check_same_origin(&req, &state.config)?;
+    let s = &caller.session;
+    state
+        .engine
+        .kill_session(&s.session_id, Some(&s.user_id), EndReason::Logout)
+        .await?;
+    tracing::info!(session_id = %s.session_id, "session logged out");
+    let mut gone = Cookie::build(COOKIE_NAME, "").path("/").finish();
+    gone.make_removal();
+    Ok(HttpResponse::NoContent().cookie(gone).finish())
+}

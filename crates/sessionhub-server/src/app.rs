@@ -1,0 +1,198 @@
+//! Building and running a node: the one code path that `main` and the tests' node
+//! processes share.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{App, HttpResponse, HttpServer, web};
+use sessionhub_core::engine::EVENT_QUEUE_CAPACITY;
+use sessionhub_core::memory::{MemoryEngine, MemoryStore};
+use sessionhub_core::{EndReason, Engine, NodeEvent};
+use sessionhub_redis::{RedisConfig, RedisEngine};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::hub::Hub;
+use crate::state::AppState;
+
+/// Largest JSON request body.
+pub const MAX_JSON_BODY: usize = 64 * 1024;
+/// How long a client may take to send its request head (slowloris bound).
+pub const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long shutdown waits for sockets to close before stopping the server anyway.
+pub const SOCKET_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the HTTP server then gives in-flight requests.
+pub const SERVER_STOP_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Redis could not be reached or the URL is unusable.
+    #[error(transparent)]
+    Redis(#[from] sessionhub_redis::ConnectError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A node, bound and ready to run.
+pub struct Application {
+    server: actix_web::dev::Server,
+    addr: SocketAddr,
+    state: AppState,
+}
+
+impl Application {
+    /// Connects the engine, starts the event dispatcher and binds the listener.
+    pub async fn build(config: Config) -> Result<Self, StartError> {
+        let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE_CAPACITY);
+        let node_id = config.node_id.clone();
+        let engine: Arc<dyn Engine> = match &config.redis_url {
+            Some(url) => {
+                let rc = RedisConfig {
+                    key_prefix: config.key_prefix.clone(),
+                    connect_timeout: config.redis_connect_timeout,
+                    ..RedisConfig::new(url.clone())
+                };
+                Arc::new(RedisEngine::connect(rc, node_id, events_tx).await?)
+            }
+            None => Arc::new(MemoryEngine::new(MemoryStore::new(), node_id, events_tx)),
+        };
+        let state = AppState {
+            engine,
+            hub: Arc::new(Hub::default()),
+            config: Arc::new(config),
+            shutdown: CancellationToken::new(),
+        };
+        actix_web::rt::spawn(dispatch(events_rx, state.clone()));
+
+        let data = web::Data::new(state.clone());
+        let listen = state.config.listen;
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(data.clone())
+                .app_data(
+                    web::JsonConfig::default()
+                        .limit(MAX_JSON_BODY)
+                        .error_handler(|err, _| {
+                            ApiError::BadRequest(format!("invalid JSON body: {err}")).into()
+                        }),
+                )
+                .app_data(
+                    web::PathConfig::default().error_handler(|_, _| ApiError::NotFound.into()),
+                )
+                .configure(crate::api::routes)
+                .route("/ws", web::get().to(crate::ws::upgrade))
+                .route("/healthz", web::get().to(healthz))
+                .route("/readyz", web::get().to(readyz))
+                .default_service(web::to(|| async {
+                    Err::<HttpResponse, _>(ApiError::NotFound)
+                }))
+        })
+        .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
+        .disable_signals()
+        .shutdown_timeout(SERVER_STOP_TIMEOUT.as_secs())
+        .bind(listen)
+        .map_err(|source| StartError::Bind {
+            addr: listen,
+            source,
+        })?;
+        let addr = server.addrs().first().copied().unwrap_or(listen);
+        Ok(Self {
+            server: server.run(),
+            addr,
+            state,
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The node's shared state.
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `stop` resolves, then shuts down in order: every socket closes
+    /// with 1001 and removes its record, then the HTTP server stops.
+    pub async fn run_until(self, stop: impl Future<Output = ()>) -> std::io::Result<()> {
+        let Self { server, state, .. } = self;
+        let handle = server.handle();
+        let mut server = std::pin::pin!(server);
+        tokio::select! {
+            res = &mut server => return res,
+            () = stop => {}
+        }
+        tracing::info!(sockets = state.hub.len(), "shutting down");
+        state.shutdown.cancel();
+        let deadline = tokio::time::Instant::now() + SOCKET_DRAIN_TIMEOUT;
+        while !state.hub.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let stopping = handle.stop(true);
+        let (res, ()) = tokio::join!(server, stopping);
+        tracing::info!("stopped");
+        res
+    }
+}
+
+/// Applies engine events to this node's sockets, in order.
+async fn dispatch(mut events: mpsc::Receiver<NodeEvent>, state: AppState) {
+    while let Some(event) = events.recv().await {
+        match event {
+            NodeEvent::Resync => {
+                actix_web::rt::spawn(resync(state.clone()));
+            }
+            other => state.hub.apply(&other),
+        }
+    }
+}
+
+/// Re-checks the session of every socket this node holds, after events may have
+/// been lost, and ends the sockets of sessions that are gone.
+async fn resync(state: AppState) {
+    let sessions = state.hub.sessions();
+    let mut ended = 0;
+    for sid in &sessions {
+        match state.engine.get_session(sid).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                ended += 1;
+                state.hub.end_session(sid, EndReason::Killed);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "resync interrupted");
+                return;
+            }
+        }
+    }
+    tracing::info!(checked = sessions.len(), ended, "resynced local sockets");
+}
+
+async fn healthz(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({
+        "status": "ok",
+        "node_id": state.engine.node_id(),
+        "engine": state.engine.name(),
+        "sockets": state.hub.len(),
+    }))
+}
+
+async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    if state.shutdown.is_cancelled() {
+        return Err(ApiError::Unavailable);
+    }
+    state.engine.ping().await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready" })))
+}

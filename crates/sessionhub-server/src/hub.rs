@@ -1,0 +1,233 @@
+//! The sockets this node holds, indexed by session and by user, and the dispatch of
+//! engine events to them.
+//!
+//! Locks are held only to look up or change the indexes, never across an await or a
+//! socket write: delivering to a socket is a `try_send` into its bounded queue, and a
+//! socket whose queue is full is closed with 1013 instead of slowing anyone else.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytestring::ByteString;
+use sessionhub_core::protocol::{SESSION_CREATED_MESSAGE, ServerFrame};
+use sessionhub_core::{ConnectionId, EndReason, NodeEvent, Session, SessionId, UserId};
+use tokio::sync::{Notify, mpsc};
+
+/// Frames that may wait in one socket's outbound queue before it counts as too slow.
+pub const OUTBOUND_QUEUE_CAPACITY: usize = 256;
+
+/// Why the hub asks a socket task to close.
+#[derive(Debug, Clone)]
+pub enum CloseCmd {
+    /// The session ended: send this `session_ended` frame, then close 4001.
+    SessionEnded(ByteString),
+    /// The client did not keep up with its queue: close 1013.
+    TooSlow,
+}
+
+/// The hub's handle on one socket task.
+pub struct LocalConn {
+    /// This connection.
+    pub id: ConnectionId,
+    /// Its session.
+    pub session_id: SessionId,
+    /// Its user, once known (after registration).
+    user_id: Mutex<Option<UserId>>,
+    tx: mpsc::Sender<ByteString>,
+    close: Mutex<Option<CloseCmd>>,
+    closing: Notify,
+}
+
+impl LocalConn {
+    /// A handle and the receiving end of its outbound queue.
+    pub fn new(id: ConnectionId, session_id: SessionId) -> (Arc<Self>, mpsc::Receiver<ByteString>) {
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE_CAPACITY);
+        let conn = Arc::new(Self {
+            id,
+            session_id,
+            user_id: Mutex::new(None),
+            tx,
+            close: Mutex::new(None),
+            closing: Notify::new(),
+        });
+        (conn, rx)
+    }
+
+    /// Queues a frame; a full queue closes the socket as too slow.
+    pub fn send(&self, frame: ByteString) {
+        if self.tx.try_send(frame).is_err() {
+            self.request_close(CloseCmd::TooSlow);
+        }
+    }
+
+    /// Asks the socket task to close. The first request wins.
+    pub fn request_close(&self, cmd: CloseCmd) {
+        let mut slot = lock(&self.close);
+        if slot.is_none() {
+            *slot = Some(cmd);
+            // notify_one stores a permit if the task is not waiting right now.
+            self.closing.notify_one();
+        }
+    }
+
+    /// Resolves when a close has been requested, with the request.
+    pub async fn closed(&self) -> CloseCmd {
+        loop {
+            if let Some(cmd) = lock(&self.close).clone() {
+                return cmd;
+            }
+            self.closing.notified().await;
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded maps are consistent between statements; a panic elsewhere must not
+    // take every socket of the node down with it.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Default)]
+struct Index {
+    by_session: HashMap<SessionId, Vec<Arc<LocalConn>>>,
+    by_user: HashMap<UserId, HashSet<SessionId>>,
+}
+
+/// All sockets of this node.
+#[derive(Default)]
+pub struct Hub {
+    index: Mutex<Index>,
+}
+
+/// The `session_ended` frame for a session.
+pub fn session_ended_frame(sid: &SessionId, reason: EndReason) -> ByteString {
+    ServerFrame::SessionEnded {
+        session_id: sid,
+        reason,
+    }
+    .to_json()
+    .into()
+}
+
+impl Hub {
+    /// Adds a socket, before its connection is registered in the engine, so that an
+    /// event racing the registration still finds it.
+    pub fn insert(&self, conn: Arc<LocalConn>) {
+        lock(&self.index)
+            .by_session
+            .entry(conn.session_id.clone())
+            .or_default()
+            .push(conn);
+    }
+
+    /// Records the socket's user once the engine has confirmed the session.
+    pub fn bind_user(&self, conn: &LocalConn, user: &UserId) {
+        *lock(&conn.user_id) = Some(user.clone());
+        lock(&self.index)
+            .by_user
+            .entry(user.clone())
+            .or_default()
+            .insert(conn.session_id.clone());
+    }
+
+    /// Removes a socket.
+    pub fn remove(&self, conn: &LocalConn) {
+        let mut idx = lock(&self.index);
+        let Some(list) = idx.by_session.get_mut(&conn.session_id) else {
+            return;
+        };
+        list.retain(|c| c.id != conn.id);
+        if !list.is_empty() {
+            return;
+        }
+        idx.by_session.remove(&conn.session_id);
+        if let Some(user) = lock(&conn.user_id).as_ref()
+            && let Some(set) = idx.by_user.get_mut(user)
+        {
+            set.remove(&conn.session_id);
+            if set.is_empty() {
+                idx.by_user.remove(user);
+            }
+        }
+    }
+
+    /// Number of sockets held.
+    pub fn len(&self) -> usize {
+        lock(&self.index).by_session.values().map(Vec::len).sum()
+    }
+
+    /// Whether no socket is held.
+    pub fn is_empty(&self) -> bool {
+        lock(&self.index).by_session.is_empty()
+    }
+
+    /// The sessions that have sockets here.
+    pub fn sessions(&self) -> Vec<SessionId> {
+        lock(&self.index).by_session.keys().cloned().collect()
+    }
+
+    fn conns_of(&self, sid: &SessionId) -> Vec<Arc<LocalConn>> {
+        lock(&self.index)
+            .by_session
+            .get(sid)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Closes every socket of `sid` with `session_ended` and 4001.
+    pub fn end_session(&self, sid: &SessionId, reason: EndReason) {
+        let conns = self.conns_of(sid);
+        if conns.is_empty() {
+            return;
+        }
+        let frame = session_ended_frame(sid, reason);
+        for c in conns {
+            c.request_close(CloseCmd::SessionEnded(frame.clone()));
+        }
+    }
+
+    /// Tells every socket of `session.user_id`, except the new session's own, that
+    /// another session was created. The frame is serialised once.
+    pub fn session_created(&self, session: &Session) {
+        let targets: Vec<Arc<LocalConn>> = {
+            let idx = lock(&self.index);
+            let Some(sids) = idx.by_user.get(&session.user_id) else {
+                return;
+            };
+            sids.iter()
+                .filter(|sid| **sid != session.session_id)
+                .filter_map(|sid| idx.by_session.get(sid))
+                .flatten()
+                .cloned()
+                .collect()
+        };
+        if targets.is_empty() {
+            return;
+        }
+        let frame: ByteString = ServerFrame::SessionCreated {
+            session,
+            message: SESSION_CREATED_MESSAGE,
+        }
+        .to_json()
+        .into();
+        for c in targets {
+            c.send(frame.clone());
+        }
+    }
+
+    /// Applies an engine event (all but [`NodeEvent::Resync`], which needs the engine).
+    pub fn apply(&self, event: &NodeEvent) {
+        match event {
+            NodeEvent::SessionCreated { session } => self.session_created(session),
+            NodeEvent::SessionsEnded {
+                session_ids,
+                reason,
+            } => {
+                for sid in session_ids {
+                    self.end_session(sid, *reason);
+                }
+            }
+            NodeEvent::Resync => {}
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! What every handler shares.
+
+use std::sync::Arc;
+
+use sessionhub_core::Engine;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::hub::Hub;
+
+/// Shared by all handlers and socket tasks of a node.
+#[derive(Clone)]
+pub struct AppState {
+    /// Storage and event bus.
+    pub engine: Arc<dyn Engine>,
+    /// The sockets this node holds.
+    pub hub: Arc<Hub>,
+    /// Validated configuration.
+    pub config: Arc<Config>,
+    /// Cancelled when the node shuts down: every socket closes with 1001.
+    pub shutdown: CancellationToken,
+}

@@ -1,0 +1,247 @@
+//! `GET /ws`: one task per socket, one `select!`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
+use bytestring::ByteString;
+use futures_util::StreamExt;
+use sessionhub_core::protocol::{ClientFrame, ServerFrame, close_code};
+use sessionhub_core::{ConnectionId, EndReason, EngineError, Session};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::auth::{cookie_token, origin_allowed};
+use crate::error::ApiError;
+use crate::hub::{CloseCmd, LocalConn};
+use crate::state::AppState;
+
+/// Largest frame, and largest message after joining continuations, a client may send.
+pub const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
+/// How often the server pings each socket.
+pub const PING_INTERVAL: Duration = Duration::from_secs(20);
+/// A socket that has not answered a ping for this long is considered dead.
+pub const PONG_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// Upgrades an authenticated request to a WebSocket.
+pub async fn upgrade(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let token = cookie_token(&req)?;
+    if !origin_allowed(&req, &state.config) {
+        return Err(ApiError::Forbidden("origin not allowed"));
+    }
+    let (response, ws, stream) = actix_ws::handle(&req, body)
+        .map_err(|e| ApiError::BadRequest(format!("not a WebSocket handshake: {e}")))?;
+
+    // Known to the hub first, so a kill racing the registration finds the socket.
+    let (conn, rx) = LocalConn::new(ConnectionId::generate(), token.session_id().clone());
+    state.hub.insert(conn.clone());
+    let session = match state.engine.register_connection(&token, &conn.id).await {
+        Ok(Some(session)) => session,
+        Ok(None) => {
+            state.hub.remove(&conn);
+            return Err(ApiError::Unauthorized);
+        }
+        Err(e) => {
+            state.hub.remove(&conn);
+            return Err(e.into());
+        }
+    };
+    state.hub.bind_user(&conn, &session.user_id);
+
+    let stream = stream
+        .max_frame_size(MAX_CLIENT_MESSAGE)
+        .aggregate_continuations()
+        .max_continuation_size(MAX_CLIENT_MESSAGE);
+    let span = tracing::info_span!(
+        "ws",
+        connection_id = %conn.id,
+        session_id = %session.session_id,
+        user_id = %session.user_id,
+    );
+    actix_web::rt::spawn(
+        Socket {
+            state: state.into_inner(),
+            conn,
+            session,
+            ws,
+        }
+        .run(rx, stream)
+        .instrument(span),
+    );
+    Ok(response)
+}
+
+/// One socket's task state.
+struct Socket {
+    state: Arc<AppState>,
+    conn: Arc<LocalConn>,
+    session: Session,
+    ws: actix_ws::Session,
+}
+
+/// How the loop ended.
+enum Exit {
+    /// The client closed or vanished.
+    Gone,
+    /// We close with this code (and send this frame first).
+    Close(u16, &'static str, Option<ByteString>),
+}
+
+impl Socket {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<ByteString>,
+        mut stream: actix_ws::AggregatedMessageStream,
+    ) {
+        tracing::debug!("connected");
+        let hello = ServerFrame::Hello {
+            connection_id: &self.conn.id,
+            session_id: &self.session.session_id,
+            user_id: &self.session.user_id,
+            node_id: self.state.engine.node_id(),
+        }
+        .to_json();
+        let exit = if self.ws.text(hello).await.is_err() {
+            Exit::Gone
+        } else {
+            self.serve(&mut rx, &mut stream).await
+        };
+
+        let ended = matches!(exit, Exit::Close(close_code::SESSION_ENDED, ..));
+        if let Exit::Close(code, why, frame) = exit {
+            if let Some(frame) = frame {
+                let _ = self.ws.text(frame).await;
+            }
+            let reason = CloseReason {
+                code: CloseCode::from(code),
+                description: Some(why.to_owned()),
+            };
+            let _ = self.ws.clone().close(Some(reason)).await;
+        }
+        self.state.hub.remove(&self.conn);
+        // An ended session's records are already gone with it.
+        if !ended
+            && let Err(e) = self
+                .state
+                .engine
+                .unregister_connection(&self.session.session_id, &self.conn.id)
+                .await
+        {
+            tracing::warn!(error = %e, "could not remove the connection record");
+        }
+        tracing::debug!("disconnected");
+    }
+
+    async fn serve(
+        &mut self,
+        rx: &mut mpsc::Receiver<ByteString>,
+        stream: &mut actix_ws::AggregatedMessageStream,
+    ) -> Exit {
+        let mut ping = tokio::time::interval(PING_INTERVAL);
+        ping.tick().await;
+        let mut last_pong = tokio::time::Instant::now();
+        let conn = self.conn.clone();
+        let shutdown = self.state.shutdown.clone();
+        loop {
+            tokio::select! {
+                // Closing wins over anything still queued.
+                biased;
+                cmd = conn.closed() => {
+                    return match cmd {
+                        CloseCmd::SessionEnded(frame) => {
+                            Exit::Close(close_code::SESSION_ENDED, "session ended", Some(frame))
+                        }
+                        CloseCmd::TooSlow => Exit::Close(close_code::TRY_AGAIN_LATER, "too slow", None),
+                    };
+                }
+                _ = shutdown.cancelled() => {
+                    return Exit::Close(close_code::GOING_AWAY, "node shutting down", None);
+                }
+                frame = rx.recv() => {
+                    let Some(frame) = frame else { return Exit::Gone };
+                    if self.ws.text(frame).await.is_err() {
+                        return Exit::Gone;
+                    }
+                }
+                msg = stream.next() => match msg {
+                    None | Some(Ok(AggregatedMessage::Close(_))) => return Exit::Gone,
+                    Some(Ok(AggregatedMessage::Text(text))) => {
+                        if let Some(exit) = self.on_text(&text).await {
+                            return exit;
+                        }
+                    }
+                    Some(Ok(AggregatedMessage::Binary(_))) => {
+                        self.error("binary_unsupported", "only JSON text frames are accepted").await;
+                    }
+                    Some(Ok(AggregatedMessage::Ping(data))) => {
+                        if self.ws.pong(&data).await.is_err() {
+                            return Exit::Gone;
+                        }
+                    }
+                    Some(Ok(AggregatedMessage::Pong(_))) => last_pong = tokio::time::Instant::now(),
+                    Some(Err(ProtocolError::Overflow)) => {
+                        return Exit::Close(close_code::TOO_LARGE, "message too large", None);
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "protocol error");
+                        return Exit::Close(close_code::POLICY, "protocol error", None);
+                    }
+                },
+                _ = ping.tick() => {
+                    if last_pong.elapsed() > PONG_TIMEOUT {
+                        return Exit::Close(close_code::POLICY, "ping timeout", None);
+                    }
+                    if self.ws.ping(b"").await.is_err() {
+                        return Exit::Gone;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one client text frame. Bad frames get an `error` frame; the socket
+    /// stays usable.
+    async fn on_text(&mut self, text: &str) -> Option<Exit> {
+        match ClientFrame::decode(text) {
+            Ok(ClientFrame::Ping) => {
+                if self.ws.text(ServerFrame::Pong.to_json()).await.is_err() {
+                    return Some(Exit::Gone);
+                }
+            }
+            Ok(ClientFrame::KillSession { session_id }) => {
+                let res = self
+                    .state
+                    .engine
+                    .kill_session(&session_id, Some(&self.session.user_id), EndReason::Killed)
+                    .await;
+                match res {
+                    Ok(true) => tracing::info!(killed = %session_id, "session killed by its user"),
+                    Ok(false) => self.error("not_found", "no such session").await,
+                    Err(EngineError::Unavailable(e)) => {
+                        tracing::warn!(error = %e, "kill_session failed");
+                        self.error("unavailable", "session store unavailable, retry later")
+                            .await
+                    }
+                    Err(EngineError::Corrupt(e)) => {
+                        tracing::error!(error = %e, "kill_session failed");
+                        self.error("internal", "internal error").await
+                    }
+                }
+            }
+            Err(e) => self.error(e.code, &e.message).await,
+        }
+        None
+    }
+
+    async fn error(&mut self, code: &str, message: &str) {
+        let _ = self
+            .ws
+            .text(ServerFrame::Error { code, message }.to_json())
+            .await;
+    }
+}

@@ -1,0 +1,201 @@
+//! Clients for the HTTP API and `/ws`.
+
+use futures_util::{SinkExt, StreamExt};
+use reqwest::{Method, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::process::Node;
+use crate::{API_KEY, WAIT};
+
+/// The answer to `POST /api/v1/sessions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Created {
+    pub session_id: String,
+    pub user_id: String,
+    pub token: String,
+    pub created_at: String,
+    pub expires_at: String,
+}
+
+/// HTTP calls against one node.
+#[derive(Clone)]
+pub struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(node: &Node) -> Self {
+        Self {
+            base: node.base.clone(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// A service API call with the API key.
+    pub async fn service(&self, method: Method, path: &str, body: Option<Value>) -> Response {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(API_KEY);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        req.send().await.unwrap()
+    }
+
+    /// A self-service call with a session cookie.
+    pub async fn me(&self, method: Method, path: &str, token: &str) -> Response {
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .header("Cookie", format!("sh_session={token}"))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Any request, to check how bad input is answered.
+    pub fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, format!("{}{path}", self.base))
+    }
+
+    /// Creates a session for `user`.
+    pub async fn create_session(&self, user: &str, user_agent: &str) -> Created {
+        let res = self
+            .service(
+                Method::POST,
+                "/api/v1/sessions",
+                Some(json!({ "user_id": user, "user_agent": user_agent, "ip": "192.0.2.7" })),
+            )
+            .await;
+        assert_eq!(res.status(), StatusCode::CREATED, "create session");
+        res.json().await.unwrap()
+    }
+
+    /// Status of `GET /api/v1/me` with `token`.
+    pub async fn me_status(&self, token: &str) -> StatusCode {
+        self.me(Method::GET, "/api/v1/me", token).await.status()
+    }
+}
+
+/// Why a WebSocket could not be opened.
+#[derive(Debug)]
+pub enum WsError {
+    /// The upgrade was answered with this HTTP status.
+    Http(u16),
+    /// Anything else.
+    Other(String),
+}
+
+type Stream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A `/ws` client.
+pub struct WsClient {
+    stream: Stream,
+    /// The `hello` frame.
+    pub hello: Value,
+}
+
+impl WsClient {
+    /// Opens `/ws` on `node` with a session cookie and reads `hello`.
+    pub async fn connect(node: &Node, token: &str) -> Result<Self, WsError> {
+        Self::connect_with(node, &[("Cookie", format!("sh_session={token}"))]).await
+    }
+
+    /// Opens `/ws` with the given headers and reads `hello`.
+    pub async fn connect_with(node: &Node, headers: &[(&str, String)]) -> Result<Self, WsError> {
+        let mut req = node.ws_url().into_client_request().unwrap();
+        for (k, v) in headers {
+            req.headers_mut().insert(
+                tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let stream = match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req)).await {
+            Err(_) => return Err(WsError::Other("connect timed out".into())),
+            Ok(Err(tungstenite::Error::Http(res))) => {
+                return Err(WsError::Http(res.status().as_u16()));
+            }
+            Ok(Err(e)) => return Err(WsError::Other(e.to_string())),
+            Ok(Ok((s, _))) => s,
+        };
+        let mut c = Self {
+            stream,
+            hello: Value::Null,
+        };
+        let hello = c.next_json().await;
+        assert_eq!(hello["type"], "hello", "first frame must be hello: {hello}");
+        c.hello = hello;
+        Ok(c)
+    }
+
+    /// This socket's connection id.
+    pub fn connection_id(&self) -> &str {
+        self.hello["connection_id"].as_str().unwrap()
+    }
+
+    /// The next JSON text frame (control frames are skipped); panics on close or
+    /// after the deadline.
+    pub async fn next_json(&mut self) -> Value {
+        loop {
+            match self.next_message().await {
+                Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+                Message::Close(f) => panic!("socket closed while a frame was expected: {f:?}"),
+                Message::Binary(_) => panic!("unexpected binary frame"),
+                _ => {}
+            }
+        }
+    }
+
+    async fn next_message(&mut self) -> Message {
+        match tokio::time::timeout(WAIT, self.stream.next()).await {
+            Err(_) => panic!("no frame within {WAIT:?}"),
+            Ok(None) => panic!("socket ended without a close frame"),
+            Ok(Some(Err(e))) => panic!("socket error: {e}"),
+            Ok(Some(Ok(m))) => m,
+        }
+    }
+
+    /// Reads frames until one of type `ty`, which it returns; panics on anything else.
+    pub async fn expect(&mut self, ty: &str) -> Value {
+        let v = self.next_json().await;
+        assert_eq!(v["type"], ty, "expected a {ty} frame, got {v}");
+        v
+    }
+
+    /// Reads until the close frame and returns its code and the text frames before it.
+    pub async fn expect_close(&mut self) -> (u16, Vec<Value>) {
+        let mut before = Vec::new();
+        loop {
+            match self.next_message().await {
+                Message::Text(t) => before.push(serde_json::from_str(&t).unwrap()),
+                Message::Close(Some(CloseFrame { code, .. })) => return (code.into(), before),
+                Message::Close(None) => return (1005, before),
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends a JSON frame.
+    pub async fn send(&mut self, v: Value) {
+        self.send_raw(Message::text(v.to_string())).await;
+    }
+
+    /// Sends any frame.
+    pub async fn send_raw(&mut self, m: Message) {
+        self.stream.send(m).await.unwrap();
+    }
+
+    /// Proves the socket is open and served: `ping` must be answered by `pong`
+    /// (and nothing else may be pending).
+    pub async fn assert_alive(&mut self) {
+        self.send(json!({ "type": "ping" })).await;
+        self.expect("pong").await;
+    }
+}

@@ -1,0 +1,287 @@
+//! Real processes: redis-server and sessionhub nodes.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::{API_KEY, WAIT, wait_for};
+
+/// Fails the test with the command that installs a missing program.
+pub fn require(program: &str, install: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("`{program}` is not installed; install it with: {install}"))
+}
+
+/// A port the OS says is free right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// The repository root (for `lua/` and `README.md`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The `sessionhub` binary built by `cargo build` (or `$SESSIONHUB_BIN`).
+pub fn node_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("SESSIONHUB_BIN") {
+        return PathBuf::from(p);
+    }
+    // This test executable lives in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("current_exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("sessionhub"))
+        .expect("target dir");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first with `cargo build --bins` (the README's test command does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A redis-server on its own port and directory, killed on drop.
+pub struct RedisServer {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Starts one and waits until it answers PING.
+    pub async fn start() -> Self {
+        let bin = require("redis-server", "apt-get install -y redis-server");
+        let dir = tempfile::tempdir().unwrap();
+        for _ in 0..5 {
+            let port = free_port();
+            let mut child = Command::new(&bin)
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(dir.path())
+                .args(["--logfile", "redis.log"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap();
+            let url = format!("redis://127.0.0.1:{port}");
+            let end = tokio::time::Instant::now() + WAIT;
+            while tokio::time::Instant::now() < end {
+                if child.try_wait().unwrap().is_some() {
+                    break; // most likely the port was taken meanwhile: try another
+                }
+                if ping(&url).await {
+                    return Self { child, port, dir };
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let _ = child.kill().await;
+        }
+        panic!(
+            "redis-server did not start; see its log in {}",
+            dir.path().display()
+        );
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A connection for assertions.
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// Its data directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Stops it now.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+async fn ping(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else {
+        return false;
+    };
+    let Ok(mut c) = client.get_multiplexed_async_connection().await else {
+        return false;
+    };
+    redis::cmd("PING")
+        .query_async::<String>(&mut c)
+        .await
+        .is_ok()
+}
+
+/// How to start a node.
+#[derive(Debug, Clone, Default)]
+pub struct NodeOptions {
+    /// Node id.
+    pub node_id: String,
+    /// Redis URL (none: in-memory engine).
+    pub redis_url: Option<String>,
+    /// Extra environment.
+    pub env: Vec<(String, String)>,
+}
+
+/// A running sessionhub node process, killed on drop.
+pub struct Node {
+    child: Child,
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    /// Its node id.
+    pub id: String,
+    log: PathBuf,
+    _logdir: tempfile::TempDir,
+}
+
+impl Node {
+    /// Starts a node on a free port and waits for its "listening" line.
+    pub async fn start(opts: NodeOptions) -> Self {
+        let logdir = tempfile::tempdir().unwrap();
+        let log = logdir.path().join("node.log");
+        let mut cmd = Command::new(node_binary());
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("SESSIONHUB_LISTEN", "127.0.0.1:0")
+            .env("SESSIONHUB_NODE_ID", &opts.node_id)
+            .env("SESSIONHUB_API_KEY", API_KEY)
+            .env("RUST_LOG", "info,sessionhub_server=debug");
+        if let Some(url) = &opts.redis_url {
+            cmd.env("SESSIONHUB_REDIS_URL", url);
+        }
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await;
+        let line = match line {
+            Ok(Ok(Some(l))) => l,
+            other => panic!(
+                "node {} did not start ({other:?}); its log:\n{}",
+                opts.node_id,
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ),
+        };
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("http://"))
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        Self {
+            child,
+            base: format!("http://{addr}"),
+            id: opts.node_id,
+            log,
+            _logdir: logdir,
+        }
+    }
+
+    /// `ws://…/ws` of this node.
+    pub fn ws_url(&self) -> String {
+        format!("{}/ws", self.base.replacen("http://", "ws://", 1))
+    }
+
+    /// The node's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The process, for signals.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait(&mut self) -> std::process::ExitStatus {
+        self.child.wait().await.unwrap()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- log of node {} ----\n{}", self.id, self.log());
+        }
+    }
+}
+
+/// One redis-server and N nodes on it, named `node-a`, `node-b`, ...
+pub struct TestCluster {
+    /// The shared Redis.
+    pub redis: RedisServer,
+    /// The nodes.
+    pub nodes: Vec<Node>,
+}
+
+impl TestCluster {
+    /// Starts Redis and `n` nodes.
+    pub async fn start(n: usize) -> Self {
+        let redis = RedisServer::start().await;
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let name = format!("node-{}", (b'a' + i as u8) as char);
+            nodes.push(
+                Node::start(NodeOptions {
+                    node_id: name,
+                    redis_url: Some(redis.url()),
+                    env: Vec::new(),
+                })
+                .await,
+            );
+        }
+        Self { redis, nodes }
+    }
+}
+
+/// Waits until `node` answers `/healthz`.
+pub async fn wait_healthy(node: &Node) {
+    let url = format!("{}/healthz", node.base);
+    wait_for("healthz", WAIT, || {
+        let url = url.clone();
+        async move {
+            reqwest::get(&url)
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
+                .map(|_| ())
+        }
+    })
+    .await
+}
