@@ -1,7 +1,12 @@
 //! One conformance suite of engine behaviour, run on both engines: the in-memory
 //! engine and the Redis engine against a real redis-server. Several engine handles
 //! with different node ids stand for several nodes.
-#![allow(clippy::unwrap_used, clippy::large_enum_variant, clippy::cloned_ref_to_slice_refs, missing_docs)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::large_enum_variant,
+    clippy::cloned_ref_to_slice_refs,
+    missing_docs
+)]
 
 use std::sync::Arc;
 use std::time::Duration;
