@@ -91,7 +91,7 @@ pub enum ConnectError {
         reason: String,
     },
     /// Redis did not answer within the connect timeout.
-    #[error("Redis at {url} is unreachable after {waited:?}: {reason}")]
+    #[error("Redis at {url} is unreachable after {:.1}s: {reason}", waited.as_secs_f64())]
     Unreachable {
         /// The URL with any password hidden.
         url: String,
@@ -192,17 +192,17 @@ impl RedisEngine {
         };
         let mut delay = Duration::from_millis(100);
         loop {
-            match engine.ping().await {
+            let err = match engine.ping().await {
                 Ok(()) => break,
-                Err(e) if tokio::time::Instant::now() + delay >= deadline => {
-                    return Err(unreachable(e.to_string()));
-                }
-                Err(e) => {
-                    tracing::warn!(redis = %shown, error = %e, "Redis not reachable yet; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(1));
-                }
+                Err(e) => e,
+            };
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(unreachable(err.to_string()));
             }
+            tracing::warn!(redis = %shown, error = %err, "Redis not reachable yet; retrying");
+            tokio::time::sleep(delay.min(left)).await;
+            delay = (delay * 2).min(Duration::from_secs(1));
         }
 
         let channel = engine.keys.node_channel(&engine.node_id);

@@ -1,0 +1,56 @@
+//! The README's first command: one node on the embedded in-memory engine.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use sessionhub_tests::{Api, Node, NodeOptions, WsClient};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_node_on_the_memory_engine_does_the_whole_flow() {
+    let node = Node::start(NodeOptions {
+        node_id: "solo".into(),
+        ..Default::default()
+    })
+    .await;
+    let api = Api::new(&node);
+    let health: Value = reqwest::get(format!("{}/healthz", node.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["engine"], "memory");
+    let ready = reqwest::get(format!("{}/readyz", node.base)).await.unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+
+    let s1 = api.create_session("alice", "Firefox on laptop").await;
+    let mut ws1 = WsClient::connect(&node, &s1.token).await.unwrap();
+    let mut ws1b = WsClient::connect(&node, &s1.token).await.unwrap();
+    let s2 = api.create_session("alice", "Chrome on phone").await;
+    for ws in [&mut ws1, &mut ws1b] {
+        let f = ws.expect("session_created").await;
+        assert_eq!(f["session"]["session_id"], s2.session_id.as_str());
+    }
+    let mut ws2 = WsClient::connect(&node, &s2.token).await.unwrap();
+
+    let res = api.me(Method::GET, "/api/v1/me", &s2.token).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["x-sessionhub-user"], "alice");
+    assert_eq!(
+        res.headers()["x-sessionhub-session"],
+        s2.session_id.as_str()
+    );
+
+    let path = format!("/api/v1/me/sessions/{}", s1.session_id);
+    assert_eq!(
+        api.me(Method::DELETE, &path, &s2.token).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    for ws in [&mut ws1, &mut ws1b] {
+        let (code, frames) = ws.expect_close().await;
+        assert_eq!(code, 4001);
+        assert_eq!(frames[0]["type"], "session_ended");
+    }
+    assert_eq!(api.me_status(&s1.token).await, StatusCode::UNAUTHORIZED);
+    ws2.assert_alive().await;
+}
