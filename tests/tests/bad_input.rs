@@ -201,9 +201,12 @@ async fn run_to_exit(args: &[&str], env: &[(&str, String)], bound: Duration) -> 
     (out.status.code().unwrap_or(-1), stderr)
 }
 
+/// Flags, environment, and the text the error line must contain.
+type ConfigCase<'a> = (Vec<&'a str>, Vec<(&'a str, String)>, &'a str);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_configuration_is_one_clear_line() {
-    let cases: Vec<(Vec<&str>, Vec<(&str, String)>, &str)> = vec![
+    let cases: Vec<ConfigCase<'_>> = vec![
         (vec!["--bogus"], vec![], "--bogus"),
         (vec!["--listen", "nowhere"], vec![], "--listen"),
         (
