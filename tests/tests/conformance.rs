@@ -67,8 +67,8 @@ fn new_session(u: &str) -> NewSession {
     }
 }
 
-fn cid() -> ConnectionId {
-    ConnectionId::generate()
+fn cid(token: &Token) -> ConnectionId {
+    ConnectionId::generate(token.session_id())
 }
 
 async fn create_authenticate_and_get(b: Backend) {
@@ -112,7 +112,7 @@ async fn connections_are_listed_with_their_nodes(b: Backend) {
     let bn = b.node("b").await;
     let s1 = a.engine.create_session(new_session("alice")).await.unwrap();
     let s2 = a.engine.create_session(new_session("alice")).await.unwrap();
-    let (c1, c2) = (cid(), cid());
+    let (c1, c2) = (cid(&s1.token), cid(&s1.token));
     assert!(
         a.engine
             .register_connection(&s1.token, &c1)
@@ -168,10 +168,7 @@ async fn connections_are_listed_with_their_nodes(b: Backend) {
             .is_empty()
     );
 
-    a.engine
-        .unregister_connection(&s1.session.session_id, &c1)
-        .await
-        .unwrap();
+    a.engine.unregister_connection(&c1).await.unwrap();
     let got = a
         .engine
         .get_session(&s1.session.session_id)
@@ -188,19 +185,19 @@ async fn session_created_reaches_exactly_the_nodes_holding_other_sessions(b: Bac
     let mut c = b.node("c").await;
     let s1 = a.engine.create_session(new_session("alice")).await.unwrap();
     a.engine
-        .register_connection(&s1.token, &cid())
+        .register_connection(&s1.token, &cid(&s1.token))
         .await
         .unwrap()
         .unwrap();
     bn.engine
-        .register_connection(&s1.token, &cid())
+        .register_connection(&s1.token, &cid(&s1.token))
         .await
         .unwrap()
         .unwrap();
     // bob's socket on c must not hear about alice.
     let bob = c.engine.create_session(new_session("bob")).await.unwrap();
     c.engine
-        .register_connection(&bob.token, &cid())
+        .register_connection(&bob.token, &cid(&bob.token))
         .await
         .unwrap()
         .unwrap();
@@ -234,17 +231,17 @@ async fn kill_session_ends_it_everywhere(b: Backend) {
     let s1 = a.engine.create_session(new_session("alice")).await.unwrap();
     let s2 = a.engine.create_session(new_session("alice")).await.unwrap();
     a.engine
-        .register_connection(&s1.token, &cid())
+        .register_connection(&s1.token, &cid(&s1.token))
         .await
         .unwrap()
         .unwrap();
     bn.engine
-        .register_connection(&s1.token, &cid())
+        .register_connection(&s1.token, &cid(&s1.token))
         .await
         .unwrap()
         .unwrap();
     a.engine
-        .register_connection(&s2.token, &cid())
+        .register_connection(&s2.token, &cid(&s2.token))
         .await
         .unwrap()
         .unwrap();
@@ -272,7 +269,7 @@ async fn kill_session_ends_it_everywhere(b: Backend) {
     assert!(a.engine.get_session(sid).await.unwrap().is_none());
     assert!(
         a.engine
-            .register_connection(&s1.token, &cid())
+            .register_connection(&s1.token, &cid(&s1.token))
             .await
             .unwrap()
             .is_none()
@@ -318,12 +315,12 @@ async fn kill_user_sessions_keeps_the_excepted_one(b: Backend) {
     let k2 = a.engine.create_session(new_session("alice")).await.unwrap();
     let bob = a.engine.create_session(new_session("bob")).await.unwrap();
     a.engine
-        .register_connection(&k1.token, &cid())
+        .register_connection(&k1.token, &cid(&k1.token))
         .await
         .unwrap()
         .unwrap();
     bn.engine
-        .register_connection(&k2.token, &cid())
+        .register_connection(&k2.token, &cid(&k2.token))
         .await
         .unwrap()
         .unwrap();
@@ -394,7 +391,7 @@ async fn sessions_expire(b: Backend) {
     .await;
     assert!(
         a.engine
-            .register_connection(&s.token, &cid())
+            .register_connection(&s.token, &cid(&s.token))
             .await
             .unwrap()
             .is_none()

@@ -7,9 +7,13 @@
 //! to exactly the nodes whose connection records match, including this one.
 
 use async_trait::async_trait;
+use bytestring::ByteString;
 
-use crate::ids::{ConnectionId, NodeId, SessionId, UserId};
-use crate::model::{CreatedSession, EndReason, NewSession, Session};
+use crate::ids::{ConnectionId, GroupName, NodeId, SessionId, UserId};
+use crate::model::{
+    CreatedSession, Delivery, EndReason, LocalRecord, Member, NewSession, OnlineUser,
+    PresenceCounts, Session, Target,
+};
 use crate::token::Token;
 
 /// Capacity of the queue from an engine to its node's event dispatcher.
@@ -43,9 +47,19 @@ pub enum NodeEvent {
         /// Why.
         reason: EndReason,
     },
+    /// Deliver a client frame to some of this node's sockets.
+    Message {
+        /// The sockets; `None` means every socket of the node.
+        connections: Option<Vec<ConnectionId>>,
+        /// The complete text frame, serialised once by the publisher.
+        frame: ByteString,
+    },
     /// The event stream was interrupted and may have lost events: the node must
-    /// re-check the sessions of the sockets it holds.
+    /// re-check the sessions of the sockets it holds and re-assert their records.
     Resync,
+    /// The node lost its lease (it was paused or cut off) and its records were
+    /// dropped; it holds a new lease now and must re-assert its sockets' records.
+    Fenced,
 }
 
 /// Where an engine delivers this node's events. Bounded: a full queue slows the
@@ -108,10 +122,41 @@ pub trait Engine: Send + Sync + 'static {
         connection_id: &ConnectionId,
     ) -> Result<Option<Session>, EngineError>;
 
-    /// Removes a connection record of this node. Unknown ids are ignored.
-    async fn unregister_connection(
+    /// Removes a connection's records, including its group memberships. Unknown ids
+    /// are ignored.
+    async fn unregister_connection(&self, connection_id: &ConnectionId) -> Result<(), EngineError>;
+
+    /// Sends `frame` to every live socket of `target` on every node, reaching only
+    /// the nodes that hold such sockets (except for [`Target::All`]).
+    async fn publish(&self, target: &Target, frame: &str) -> Result<Delivery, EngineError>;
+
+    /// Adds a member to a group. Returns false if the member is a connection that
+    /// is not live.
+    async fn group_add(&self, group: &GroupName, member: &Member) -> Result<bool, EngineError>;
+
+    /// Removes a member from a group. Returns whether it was a member.
+    async fn group_remove(&self, group: &GroupName, member: &Member) -> Result<bool, EngineError>;
+
+    /// A group's members, sorted.
+    async fn group_members(&self, group: &GroupName) -> Result<Vec<Member>, EngineError>;
+
+    /// Up to `limit` online users after `after` (exclusive), in lexical order.
+    async fn online_users(
         &self,
-        session_id: &SessionId,
-        connection_id: &ConnectionId,
-    ) -> Result<(), EngineError>;
+        after: Option<&UserId>,
+        limit: usize,
+    ) -> Result<Vec<OnlineUser>, EngineError>;
+
+    /// Cluster-wide counts.
+    async fn presence_counts(&self) -> Result<PresenceCounts, EngineError>;
+
+    /// For each session id, whether the session is still alive, in one round trip.
+    async fn sessions_alive(&self, sessions: &[SessionId]) -> Result<Vec<bool>, EngineError>;
+
+    /// Puts back the records of this node's live sockets whose sessions still exist
+    /// (after the store may have lost them); returns the sessions that are gone.
+    async fn reassert(&self, records: &[LocalRecord]) -> Result<Vec<SessionId>, EngineError>;
+
+    /// Removes every record of this node and its lease (graceful shutdown).
+    async fn leave(&self) -> Result<(), EngineError>;
 }

@@ -143,8 +143,13 @@ string_id!(
     SessionId
 );
 string_id!(
-    /// One WebSocket connection: 32 random hex digits.
+    /// One WebSocket connection: its user's 8-digit tag followed by 24 random hex
+    /// digits, so its records live in the user's hash slot.
     ConnectionId
+);
+string_id!(
+    /// A group name: 1 to 128 bytes of `A-Z a-z 0-9 . _ : -`.
+    GroupName
 );
 string_id!(
     /// A node of the cluster: 1 to 64 bytes of `A-Z a-z 0-9 . _ -`.
@@ -209,16 +214,43 @@ impl ConnectionId {
         check(
             "connection_id",
             s,
-            32,
+            SESSION_ID_LEN,
             "lower-case hex digits",
             is_lower_hex,
         )?;
+        if s.len() != SESSION_ID_LEN {
+            return Err(IdError::BadChar {
+                kind: "connection_id",
+                allowed: "exactly 32 lower-case hex digits",
+            });
+        }
         Ok(Self(s.to_owned()))
     }
 
-    /// A fresh random connection id.
-    pub fn generate() -> Self {
-        Self(uuid::Uuid::new_v4().simple().to_string())
+    /// A fresh random connection id for a socket of `session`.
+    pub fn generate(session: &SessionId) -> Self {
+        let mut s = session.tag().to_owned();
+        s.push_str(&to_hex(&random_bytes::<12>()));
+        Self(s)
+    }
+
+    /// The owner's user tag (the first 8 characters).
+    pub fn tag(&self) -> &str {
+        &self.0[..USER_TAG_LEN]
+    }
+}
+
+impl GroupName {
+    /// Validates a group name.
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        check(
+            "group",
+            s,
+            MAX_USER_ID_LEN,
+            "letters, digits and . _ : -",
+            |b| b.is_ascii_alphanumeric() || b"._:-".contains(&b),
+        )?;
+        Ok(Self(s.to_owned()))
     }
 }
 

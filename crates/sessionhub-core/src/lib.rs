@@ -20,6 +20,9 @@ pub mod time;
 pub mod token;
 
 pub use engine::{Engine, EngineError, EventSender, NodeEvent};
-pub use ids::{ConnectionId, IdError, NodeId, SessionId, UserId};
-pub use model::{ConnectionInfo, CreatedSession, EndReason, NewSession, Session};
+pub use ids::{ConnectionId, GroupName, IdError, NodeId, SessionId, UserId};
+pub use model::{
+    ConnectionInfo, CreatedSession, Delivery, EndReason, LocalRecord, Member, NewSession,
+    OnlineUser, PresenceCounts, Session, Target,
+};
 pub use token::{SecretHash, Token, TokenError};

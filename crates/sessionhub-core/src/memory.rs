@@ -1,98 +1,225 @@
 //! The embedded in-memory engine: what a single node runs on when no Redis is
 //! configured, so that `cargo run` works on a bare machine.
 //!
-//! A [`MemoryStore`] can be shared by several [`MemoryEngine`] handles with different
-//! node ids; the conformance suite uses that to check cross-node event routing with
-//! the same tests as the Redis engine.
+//! It mirrors the Redis engine's data model (sessions, connection records, groups,
+//! presence) in one mutex-guarded [`State`]. A [`MemoryStore`] can be shared by
+//! several [`MemoryEngine`] handles with different node ids; the conformance suite
+//! uses that to check cross-node routing with the same tests as the Redis engine.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
+use bytestring::ByteString;
 
 use crate::engine::{Engine, EngineError, EventSender, NodeEvent};
-use crate::ids::{ConnectionId, NodeId, SessionId, UserId};
-use crate::model::{ConnectionInfo, CreatedSession, EndReason, NewSession, Session};
+use crate::ids::{ConnectionId, GroupName, NodeId, SessionId, UserId};
+use crate::model::{
+    ConnectionInfo, CreatedSession, Delivery, EndReason, LocalRecord, Member, NewSession,
+    OnlineUser, PresenceCounts, Session, Target,
+};
 use crate::time::now_ms;
 use crate::token::{SecretHash, Token};
 
-#[derive(Debug)]
 struct Record {
     session: Session,
     secret_hash: SecretHash,
-    /// connection id -> (node, connected_at)
-    conns: BTreeMap<ConnectionId, (NodeId, i64)>,
+    conns: BTreeSet<ConnectionId>,
+}
+
+struct ConnRecord {
+    session_id: SessionId,
+    user_id: UserId,
+    node: NodeId,
+    connected_at: i64,
+    groups: BTreeSet<GroupName>,
 }
 
 #[derive(Default)]
 struct State {
     sessions: HashMap<SessionId, Record>,
     users: HashMap<UserId, HashSet<SessionId>>,
+    conns: HashMap<ConnectionId, ConnRecord>,
+    online: BTreeMap<UserId, u64>,
+    groups: HashMap<GroupName, BTreeSet<Member>>,
     nodes: HashMap<NodeId, EventSender>,
 }
 
+/// Events to send once the lock is released.
+type Outbox = Vec<(EventSender, NodeEvent)>;
+
 impl State {
-    /// Drops `sid` if its lifetime is over; returns whether it is alive.
+    /// Ends `sid` if its lifetime is over; returns whether it is alive.
     fn alive(&mut self, sid: &SessionId, now: i64) -> bool {
         match self.sessions.get(sid) {
             Some(r) if r.session.expires_at > now => true,
             Some(_) => {
-                self.remove(sid);
+                self.end_session(sid);
                 false
             }
             None => false,
         }
     }
 
-    fn remove(&mut self, sid: &SessionId) -> Option<Record> {
-        let rec = self.sessions.remove(sid)?;
-        if let Some(set) = self.users.get_mut(&rec.session.user_id) {
-            set.remove(sid);
-            if set.is_empty() {
-                self.users.remove(&rec.session.user_id);
-            }
+    fn add_conn(&mut self, cid: &ConnectionId, sid: &SessionId, node: &NodeId, at: i64) -> bool {
+        if self.conns.contains_key(cid) {
+            return false;
         }
-        Some(rec)
+        let Some(rec) = self.sessions.get_mut(sid) else {
+            return false;
+        };
+        rec.conns.insert(cid.clone());
+        let user_id = rec.session.user_id.clone();
+        *self.online.entry(user_id.clone()).or_default() += 1;
+        self.conns.insert(
+            cid.clone(),
+            ConnRecord {
+                session_id: sid.clone(),
+                user_id,
+                node: node.clone(),
+                connected_at: at,
+                groups: BTreeSet::new(),
+            },
+        );
+        true
     }
 
-    fn with_connections(rec: &Record) -> Session {
+    /// Removes every record of a connection; returns its node.
+    fn drop_conn(&mut self, cid: &ConnectionId) -> Option<NodeId> {
+        let rec = self.conns.remove(cid)?;
+        if let Some(s) = self.sessions.get_mut(&rec.session_id) {
+            s.conns.remove(cid);
+        }
+        for g in &rec.groups {
+            if let Some(members) = self.groups.get_mut(g) {
+                members.remove(&Member::Connection(cid.clone()));
+                if members.is_empty() {
+                    self.groups.remove(g);
+                }
+            }
+        }
+        if let Some(n) = self.online.get_mut(&rec.user_id) {
+            *n -= 1;
+            if *n == 0 {
+                self.online.remove(&rec.user_id);
+            }
+        }
+        Some(rec.node)
+    }
+
+    /// Ends a session: drops its connections and itself; returns the nodes that held
+    /// its sockets.
+    fn end_session(&mut self, sid: &SessionId) -> HashSet<NodeId> {
+        let Some(rec) = self.sessions.get(sid) else {
+            return HashSet::new();
+        };
+        let cids: Vec<ConnectionId> = rec.conns.iter().cloned().collect();
+        let nodes = cids.iter().filter_map(|c| self.drop_conn(c)).collect();
+        if let Some(rec) = self.sessions.remove(sid) {
+            let user = &rec.session.user_id;
+            if let Some(set) = self.users.get_mut(user) {
+                set.remove(sid);
+                if set.is_empty() {
+                    self.users.remove(user);
+                }
+            }
+        }
+        nodes
+    }
+
+    fn drop_node(&mut self, node: &NodeId) {
+        let cids: Vec<ConnectionId> = self
+            .conns
+            .iter()
+            .filter(|(_, r)| &r.node == node)
+            .map(|(c, _)| c.clone())
+            .collect();
+        for c in cids {
+            self.drop_conn(&c);
+        }
+    }
+
+    fn session_view(&self, rec: &Record) -> Session {
         let mut s = rec.session.clone();
         s.connections = rec
             .conns
             .iter()
-            .map(|(cid, (node, at))| ConnectionInfo {
-                connection_id: cid.clone(),
-                node_id: node.clone(),
-                connected_at: *at,
+            .filter_map(|cid| {
+                self.conns.get(cid).map(|c| ConnectionInfo {
+                    connection_id: cid.clone(),
+                    node_id: c.node.clone(),
+                    connected_at: c.connected_at,
+                })
             })
             .collect();
         s.connections.sort_by_key(|c| c.connected_at);
         s
     }
 
-    /// Removes `sids` and returns, per node, the ended sessions with a socket there.
-    fn end_sessions(&mut self, sids: &[SessionId]) -> (u64, Vec<(EventSender, Vec<SessionId>)>) {
-        let mut per_node: HashMap<NodeId, Vec<SessionId>> = HashMap::new();
-        let mut n = 0;
-        for sid in sids {
-            if let Some(rec) = self.remove(sid) {
-                n += 1;
-                let nodes: HashSet<&NodeId> = rec.conns.values().map(|(node, _)| node).collect();
-                for node in nodes {
-                    per_node.entry(node.clone()).or_default().push(sid.clone());
+    fn live_sessions_of(&mut self, user: &UserId, now: i64) -> Vec<SessionId> {
+        let sids: Vec<SessionId> = self
+            .users
+            .get(user)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default();
+        sids.into_iter().filter(|s| self.alive(s, now)).collect()
+    }
+
+    /// The target sockets of a publish, grouped by node.
+    fn targets(&mut self, target: &Target, now: i64) -> HashMap<NodeId, Vec<ConnectionId>> {
+        let mut cids: BTreeSet<ConnectionId> = BTreeSet::new();
+        let add_user = |st: &mut Self, user: &UserId, cids: &mut BTreeSet<ConnectionId>| {
+            for sid in st.live_sessions_of(user, now) {
+                if let Some(r) = st.sessions.get(&sid) {
+                    cids.extend(r.conns.iter().cloned());
                 }
             }
+        };
+        match target {
+            Target::User(u) => add_user(self, u, &mut cids),
+            Target::Session(sid) => {
+                if self.alive(sid, now)
+                    && let Some(r) = self.sessions.get(sid)
+                {
+                    cids.extend(r.conns.iter().cloned());
+                }
+            }
+            Target::Connection(cid) => {
+                cids.insert(cid.clone());
+            }
+            Target::Group(g) => {
+                let members: Vec<Member> = self
+                    .groups
+                    .get(g)
+                    .map(|m| m.iter().cloned().collect())
+                    .unwrap_or_default();
+                for m in members {
+                    match m {
+                        Member::Connection(c) => {
+                            cids.insert(c);
+                        }
+                        Member::User(u) => add_user(self, &u, &mut cids),
+                    }
+                }
+            }
+            Target::All => {}
         }
-        let out = per_node
-            .into_iter()
-            .filter_map(|(node, sids)| self.nodes.get(&node).map(|tx| (tx.clone(), sids)))
-            .collect();
-        (n, out)
+        let mut per_node: HashMap<NodeId, Vec<ConnectionId>> = HashMap::new();
+        for cid in cids {
+            if let Some(rec) = self.conns.get(&cid) {
+                per_node.entry(rec.node.clone()).or_default().push(cid);
+            }
+        }
+        per_node
+    }
+
+    fn sender(&self, node: &NodeId) -> Option<EventSender> {
+        self.nodes.get(node).cloned()
     }
 }
 
-/// Shared in-memory state: sessions, connections, and the event queues of the nodes
-/// attached to it.
+/// Shared in-memory state: sessions, connections, groups, and the event queues of
+/// the nodes attached to it.
 #[derive(Clone, Default)]
 pub struct MemoryStore {
     state: Arc<Mutex<State>>,
@@ -106,7 +233,7 @@ impl MemoryStore {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding this lock would be a bug in this module; the state
-        // is still consistent between statements, so keep serving.
+        // is consistent between statements, so keep serving.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -131,11 +258,32 @@ impl Drop for MemoryEngine {
     }
 }
 
-async fn deliver(batches: Vec<(EventSender, NodeEvent)>) {
-    for (tx, ev) in batches {
+async fn deliver(outbox: Outbox) {
+    for (tx, ev) in outbox {
         // A closed receiver means that node is gone; nothing to deliver to.
         let _ = tx.send(ev).await;
     }
+}
+
+fn ended_events(
+    st: &State,
+    per_node: HashMap<NodeId, Vec<SessionId>>,
+    reason: EndReason,
+) -> Outbox {
+    per_node
+        .into_iter()
+        .filter_map(|(node, session_ids)| {
+            st.sender(&node).map(|tx| {
+                (
+                    tx,
+                    NodeEvent::SessionsEnded {
+                        session_ids,
+                        reason,
+                    },
+                )
+            })
+        })
+        .collect()
 }
 
 #[async_trait]
@@ -165,19 +313,17 @@ impl Engine for MemoryEngine {
             expires_at: now + new.ttl.as_millis() as i64,
             connections: Vec::new(),
         };
-        let batches = {
+        let outbox: Outbox = {
             let mut st = self.store.lock();
-            let others: Vec<SessionId> = st
-                .users
-                .get(&new.user_id)
-                .map(|s| s.iter().cloned().collect())
-                .unwrap_or_default();
             let mut nodes = HashSet::new();
-            for sid in others {
-                if st.alive(&sid, now)
-                    && let Some(rec) = st.sessions.get(&sid)
-                {
-                    nodes.extend(rec.conns.values().map(|(n, _)| n.clone()));
+            for sid in st.live_sessions_of(&new.user_id, now) {
+                if let Some(rec) = st.sessions.get(&sid) {
+                    nodes.extend(
+                        rec.conns
+                            .iter()
+                            .filter_map(|c| st.conns.get(c))
+                            .map(|c| c.node.clone()),
+                    );
                 }
             }
             st.sessions.insert(
@@ -185,7 +331,7 @@ impl Engine for MemoryEngine {
                 Record {
                     session: session.clone(),
                     secret_hash: token.secret_hash(),
-                    conns: BTreeMap::new(),
+                    conns: BTreeSet::new(),
                 },
             );
             st.users
@@ -193,8 +339,8 @@ impl Engine for MemoryEngine {
                 .or_default()
                 .insert(session.session_id.clone());
             nodes
-                .into_iter()
-                .filter_map(|n| st.nodes.get(&n).cloned())
+                .iter()
+                .filter_map(|n| st.sender(n))
                 .map(|tx| {
                     (
                         tx,
@@ -205,15 +351,14 @@ impl Engine for MemoryEngine {
                 })
                 .collect()
         };
-        deliver(batches).await;
+        deliver(outbox).await;
         Ok(CreatedSession { session, token })
     }
 
     async fn authenticate(&self, token: &Token) -> Result<Option<Session>, EngineError> {
-        let now = now_ms();
         let mut st = self.store.lock();
         let sid = token.session_id();
-        if !st.alive(sid, now) {
+        if !st.alive(sid, now_ms()) {
             return Ok(None);
         }
         Ok(st
@@ -228,25 +373,16 @@ impl Engine for MemoryEngine {
         if !st.alive(session_id, now_ms()) {
             return Ok(None);
         }
-        Ok(st.sessions.get(session_id).map(State::with_connections))
+        Ok(st.sessions.get(session_id).map(|r| st.session_view(r)))
     }
 
     async fn user_sessions(&self, user_id: &UserId) -> Result<Vec<Session>, EngineError> {
-        let now = now_ms();
         let mut st = self.store.lock();
-        let sids: Vec<SessionId> = st
-            .users
-            .get(user_id)
-            .map(|s| s.iter().cloned().collect())
-            .unwrap_or_default();
-        let mut out = Vec::new();
-        for sid in sids {
-            if st.alive(&sid, now)
-                && let Some(rec) = st.sessions.get(&sid)
-            {
-                out.push(State::with_connections(rec));
-            }
-        }
+        let sids = st.live_sessions_of(user_id, now_ms());
+        let mut out: Vec<Session> = sids
+            .iter()
+            .filter_map(|sid| st.sessions.get(sid).map(|r| st.session_view(r)))
+            .collect();
         out.sort_by(|a, b| (a.created_at, &a.session_id).cmp(&(b.created_at, &b.session_id)));
         Ok(out)
     }
@@ -257,20 +393,27 @@ impl Engine for MemoryEngine {
         owner: Option<&UserId>,
         reason: EndReason,
     ) -> Result<bool, EngineError> {
-        let (n, batches) = {
+        let outbox = {
             let mut st = self.store.lock();
             if !st.alive(session_id, now_ms()) {
                 return Ok(false);
             }
-            if let Some(owner) = owner
-                && st.sessions.get(session_id).map(|r| &r.session.user_id) != Some(owner)
-            {
+            let user = st
+                .sessions
+                .get(session_id)
+                .map(|r| r.session.user_id.clone());
+            if owner.is_some() && owner != user.as_ref() {
                 return Ok(false);
             }
-            st.end_sessions(std::slice::from_ref(session_id))
+            let per_node = st
+                .end_session(session_id)
+                .into_iter()
+                .map(|n| (n, vec![session_id.clone()]))
+                .collect();
+            ended_events(&st, per_node, reason)
         };
-        deliver(events(batches, reason)).await;
-        Ok(n > 0)
+        deliver(outbox).await;
+        Ok(true)
     }
 
     async fn kill_user_sessions(
@@ -279,18 +422,22 @@ impl Engine for MemoryEngine {
         except: Option<&SessionId>,
         reason: EndReason,
     ) -> Result<u64, EngineError> {
-        let now = now_ms();
-        let (n, batches) = {
+        let (n, outbox) = {
             let mut st = self.store.lock();
             let sids: Vec<SessionId> = st
-                .users
-                .get(user_id)
-                .map(|s| s.iter().filter(|s| Some(*s) != except).cloned().collect())
-                .unwrap_or_default();
-            let live: Vec<SessionId> = sids.into_iter().filter(|s| st.alive(s, now)).collect();
-            st.end_sessions(&live)
+                .live_sessions_of(user_id, now_ms())
+                .into_iter()
+                .filter(|s| Some(s) != except)
+                .collect();
+            let mut per_node: HashMap<NodeId, Vec<SessionId>> = HashMap::new();
+            for sid in &sids {
+                for node in st.end_session(sid) {
+                    per_node.entry(node).or_default().push(sid.clone());
+                }
+            }
+            (sids.len() as u64, ended_events(&st, per_node, reason))
         };
-        deliver(events(batches, reason)).await;
+        deliver(outbox).await;
         Ok(n)
     }
 
@@ -305,45 +452,170 @@ impl Engine for MemoryEngine {
         if !st.alive(sid, now) {
             return Ok(None);
         }
-        let Some(rec) = st.sessions.get_mut(sid) else {
-            return Ok(None);
-        };
-        if !rec.secret_hash.ct_eq(&token.secret_hash()) {
-            return Ok(None);
+        match st.sessions.get(sid) {
+            Some(r) if r.secret_hash.ct_eq(&token.secret_hash()) => {}
+            _ => return Ok(None),
         }
-        rec.conns
-            .insert(connection_id.clone(), (self.node_id.clone(), now));
+        st.add_conn(connection_id, sid, &self.node_id, now);
+        let rec = st
+            .sessions
+            .get_mut(sid)
+            .ok_or_else(|| EngineError::Corrupt("vanished".into()))?;
         rec.session.last_seen_at = now;
         Ok(Some(rec.session.clone()))
     }
 
-    async fn unregister_connection(
-        &self,
-        session_id: &SessionId,
-        connection_id: &ConnectionId,
-    ) -> Result<(), EngineError> {
-        let mut st = self.store.lock();
-        if let Some(rec) = st.sessions.get_mut(session_id) {
-            rec.conns.remove(connection_id);
-        }
+    async fn unregister_connection(&self, connection_id: &ConnectionId) -> Result<(), EngineError> {
+        self.store.lock().drop_conn(connection_id);
         Ok(())
     }
-}
 
-fn events(
-    batches: Vec<(EventSender, Vec<SessionId>)>,
-    reason: EndReason,
-) -> Vec<(EventSender, NodeEvent)> {
-    batches
-        .into_iter()
-        .map(|(tx, session_ids)| {
-            (
-                tx,
-                NodeEvent::SessionsEnded {
-                    session_ids,
-                    reason,
-                },
-            )
+    async fn publish(&self, target: &Target, frame: &str) -> Result<Delivery, EngineError> {
+        let frame = ByteString::from(frame);
+        let (delivery, outbox) = {
+            let mut st = self.store.lock();
+            if *target == Target::All {
+                let outbox: Outbox = st
+                    .nodes
+                    .values()
+                    .map(|tx| {
+                        (
+                            tx.clone(),
+                            NodeEvent::Message {
+                                connections: None,
+                                frame: frame.clone(),
+                            },
+                        )
+                    })
+                    .collect();
+                let d = Delivery {
+                    nodes: outbox.len() as u64,
+                    connections: None,
+                };
+                (d, outbox)
+            } else {
+                let per_node = st.targets(target, now_ms());
+                let d = Delivery {
+                    nodes: per_node.len() as u64,
+                    connections: Some(per_node.values().map(|v| v.len() as u64).sum()),
+                };
+                let outbox = per_node
+                    .into_iter()
+                    .filter_map(|(node, cids)| {
+                        st.sender(&node).map(|tx| {
+                            (
+                                tx,
+                                NodeEvent::Message {
+                                    connections: Some(cids),
+                                    frame: frame.clone(),
+                                },
+                            )
+                        })
+                    })
+                    .collect();
+                (d, outbox)
+            }
+        };
+        deliver(outbox).await;
+        Ok(delivery)
+    }
+
+    async fn group_add(&self, group: &GroupName, member: &Member) -> Result<bool, EngineError> {
+        let mut st = self.store.lock();
+        if let Member::Connection(cid) = member {
+            let Some(rec) = st.conns.get_mut(cid) else {
+                return Ok(false);
+            };
+            rec.groups.insert(group.clone());
+        }
+        st.groups
+            .entry(group.clone())
+            .or_default()
+            .insert(member.clone());
+        Ok(true)
+    }
+
+    async fn group_remove(&self, group: &GroupName, member: &Member) -> Result<bool, EngineError> {
+        let mut st = self.store.lock();
+        if let Member::Connection(cid) = member
+            && let Some(rec) = st.conns.get_mut(cid)
+        {
+            rec.groups.remove(group);
+        }
+        let Some(members) = st.groups.get_mut(group) else {
+            return Ok(false);
+        };
+        let was = members.remove(member);
+        if members.is_empty() {
+            st.groups.remove(group);
+        }
+        Ok(was)
+    }
+
+    async fn group_members(&self, group: &GroupName) -> Result<Vec<Member>, EngineError> {
+        let st = self.store.lock();
+        Ok(st
+            .groups
+            .get(group)
+            .map(|m| m.iter().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn online_users(
+        &self,
+        after: Option<&UserId>,
+        limit: usize,
+    ) -> Result<Vec<OnlineUser>, EngineError> {
+        use std::ops::Bound;
+        let st = self.store.lock();
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        Ok(st
+            .online
+            .range::<UserId, _>((lower, Bound::Unbounded))
+            .take(limit)
+            .map(|(u, n)| OnlineUser {
+                user_id: u.clone(),
+                connections: *n,
+            })
+            .collect())
+    }
+
+    async fn presence_counts(&self) -> Result<PresenceCounts, EngineError> {
+        let st = self.store.lock();
+        Ok(PresenceCounts {
+            online_users: st.online.len() as u64,
+            connections: st.conns.len() as u64,
+            nodes: st.nodes.len() as u64,
         })
-        .collect()
+    }
+
+    async fn sessions_alive(&self, sessions: &[SessionId]) -> Result<Vec<bool>, EngineError> {
+        let now = now_ms();
+        let mut st = self.store.lock();
+        Ok(sessions.iter().map(|s| st.alive(s, now)).collect())
+    }
+
+    async fn reassert(&self, records: &[LocalRecord]) -> Result<Vec<SessionId>, EngineError> {
+        let now = now_ms();
+        let mut st = self.store.lock();
+        let mut gone = Vec::new();
+        for r in records {
+            if st.alive(&r.session_id, now) {
+                st.add_conn(
+                    &r.connection_id,
+                    &r.session_id,
+                    &self.node_id,
+                    r.connected_at,
+                );
+            } else {
+                gone.push(r.session_id.clone());
+            }
+        }
+        Ok(gone)
+    }
+
+    async fn leave(&self) -> Result<(), EngineError> {
+        self.store.lock().drop_node(&self.node_id);
+        Ok(())
+    }
 }

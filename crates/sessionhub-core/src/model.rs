@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{ConnectionId, NodeId, SessionId, UserId};
+use crate::ids::{ConnectionId, GroupName, NodeId, SessionId, UserId};
 use crate::time::as_rfc3339;
 use crate::token::Token;
 
@@ -112,4 +112,70 @@ impl fmt::Display for EndReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// Who a published message is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Every live socket of a user.
+    User(UserId),
+    /// Every live socket of a session.
+    Session(SessionId),
+    /// One socket.
+    Connection(ConnectionId),
+    /// Every socket in a group (directly, or through its user).
+    Group(GroupName),
+    /// Every socket on every node.
+    All,
+}
+
+/// A group member.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Member {
+    /// One connection; membership ends when it closes.
+    Connection(ConnectionId),
+    /// A user: all of their current and future connections.
+    User(UserId),
+}
+
+/// How far a publish went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Delivery {
+    /// Nodes the message was sent to.
+    pub nodes: u64,
+    /// Sockets targeted, where known (not for `All`).
+    pub connections: Option<u64>,
+}
+
+/// Cluster-wide presence counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PresenceCounts {
+    /// Users with at least one live connection (each counted once).
+    pub online_users: u64,
+    /// Live connections.
+    pub connections: u64,
+    /// Nodes holding a lease.
+    pub nodes: u64,
+}
+
+/// An online user and their number of live connections.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OnlineUser {
+    /// The user.
+    pub user_id: UserId,
+    /// Live connections across the cluster.
+    pub connections: u64,
+}
+
+/// A socket as its node knows it, for re-registering records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalRecord {
+    /// The connection.
+    pub connection_id: ConnectionId,
+    /// Its session.
+    pub session_id: SessionId,
+    /// Its user.
+    pub user_id: UserId,
+    /// When it connected (Unix ms).
+    pub connected_at: i64,
 }

@@ -52,6 +52,13 @@ pub enum ServerFrame<'a> {
         /// Why.
         reason: EndReason,
     },
+    /// An application message published through the service API.
+    Message {
+        /// Application event name.
+        event: &'a str,
+        /// Application payload, any JSON.
+        data: &'a Value,
+    },
     /// The client sent something the server could not act on; the socket stays open.
     Error {
         /// Stable machine-readable code.

@@ -1,20 +1,11 @@
-//! The Redis key and channel layout: a stable interface for operators.
+//! The Redis key and channel layout: a stable interface for operators. The full
+//! table, with the meaning of every field, heads `lua/sessionhub.lua` and the README.
 //!
-//! With the default prefix `sh:` and `T` the user tag (the first 8 hex digits of
-//! SHA-256 of the user id, also the first 8 characters of each of the user's session
-//! ids):
-//!
-//! | key / channel | type | content |
-//! | --- | --- | --- |
-//! | `sh:{T}:session:<session_id>` | hash | `user_id`, `secret_hash`, `user_agent`, `ip`, `created_at`, `last_seen_at`, `expires_at` (Unix ms); expires with the session |
-//! | `sh:{T}:session:<session_id>:conns` | hash | `connection_id` → `<node_id>\|<connected_at>` |
-//! | `sh:{T}:user:<user_id>:sessions` | hash | `session_id` → `expires_at` |
-//! | `sh:node:<node_id>` | pub/sub channel | JSON events for the sockets that node holds |
-//!
-//! Every key of one user shares the hash tag `{T}`, so each Lua script touches a
-//! single Redis Cluster slot.
+//! Every key of one user shares the hash tag `{T}` (T: the user tag, the first 8 hex
+//! digits of SHA-256 of the user id, also the first 8 characters of the user's
+//! session and connection ids).
 
-use sessionhub_core::{NodeId, SessionId, UserId};
+use sessionhub_core::{ConnectionId, GroupName, NodeId, SessionId, UserId};
 
 /// Builds key and channel names under one prefix.
 #[derive(Debug, Clone)]
@@ -53,6 +44,31 @@ impl Keys {
     /// The node's event channel.
     pub fn node_channel(&self, node: &NodeId) -> String {
         format!("{}node:{}", self.prefix, node)
+    }
+
+    /// A connection's record.
+    pub fn conn(&self, cid: &ConnectionId) -> String {
+        format!("{}{{{}}}:conn:{}", self.prefix, cid.tag(), cid)
+    }
+
+    /// A group's members.
+    pub fn group(&self, group: &GroupName) -> String {
+        format!("{}group:{}", self.prefix, group)
+    }
+
+    /// The node leases.
+    pub fn nodes(&self) -> String {
+        format!("{}nodes", self.prefix)
+    }
+
+    /// The online users.
+    pub fn online(&self) -> String {
+        format!("{}online", self.prefix)
+    }
+
+    /// The channel every node subscribes to.
+    pub fn all_channel(&self) -> String {
+        format!("{}all", self.prefix)
     }
 }
 

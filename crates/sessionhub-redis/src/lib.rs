@@ -1,31 +1,40 @@
 //! The Redis engine: sessions and connections in Redis hashes, events between nodes
 //! over Redis pub/sub.
 //!
-//! Every state change is one Lua script from the repository's `lua/` folder (the same
-//! files operators run with `redis-cli --eval`), so a change is atomic and its events
-//! are published in the same step: a script that ends a session also tells exactly
-//! the nodes that hold its sockets, found from the connection records. Each node
-//! subscribes to one channel of its own, `<prefix>node:<node_id>`; see [`keys`].
+//! Every state change is one call of a Redis function from `lua/sessionhub.lua`
+//! (the same library operators call with `redis-cli FCALL`), so a change is atomic
+//! and its events are published in the same step: a function that ends a session
+//! also tells exactly the nodes that hold its sockets, found from the connection
+//! records. Each node subscribes to a channel of its own, `<prefix>node:<node_id>`,
+//! and to `<prefix>all`; see [`keys`].
+//!
+//! Each node also holds a lease in `<prefix>nodes`, renewed by [`lease`]; the records
+//! of a node whose lease expires are reaped by the others.
 
 pub mod keys;
+mod lease;
 mod subscriber;
 mod wire;
 
 use std::future::Future;
-use std::sync::LazyLock;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
-use redis::{RedisError, Script};
+use redis::{RedisError, ToRedisArgs};
 use sessionhub_core::time::now_ms;
 use sessionhub_core::{
-    ConnectionId, ConnectionInfo, CreatedSession, EndReason, Engine, EngineError, EventSender,
-    NewSession, NodeId, SecretHash, Session, SessionId, Token, UserId,
+    ConnectionId, ConnectionInfo, CreatedSession, Delivery, EndReason, Engine, EngineError,
+    EventSender, GroupName, LocalRecord, Member, NewSession, NodeId, OnlineUser, PresenceCounts,
+    SecretHash, Session, SessionId, Target, Token, UserId,
 };
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub use keys::Keys;
+pub use lease::LeaseConfig;
 
 /// Default time a start-up waits for Redis before giving up.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -33,23 +42,13 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default number of pooled command connections per node.
 pub const DEFAULT_POOL_SIZE: usize = 16;
+/// No arguments for a function call.
+const NO_ARGS: &[&str] = &[];
+/// Sockets re-asserted per function call, to keep each call short.
+const REASSERT_BATCH: usize = 1000;
 
-/// The Lua scripts, loaded from the repository's `lua/` folder at compile time.
-struct Scripts {
-    create_session: Script,
-    register_connection: Script,
-    kill_session: Script,
-    kill_user_sessions: Script,
-    user_sessions: Script,
-}
-
-static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    create_session: Script::new(include_str!("../../../lua/create_session.lua")),
-    register_connection: Script::new(include_str!("../../../lua/register_connection.lua")),
-    kill_session: Script::new(include_str!("../../../lua/kill_session.lua")),
-    kill_user_sessions: Script::new(include_str!("../../../lua/kill_user_sessions.lua")),
-    user_sessions: Script::new(include_str!("../../../lua/user_sessions.lua")),
-});
+/// The function library, loaded into Redis at start-up and after Redis lost it.
+pub const LIBRARY: &str = include_str!("../../../lua/sessionhub.lua");
 
 /// How to reach Redis.
 #[derive(Debug, Clone)]
@@ -64,6 +63,8 @@ pub struct RedisConfig {
     pub command_timeout: Duration,
     /// Pooled command connections.
     pub pool_size: usize,
+    /// Node lease and reaper timing.
+    pub lease: LeaseConfig,
 }
 
 impl RedisConfig {
@@ -75,6 +76,7 @@ impl RedisConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
             pool_size: DEFAULT_POOL_SIZE,
+            lease: LeaseConfig::default(),
         }
     }
 }
@@ -112,18 +114,29 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// One node's handle on the shared Redis state. Dropping it stops its subscriber.
+/// One node's handle on the shared Redis state. Dropping it stops its background
+/// tasks (subscriber, lease).
 pub struct RedisEngine {
+    inner: Arc<Inner>,
+}
+
+/// What the engine and its background tasks share.
+pub(crate) struct Inner {
     pool: Pool,
     keys: Keys,
     node_id: NodeId,
     command_timeout: Duration,
+    lease: LeaseConfig,
     stop: CancellationToken,
+    /// Wakes the lease task to rejoin at once (a call found the node fenced).
+    rejoin: Notify,
+    /// When this node's own probe last came back through pub/sub (Unix ms).
+    last_probe: AtomicI64,
 }
 
 impl Drop for RedisEngine {
     fn drop(&mut self) {
-        self.stop.cancel();
+        self.inner.stop.cancel();
     }
 }
 
@@ -144,9 +157,10 @@ fn corrupt(e: impl std::fmt::Display) -> EngineError {
 }
 
 impl RedisEngine {
-    /// Connects, retrying for up to `config.connect_timeout`, and subscribes to this
-    /// node's channel before returning, so the node is reachable as soon as it
-    /// serves. Events go to `events`.
+    /// Connects, retrying for up to `config.connect_timeout`, loads the function
+    /// library, takes this node's lease and subscribes to its channels before
+    /// returning, so the node is reachable as soon as it serves. Events go to
+    /// `events`.
     pub async fn connect(
         config: RedisConfig,
         node_id: NodeId,
@@ -175,13 +189,17 @@ impl RedisEngine {
                     url: shown.clone(),
                     reason: e.to_string(),
                 })?;
-        let engine = Self {
+        let inner = Arc::new(Inner {
             pool,
             keys: Keys::new(config.key_prefix),
             node_id,
             command_timeout: config.command_timeout,
+            lease: config.lease,
             stop: CancellationToken::new(),
-        };
+            rejoin: Notify::new(),
+            last_probe: AtomicI64::new(0),
+        });
+        let engine = Self { inner };
 
         let started = tokio::time::Instant::now();
         let deadline = started + config.connect_timeout;
@@ -192,7 +210,7 @@ impl RedisEngine {
         };
         let mut delay = Duration::from_millis(100);
         loop {
-            let err = match engine.ping().await {
+            let err = match engine.inner.startup().await {
                 Ok(()) => break,
                 Err(e) => e,
             };
@@ -205,21 +223,57 @@ impl RedisEngine {
             delay = (delay * 2).min(Duration::from_secs(1));
         }
 
-        let channel = engine.keys.node_channel(&engine.node_id);
+        let keys = &engine.inner.keys;
+        let channels = vec![keys.node_channel(&engine.inner.node_id), keys.all_channel()];
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let ready = subscriber::spawn(client, channel, events, engine.stop.clone());
+        let ready = subscriber::spawn(client, channels, events.clone(), engine.inner.clone());
         match tokio::time::timeout(remaining.max(config.command_timeout), ready).await {
-            Ok(Ok(())) => Ok(engine),
-            Ok(Err(_)) => Err(unreachable("subscriber stopped".into())),
-            Err(_) => Err(unreachable(
-                "could not subscribe to the node channel".into(),
-            )),
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(unreachable("subscriber stopped".into())),
+            Err(_) => {
+                return Err(unreachable(
+                    "could not subscribe to the node channel".into(),
+                ));
+            }
         }
+        tokio::spawn(lease::run(engine.inner.clone(), events));
+        Ok(engine)
     }
 
     /// The key layout in use.
     pub fn keys(&self) -> &Keys {
-        &self.keys
+        &self.inner.keys
+    }
+}
+
+impl Inner {
+    /// Loads the library and takes this node's lease.
+    async fn startup(&self) -> Result<(), EngineError> {
+        self.load_library().await?;
+        let dropped: i64 = self
+            .fcall(
+                "sh_node_join",
+                &[self.keys.nodes()],
+                (self.node_id.as_str(), now_ms(), self.lease.ttl_ms()),
+            )
+            .await?;
+        if dropped > 0 {
+            tracing::info!(dropped, "dropped records left by this node's previous run");
+        }
+        Ok(())
+    }
+
+    async fn load_library(&self) -> Result<(), EngineError> {
+        self.run(|mut c| async move {
+            redis::cmd("FUNCTION")
+                .arg("LOAD")
+                .arg("REPLACE")
+                .arg(LIBRARY)
+                .query_async::<String>(&mut c)
+                .await
+        })
+        .await
+        .map(drop)
     }
 
     /// Runs one Redis operation on a pooled connection, bounded by the command
@@ -238,26 +292,83 @@ impl RedisEngine {
             .map_err(|_| EngineError::Unavailable("Redis did not answer in time".into()))?
     }
 
-    fn session_from_fields(
-        sid: &SessionId,
-        user_id: String,
-        user_agent: String,
-        ip: String,
-        created_at: &str,
-        last_seen_at: &str,
-        expires_at: &str,
-    ) -> Result<Session, EngineError> {
-        Ok(Session {
-            session_id: sid.clone(),
-            user_id: UserId::parse(&user_id).map_err(corrupt)?,
-            user_agent: wire::non_empty(user_agent),
-            ip: wire::non_empty(ip),
-            created_at: wire::ms(created_at).map_err(corrupt)?,
-            last_seen_at: wire::ms(last_seen_at).map_err(corrupt)?,
-            expires_at: wire::ms(expires_at).map_err(corrupt)?,
-            connections: Vec::new(),
-        })
+    /// Calls a library function. If Redis lost the library (it restarted empty),
+    /// loads it again and retries once. A FENCED reply wakes the lease task.
+    pub(crate) async fn fcall<T: redis::FromRedisValue>(
+        &self,
+        name: &str,
+        keys: &[String],
+        args: impl ToRedisArgs + Clone,
+    ) -> Result<T, EngineError> {
+        for attempt in 0..2 {
+            let args = args.clone();
+            let res = self
+                .run(|mut c| async move {
+                    redis::cmd("FCALL")
+                        .arg(name)
+                        .arg(keys.len())
+                        .arg(keys)
+                        .arg(args)
+                        .query_async::<T>(&mut c)
+                        .await
+                })
+                .await;
+            match res {
+                Err(EngineError::Corrupt(msg))
+                    if attempt == 0 && msg.contains("Function not found") =>
+                {
+                    tracing::warn!("Redis lost the function library; loading it again");
+                    self.load_library().await?;
+                }
+                Err(EngineError::Corrupt(msg)) if msg.contains("FENCED") => {
+                    self.rejoin.notify_one();
+                    return Err(EngineError::Unavailable(
+                        "this node lost its lease; rejoining".into(),
+                    ));
+                }
+                other => return other,
+            }
+        }
+        Err(EngineError::Unavailable(
+            "function library could not be loaded".into(),
+        ))
     }
+
+    pub(crate) fn probe_received(&self) {
+        self.last_probe.store(now_ms(), Ordering::Relaxed);
+    }
+
+    async fn publish_raw(&self, channel: String, payload: String) -> Result<i64, EngineError> {
+        self.run(|mut c| async move {
+            redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(payload)
+                .query_async(&mut c)
+                .await
+        })
+        .await
+    }
+}
+
+fn session_from_fields(
+    sid: &SessionId,
+    user_id: String,
+    user_agent: String,
+    ip: String,
+    created_at: &str,
+    last_seen_at: &str,
+    expires_at: &str,
+) -> Result<Session, EngineError> {
+    Ok(Session {
+        session_id: sid.clone(),
+        user_id: UserId::parse(&user_id).map_err(corrupt)?,
+        user_agent: wire::non_empty(user_agent),
+        ip: wire::non_empty(ip),
+        created_at: wire::ms(created_at).map_err(corrupt)?,
+        last_seen_at: wire::ms(last_seen_at).map_err(corrupt)?,
+        expires_at: wire::ms(expires_at).map_err(corrupt)?,
+        connections: Vec::new(),
+    })
 }
 
 /// Parses a connections hash (`connection_id` → `<node_id>|<connected_at>`),
@@ -284,6 +395,28 @@ fn field(map: &mut std::collections::HashMap<String, String>, name: &str) -> Str
     map.remove(name).unwrap_or_default()
 }
 
+fn session_from_map(
+    sid: &SessionId,
+    mut map: std::collections::HashMap<String, String>,
+) -> Result<Session, EngineError> {
+    session_from_fields(
+        sid,
+        field(&mut map, "user_id"),
+        field(&mut map, "user_agent"),
+        field(&mut map, "ip"),
+        &field(&mut map, "created_at"),
+        &field(&mut map, "last_seen_at"),
+        &field(&mut map, "expires_at"),
+    )
+}
+
+fn member_key(member: &Member) -> (&'static str, &str) {
+    match member {
+        Member::Connection(c) => ("conn", c.as_str()),
+        Member::User(u) => ("user", u.as_str()),
+    }
+}
+
 #[async_trait]
 impl Engine for RedisEngine {
     fn name(&self) -> &'static str {
@@ -291,13 +424,22 @@ impl Engine for RedisEngine {
     }
 
     fn node_id(&self) -> &NodeId {
-        &self.node_id
+        &self.inner.node_id
     }
 
+    /// Ready when Redis answers and this node's own probe came back through pub/sub
+    /// recently: a node that is connected but deaf is not ready.
     async fn ping(&self) -> Result<(), EngineError> {
-        self.run(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
-            .await
-            .map(drop)
+        self.inner
+            .run(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
+            .await?;
+        let age = now_ms() - self.inner.last_probe.load(Ordering::Relaxed);
+        if age > self.inner.lease.probe_max_age().as_millis() as i64 {
+            return Err(EngineError::Unavailable(format!(
+                "this node's pub/sub probe has not come back for {age} ms"
+            )));
+        }
+        Ok(())
     }
 
     async fn create_session(&self, new: NewSession) -> Result<CreatedSession, EngineError> {
@@ -305,23 +447,26 @@ impl Engine for RedisEngine {
         let expires_at = now + new.ttl.as_millis() as i64;
         let user_agent = new.user_agent.clone().unwrap_or_default();
         let ip = new.ip.clone().unwrap_or_default();
+        let keys = &self.inner.keys;
         // A session id is 96 random bits under the user's tag; a collision is
-        // astronomically unlikely, but the script refuses one rather than overwrite.
+        // astronomically unlikely, but the function refuses one rather than overwrite.
         for _ in 0..3 {
             let token = Token::generate(&new.user_id);
             let sid = token.session_id().clone();
-            let res = self
-                .run(|mut c| {
-                    let mut inv = SCRIPTS.create_session.key(self.keys.session(&sid));
-                    inv.key(self.keys.user_sessions(&new.user_id))
-                        .arg(new.user_id.as_str())
-                        .arg(token.secret_hash().as_str())
-                        .arg(&user_agent)
-                        .arg(&ip)
-                        .arg(now)
-                        .arg(expires_at);
-                    async move { inv.invoke_async::<i64>(&mut c).await }
-                })
+            let res: Result<i64, _> = self
+                .inner
+                .fcall(
+                    "sh_create_session",
+                    &[keys.session(&sid), keys.user_sessions(&new.user_id)],
+                    (
+                        new.user_id.as_str(),
+                        token.secret_hash().as_str(),
+                        user_agent.as_str(),
+                        ip.as_str(),
+                        now,
+                        expires_at,
+                    ),
+                )
                 .await;
             match res {
                 Ok(_) => {
@@ -348,8 +493,9 @@ impl Engine for RedisEngine {
 
     async fn authenticate(&self, token: &Token) -> Result<Option<Session>, EngineError> {
         let sid = token.session_id();
-        let key = self.keys.session(sid);
+        let key = self.inner.keys.session(sid);
         let mut map: std::collections::HashMap<String, String> = self
+            .inner
             .run(|mut c| async move { redis::cmd("HGETALL").arg(key).query_async(&mut c).await })
             .await?;
         let Some(stored) = map.remove("secret_hash") else {
@@ -358,25 +504,19 @@ impl Engine for RedisEngine {
         if !SecretHash::from_stored(stored).ct_eq(&token.secret_hash()) {
             return Ok(None);
         }
-        let session = Self::session_from_fields(
-            sid,
-            field(&mut map, "user_id"),
-            field(&mut map, "user_agent"),
-            field(&mut map, "ip"),
-            &field(&mut map, "created_at"),
-            &field(&mut map, "last_seen_at"),
-            &field(&mut map, "expires_at"),
-        )?;
+        let session = session_from_map(sid, map)?;
         Ok((session.expires_at > now_ms()).then_some(session))
     }
 
     async fn get_session(&self, session_id: &SessionId) -> Result<Option<Session>, EngineError> {
-        let (key, conns_key) = (self.keys.session(session_id), self.keys.conns(session_id));
+        let keys = &self.inner.keys;
+        let (key, conns_key) = (keys.session(session_id), keys.conns(session_id));
         type Reply = (
             std::collections::HashMap<String, String>,
             Vec<(String, String)>,
         );
-        let (mut map, conns): Reply = self
+        let (map, conns): Reply = self
+            .inner
             .run(|mut c| async move {
                 redis::pipe()
                     .hgetall(key)
@@ -388,15 +528,7 @@ impl Engine for RedisEngine {
         if map.is_empty() {
             return Ok(None);
         }
-        let mut session = Self::session_from_fields(
-            session_id,
-            field(&mut map, "user_id"),
-            field(&mut map, "user_agent"),
-            field(&mut map, "ip"),
-            &field(&mut map, "created_at"),
-            &field(&mut map, "last_seen_at"),
-            &field(&mut map, "expires_at"),
-        )?;
+        let mut session = session_from_map(session_id, map)?;
         session.connections = parse_conns(conns)?;
         Ok(Some(session))
     }
@@ -411,18 +543,19 @@ impl Engine for RedisEngine {
             String,
             Vec<(String, String)>,
         );
-        let key = self.keys.user_sessions(user_id);
         let rows: Vec<Row> = self
-            .run(|mut c| {
-                let inv = SCRIPTS.user_sessions.key(key);
-                async move { inv.invoke_async(&mut c).await }
-            })
+            .inner
+            .fcall(
+                "sh_user_sessions",
+                &[self.inner.keys.user_sessions(user_id)],
+                NO_ARGS,
+            )
             .await?;
         let mut out = rows
             .into_iter()
             .map(|(sid, ua, ip, created, seen, expires, conns)| {
                 let sid = SessionId::parse(&sid).map_err(corrupt)?;
-                let mut s = Self::session_from_fields(
+                let mut s = session_from_fields(
                     &sid,
                     user_id.to_string(),
                     ua,
@@ -445,14 +578,14 @@ impl Engine for RedisEngine {
         owner: Option<&UserId>,
         reason: EndReason,
     ) -> Result<bool, EngineError> {
-        let key = self.keys.session(session_id);
         let owner = owner.map(UserId::as_str).unwrap_or("");
         let n: i64 = self
-            .run(|mut c| {
-                let mut inv = SCRIPTS.kill_session.key(key);
-                inv.arg(reason.as_str()).arg(owner);
-                async move { inv.invoke_async(&mut c).await }
-            })
+            .inner
+            .fcall(
+                "sh_kill_session",
+                &[self.inner.keys.session(session_id)],
+                (reason.as_str(), owner),
+            )
             .await?;
         Ok(n > 0)
     }
@@ -463,14 +596,14 @@ impl Engine for RedisEngine {
         except: Option<&SessionId>,
         reason: EndReason,
     ) -> Result<u64, EngineError> {
-        let key = self.keys.user_sessions(user_id);
         let keep = except.map(SessionId::as_str).unwrap_or("");
         let n: i64 = self
-            .run(|mut c| {
-                let mut inv = SCRIPTS.kill_user_sessions.key(key);
-                inv.arg(reason.as_str()).arg(keep);
-                async move { inv.invoke_async(&mut c).await }
-            })
+            .inner
+            .fcall(
+                "sh_kill_user_sessions",
+                &[self.inner.keys.user_sessions(user_id)],
+                (reason.as_str(), keep),
+            )
             .await?;
         Ok(n.max(0) as u64)
     }
@@ -483,39 +616,199 @@ impl Engine for RedisEngine {
         let sid = token.session_id();
         type Reply = Option<(String, String, String, String, String, String)>;
         let reply: Reply = self
-            .run(|mut c| {
-                let mut inv = SCRIPTS.register_connection.key(self.keys.session(sid));
-                inv.key(self.keys.conns(sid))
-                    .arg(token.secret_hash().as_str())
-                    .arg(connection_id.as_str())
-                    .arg(self.node_id.as_str())
-                    .arg(now_ms());
-                async move { inv.invoke_async(&mut c).await }
-            })
+            .inner
+            .fcall(
+                "sh_register_connection",
+                &[self.inner.keys.session(sid)],
+                (
+                    token.secret_hash().as_str(),
+                    connection_id.as_str(),
+                    self.inner.node_id.as_str(),
+                    now_ms(),
+                ),
+            )
             .await?;
         reply
             .map(|(uid, ua, ip, created, seen, expires)| {
-                Self::session_from_fields(sid, uid, ua, ip, &created, &seen, &expires)
+                session_from_fields(sid, uid, ua, ip, &created, &seen, &expires)
             })
             .transpose()
     }
 
-    async fn unregister_connection(
-        &self,
-        session_id: &SessionId,
-        connection_id: &ConnectionId,
-    ) -> Result<(), EngineError> {
-        let key = self.keys.conns(session_id);
-        let cid = connection_id.to_string();
-        self.run(|mut c| async move {
-            redis::cmd("HDEL")
-                .arg(key)
-                .arg(cid)
-                .query_async::<i64>(&mut c)
-                .await
+    async fn unregister_connection(&self, connection_id: &ConnectionId) -> Result<(), EngineError> {
+        self.inner
+            .fcall::<i64>(
+                "sh_unregister_connection",
+                &[self.inner.keys.conn(connection_id)],
+                NO_ARGS,
+            )
+            .await
+            .map(drop)
+    }
+
+    async fn publish(&self, target: &Target, frame: &str) -> Result<Delivery, EngineError> {
+        let keys = &self.inner.keys;
+        let key = match target {
+            Target::User(u) => keys.user_sessions(u),
+            Target::Session(s) => keys.session(s),
+            Target::Connection(c) => keys.conn(c),
+            Target::Group(g) => keys.group(g),
+            Target::All => {
+                let nodes = self
+                    .inner
+                    .publish_raw(keys.all_channel(), wire::broadcast_payload(frame))
+                    .await?;
+                return Ok(Delivery {
+                    nodes: nodes.max(0) as u64,
+                    connections: None,
+                });
+            }
+        };
+        let (nodes, conns): (i64, i64) = self.inner.fcall("sh_publish", &[key], frame).await?;
+        Ok(Delivery {
+            nodes: nodes.max(0) as u64,
+            connections: Some(conns.max(0) as u64),
         })
-        .await
-        .map(drop)
+    }
+
+    async fn group_add(&self, group: &GroupName, member: &Member) -> Result<bool, EngineError> {
+        let key = [self.inner.keys.group(group)];
+        let n: i64 = match member {
+            Member::Connection(c) => {
+                self.inner
+                    .fcall("sh_group_add", &key, ("conn", c.as_str(), now_ms()))
+                    .await?
+            }
+            Member::User(u) => {
+                self.inner
+                    .fcall(
+                        "sh_group_add",
+                        &key,
+                        ("user", u.as_str(), u.tag(), now_ms()),
+                    )
+                    .await?
+            }
+        };
+        Ok(n > 0)
+    }
+
+    async fn group_remove(&self, group: &GroupName, member: &Member) -> Result<bool, EngineError> {
+        let (kind, id) = member_key(member);
+        let n: i64 = self
+            .inner
+            .fcall(
+                "sh_group_remove",
+                &[self.inner.keys.group(group)],
+                (kind, id),
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn group_members(&self, group: &GroupName) -> Result<Vec<Member>, EngineError> {
+        let key = self.inner.keys.group(group);
+        let fields: Vec<String> = self
+            .inner
+            .run(|mut c| async move { redis::cmd("HKEYS").arg(key).query_async(&mut c).await })
+            .await?;
+        let mut out = fields
+            .iter()
+            .map(|f| match f.split_once(':') {
+                Some(("conn", id)) => ConnectionId::parse(id)
+                    .map(Member::Connection)
+                    .map_err(corrupt),
+                Some(("user", id)) => UserId::parse(id).map(Member::User).map_err(corrupt),
+                _ => Err(corrupt(format!("bad group member {f:?}"))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        out.sort();
+        Ok(out)
+    }
+
+    async fn online_users(
+        &self,
+        after: Option<&UserId>,
+        limit: usize,
+    ) -> Result<Vec<OnlineUser>, EngineError> {
+        let after = after.map(UserId::as_str).unwrap_or("");
+        let flat: Vec<(String, u64)> = self
+            .inner
+            .fcall(
+                "sh_online_users",
+                &[self.inner.keys.online()],
+                (after, limit),
+            )
+            .await?;
+        flat.into_iter()
+            .map(|(u, n)| {
+                Ok(OnlineUser {
+                    user_id: UserId::parse(&u).map_err(corrupt)?,
+                    connections: n,
+                })
+            })
+            .collect()
+    }
+
+    async fn presence_counts(&self) -> Result<PresenceCounts, EngineError> {
+        let (online_users, connections, nodes): (u64, u64, u64) = self
+            .inner
+            .fcall("sh_presence_counts", &[self.inner.keys.nodes()], NO_ARGS)
+            .await?;
+        Ok(PresenceCounts {
+            online_users,
+            connections,
+            nodes,
+        })
+    }
+
+    async fn sessions_alive(&self, sessions: &[SessionId]) -> Result<Vec<bool>, EngineError> {
+        if sessions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for sid in sessions {
+            pipe.exists(self.inner.keys.session(sid));
+        }
+        self.inner
+            .run(|mut c| async move { pipe.query_async(&mut c).await })
+            .await
+    }
+
+    async fn reassert(&self, records: &[LocalRecord]) -> Result<Vec<SessionId>, EngineError> {
+        let mut gone = Vec::new();
+        for chunk in records.chunks(REASSERT_BATCH) {
+            let mut args: Vec<String> = Vec::with_capacity(2 + chunk.len() * 4);
+            args.push(self.inner.node_id.to_string());
+            args.push(now_ms().to_string());
+            for r in chunk {
+                args.push(r.connection_id.to_string());
+                args.push(r.session_id.to_string());
+                args.push(r.user_id.to_string());
+                args.push(r.connected_at.to_string());
+            }
+            let sids: Vec<String> = self
+                .inner
+                .fcall("sh_reassert", &[self.inner.keys.nodes()], args)
+                .await?;
+            for s in sids {
+                gone.push(SessionId::parse(&s).map_err(corrupt)?);
+            }
+        }
+        Ok(gone)
+    }
+
+    async fn leave(&self) -> Result<(), EngineError> {
+        self.inner.stop.cancel();
+        let n: i64 = self
+            .inner
+            .fcall(
+                "sh_node_leave",
+                &[self.inner.keys.nodes()],
+                self.inner.node_id.as_str(),
+            )
+            .await?;
+        tracing::info!(records = n, "left the cluster");
+        Ok(())
     }
 }
 

@@ -1,16 +1,20 @@
 //! The node's pub/sub subscriber, under supervision.
 //!
 //! It owns one dedicated connection (a pooled connection must never switch into
-//! subscribe mode), reconnects with capped backoff when the link drops, and after
-//! every resubscription tells the node to resync ([`NodeEvent::Resync`]): events
-//! published while it was away are lost, because Redis pub/sub is at-most-once.
+//! subscribe mode), pings Redis over that link so a dead peer is noticed even without
+//! an EOF, reconnects with capped backoff when the link drops, and after every
+//! resubscription tells the node to resync ([`NodeEvent::Resync`]): events published
+//! while it was away are lost, because Redis pub/sub is at-most-once.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use sessionhub_core::{EventSender, NodeEvent};
 use tokio::sync::oneshot;
-use tokio_util::sync::CancellationToken;
+
+use crate::Inner;
+use crate::wire::Incoming;
 
 /// First delay before reconnecting.
 const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(100);
@@ -18,46 +22,58 @@ const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(100);
 const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(2);
 /// Bound on connecting and subscribing once.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often the subscriber pings Redis over its own link.
+const LINK_PING_INTERVAL: Duration = Duration::from_secs(2);
+/// A ping unanswered for this long means the link is dead.
+const LINK_PING_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Starts the subscriber task for `channel`. The returned receiver fires once the
+/// Starts the subscriber task for `channels`. The returned receiver fires once the
 /// first subscription is in place.
 pub(crate) fn spawn(
     client: redis::Client,
-    channel: String,
+    channels: Vec<String>,
     events: EventSender,
-    stop: CancellationToken,
+    inner: Arc<Inner>,
 ) -> oneshot::Receiver<()> {
     let (ready_tx, ready_rx) = oneshot::channel();
-    tokio::spawn(run(client, channel, events, stop, ready_tx));
+    tokio::spawn(run(client, channels, events, inner, ready_tx));
     ready_rx
 }
 
 async fn subscribe(
     client: &redis::Client,
-    channel: &str,
+    channels: &[String],
 ) -> redis::RedisResult<redis::aio::PubSub> {
     let mut pubsub = client.get_async_pubsub().await?;
-    pubsub.subscribe(channel).await?;
+    pubsub.subscribe(channels).await?;
     Ok(pubsub)
 }
 
 async fn run(
     client: redis::Client,
-    channel: String,
+    channels: Vec<String>,
     events: EventSender,
-    stop: CancellationToken,
+    inner: Arc<Inner>,
     ready: oneshot::Sender<()>,
 ) {
+    let stop = inner.stop.clone();
+    let shown = channels.join(",");
     let mut ready = Some(ready);
     let mut delay = RECONNECT_MIN_DELAY;
     loop {
-        let attempt = tokio::time::timeout(SUBSCRIBE_TIMEOUT, subscribe(&client, &channel));
+        let attempt = tokio::time::timeout(SUBSCRIBE_TIMEOUT, subscribe(&client, &channels));
         let pubsub = tokio::select! {
             _ = stop.cancelled() => return,
             res = attempt => match res {
                 Ok(Ok(p)) => Some(p),
-                Ok(Err(e)) => { tracing::warn!(%channel, error = %e, "pub/sub subscribe failed"); None }
-                Err(_) => { tracing::warn!(%channel, "pub/sub subscribe timed out"); None }
+                Ok(Err(e)) => {
+                    tracing::warn!(channels = %shown, error = %e, "pub/sub subscribe failed");
+                    None
+                }
+                Err(_) => {
+                    tracing::warn!(channels = %shown, "pub/sub subscribe timed out");
+                    None
+                }
             },
         };
         let Some(pubsub) = pubsub else {
@@ -71,34 +87,47 @@ async fn run(
         delay = RECONNECT_MIN_DELAY;
         match ready.take() {
             Some(tx) => {
-                tracing::info!(%channel, "subscribed");
+                tracing::info!(channels = %shown, "subscribed");
                 let _ = tx.send(());
             }
             None => {
-                tracing::info!(%channel, "resubscribed; resyncing");
+                tracing::info!(channels = %shown, "resubscribed; resyncing");
                 if events.send(NodeEvent::Resync).await.is_err() {
                     return;
                 }
             }
         }
-        let mut stream = pubsub.into_on_message();
+        let (mut sink, mut stream) = pubsub.split();
+        let mut ping = tokio::time::interval(LINK_PING_INTERVAL);
+        ping.tick().await;
         loop {
             let msg = tokio::select! {
                 _ = stop.cancelled() => return,
+                _ = ping.tick() => {
+                    let pong = tokio::time::timeout(LINK_PING_TIMEOUT, sink.ping::<()>()).await;
+                    if !matches!(pong, Ok(Ok(()))) {
+                        tracing::warn!(channels = %shown, "pub/sub link did not answer a ping");
+                        break;
+                    }
+                    continue;
+                }
                 msg = stream.next() => msg,
             };
             let Some(msg) = msg else { break };
             match crate::wire::decode(msg.get_payload_bytes()) {
+                Ok(Incoming::Probe) => inner.probe_received(),
                 // Awaiting here is the back-pressure: a slow dispatcher slows this
                 // reader, it never drops an event.
-                Ok(ev) => {
+                Ok(Incoming::Event(ev)) => {
                     if events.send(ev).await.is_err() {
                         return;
                     }
                 }
-                Err(e) => tracing::warn!(%channel, error = %e, "ignoring undecodable event"),
+                Err(e) => {
+                    tracing::warn!(channels = %shown, error = %e, "ignoring undecodable event")
+                }
             }
         }
-        tracing::warn!(%channel, "pub/sub link lost; reconnecting");
+        tracing::warn!(channels = %shown, "pub/sub link lost; reconnecting");
     }
 }

@@ -1,8 +1,37 @@
-//! Events as the Lua scripts publish them on node channels. The `t` tags are a
+//! Events as the Redis functions publish them on node channels. The `t` tags are a
 //! stable wire format: nodes of different versions must keep understanding them.
+//!
+//! A payload is one JSON object, except `message`: a JSON header line, `\n`, then the
+//! client frame verbatim, so that the frame is never re-encoded on its way.
 
+use bytestring::ByteString;
 use serde::Deserialize;
-use sessionhub_core::{EndReason, NodeEvent, Session, SessionId, UserId};
+use sessionhub_core::{ConnectionId, EndReason, NodeEvent, Session, SessionId, UserId};
+
+/// Header of a `message` payload.
+#[derive(Debug, Deserialize)]
+struct MessageHeader {
+    t: String,
+    /// Target sockets on the receiving node; absent: all of them.
+    cids: Option<Vec<ConnectionId>>,
+}
+
+/// The payload a node publishes to itself to prove its pub/sub path works.
+pub(crate) const PROBE: &[u8] = br#"{"t":"probe"}"#;
+
+/// What arrived on a channel.
+#[derive(Debug)]
+pub(crate) enum Incoming {
+    /// An event for the node.
+    Event(NodeEvent),
+    /// The node's own probe came back.
+    Probe,
+}
+
+/// The payload of a message for every socket (published on the `all` channel).
+pub(crate) fn broadcast_payload(frame: &str) -> String {
+    format!("{{\"t\":\"message\"}}\n{frame}")
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(tag = "t")]
@@ -38,9 +67,24 @@ pub(crate) fn ms(s: &str) -> Result<i64, String> {
 }
 
 /// Decodes one pub/sub payload.
-pub(crate) fn decode(payload: &[u8]) -> Result<NodeEvent, String> {
+pub(crate) fn decode(payload: &[u8]) -> Result<Incoming, String> {
+    if payload == PROBE {
+        return Ok(Incoming::Probe);
+    }
+    if let Some(nl) = payload.iter().position(|&b| b == b'\n') {
+        let header: MessageHeader =
+            serde_json::from_slice(&payload[..nl]).map_err(|e| e.to_string())?;
+        if header.t != "message" {
+            return Err(format!("unknown framed event {:?}", header.t));
+        }
+        let frame = std::str::from_utf8(&payload[nl + 1..]).map_err(|e| e.to_string())?;
+        return Ok(Incoming::Event(NodeEvent::Message {
+            connections: header.cids,
+            frame: ByteString::from(frame),
+        }));
+    }
     let ev: WireEvent = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
-    Ok(match ev {
+    Ok(Incoming::Event(match ev {
         WireEvent::SessionCreated { session: s } => NodeEvent::SessionCreated {
             session: Session {
                 session_id: s.session_id,
@@ -60,20 +104,46 @@ pub(crate) fn decode(payload: &[u8]) -> Result<NodeEvent, String> {
             session_ids,
             reason,
         },
-    })
+    }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn event(p: &[u8]) -> NodeEvent {
+        match decode(p).unwrap() {
+            Incoming::Event(e) => e,
+            Incoming::Probe => panic!("probe"),
+        }
+    }
+
+    #[test]
+    fn decodes_messages_without_touching_the_frame() {
+        let ev = event(b"{\"t\":\"message\",\"cids\":[\"2bd806c9aaaaaaaaaaaaaaaaaaaaaaaa\"]}\n{\"type\":\"message\",\"x\":\"a\\nb\"}");
+        let NodeEvent::Message { connections, frame } = ev else {
+            panic!()
+        };
+        assert_eq!(connections.unwrap().len(), 1);
+        assert_eq!(&*frame, "{\"type\":\"message\",\"x\":\"a\\nb\"}");
+        let ev = event(broadcast_payload("{}").as_bytes());
+        assert!(matches!(
+            ev,
+            NodeEvent::Message {
+                connections: None,
+                ..
+            }
+        ));
+        assert!(matches!(decode(PROBE).unwrap(), Incoming::Probe));
+    }
+
     #[test]
     fn decodes_what_the_scripts_publish() {
-        let ev = decode(br#"{"t":"session_ended","reason":"killed","session_ids":["2bd806c9aaaaaaaaaaaaaaaaaaaaaaaa"]}"#).unwrap();
+        let ev = event(br#"{"t":"session_ended","reason":"killed","session_ids":["2bd806c9aaaaaaaaaaaaaaaaaaaaaaaa"]}"#);
         assert!(
             matches!(ev, NodeEvent::SessionsEnded { reason: EndReason::Killed, ref session_ids } if session_ids.len() == 1)
         );
-        let ev = decode(br#"{"t":"session_created","session":{"session_id":"2bd806c9aaaaaaaaaaaaaaaaaaaaaaaa","user_id":"alice","user_agent":"","ip":"10.0.0.1","created_at":"1","last_seen_at":"1","expires_at":"2"}}"#).unwrap();
+        let ev = event(br#"{"t":"session_created","session":{"session_id":"2bd806c9aaaaaaaaaaaaaaaaaaaaaaaa","user_id":"alice","user_agent":"","ip":"10.0.0.1","created_at":"1","last_seen_at":"1","expires_at":"2"}}"#);
         let NodeEvent::SessionCreated { session } = ev else {
             panic!()
         };

@@ -18,6 +18,7 @@ use crate::state::AppState;
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("/api/v1")
+            .configure(crate::messaging::routes)
             .route("/sessions", web::post().to(create_session))
             .route("/sessions/{session_id}", web::get().to(get_session))
             .route("/sessions/{session_id}", web::delete().to(kill_session))

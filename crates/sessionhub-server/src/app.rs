@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::{App, HttpResponse, HttpServer, web};
+use sessionhub_core::Engine;
 use sessionhub_core::engine::EVENT_QUEUE_CAPACITY;
 use sessionhub_core::memory::{MemoryEngine, MemoryStore};
-use sessionhub_core::{EndReason, Engine, NodeEvent};
 use sessionhub_redis::{RedisConfig, RedisEngine};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -61,6 +61,7 @@ impl Application {
                 let rc = RedisConfig {
                     key_prefix: config.key_prefix.clone(),
                     connect_timeout: config.redis_connect_timeout,
+                    lease: config.lease,
                     ..RedisConfig::new(url.clone())
                 };
                 Arc::new(RedisEngine::connect(rc, node_id, events_tx).await?)
@@ -73,7 +74,11 @@ impl Application {
             config: Arc::new(config),
             shutdown: CancellationToken::new(),
         };
-        actix_web::rt::spawn(dispatch(events_rx, state.clone()));
+        actix_web::rt::spawn(crate::sync::dispatch(events_rx, state.clone()));
+        actix_web::rt::spawn(crate::sync::revalidate_forever(
+            state.clone(),
+            state.config.revalidate_interval,
+        ));
 
         let data = web::Data::new(state.clone());
         let listen = state.config.listen;
@@ -140,44 +145,14 @@ impl Application {
         while !state.hub.is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        if let Err(e) = state.engine.leave().await {
+            tracing::warn!(error = %e, "could not remove this node's records");
+        }
         let stopping = handle.stop(true);
         let (res, ()) = tokio::join!(server, stopping);
         tracing::info!("stopped");
         res
     }
-}
-
-/// Applies engine events to this node's sockets, in order.
-async fn dispatch(mut events: mpsc::Receiver<NodeEvent>, state: AppState) {
-    while let Some(event) = events.recv().await {
-        match event {
-            NodeEvent::Resync => {
-                actix_web::rt::spawn(resync(state.clone()));
-            }
-            other => state.hub.apply(&other),
-        }
-    }
-}
-
-/// Re-checks the session of every socket this node holds, after events may have
-/// been lost, and ends the sockets of sessions that are gone.
-async fn resync(state: AppState) {
-    let sessions = state.hub.sessions();
-    let mut ended = 0;
-    for sid in &sessions {
-        match state.engine.get_session(sid).await {
-            Ok(Some(_)) => {}
-            Ok(None) => {
-                ended += 1;
-                state.hub.end_session(sid, EndReason::Killed);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "resync interrupted");
-                return;
-            }
-        }
-    }
-    tracing::info!(checked = sessions.len(), ended, "resynced local sockets");
 }
 
 async fn healthz(state: web::Data<AppState>) -> HttpResponse {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use sessionhub_core::NodeId;
+use sessionhub_redis::LeaseConfig;
 
 /// Shortest service API key accepted: a guessable key is worse than none.
 pub const MIN_API_KEY_LEN: usize = 16;
@@ -53,6 +54,26 @@ pub struct Cli {
     #[arg(long, env = "SESSIONHUB_REDIS_CONNECT_TIMEOUT", default_value_t = 30)]
     pub redis_connect_timeout: u64,
 
+    /// Largest `data` of a published message, in bytes (larger: 413).
+    #[arg(long, env = "SESSIONHUB_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Node lease lifetime in ms: a node silent this long is reaped.
+    #[arg(long, env = "SESSIONHUB_LEASE_TTL_MS", default_value_t = 6000)]
+    pub lease_ttl_ms: u64,
+
+    /// Lease renewal (heartbeat) interval in ms.
+    #[arg(long, env = "SESSIONHUB_HEARTBEAT_MS", default_value_t = 2000)]
+    pub heartbeat_ms: u64,
+
+    /// Interval in ms at which each node reaps the records of dead nodes.
+    #[arg(long, env = "SESSIONHUB_REAP_INTERVAL_MS", default_value_t = 2000)]
+    pub reap_interval_ms: u64,
+
+    /// Interval in ms at which a node re-checks the sessions of its sockets.
+    #[arg(long, env = "SESSIONHUB_REVALIDATE_MS", default_value_t = 5000)]
+    pub revalidate_ms: u64,
+
     /// Log format: `text` or `json`. Levels come from RUST_LOG (default info).
     #[arg(long, env = "SESSIONHUB_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -79,6 +100,12 @@ pub struct Config {
     pub redis_connect_timeout: Duration,
     /// `json` logs.
     pub json_logs: bool,
+    /// Largest published `data`, in bytes.
+    pub max_message_bytes: usize,
+    /// Node lease timing.
+    pub lease: LeaseConfig,
+    /// Session re-check interval.
+    pub revalidate_interval: Duration,
 }
 
 impl fmt::Debug for Config {
@@ -95,6 +122,9 @@ impl fmt::Debug for Config {
             .field("demo", &self.demo)
             .field("key_prefix", &self.key_prefix)
             .field("redis_connect_timeout", &self.redis_connect_timeout)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("lease", &self.lease)
+            .field("revalidate_interval", &self.revalidate_interval)
             .finish()
     }
 }
@@ -189,7 +219,32 @@ impl Config {
                 "must be at least 1 second",
             ));
         }
+        if cli.max_message_bytes == 0 || cli.max_message_bytes > 16 * 1024 * 1024 {
+            return Err(bad(
+                "SESSIONHUB_MAX_MESSAGE_BYTES (--max-message-bytes)",
+                "must be between 1 and 16777216",
+            ));
+        }
+        if cli.heartbeat_ms == 0 || cli.lease_ttl_ms < 2 * cli.heartbeat_ms {
+            return Err(bad(
+                "SESSIONHUB_LEASE_TTL_MS (--lease-ttl-ms)",
+                "must be at least twice SESSIONHUB_HEARTBEAT_MS, which must be positive",
+            ));
+        }
+        if cli.reap_interval_ms == 0 || cli.revalidate_ms == 0 {
+            return Err(bad(
+                "SESSIONHUB_REAP_INTERVAL_MS / SESSIONHUB_REVALIDATE_MS",
+                "must be positive",
+            ));
+        }
         Ok(Config {
+            max_message_bytes: cli.max_message_bytes,
+            lease: LeaseConfig {
+                ttl: Duration::from_millis(cli.lease_ttl_ms),
+                heartbeat: Duration::from_millis(cli.heartbeat_ms),
+                reap_interval: Duration::from_millis(cli.reap_interval_ms),
+            },
+            revalidate_interval: Duration::from_millis(cli.revalidate_ms),
             listen: cli.listen,
             redis_url,
             node_id,

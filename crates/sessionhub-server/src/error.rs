@@ -26,6 +26,9 @@ pub enum ApiError {
     /// Unknown, or not the caller's (the two are deliberately indistinguishable).
     #[error("not found")]
     NotFound,
+    /// The request body or message is over a limit; the message says which.
+    #[error("{0}")]
+    TooLarge(String),
     /// The session store is unreachable; retry later.
     #[error("session store unavailable, retry later")]
     Unavailable,
@@ -57,6 +60,7 @@ impl ApiError {
             ApiError::BadApiKey => "bad_api_key",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound => "not_found",
+            ApiError::TooLarge(_) => "too_large",
             ApiError::Unavailable => "unavailable",
             ApiError::Internal => "internal",
         }
@@ -70,6 +74,7 @@ impl ResponseError for ApiError {
             ApiError::Unauthorized | ApiError::BadApiKey => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }

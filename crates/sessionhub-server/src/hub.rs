@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytestring::ByteString;
 use sessionhub_core::protocol::{SESSION_CREATED_MESSAGE, ServerFrame};
-use sessionhub_core::{ConnectionId, EndReason, NodeEvent, Session, SessionId, UserId};
+use sessionhub_core::{
+    ConnectionId, EndReason, LocalRecord, NodeEvent, Session, SessionId, UserId,
+};
 use tokio::sync::{Notify, mpsc};
 
 /// Frames that may wait in one socket's outbound queue before it counts as too slow.
@@ -31,8 +33,10 @@ pub struct LocalConn {
     pub id: ConnectionId,
     /// Its session.
     pub session_id: SessionId,
-    /// Its user, once known (after registration).
-    user_id: Mutex<Option<UserId>>,
+    /// When it connected (Unix ms).
+    pub connected_at: i64,
+    /// Its user and session expiry, once known (after registration).
+    bound: Mutex<Option<(UserId, i64)>>,
     tx: mpsc::Sender<ByteString>,
     close: Mutex<Option<CloseCmd>>,
     closing: Notify,
@@ -45,7 +49,8 @@ impl LocalConn {
         let conn = Arc::new(Self {
             id,
             session_id,
-            user_id: Mutex::new(None),
+            connected_at: sessionhub_core::time::now_ms(),
+            bound: Mutex::new(None),
             tx,
             close: Mutex::new(None),
             closing: Notify::new(),
@@ -89,6 +94,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 #[derive(Default)]
 struct Index {
+    by_conn: HashMap<ConnectionId, Arc<LocalConn>>,
     by_session: HashMap<SessionId, Vec<Arc<LocalConn>>>,
     by_user: HashMap<UserId, HashSet<SessionId>>,
 }
@@ -113,16 +119,18 @@ impl Hub {
     /// Adds a socket, before its connection is registered in the engine, so that an
     /// event racing the registration still finds it.
     pub fn insert(&self, conn: Arc<LocalConn>) {
-        lock(&self.index)
-            .by_session
+        let mut idx = lock(&self.index);
+        idx.by_conn.insert(conn.id.clone(), conn.clone());
+        idx.by_session
             .entry(conn.session_id.clone())
             .or_default()
             .push(conn);
     }
 
-    /// Records the socket's user once the engine has confirmed the session.
-    pub fn bind_user(&self, conn: &LocalConn, user: &UserId) {
-        *lock(&conn.user_id) = Some(user.clone());
+    /// Records the socket's user and session expiry once the engine has confirmed
+    /// the session.
+    pub fn bind_user(&self, conn: &LocalConn, user: &UserId, expires_at: i64) {
+        *lock(&conn.bound) = Some((user.clone(), expires_at));
         lock(&self.index)
             .by_user
             .entry(user.clone())
@@ -133,6 +141,7 @@ impl Hub {
     /// Removes a socket.
     pub fn remove(&self, conn: &LocalConn) {
         let mut idx = lock(&self.index);
+        idx.by_conn.remove(&conn.id);
         let Some(list) = idx.by_session.get_mut(&conn.session_id) else {
             return;
         };
@@ -141,7 +150,7 @@ impl Hub {
             return;
         }
         idx.by_session.remove(&conn.session_id);
-        if let Some(user) = lock(&conn.user_id).as_ref()
+        if let Some((user, _)) = lock(&conn.bound).as_ref()
             && let Some(set) = idx.by_user.get_mut(user)
         {
             set.remove(&conn.session_id);
@@ -153,17 +162,66 @@ impl Hub {
 
     /// Number of sockets held.
     pub fn len(&self) -> usize {
-        lock(&self.index).by_session.values().map(Vec::len).sum()
+        lock(&self.index).by_conn.len()
     }
 
     /// Whether no socket is held.
     pub fn is_empty(&self) -> bool {
-        lock(&self.index).by_session.is_empty()
+        lock(&self.index).by_conn.is_empty()
     }
 
-    /// The sessions that have sockets here.
-    pub fn sessions(&self) -> Vec<SessionId> {
-        lock(&self.index).by_session.keys().cloned().collect()
+    /// Whether this socket is still held.
+    pub fn contains(&self, cid: &ConnectionId) -> bool {
+        lock(&self.index).by_conn.contains_key(cid)
+    }
+
+    /// The sessions that have sockets here, each with its known expiry.
+    pub fn sessions(&self) -> Vec<(SessionId, i64)> {
+        let idx = lock(&self.index);
+        idx.by_session
+            .iter()
+            .map(|(sid, conns)| {
+                let exp = conns
+                    .iter()
+                    .find_map(|c| lock(&c.bound).as_ref().map(|(_, e)| *e))
+                    .unwrap_or(i64::MAX);
+                (sid.clone(), exp)
+            })
+            .collect()
+    }
+
+    /// The records of every registered socket, to re-assert them in the engine.
+    pub fn records(&self) -> Vec<LocalRecord> {
+        let idx = lock(&self.index);
+        idx.by_conn
+            .values()
+            .filter_map(|c| {
+                lock(&c.bound).as_ref().map(|(user, _)| LocalRecord {
+                    connection_id: c.id.clone(),
+                    session_id: c.session_id.clone(),
+                    user_id: user.clone(),
+                    connected_at: c.connected_at,
+                })
+            })
+            .collect()
+    }
+
+    /// Delivers a published frame to some sockets (`None`: all of them).
+    pub fn deliver(&self, connections: Option<&[ConnectionId]>, frame: &ByteString) {
+        let targets: Vec<Arc<LocalConn>> = {
+            let idx = lock(&self.index);
+            match connections {
+                Some(cids) => cids
+                    .iter()
+                    .filter_map(|c| idx.by_conn.get(c))
+                    .cloned()
+                    .collect(),
+                None => idx.by_conn.values().cloned().collect(),
+            }
+        };
+        for c in targets {
+            c.send(frame.clone());
+        }
     }
 
     fn conns_of(&self, sid: &SessionId) -> Vec<Arc<LocalConn>> {
@@ -215,7 +273,8 @@ impl Hub {
         }
     }
 
-    /// Applies an engine event (all but [`NodeEvent::Resync`], which needs the engine).
+    /// Applies an engine event (all but [`NodeEvent::Resync`] and
+    /// [`NodeEvent::Fenced`], which need the engine).
     pub fn apply(&self, event: &NodeEvent) {
         match event {
             NodeEvent::SessionCreated { session } => self.session_created(session),
@@ -227,7 +286,10 @@ impl Hub {
                     self.end_session(sid, *reason);
                 }
             }
-            NodeEvent::Resync => {}
+            NodeEvent::Message { connections, frame } => {
+                self.deliver(connections.as_deref(), frame);
+            }
+            NodeEvent::Resync | NodeEvent::Fenced => {}
         }
     }
 }

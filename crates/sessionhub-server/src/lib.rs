@@ -12,7 +12,9 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod hub;
+pub mod messaging;
 pub mod state;
+pub mod sync;
 pub mod ws;
 
 pub use app::Application;

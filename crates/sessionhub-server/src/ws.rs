@@ -38,7 +38,10 @@ pub async fn upgrade(
         .map_err(|e| ApiError::BadRequest(format!("not a WebSocket handshake: {e}")))?;
 
     // Known to the hub first, so a kill racing the registration finds the socket.
-    let (conn, rx) = LocalConn::new(ConnectionId::generate(), token.session_id().clone());
+    let (conn, rx) = LocalConn::new(
+        ConnectionId::generate(token.session_id()),
+        token.session_id().clone(),
+    );
     state.hub.insert(conn.clone());
     let session = match state.engine.register_connection(&token, &conn.id).await {
         Ok(Some(session)) => session,
@@ -51,7 +54,9 @@ pub async fn upgrade(
             return Err(e.into());
         }
     };
-    state.hub.bind_user(&conn, &session.user_id);
+    state
+        .hub
+        .bind_user(&conn, &session.user_id, session.expires_at);
 
     let stream = stream
         .max_frame_size(MAX_CLIENT_MESSAGE)
@@ -125,13 +130,7 @@ impl Socket {
         }
         self.state.hub.remove(&self.conn);
         // An ended session's records are already gone with it.
-        if !ended
-            && let Err(e) = self
-                .state
-                .engine
-                .unregister_connection(&self.session.session_id, &self.conn.id)
-                .await
-        {
+        if !ended && let Err(e) = self.state.engine.unregister_connection(&self.conn.id).await {
             tracing::warn!(error = %e, "could not remove the connection record");
         }
         tracing::debug!("disconnected");

@@ -1,0 +1,128 @@
+//! The node's lease in `<prefix>nodes`, and the reaper.
+//!
+//! Every `heartbeat` the node renews its lease to `now + ttl` and publishes a probe
+//! to its own channel (readiness requires the probe to come back). A node that finds
+//! its lease expired (it was paused, or cut off longer than the lease) is fenced:
+//! the heartbeat function drops its records instead of renewing, the node takes a
+//! new lease, and tells its dispatcher ([`NodeEvent::Fenced`]) to re-assert the
+//! records of the sockets whose sessions are still alive. Every `reap_interval`
+//! each node also removes the records of nodes whose lease expired (`sh_reap`), so
+//! a `kill -9`ed node vanishes from presence within `ttl + reap_interval`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sessionhub_core::time::now_ms;
+use sessionhub_core::{EventSender, NodeEvent};
+use tokio::time::MissedTickBehavior;
+
+use crate::Inner;
+
+/// Default lease lifetime.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(6);
+/// Default renewal interval.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(2);
+/// Default reaper interval.
+pub const DEFAULT_REAP_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Lease and reaper timing.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseConfig {
+    /// How long a lease lasts without renewal.
+    pub ttl: Duration,
+    /// How often it is renewed (and the pub/sub probe sent).
+    pub heartbeat: Duration,
+    /// How often dead nodes' records are reaped.
+    pub reap_interval: Duration,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        Self {
+            ttl: DEFAULT_LEASE_TTL,
+            heartbeat: DEFAULT_HEARTBEAT,
+            reap_interval: DEFAULT_REAP_INTERVAL,
+        }
+    }
+}
+
+impl LeaseConfig {
+    pub(crate) fn ttl_ms(&self) -> u64 {
+        self.ttl.as_millis() as u64
+    }
+
+    /// Oldest acceptable age of the last probe that came back.
+    pub(crate) fn probe_max_age(&self) -> Duration {
+        self.heartbeat * 3
+    }
+}
+
+pub(crate) async fn run(inner: Arc<Inner>, events: EventSender) {
+    let mut heartbeat = tokio::time::interval(inner.lease.heartbeat);
+    heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut reap = tokio::time::interval(inner.lease.reap_interval);
+    reap.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = inner.stop.cancelled() => return,
+            _ = heartbeat.tick() => {
+                if !renew(&inner).await {
+                    rejoin(&inner, &events).await;
+                }
+                probe(&inner).await;
+            }
+            _ = inner.rejoin.notified() => rejoin(&inner, &events).await,
+            _ = reap.tick() => reap_dead(&inner).await,
+        }
+    }
+}
+
+/// Renews the lease; false if the node was fenced.
+async fn renew(inner: &Inner) -> bool {
+    let res: Result<i64, _> = inner
+        .fcall(
+            "sh_node_heartbeat",
+            &[inner.keys.nodes()],
+            (inner.node_id.as_str(), now_ms(), inner.lease.ttl_ms()),
+        )
+        .await;
+    match res {
+        Ok(0) => {
+            tracing::warn!("lease lost (paused or cut off too long); fencing and rejoining");
+            false
+        }
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "lease renewal failed");
+            true
+        }
+    }
+}
+
+async fn rejoin(inner: &Inner, events: &EventSender) {
+    if let Err(e) = inner.startup().await {
+        tracing::warn!(error = %e, "rejoin failed; will retry");
+        return;
+    }
+    tracing::info!("rejoined under a new lease");
+    let _ = events.send(NodeEvent::Fenced).await;
+}
+
+async fn probe(inner: &Inner) {
+    let channel = inner.keys.node_channel(&inner.node_id);
+    let payload = String::from_utf8_lossy(crate::wire::PROBE).into_owned();
+    if let Err(e) = inner.publish_raw(channel, payload).await {
+        tracing::debug!(error = %e, "probe not sent");
+    }
+}
+
+async fn reap_dead(inner: &Inner) {
+    let res: Result<(i64, i64), _> = inner
+        .fcall("sh_reap", &[inner.keys.nodes()], now_ms())
+        .await;
+    match res {
+        Ok((0, _)) => {}
+        Ok((nodes, records)) => tracing::info!(nodes, records, "reaped dead nodes' records"),
+        Err(e) => tracing::debug!(error = %e, "reaper round failed"),
+    }
+}

@@ -1,0 +1,223 @@
+//! Service API for messages, groups and presence.
+
+use actix_web::{HttpResponse, web};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sessionhub_core::protocol::ServerFrame;
+use sessionhub_core::{ConnectionId, GroupName, Member, SessionId, Target, UserId};
+
+use crate::auth::ServiceAuth;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Longest event name, in bytes.
+pub const MAX_EVENT_LEN: usize = 128;
+/// Default and largest page of `GET /api/v1/users?online=true`.
+pub const DEFAULT_PAGE: usize = 100;
+/// Largest page size a caller may ask for.
+pub const MAX_PAGE: usize = 1000;
+/// Room for the rest of a publish body around its `data`.
+const PUBLISH_ENVELOPE: usize = 16 * 1024;
+
+/// Registers the routes (inside `/api/v1`).
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/publish", web::post().to(publish))
+        .route("/groups/{group}/members", web::get().to(group_members))
+        .route("/groups/{group}/members/{member}", web::put().to(group_add))
+        .route(
+            "/groups/{group}/members/{member}",
+            web::delete().to(group_remove),
+        )
+        .route("/users", web::get().to(online_users))
+        .route("/presence", web::get().to(presence));
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Publish {
+    to: Value,
+    event: String,
+    #[serde(default)]
+    data: Value,
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError::BadRequest(msg.into())
+}
+
+/// Parses `"all"` or `{"user"|"session"|"connection"|"group": id}`.
+fn parse_target(to: &Value) -> Result<Target, ApiError> {
+    const HINT: &str = "\"to\" must be \"all\" or one of {\"user\": id}, {\"session\": id}, {\"connection\": id}, {\"group\": name}";
+    if to.as_str() == Some("all") {
+        return Ok(Target::All);
+    }
+    let Some(obj) = to.as_object().filter(|o| o.len() == 1) else {
+        return Err(bad(HINT));
+    };
+    let Some((kind, id)) = obj.iter().next() else {
+        return Err(bad(HINT));
+    };
+    let id = id.as_str().ok_or_else(|| bad(HINT))?;
+    let err = |e: sessionhub_core::IdError| bad(e.to_string());
+    Ok(match kind.as_str() {
+        "user" => Target::User(UserId::parse(id).map_err(err)?),
+        "session" => Target::Session(SessionId::parse(id).map_err(err)?),
+        "connection" => Target::Connection(ConnectionId::parse(id).map_err(err)?),
+        "group" => Target::Group(GroupName::parse(id).map_err(err)?),
+        _ => return Err(bad(HINT)),
+    })
+}
+
+/// Reads a request body of at most `limit` bytes.
+async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
+    use futures_util::StreamExt;
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| bad(format!("could not read the body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::TooLarge(format!(
+                "publish body is over {limit} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+async fn publish(
+    _: ServiceAuth,
+    state: web::Data<AppState>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let max = state.config.max_message_bytes;
+    let body = read_body(payload, max + PUBLISH_ENVELOPE).await?;
+    let req: Publish =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("invalid JSON body: {e}")))?;
+    let target = parse_target(&req.to)?;
+    if req.event.is_empty()
+        || req.event.len() > MAX_EVENT_LEN
+        || req.event.chars().any(char::is_control)
+    {
+        return Err(bad(format!(
+            "\"event\" must be 1 to {MAX_EVENT_LEN} bytes without control characters"
+        )));
+    }
+    let data_len = serde_json::to_string(&req.data)
+        .map(|s| s.len())
+        .unwrap_or(usize::MAX);
+    if data_len > max {
+        return Err(ApiError::TooLarge(format!(
+            "message data is {data_len} bytes; the limit is {max} (SESSIONHUB_MAX_MESSAGE_BYTES)"
+        )));
+    }
+    // Serialised once here; every node and socket forwards these bytes as they are.
+    let frame = ServerFrame::Message {
+        event: &req.event,
+        data: &req.data,
+    }
+    .to_json();
+    let delivery = state.engine.publish(&target, &frame).await?;
+    Ok(HttpResponse::Accepted().json(delivery))
+}
+
+/// `<connection_id>` or `user:<user_id>`.
+fn parse_member(s: &str) -> Result<Member, ApiError> {
+    match s.strip_prefix("user:") {
+        Some(u) => UserId::parse(u)
+            .map(Member::User)
+            .map_err(|e| bad(e.to_string())),
+        None => ConnectionId::parse(s)
+            .map(Member::Connection)
+            .map_err(|_| bad("member must be a connection id or user:<user_id>")),
+    }
+}
+
+fn parse_group(s: &str) -> Result<GroupName, ApiError> {
+    GroupName::parse(s).map_err(|e| bad(e.to_string()))
+}
+
+async fn group_add(
+    _: ServiceAuth,
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let (group, member) = path.into_inner();
+    let (group, member) = (parse_group(&group)?, parse_member(&member)?);
+    if !state.engine.group_add(&group, &member).await? {
+        return Err(ApiError::NotFound);
+    }
+    Ok(HttpResponse::NoContent().finish())
+}
+
+async fn group_remove(
+    _: ServiceAuth,
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let (group, member) = path.into_inner();
+    let (group, member) = (parse_group(&group)?, parse_member(&member)?);
+    if !state.engine.group_remove(&group, &member).await? {
+        return Err(ApiError::NotFound);
+    }
+    Ok(HttpResponse::NoContent().finish())
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum MemberView<'a> {
+    Connection { connection_id: &'a ConnectionId },
+    User { user_id: &'a UserId },
+}
+
+async fn group_members(
+    _: ServiceAuth,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let group = parse_group(&path)?;
+    let members = state.engine.group_members(&group).await?;
+    let view: Vec<MemberView<'_>> = members
+        .iter()
+        .map(|m| match m {
+            Member::Connection(c) => MemberView::Connection { connection_id: c },
+            Member::User(u) => MemberView::User { user_id: u },
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "group": group, "members": view })))
+}
+
+#[derive(Deserialize)]
+struct OnlineQuery {
+    online: Option<bool>,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn online_users(
+    _: ServiceAuth,
+    state: web::Data<AppState>,
+    query: web::Query<OnlineQuery>,
+) -> Result<HttpResponse, ApiError> {
+    if query.online != Some(true) {
+        return Err(bad(
+            "only ?online=true is supported: sessionhub lists online users",
+        ));
+    }
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(bad(format!("limit must be between 1 and {MAX_PAGE}")));
+    }
+    let after = match query.after.as_deref().filter(|s| !s.is_empty()) {
+        Some(a) => Some(UserId::parse(a).map_err(|e| bad(e.to_string()))?),
+        None => None,
+    };
+    let users = state.engine.online_users(after.as_ref(), limit).await?;
+    let next = (users.len() == limit)
+        .then(|| users.last().map(|u| u.user_id.clone()))
+        .flatten();
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "users": users, "next": next })))
+}
+
+async fn presence(_: ServiceAuth, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(state.engine.presence_counts().await?))
+}

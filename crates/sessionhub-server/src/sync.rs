@@ -1,0 +1,122 @@
+//! Keeping this node's sockets true to the shared state: applying engine events,
+//! resyncing after events may have been lost, and revalidating on a fixed interval.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sessionhub_core::time::now_ms;
+use sessionhub_core::{EndReason, NodeEvent, SessionId};
+use tokio::sync::{Notify, mpsc};
+
+use crate::state::AppState;
+
+/// Pause between attempts of a resync that failed (Redis still away).
+const RESYNC_RETRY: Duration = Duration::from_millis(500);
+
+/// Applies engine events to this node's sockets, in order. Resync requests go to one
+/// resync task; a request that arrives while it runs makes it run once more.
+pub async fn dispatch(mut events: mpsc::Receiver<NodeEvent>, state: AppState) {
+    let wanted = Arc::new(Notify::new());
+    actix_web::rt::spawn(resync_forever(state.clone(), wanted.clone()));
+    while let Some(event) = events.recv().await {
+        match event {
+            NodeEvent::Resync | NodeEvent::Fenced => wanted.notify_one(),
+            other => state.hub.apply(&other),
+        }
+    }
+}
+
+async fn resync_forever(state: AppState, wanted: Arc<Notify>) {
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = wanted.notified() => {}
+        }
+        while !resync(&state).await {
+            tokio::select! {
+                _ = state.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(RESYNC_RETRY) => {}
+            }
+        }
+    }
+}
+
+/// Why a session that vanished from the store ended, as far as this node can tell.
+fn reason_for(expires_at: i64, now: i64) -> EndReason {
+    if expires_at <= now {
+        EndReason::Expired
+    } else {
+        EndReason::Killed
+    }
+}
+
+/// Re-asserts the records of every socket this node holds (the store may have lost
+/// them, or this node was fenced), and closes the sockets of sessions that are gone.
+/// Returns false if the store could not be reached.
+pub async fn resync(state: &AppState) -> bool {
+    let records = state.hub.records();
+    let gone = match state.engine.reassert(&records).await {
+        Ok(gone) => gone,
+        Err(e) => {
+            tracing::warn!(error = %e, "resync failed; retrying");
+            return false;
+        }
+    };
+    end_gone(state, gone.into_iter().collect());
+    // A socket that closed while the resync ran may just have had its record put
+    // back; take it out again.
+    for r in &records {
+        if !state.hub.contains(&r.connection_id) {
+            let _ = state.engine.unregister_connection(&r.connection_id).await;
+        }
+    }
+    tracing::info!(sockets = records.len(), "resynced");
+    true
+}
+
+fn end_gone(state: &AppState, gone: HashSet<SessionId>) {
+    if gone.is_empty() {
+        return;
+    }
+    let now = now_ms();
+    for (sid, expires_at) in state.hub.sessions() {
+        if gone.contains(&sid) {
+            state.hub.end_session(&sid, reason_for(expires_at, now));
+        }
+    }
+    tracing::info!(
+        sessions = gone.len(),
+        "closed sockets of sessions that ended unseen"
+    );
+}
+
+/// Every `interval`, checks in one round trip that the sessions of this node's
+/// sockets still exist, so a lost kill message never keeps a socket open longer.
+pub async fn revalidate_forever(state: AppState, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let sessions = state.hub.sessions();
+        if sessions.is_empty() {
+            continue;
+        }
+        let sids: Vec<SessionId> = sessions.iter().map(|(s, _)| s.clone()).collect();
+        match state.engine.sessions_alive(&sids).await {
+            Ok(alive) => {
+                let gone = sids
+                    .into_iter()
+                    .zip(alive)
+                    .filter(|(_, a)| !a)
+                    .map(|(s, _)| s)
+                    .collect();
+                end_gone(&state, gone);
+            }
+            Err(e) => tracing::debug!(error = %e, "revalidation skipped"),
+        }
+    }
+}

@@ -1,0 +1,510 @@
+#!lua name=sessionhub
+--
+-- sessionhub's Redis functions. Every state change of sessions, connections, groups
+-- and nodes is one call of one function here, so it is atomic, and the events it
+-- causes are published in the same step, to exactly the nodes that hold the sockets
+-- concerned (found from the connection records).
+--
+-- The nodes load this file at start-up (FUNCTION LOAD REPLACE) and call it with
+-- FCALL; operators call the very same functions with redis-cli, for example
+--   redis-cli FCALL sh_kill_session 1 'sh:{<tag>}:session:<session_id>'
+-- On a Redis that no node has loaded it into yet:
+--   redis-cli -x FUNCTION LOAD REPLACE < lua/sessionhub.lua
+--
+-- Key layout. P is the key prefix (default "sh:"), derived by every function from
+-- its first key. T is a user's tag: the first 8 hex digits of SHA-256 of the user id,
+-- which is also the first 8 characters of each of that user's session and connection
+-- ids; every per-user key carries the hash tag {T}.
+--   P{T}:session:<sid>         hash  user_id secret_hash user_agent ip created_at
+--                                    last_seen_at expires_at; expires with the session
+--   P{T}:session:<sid>:conns   hash  connection_id -> "<node_id>|<connected_at>"
+--   P{T}:user:<uid>:sessions   hash  session_id -> expires_at
+--   P{T}:conn:<cid>            hash  session_id user_id node_id connected_at
+--   P{T}:conn:<cid>:groups     set   the groups the connection was added to
+--   Pgroup:<group>             hash  "conn:<cid>" -> added_at | "user:<uid>" -> "<T>|<added_at>"
+--   Pnodes                     zset  node_id -> lease expiry
+--   Pnode:<node>:conns         hash  connection_id -> session_id (the node's records)
+--   Ponline                    zset  user_id, score 0 (lexical order, for paging)
+--   Ponline:conns              hash  user_id -> number of live connections
+-- Channels: Pnode:<node> carries events for one node's sockets; Pall reaches all.
+-- Event payloads are JSON with a stable tag "t"; "message" events are a JSON header
+-- line, a newline, then the client frame verbatim.
+-- Times are Unix milliseconds, passed in by the caller.
+
+local function tag_of(id)
+  return string.sub(id, 1, 8)
+end
+
+-- The prefix of a key of the form P{T}:...
+local function prefix_tagged(key)
+  return string.match(key, '^(.-){')
+end
+
+local function session_key(P, sid)
+  return P .. '{' .. tag_of(sid) .. '}:session:' .. sid
+end
+
+local function conn_key(P, cid)
+  return P .. '{' .. tag_of(cid) .. '}:conn:' .. cid
+end
+
+local function user_key(P, tag, uid)
+  return P .. '{' .. tag .. '}:user:' .. uid .. ':sessions'
+end
+
+local function node_index(P, node)
+  return P .. 'node:' .. node .. ':conns'
+end
+
+local function node_channel(P, node)
+  return P .. 'node:' .. node
+end
+
+local function bad_key(what)
+  return redis.error_reply('BADKEY expected ' .. what)
+end
+
+-- Constant-time comparison of two strings of equal length.
+local function ct_equal(a, b)
+  if #a ~= #b then return false end
+  local diff = 0
+  for i = 1, #a do
+    diff = bit.bor(diff, bit.bxor(string.byte(a, i), string.byte(b, i)))
+  end
+  return diff == 0
+end
+
+local function lease_ok(P, node, now)
+  local exp = redis.call('ZSCORE', P .. 'nodes', node)
+  return exp ~= false and exp ~= nil and tonumber(exp) > now
+end
+
+-- Records a live connection everywhere it is indexed. Idempotent.
+local function add_conn(P, cid, sid, uid, node, at)
+  local ck = conn_key(P, cid)
+  if redis.call('EXISTS', ck) == 1 then return false end
+  redis.call('HSET', ck, 'session_id', sid, 'user_id', uid, 'node_id', node, 'connected_at', at)
+  redis.call('HSET', session_key(P, sid) .. ':conns', cid, node .. '|' .. at)
+  redis.call('HSET', node_index(P, node), cid, sid)
+  redis.call('HINCRBY', P .. 'online:conns', uid, 1)
+  redis.call('ZADD', P .. 'online', 0, uid)
+  return true
+end
+
+-- Removes every record of one connection. Returns its node, or nil if unknown.
+local function drop_conn(P, cid)
+  local ck = conn_key(P, cid)
+  local rec = redis.call('HMGET', ck, 'session_id', 'user_id', 'node_id')
+  if not rec[1] then return nil end
+  local sid, uid, node = rec[1], rec[2], rec[3]
+  redis.call('HDEL', session_key(P, sid) .. ':conns', cid)
+  redis.call('HDEL', node_index(P, node), cid)
+  for _, group in ipairs(redis.call('SMEMBERS', ck .. ':groups')) do
+    redis.call('HDEL', P .. 'group:' .. group, 'conn:' .. cid)
+  end
+  redis.call('DEL', ck, ck .. ':groups')
+  if redis.call('HINCRBY', P .. 'online:conns', uid, -1) <= 0 then
+    redis.call('HDEL', P .. 'online:conns', uid)
+    redis.call('ZREM', P .. 'online', uid)
+  end
+  return node
+end
+
+-- Drops every record of a node and its lease. Returns the number of connections.
+local function drop_node(P, node)
+  local idx = node_index(P, node)
+  local n = 0
+  for _, cid in ipairs(redis.call('HKEYS', idx)) do
+    drop_conn(P, cid)
+    n = n + 1
+  end
+  redis.call('DEL', idx)
+  redis.call('ZREM', P .. 'nodes', node)
+  return n
+end
+
+-- Ends one session: drops its connections and keys. Returns {node -> true}.
+local function end_session(P, sid, uid)
+  local sk = session_key(P, sid)
+  local nodes = {}
+  local conns = redis.call('HGETALL', sk .. ':conns')
+  for i = 1, #conns, 2 do
+    local node = drop_conn(P, conns[i]) or string.match(conns[i + 1], '^([^|]+)|')
+    if node then nodes[node] = true end
+  end
+  redis.call('DEL', sk, sk .. ':conns')
+  redis.call('HDEL', user_key(P, tag_of(sid), uid), sid)
+  return nodes
+end
+
+local function publish_ended(P, per_node, reason)
+  for node, sids in pairs(per_node) do
+    redis.call('PUBLISH', node_channel(P, node),
+      cjson.encode({ t = 'session_ended', session_ids = sids, reason = reason }))
+  end
+end
+
+local function reason_arg(r)
+  if r == nil or r == '' then return 'killed' end
+  return r
+end
+
+-- sh_create_session: create a session and tell the user's other sessions.
+--   KEYS[1] P{T}:session:<sid>   KEYS[2] P{T}:user:<uid>:sessions
+--   ARGV user_id, secret_hash, user_agent, ip, now, expires_at
+--   Returns the number of nodes notified; error EXISTS if the id is taken.
+--   Publishes {"t":"session_created","session":{...}} (times as strings) to each node
+--   holding a socket of another live session of the user.
+redis.register_function('sh_create_session', function(keys, args)
+  local sk, uk = keys[1], keys[2]
+  local base, sid = string.match(sk, '^(.*)session:([0-9a-f]+)$')
+  if not base then return bad_key('P{T}:session:<id>') end
+  local P = prefix_tagged(sk)
+  if redis.call('EXISTS', sk) == 1 then return redis.error_reply('EXISTS session id taken') end
+  local uid, now, expires = args[1], args[5], args[6]
+  redis.call('HSET', sk, 'user_id', uid, 'secret_hash', args[2], 'user_agent', args[3],
+    'ip', args[4], 'created_at', now, 'last_seen_at', now, 'expires_at', expires)
+  redis.call('PEXPIREAT', sk, expires)
+
+  local nodes, count = {}, 0
+  for _, other in ipairs(redis.call('HKEYS', uk)) do
+    local ok = session_key(P, other)
+    if redis.call('EXISTS', ok) == 0 then
+      redis.call('HDEL', uk, other) -- expired on its own: tidy the index
+    else
+      for _, v in ipairs(redis.call('HVALS', ok .. ':conns')) do
+        local node = string.match(v, '^([^|]+)|')
+        if node and not nodes[node] then
+          nodes[node] = true
+          count = count + 1
+        end
+      end
+    end
+  end
+  redis.call('HSET', uk, sid, expires)
+  -- The index lives as long as its longest-lived session (-1: no expiry yet).
+  if redis.call('PEXPIRETIME', uk) < tonumber(expires) then
+    redis.call('PEXPIREAT', uk, expires)
+  end
+  if count > 0 then
+    local event = cjson.encode({ t = 'session_created', session = {
+      session_id = sid, user_id = uid, user_agent = args[3], ip = args[4],
+      created_at = now, last_seen_at = now, expires_at = expires } })
+    for node in pairs(nodes) do
+      redis.call('PUBLISH', node_channel(P, node), event)
+    end
+  end
+  return count
+end)
+
+-- sh_register_connection: check a token's secret and record a live connection.
+--   KEYS[1] P{T}:session:<sid>
+--   ARGV secret_hash, connection_id, node_id, now
+--   Returns nil for no live session or a wrong secret, else {user_id, user_agent, ip,
+--   created_at, last_seen_at, expires_at}. Error FENCED if the node holds no lease.
+redis.register_function('sh_register_connection', function(keys, args)
+  local sk = keys[1]
+  local sid = string.match(sk, 'session:([0-9a-f]+)$')
+  if not sid then return bad_key('P{T}:session:<id>') end
+  local P = prefix_tagged(sk)
+  local cid, node, now = args[2], args[3], tonumber(args[4])
+  local f = redis.call('HMGET', sk, 'secret_hash', 'user_id', 'user_agent', 'ip',
+    'created_at', 'expires_at')
+  if not f[1] or not ct_equal(f[1], args[1]) then return false end
+  if tonumber(f[6]) <= now then return false end
+  if not lease_ok(P, node, now) then return redis.error_reply('FENCED node holds no lease') end
+  add_conn(P, cid, sid, f[2], node, args[4])
+  redis.call('HSET', sk, 'last_seen_at', args[4])
+  redis.call('PEXPIREAT', sk .. ':conns', f[6])
+  return { f[2], f[3], f[4], f[5], args[4], f[6] }
+end)
+
+-- sh_unregister_connection: remove a closed connection's records (and its groups).
+--   KEYS[1] P{T}:conn:<cid>
+--   Returns 1 if there was a record, else 0.
+redis.register_function('sh_unregister_connection', function(keys, args)
+  local cid = string.match(keys[1], ':conn:([0-9a-f]+)$')
+  if not cid then return bad_key('P{T}:conn:<id>') end
+  if drop_conn(prefix_tagged(keys[1]), cid) then return 1 end
+  return 0
+end)
+
+-- sh_kill_session: end one session everywhere.
+--   KEYS[1] P{T}:session:<sid>
+--   ARGV reason (killed | logout | expired; default killed), owner user_id or ""
+--   (a session of another user is treated exactly like an unknown one)
+--   Returns 1 if ended, 0 if there was none. Publishes
+--   {"t":"session_ended","session_ids":[sid],"reason":...} to each node holding one
+--   of its sockets.
+redis.register_function('sh_kill_session', function(keys, args)
+  local sk = keys[1]
+  local sid = string.match(sk, 'session:([0-9a-f]+)$')
+  if not sid then return bad_key('P{T}:session:<id>') end
+  local P = prefix_tagged(sk)
+  local owner = args[2] or ''
+  local uid = redis.call('HGET', sk, 'user_id')
+  if not uid then return 0 end
+  if owner ~= '' and owner ~= uid then return 0 end
+  local per_node = {}
+  for node in pairs(end_session(P, sid, uid)) do per_node[node] = { sid } end
+  publish_ended(P, per_node, reason_arg(args[1]))
+  return 1
+end)
+
+-- sh_kill_user_sessions: end every session of a user but one.
+--   KEYS[1] P{T}:user:<uid>:sessions
+--   ARGV reason (default killed), session_id to keep or ""
+--   Returns the number of sessions ended; one session_ended event per node.
+redis.register_function('sh_kill_user_sessions', function(keys, args)
+  local uk = keys[1]
+  local tag, uid = string.match(uk, '{([0-9a-f]+)}:user:(.*):sessions$')
+  if not tag then return bad_key('P{T}:user:<uid>:sessions') end
+  local P = prefix_tagged(uk)
+  local keep = args[2] or ''
+  local per_node, killed = {}, 0
+  for _, sid in ipairs(redis.call('HKEYS', uk)) do
+    if sid ~= keep then
+      if redis.call('EXISTS', session_key(P, sid)) == 1 then
+        killed = killed + 1
+        for node in pairs(end_session(P, sid, uid)) do
+          per_node[node] = per_node[node] or {}
+          table.insert(per_node[node], sid)
+        end
+      end
+      redis.call('HDEL', uk, sid)
+    end
+  end
+  publish_ended(P, per_node, reason_arg(args[1]))
+  return killed
+end)
+
+-- sh_user_sessions: a user's live sessions with their connections.
+--   KEYS[1] P{T}:user:<uid>:sessions
+--   Returns per live session {session_id, user_agent, ip, created_at, last_seen_at,
+--   expires_at, {connection_id, "<node>|<connected_at>", ...}}; index entries of
+--   sessions that expired on their own are removed on the way.
+redis.register_function('sh_user_sessions', function(keys, args)
+  local uk = keys[1]
+  if not string.match(uk, '}:user:.*:sessions$') then return bad_key('P{T}:user:<uid>:sessions') end
+  local P = prefix_tagged(uk)
+  local out = {}
+  for _, sid in ipairs(redis.call('HKEYS', uk)) do
+    local sk = session_key(P, sid)
+    local f = redis.call('HMGET', sk, 'user_agent', 'ip', 'created_at', 'last_seen_at', 'expires_at')
+    if not f[3] then
+      redis.call('HDEL', uk, sid)
+    else
+      table.insert(out, { sid, f[1], f[2], f[3], f[4], f[5], redis.call('HGETALL', sk .. ':conns') })
+    end
+  end
+  return out
+end)
+
+-- Adds (cid -> node) pairs of a session's live connections to `targets`.
+local function session_targets(P, sid, targets)
+  local conns = redis.call('HGETALL', session_key(P, sid) .. ':conns')
+  for i = 1, #conns, 2 do
+    targets[conns[i]] = string.match(conns[i + 1], '^([^|]+)|')
+  end
+end
+
+local function user_targets(P, tag, uid, targets)
+  for _, sid in ipairs(redis.call('HKEYS', user_key(P, tag, uid))) do
+    session_targets(P, sid, targets)
+  end
+end
+
+-- sh_publish: send a client frame to every live socket of a target, on every node.
+--   KEYS[1] the target: P{T}:user:<uid>:sessions | P{T}:session:<sid> |
+--           P{T}:conn:<cid> | Pgroup:<group>
+--   ARGV frame (the complete client text frame)
+--   Returns {nodes, connections} reached. Publishes to each node that holds a target
+--   socket: '{"t":"message","cids":[...]}' .. "\n" .. frame
+redis.register_function('sh_publish', function(keys, args)
+  local key, frame = keys[1], args[1]
+  local targets = {}
+  local P
+  local tag, uid = string.match(key, '{([0-9a-f]+)}:user:(.*):sessions$')
+  if tag then
+    P = prefix_tagged(key)
+    user_targets(P, tag, uid, targets)
+  elseif string.match(key, '}:session:[0-9a-f]+$') then
+    P = prefix_tagged(key)
+    session_targets(P, string.match(key, 'session:([0-9a-f]+)$'), targets)
+  elseif string.match(key, '}:conn:[0-9a-f]+$') then
+    P = prefix_tagged(key)
+    local node = redis.call('HGET', key, 'node_id')
+    if node then targets[string.match(key, ':conn:([0-9a-f]+)$')] = node end
+  else
+    local p, group = string.match(key, '^(.-)group:(.+)$')
+    if not p then return bad_key('a user, session, connection or group key') end
+    P = p
+    local members = redis.call('HGETALL', key)
+    for i = 1, #members, 2 do
+      local kind, id = string.match(members[i], '^(%a+):(.+)$')
+      if kind == 'conn' then
+        local node = redis.call('HGET', conn_key(P, id), 'node_id')
+        if node then targets[id] = node end
+      elseif kind == 'user' then
+        user_targets(P, string.match(members[i + 1], '^([0-9a-f]+)|'), id, targets)
+      end
+    end
+  end
+  local per_node, nodes, conns = {}, 0, 0
+  for cid, node in pairs(targets) do
+    if not per_node[node] then
+      per_node[node] = {}
+      nodes = nodes + 1
+    end
+    table.insert(per_node[node], cid)
+    conns = conns + 1
+  end
+  for node, cids in pairs(per_node) do
+    redis.call('PUBLISH', node_channel(P, node),
+      cjson.encode({ t = 'message', cids = cids }) .. '\n' .. frame)
+  end
+  return { nodes, conns }
+end)
+
+-- sh_group_add: add a connection or a user (its current and future connections).
+--   KEYS[1] Pgroup:<group>
+--   ARGV "conn", connection_id, now   |   "user", user_id, user tag, now
+--   Returns 1, or 0 if the connection is not live.
+redis.register_function('sh_group_add', function(keys, args)
+  local P, group = string.match(keys[1], '^(.-)group:(.+)$')
+  if not P then return bad_key('Pgroup:<group>') end
+  if args[1] == 'conn' then
+    local ck = conn_key(P, args[2])
+    if redis.call('EXISTS', ck) == 0 then return 0 end
+    redis.call('SADD', ck .. ':groups', group)
+    redis.call('HSET', keys[1], 'conn:' .. args[2], args[3])
+  elseif args[1] == 'user' then
+    redis.call('HSET', keys[1], 'user:' .. args[2], args[3] .. '|' .. args[4])
+  else
+    return redis.error_reply('BADARG member kind must be conn or user')
+  end
+  return 1
+end)
+
+-- sh_group_remove: remove a member.
+--   KEYS[1] Pgroup:<group>   ARGV "conn"|"user", id
+--   Returns 1 if it was a member, else 0.
+redis.register_function('sh_group_remove', function(keys, args)
+  local P, group = string.match(keys[1], '^(.-)group:(.+)$')
+  if not P then return bad_key('Pgroup:<group>') end
+  if args[1] == 'conn' then
+    redis.call('SREM', conn_key(P, args[2]) .. ':groups', group)
+  end
+  return redis.call('HDEL', keys[1], args[1] .. ':' .. args[2])
+end)
+
+-- sh_node_join: take a lease for a node, dropping records a previous process with
+-- the same id left behind.
+--   KEYS[1] Pnodes   ARGV node_id, now, lease_ms
+--   Returns the number of stale connection records dropped.
+redis.register_function('sh_node_join', function(keys, args)
+  local P = string.match(keys[1], '^(.*)nodes$')
+  if not P then return bad_key('Pnodes') end
+  local dropped = drop_node(P, args[1])
+  redis.call('ZADD', keys[1], tonumber(args[2]) + tonumber(args[3]), args[1])
+  return dropped
+end)
+
+-- sh_node_heartbeat: renew a node's lease.
+--   KEYS[1] Pnodes   ARGV node_id, now, lease_ms
+--   Returns 1 if renewed; 0 if the lease had expired or was reaped: the node is
+--   fenced, its records are dropped here, and it must rejoin.
+redis.register_function('sh_node_heartbeat', function(keys, args)
+  local P = string.match(keys[1], '^(.*)nodes$')
+  if not P then return bad_key('Pnodes') end
+  local node, now = args[1], tonumber(args[2])
+  if not lease_ok(P, node, now) then
+    drop_node(P, node)
+    return 0
+  end
+  redis.call('ZADD', keys[1], now + tonumber(args[3]), node)
+  return 1
+end)
+
+-- sh_node_leave: a node shutting down removes its records and its lease.
+--   KEYS[1] Pnodes   ARGV node_id
+--   Returns the number of connection records removed.
+redis.register_function('sh_node_leave', function(keys, args)
+  local P = string.match(keys[1], '^(.*)nodes$')
+  if not P then return bad_key('Pnodes') end
+  return drop_node(P, args[1])
+end)
+
+-- sh_reap: remove the records of every node whose lease has expired.
+--   KEYS[1] Pnodes   ARGV now
+--   Returns {nodes reaped, connection records removed}.
+redis.register_function('sh_reap', function(keys, args)
+  local P = string.match(keys[1], '^(.*)nodes$')
+  if not P then return bad_key('Pnodes') end
+  local nodes, records = 0, 0
+  for _, node in ipairs(redis.call('ZRANGE', keys[1], '-inf', '(' .. args[1], 'BYSCORE')) do
+    records = records + drop_node(P, node)
+    nodes = nodes + 1
+  end
+  return { nodes, records }
+end)
+
+-- sh_reassert: after a resubscription or a new lease, put back the records of a
+-- node's live sockets whose sessions still exist (Redis may have lost them).
+--   KEYS[1] Pnodes   ARGV node_id, now, then per socket: cid, sid, user_id, connected_at
+--   Returns the session ids (one per socket) that no longer exist.
+--   Error FENCED if the node holds no lease.
+redis.register_function('sh_reassert', function(keys, args)
+  local P = string.match(keys[1], '^(.*)nodes$')
+  if not P then return bad_key('Pnodes') end
+  local node, now = args[1], tonumber(args[2])
+  if not lease_ok(P, node, now) then return redis.error_reply('FENCED node holds no lease') end
+  local gone = {}
+  for i = 3, #args, 4 do
+    local cid, sid, uid, at = args[i], args[i + 1], args[i + 2], args[i + 3]
+    if redis.call('EXISTS', session_key(P, sid)) == 1 then
+      add_conn(P, cid, sid, uid, node, at)
+    else
+      table.insert(gone, sid)
+    end
+  end
+  return gone
+end)
+
+-- sh_online_users: one page of online users, in lexical order.
+--   KEYS[1] Ponline   ARGV after (exclusive; "" for the first page), limit
+--   Returns {user_id, connections, ...}.
+redis.register_function{
+  function_name = 'sh_online_users',
+  flags = { 'no-writes' },
+  callback = function(keys, args)
+    local P = string.match(keys[1], '^(.*)online$')
+    if not P then return bad_key('Ponline') end
+    local from = '-'
+    if args[1] ~= '' then from = '(' .. args[1] end
+    local users = redis.call('ZRANGE', keys[1], from, '+', 'BYLEX', 'LIMIT', 0, tonumber(args[2]))
+    local out = {}
+    for _, uid in ipairs(users) do
+      table.insert(out, uid)
+      table.insert(out, tonumber(redis.call('HGET', P .. 'online:conns', uid) or '0'))
+    end
+    return out
+  end,
+}
+
+-- sh_presence_counts: {online users, live connections, live nodes}.
+--   KEYS[1] Pnodes
+redis.register_function{
+  function_name = 'sh_presence_counts',
+  flags = { 'no-writes' },
+  callback = function(keys, args)
+    local P = string.match(keys[1], '^(.*)nodes$')
+    if not P then return bad_key('Pnodes') end
+    local conns = 0
+    local nodes = redis.call('ZRANGE', keys[1], 0, -1)
+    for _, node in ipairs(nodes) do
+      conns = conns + redis.call('HLEN', node_index(P, node))
+    end
+    return { redis.call('ZCARD', P .. 'online'), conns, #nodes }
+  end,
+}
