@@ -108,9 +108,18 @@ impl WsClient {
         Self::connect_with(node, &[("Cookie", format!("sh_session={token}"))]).await
     }
 
+    /// Opens a `/ws` URL with a session cookie and reads `hello`.
+    pub async fn connect_url(url: &str, token: &str) -> Result<Self, WsError> {
+        Self::connect_url_with(url, &[("Cookie", format!("sh_session={token}"))]).await
+    }
+
     /// Opens `/ws` with the given headers and reads `hello`.
     pub async fn connect_with(node: &Node, headers: &[(&str, String)]) -> Result<Self, WsError> {
-        let mut req = node.ws_url().into_client_request().unwrap();
+        Self::connect_url_with(&node.ws_url(), headers).await
+    }
+
+    async fn connect_url_with(url: &str, headers: &[(&str, String)]) -> Result<Self, WsError> {
+        let mut req = url.into_client_request().unwrap();
         for (k, v) in headers {
             req.headers_mut().insert(
                 tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),

@@ -9,7 +9,7 @@ pub mod client;
 pub mod process;
 
 pub use client::{Api, Created, WsClient, WsError};
-pub use process::{Node, NodeOptions, RedisServer, TestCluster};
+pub use process::{FAST_LEASE, FAST_REAP_BOUND, Node, NodeOptions, RedisServer, TestCluster};
 
 use std::time::Duration;
 

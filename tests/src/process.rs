@@ -232,6 +232,26 @@ impl Node {
     pub async fn wait(&mut self) -> std::process::ExitStatus {
         self.child.wait().await.unwrap()
     }
+
+    /// Sends a signal (`KILL`, `TERM`, `STOP`, `CONT`) to the process.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.pid().expect("node already reaped").to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-s", sig, &pid])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -s {sig} {pid}");
+    }
+
+    /// `GET /healthz` as JSON.
+    pub async fn health(&self) -> serde_json::Value {
+        reqwest::get(format!("{}/healthz", self.base))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
 }
 
 impl Drop for Node {
@@ -250,23 +270,45 @@ pub struct TestCluster {
     pub nodes: Vec<Node>,
 }
 
+/// Short lease timing for fault tests: a dead node is reaped within
+/// `FAST_REAP_BOUND`.
+pub const FAST_LEASE: &[(&str, &str)] = &[
+    ("SESSIONHUB_LEASE_TTL_MS", "1500"),
+    ("SESSIONHUB_HEARTBEAT_MS", "500"),
+    ("SESSIONHUB_REAP_INTERVAL_MS", "500"),
+    ("SESSIONHUB_REVALIDATE_MS", "1000"),
+];
+
+/// Lease TTL + reap interval of [`FAST_LEASE`], plus slack for a loaded machine.
+pub const FAST_REAP_BOUND: Duration = Duration::from_millis(1500 + 500 + 2000);
+
 impl TestCluster {
     /// Starts Redis and `n` nodes.
     pub async fn start(n: usize) -> Self {
+        Self::start_with(n, &[]).await
+    }
+
+    /// Starts Redis and `n` nodes with extra environment.
+    pub async fn start_with(n: usize, env: &[(&str, &str)]) -> Self {
         let redis = RedisServer::start().await;
         let mut nodes = Vec::new();
         for i in 0..n {
-            let name = format!("node-{}", (b'a' + i as u8) as char);
-            nodes.push(
-                Node::start(NodeOptions {
-                    node_id: name,
-                    redis_url: Some(redis.url()),
-                    env: Vec::new(),
-                })
-                .await,
-            );
+            nodes.push(Self::node(&redis, i, env).await);
         }
         Self { redis, nodes }
+    }
+
+    /// Starts node number `i` (`node-a`, `node-b`, ...) on `redis`.
+    pub async fn node(redis: &RedisServer, i: usize, env: &[(&str, &str)]) -> Node {
+        Node::start(NodeOptions {
+            node_id: format!("node-{}", (b'a' + i as u8) as char),
+            redis_url: Some(redis.url()),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        })
+        .await
     }
 }
 

@@ -160,7 +160,7 @@ async fn healthz(state: web::Data<AppState>) -> HttpResponse {
         "status": "ok",
         "node_id": state.engine.node_id(),
         "engine": state.engine.name(),
-        "sockets": state.hub.len(),
+        "hub": state.hub.stats(),
     }))
 }
 

@@ -6,6 +6,7 @@
 //! socket whose queue is full is closed with 1013 instead of slowing anyone else.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytestring::ByteString;
@@ -58,10 +59,17 @@ impl LocalConn {
         (conn, rx)
     }
 
-    /// Queues a frame; a full queue closes the socket as too slow.
-    pub fn send(&self, frame: ByteString) {
-        if self.tx.try_send(frame).is_err() {
-            self.request_close(CloseCmd::TooSlow);
+    /// Queues a frame; a full queue closes the socket as too slow (and returns
+    /// false).
+    pub fn send(&self, frame: ByteString) -> bool {
+        match self.tx.try_send(frame) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.request_close(CloseCmd::TooSlow);
+                false
+            }
+            // The socket task is gone; nothing to close.
+            Err(mpsc::error::TrySendError::Closed(_)) => true,
         }
     }
 
@@ -103,6 +111,21 @@ struct Index {
 #[derive(Default)]
 pub struct Hub {
     index: Mutex<Index>,
+    /// Message events this node received (each may target several sockets).
+    message_events: AtomicU64,
+    /// Sockets closed because their outbound queue was full.
+    slow_closes: AtomicU64,
+}
+
+/// Counters of a hub, for `/healthz` and tests.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct HubStats {
+    /// Sockets held.
+    pub sockets: usize,
+    /// Message events received.
+    pub message_events: u64,
+    /// Sockets closed as too slow.
+    pub slow_closes: u64,
 }
 
 /// The `session_ended` frame for a session.
@@ -206,8 +229,18 @@ impl Hub {
             .collect()
     }
 
+    /// The hub's counters.
+    pub fn stats(&self) -> HubStats {
+        HubStats {
+            sockets: self.len(),
+            message_events: self.message_events.load(Ordering::Relaxed),
+            slow_closes: self.slow_closes.load(Ordering::Relaxed),
+        }
+    }
+
     /// Delivers a published frame to some sockets (`None`: all of them).
     pub fn deliver(&self, connections: Option<&[ConnectionId]>, frame: &ByteString) {
+        self.message_events.fetch_add(1, Ordering::Relaxed);
         let targets: Vec<Arc<LocalConn>> = {
             let idx = lock(&self.index);
             match connections {
@@ -220,7 +253,9 @@ impl Hub {
             }
         };
         for c in targets {
-            c.send(frame.clone());
+            if !c.send(frame.clone()) {
+                self.slow_closes.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -269,7 +304,9 @@ impl Hub {
         .to_json()
         .into();
         for c in targets {
-            c.send(frame.clone());
+            if !c.send(frame.clone()) {
+                self.slow_closes.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 

@@ -1,0 +1,470 @@
+//! Targeted messaging, groups and presence across a real three-node cluster.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use sessionhub_tests::{
+    Api, FAST_LEASE, FAST_REAP_BOUND, Node, TestCluster, WAIT, WsClient, wait_for,
+};
+
+async fn publish(api: &Api, to: Value, event: &str, data: Value) -> Value {
+    let res = api
+        .service(
+            Method::POST,
+            "/api/v1/publish",
+            Some(json!({ "to": to, "event": event, "data": data })),
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    res.json().await.unwrap()
+}
+
+/// A user with one session and a socket on each of `nodes`.
+async fn user_on(api: &Api, user: &str, nodes: &[&Node]) -> (String, Vec<WsClient>) {
+    let s = api.create_session(user, "test").await;
+    let mut sockets = Vec::new();
+    for n in nodes {
+        sockets.push(WsClient::connect(n, &s.token).await.unwrap());
+    }
+    (s.session_id, sockets)
+}
+
+/// Asserts the next frame is message `event`, and returns its data.
+async fn expect_message(ws: &mut WsClient, event: &str) -> Value {
+    let f = ws.expect("message").await;
+    assert_eq!(f["event"], event, "{f}");
+    f["data"].clone()
+}
+
+/// Broadcasts a marker and checks that it is the next frame on every socket: nothing
+/// else (no duplicate, no stray message) arrived before it.
+async fn assert_nothing_else(api: &Api, sockets: &mut [&mut WsClient]) {
+    publish(api, json!("all"), "marker", json!(null)).await;
+    for ws in sockets.iter_mut() {
+        expect_message(ws, "marker").await;
+    }
+}
+
+async fn message_events(node: &Node) -> u64 {
+    node.health().await["hub"]["message_events"]
+        .as_u64()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_sockets_on_two_nodes_get_a_message_published_through_a_third_exactly_once() {
+    let cluster = TestCluster::start(3).await;
+    let [a, b, c] = [&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]];
+    let api_b = Api::new(b);
+    let (_, mut alice) = user_on(&api_b, "alice", &[a, c]).await;
+    let (_, mut bob) = user_on(&api_b, "bob", &[a, b, c]).await;
+
+    let res = publish(
+        &api_b,
+        json!({ "user": "alice" }),
+        "greeting",
+        json!({ "text": "hi", "n": [1, 2] }),
+    )
+    .await;
+    assert_eq!(res, json!({ "nodes": 2, "connections": 2 }));
+    for ws in &mut alice {
+        assert_eq!(
+            expect_message(ws, "greeting").await,
+            json!({ "text": "hi", "n": [1, 2] })
+        );
+    }
+    let mut all: Vec<&mut WsClient> = alice.iter_mut().chain(bob.iter_mut()).collect();
+    assert_nothing_else(&api_b, &mut all).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_connection_group_and_all_publishes_reach_exactly_their_sockets() {
+    let cluster = TestCluster::start(3).await;
+    let [a, b, c] = [&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]];
+    let api = Api::new(a);
+    // alice: s1 on A and B, s2 on C. bob: one socket on B.
+    let (s1, mut s1_ws) = user_on(&api, "alice", &[a, b]).await;
+    let s2 = api.create_session("alice", "phone").await;
+    for ws in &mut s1_ws {
+        ws.expect("session_created").await;
+    }
+    let mut s2_ws = WsClient::connect(c, &s2.token).await.unwrap();
+    let (_, mut bob) = user_on(&api, "bob", &[b]).await;
+
+    // Session.
+    let res = publish(
+        &Api::new(c),
+        json!({ "session": s1 }),
+        "to-session",
+        json!(1),
+    )
+    .await;
+    assert_eq!(res, json!({ "nodes": 2, "connections": 2 }));
+    for ws in &mut s1_ws {
+        expect_message(ws, "to-session").await;
+    }
+    // Connection: only s1's socket on B.
+    let cid = s1_ws[1].connection_id().to_owned();
+    let res = publish(&api, json!({ "connection": cid }), "to-conn", json!(2)).await;
+    assert_eq!(res, json!({ "nodes": 1, "connections": 1 }));
+    expect_message(&mut s1_ws[1], "to-conn").await;
+    // Group: bob as a user, plus s1's socket on A.
+    let g = "/api/v1/groups/team/members";
+    let ok = |r: reqwest::Response| assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    ok(api
+        .service(Method::PUT, &format!("{g}/user:bob"), None)
+        .await);
+    ok(api
+        .service(
+            Method::PUT,
+            &format!("{g}/{}", s1_ws[0].connection_id()),
+            None,
+        )
+        .await);
+    let res = publish(
+        &Api::new(b),
+        json!({ "group": "team" }),
+        "to-group",
+        json!(3),
+    )
+    .await;
+    assert_eq!(res, json!({ "nodes": 2, "connections": 2 }));
+    expect_message(&mut s1_ws[0], "to-group").await;
+    expect_message(&mut bob[0], "to-group").await;
+    // All.
+    let res = publish(&api, json!("all"), "to-all", json!(4)).await;
+    assert_eq!(res["nodes"], 3);
+    let mut every: Vec<&mut WsClient> = s1_ws
+        .iter_mut()
+        .chain(bob.iter_mut())
+        .chain(std::iter::once(&mut s2_ws))
+        .collect();
+    for ws in every.iter_mut() {
+        expect_message(ws, "to-all").await;
+    }
+    assert_nothing_else(&api, &mut every).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_targeted_publish_reaches_only_the_node_holding_the_user() {
+    let cluster = TestCluster::start(3).await;
+    let [a, b, c] = [&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]];
+    let api = Api::new(b);
+    let (_, mut alice) = user_on(&api, "alice", &[a]).await;
+    let (_, _carol) = user_on(&api, "carol", &[b, c]).await;
+    let before = [
+        message_events(a).await,
+        message_events(b).await,
+        message_events(c).await,
+    ];
+    for i in 0..20 {
+        publish(&api, json!({ "user": "alice" }), "only-a", json!(i)).await;
+    }
+    for i in 0..20 {
+        assert_eq!(expect_message(&mut alice[0], "only-a").await, json!(i));
+    }
+    let after = [
+        message_events(a).await,
+        message_events(b).await,
+        message_events(c).await,
+    ];
+    assert_eq!(after[0] - before[0], 20, "node A got each message once");
+    assert_eq!(
+        after[1], before[1],
+        "node B must not receive alice's messages"
+    );
+    assert_eq!(
+        after[2], before[2],
+        "node C must not receive alice's messages"
+    );
+    // Redis agrees: each node listens on its own channel only.
+    let mut r = cluster.redis.conn().await;
+    let numsub: Vec<(String, u64)> = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(&["sh:node:node-a", "sh:node:node-b", "sh:node:node-c"][..])
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert!(numsub.iter().all(|(_, n)| *n == 1), "{numsub:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_messages_from_one_publisher_arrive_in_order() {
+    let cluster = TestCluster::start(3).await;
+    let api = Api::new(&cluster.nodes[1]);
+    let (_, mut ws) = user_on(&api, "alice", &[&cluster.nodes[0]]).await;
+    let cid = ws[0].connection_id().to_owned();
+    let reader = tokio::spawn(async move {
+        for i in 0..1000 {
+            assert_eq!(
+                expect_message(&mut ws[0], "seq").await,
+                json!(i),
+                "message {i}"
+            );
+        }
+    });
+    for i in 0..1000 {
+        publish(&api, json!({ "connection": cid }), "seq", json!(i)).await;
+    }
+    reader.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_malformed_publishes_are_refused_clearly() {
+    let cluster = TestCluster::start(1).await;
+    let api = Api::new(&cluster.nodes[0]);
+    let big = "x".repeat(64 * 1024);
+    let res = api
+        .service(
+            Method::POST,
+            "/api/v1/publish",
+            Some(json!({ "to": "all", "event": "e", "data": big })),
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let err: Value = res.json().await.unwrap();
+    assert!(
+        err["message"].as_str().unwrap().contains("limit is 65536"),
+        "{err}"
+    );
+    let huge = "x".repeat(1024 * 1024);
+    let res = api
+        .service(
+            Method::POST,
+            "/api/v1/publish",
+            Some(json!({ "to": "all", "event": "e", "data": huge })),
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    for body in [
+        json!({ "to": "everyone", "event": "e" }),
+        json!({ "to": { "user": "a", "group": "b" }, "event": "e" }),
+        json!({ "to": { "planet": "mars" }, "event": "e" }),
+        json!({ "to": "all", "event": "" }),
+        json!({ "to": { "session": "nope" }, "event": "e" }),
+    ] {
+        let res = api
+            .service(Method::POST, "/api/v1/publish", Some(body.clone()))
+            .await;
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{body}");
+    }
+    let res = api
+        .service(
+            Method::PUT,
+            "/api/v1/groups/g/members/2bd806c9000000000000000000000000",
+            None,
+        )
+        .await;
+    assert_eq!(
+        res.status(),
+        StatusCode::NOT_FOUND,
+        "a connection that is not live"
+    );
+}
+
+async fn online(api: &Api, after: Option<&str>, limit: usize) -> Value {
+    let mut path = format!("/api/v1/users?online=true&limit={limit}");
+    if let Some(a) = after {
+        path.push_str(&format!("&after={a}"));
+    }
+    let res = api.service(Method::GET, &path, None).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    res.json().await.unwrap()
+}
+
+async fn online_ids(api: &Api) -> Vec<String> {
+    online(api, None, 1000).await["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["user_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn presence(api: &Api) -> Value {
+    api.service(Method::GET, "/api/v1/presence", None)
+        .await
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_follows_connects_disconnects_and_a_killed_node() {
+    let cluster = TestCluster::start_with(3, FAST_LEASE).await;
+    let api = Api::new(&cluster.nodes[0]);
+    let (_, alice) = user_on(&api, "alice", &[&cluster.nodes[0], &cluster.nodes[1]]).await;
+    let (_, bob) = user_on(&api, "bob", &[&cluster.nodes[2]]).await;
+    let (_, mut carol) = user_on(&api, "carol", &[&cluster.nodes[1]]).await;
+    assert_eq!(online_ids(&api).await, ["alice", "bob", "carol"]);
+    let page = online(&api, None, 10).await;
+    assert_eq!(
+        page["users"][0],
+        json!({ "user_id": "alice", "connections": 2 })
+    );
+    assert_eq!(
+        presence(&api).await,
+        json!({ "online_users": 3, "connections": 4, "nodes": 3 }),
+        "alice counts once"
+    );
+
+    drop(carol.pop());
+    wait_for("carol to go offline", WAIT, || {
+        let api = api.clone();
+        async move { (online_ids(&api).await == ["alice", "bob"]).then_some(()) }
+    })
+    .await;
+
+    // kill -9 node C: bob vanishes within the reaping bound, alice stays.
+    cluster.nodes[2].signal("KILL");
+    let started = std::time::Instant::now();
+    wait_for("node C's records to be reaped", FAST_REAP_BOUND, || {
+        let api = api.clone();
+        async move { (online_ids(&api).await == ["alice"]).then_some(()) }
+    })
+    .await;
+    assert!(started.elapsed() <= FAST_REAP_BOUND);
+    assert_eq!(
+        presence(&api).await,
+        json!({ "online_users": 1, "connections": 2, "nodes": 2 })
+    );
+    let res = api
+        .service(Method::GET, "/api/v1/users/bob/sessions", None)
+        .await;
+    let sessions: Vec<Value> = res.json().await.unwrap();
+    assert_eq!(
+        sessions[0]["connections"],
+        json!([]),
+        "bob's record on C is gone"
+    );
+    drop((alice, bob));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pagination_walks_2500_online_users_exactly_once() {
+    let cluster = TestCluster::start(3).await;
+    let apis: Vec<Api> = cluster.nodes.iter().map(Api::new).collect();
+    let mut sockets = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for chunk in 0..25 {
+        let api = apis[chunk % 3].clone();
+        let ws_urls: Vec<String> = cluster.nodes.iter().map(Node::ws_url).collect();
+        tasks.spawn(async move {
+            let mut out = Vec::new();
+            for i in 0..100 {
+                let user = format!("user{:05}", chunk * 100 + i);
+                let s = api.create_session(&user, "bulk").await;
+                out.push(
+                    WsClient::connect_url(&ws_urls[i % 3], &s.token)
+                        .await
+                        .unwrap(),
+                );
+            }
+            out
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        sockets.extend(r.unwrap());
+    }
+    assert_eq!(sockets.len(), 2500);
+
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let page = online(&apis[pages % 3], after.as_deref(), 300).await;
+        pages += 1;
+        for u in page["users"].as_array().unwrap() {
+            seen.push(u["user_id"].as_str().unwrap().to_owned());
+        }
+        match page["next"].as_str() {
+            Some(n) => after = Some(n.to_owned()),
+            None => break,
+        }
+    }
+    let want: Vec<String> = (0..2500).map(|i| format!("user{i:05}")).collect();
+    assert_eq!(seen, want, "every user exactly once, in order");
+    assert_eq!(pages, 9);
+    assert_eq!(presence(&apis[0]).await["online_users"], 2500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_membership_follows_new_connections_and_vanishes_with_closed_ones() {
+    let cluster = TestCluster::start(3).await;
+    let [a, b, c] = [&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]];
+    let api = Api::new(a);
+    let g = "/api/v1/groups/ops/members";
+    let (_, mut alice) = user_on(&api, "alice", &[a]).await;
+    let (_, mut bob) = user_on(&api, "bob", &[b]).await;
+    assert_eq!(
+        api.service(Method::PUT, &format!("{g}/user:alice"), None)
+            .await
+            .status(),
+        StatusCode::NO_CONTENT
+    );
+    let bob_cid = bob[0].connection_id().to_owned();
+    assert_eq!(
+        api.service(Method::PUT, &format!("{g}/{bob_cid}"), None)
+            .await
+            .status(),
+        StatusCode::NO_CONTENT
+    );
+
+    // alice opens a new socket on C after joining: it is in the group too.
+    let alice_s2 = api.create_session("alice", "tablet").await;
+    alice[0].expect("session_created").await;
+    let mut alice_c = WsClient::connect(c, &alice_s2.token).await.unwrap();
+    let res = publish(&api, json!({ "group": "ops" }), "g1", json!(1)).await;
+    assert_eq!(res, json!({ "nodes": 3, "connections": 3 }));
+    expect_message(&mut alice[0], "g1").await;
+    expect_message(&mut alice_c, "g1").await;
+    expect_message(&mut bob[0], "g1").await;
+
+    let members: Value = api
+        .service(Method::GET, g, None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        members["members"],
+        json!([{ "connection_id": bob_cid }, { "user_id": "alice" }])
+    );
+
+    // bob's socket closes: its membership goes with it.
+    drop(bob);
+    wait_for("bob's membership to vanish", WAIT, || {
+        let api = api.clone();
+        async move {
+            let m: Value = api
+                .service(Method::GET, g, None)
+                .await
+                .json()
+                .await
+                .unwrap();
+            (m["members"] == json!([{ "user_id": "alice" }])).then_some(())
+        }
+    })
+    .await;
+    let res = publish(&api, json!({ "group": "ops" }), "g2", json!(2)).await;
+    assert_eq!(res, json!({ "nodes": 2, "connections": 2 }));
+
+    // Removing the user stops delivery to all of alice's sockets.
+    assert_eq!(
+        api.service(Method::DELETE, &format!("{g}/user:alice"), None)
+            .await
+            .status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        api.service(Method::DELETE, &format!("{g}/user:alice"), None)
+            .await
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    let res = publish(&api, json!({ "group": "ops" }), "g3", json!(3)).await;
+    assert_eq!(res, json!({ "nodes": 0, "connections": 0 }));
+    expect_message(&mut alice[0], "g2").await;
+    expect_message(&mut alice_c, "g2").await;
+    assert_nothing_else(&api, &mut [&mut alice[0], &mut alice_c]).await;
+}
