@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use sessionhub_core::memory::{MemoryEngine, MemoryStore};
 use sessionhub_core::{
-    ConnectionId, EndReason, Engine, NewSession, NodeEvent, NodeId, SessionId, Token, UserId,
+    ConnectionId, EndReason, Engine, GroupName, LocalRecord, Member, NewSession, NodeEvent, NodeId,
+    SessionId, Target, Token, UserId,
 };
 use sessionhub_redis::{RedisConfig, RedisEngine};
 use sessionhub_tests::{RedisServer, WAIT, wait_for};
@@ -405,6 +406,228 @@ async fn sessions_expire(b: Backend) {
     );
 }
 
+fn message_targets(ev: NodeEvent) -> (Option<Vec<ConnectionId>>, String) {
+    match ev {
+        NodeEvent::Message { connections, frame } => (
+            connections.map(|mut c| {
+                c.sort();
+                c
+            }),
+            frame.to_string(),
+        ),
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+async fn publish_routes_to_exactly_the_nodes_holding_targets(b: Backend) {
+    let mut a = b.node("a").await;
+    let mut bn = b.node("b").await;
+    let mut c = b.node("c").await;
+    let alice = a.engine.create_session(new_session("alice")).await.unwrap();
+    let bob = a.engine.create_session(new_session("bob")).await.unwrap();
+    let (ca, cb) = (cid(&alice.token), cid(&alice.token));
+    a.engine
+        .register_connection(&alice.token, &ca)
+        .await
+        .unwrap()
+        .unwrap();
+    bn.engine
+        .register_connection(&alice.token, &cb)
+        .await
+        .unwrap()
+        .unwrap();
+    let cbob = cid(&bob.token);
+    c.engine
+        .register_connection(&bob.token, &cbob)
+        .await
+        .unwrap()
+        .unwrap();
+
+    let d = a
+        .engine
+        .publish(&Target::User(user("alice")), "f1")
+        .await
+        .unwrap();
+    assert_eq!((d.nodes, d.connections), (2, Some(2)));
+    assert_eq!(
+        message_targets(a.next_event().await),
+        (Some(vec![ca.clone()]), "f1".into())
+    );
+    assert_eq!(
+        message_targets(bn.next_event().await),
+        (Some(vec![cb.clone()]), "f1".into())
+    );
+
+    let d = c
+        .engine
+        .publish(&Target::Connection(cb.clone()), "f2")
+        .await
+        .unwrap();
+    assert_eq!((d.nodes, d.connections), (1, Some(1)));
+    assert_eq!(
+        message_targets(bn.next_event().await),
+        (Some(vec![cb.clone()]), "f2".into())
+    );
+
+    let group = GroupName::parse("g").unwrap();
+    assert!(
+        a.engine
+            .group_add(&group, &Member::User(user("bob")))
+            .await
+            .unwrap()
+    );
+    assert!(
+        a.engine
+            .group_add(&group, &Member::Connection(ca.clone()))
+            .await
+            .unwrap()
+    );
+    let ghost = ConnectionId::generate(alice.token.session_id());
+    assert!(
+        !a.engine
+            .group_add(&group, &Member::Connection(ghost))
+            .await
+            .unwrap()
+    );
+    let d = bn
+        .engine
+        .publish(&Target::Group(group.clone()), "f3")
+        .await
+        .unwrap();
+    assert_eq!((d.nodes, d.connections), (2, Some(2)));
+    assert_eq!(
+        message_targets(a.next_event().await),
+        (Some(vec![ca.clone()]), "f3".into())
+    );
+    assert_eq!(
+        message_targets(c.next_event().await),
+        (Some(vec![cbob.clone()]), "f3".into())
+    );
+
+    // Closing a connection removes its group membership.
+    a.engine.unregister_connection(&ca).await.unwrap();
+    assert_eq!(
+        a.engine.group_members(&group).await.unwrap(),
+        [Member::User(user("bob"))]
+    );
+    assert!(
+        a.engine
+            .group_remove(&group, &Member::User(user("bob")))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !a.engine
+            .group_remove(&group, &Member::User(user("bob")))
+            .await
+            .unwrap()
+    );
+    assert!(a.engine.group_members(&group).await.unwrap().is_empty());
+
+    let d = a.engine.publish(&Target::All, "f4").await.unwrap();
+    assert_eq!((d.nodes, d.connections), (3, None));
+    for node in [&mut a, &mut bn, &mut c] {
+        assert_eq!(
+            message_targets(node.next_event().await),
+            (None, "f4".into())
+        );
+    }
+}
+
+async fn presence_counts_each_user_once_and_pages_in_order(b: Backend) {
+    let a = b.node("a").await;
+    let bn = b.node("b").await;
+    let mut conns = Vec::new();
+    for u in ["carol", "alice", "bob"] {
+        let s = a.engine.create_session(new_session(u)).await.unwrap();
+        for node in [&a, &bn] {
+            let c = cid(&s.token);
+            node.engine
+                .register_connection(&s.token, &c)
+                .await
+                .unwrap()
+                .unwrap();
+            conns.push(c);
+        }
+    }
+    let counts = a.engine.presence_counts().await.unwrap();
+    assert_eq!(
+        (counts.online_users, counts.connections, counts.nodes),
+        (3, 6, 2)
+    );
+    let page = a.engine.online_users(None, 2).await.unwrap();
+    let ids: Vec<&str> = page.iter().map(|u| u.user_id.as_str()).collect();
+    assert_eq!(ids, ["alice", "bob"]);
+    assert_eq!(page[0].connections, 2);
+    let rest = a
+        .engine
+        .online_users(Some(&page[1].user_id), 2)
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].user_id.as_str(), "carol");
+
+    // Node b leaves: its connections vanish; users with sockets on a stay.
+    bn.engine.leave().await.unwrap();
+    let counts = a.engine.presence_counts().await.unwrap();
+    assert_eq!((counts.online_users, counts.connections), (3, 3));
+    for c in &conns {
+        a.engine.unregister_connection(c).await.unwrap();
+    }
+    assert!(a.engine.online_users(None, 10).await.unwrap().is_empty());
+}
+
+async fn reassert_restores_records_of_live_sessions_only(b: Backend) {
+    let a = b.node("a").await;
+    let live = a.engine.create_session(new_session("alice")).await.unwrap();
+    let dead = a.engine.create_session(new_session("alice")).await.unwrap();
+    let (c1, c2) = (cid(&live.token), cid(&dead.token));
+    a.engine
+        .register_connection(&live.token, &c1)
+        .await
+        .unwrap()
+        .unwrap();
+    a.engine
+        .register_connection(&dead.token, &c2)
+        .await
+        .unwrap()
+        .unwrap();
+    // Records lost (as after a Redis restart without them), and one session killed.
+    a.engine.unregister_connection(&c1).await.unwrap();
+    a.engine
+        .kill_session(&dead.session.session_id, None, EndReason::Killed)
+        .await
+        .unwrap();
+    let records: Vec<LocalRecord> = [(&c1, &live), (&c2, &dead)]
+        .into_iter()
+        .map(|(c, s)| LocalRecord {
+            connection_id: c.clone(),
+            session_id: s.session.session_id.clone(),
+            user_id: user("alice"),
+            connected_at: 1,
+        })
+        .collect();
+    let gone = a.engine.reassert(&records).await.unwrap();
+    assert_eq!(gone, [dead.session.session_id.clone()]);
+    let s = a
+        .engine
+        .get_session(&live.session.session_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.connections.len(), 1);
+    assert_eq!(s.connections[0].connection_id, c1);
+    let alive = a
+        .engine
+        .sessions_alive(&[
+            live.session.session_id.clone(),
+            dead.session.session_id.clone(),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(alive, [true, false]);
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -435,4 +658,7 @@ conformance!(
     a_user_cannot_kill_another_users_session,
     kill_user_sessions_keeps_the_excepted_one,
     sessions_expire,
+    publish_routes_to_exactly_the_nodes_holding_targets,
+    presence_counts_each_user_once_and_pages_in_order,
+    reassert_restores_records_of_live_sessions_only,
 );
