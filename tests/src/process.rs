@@ -60,38 +60,28 @@ pub struct RedisServer {
     child: Child,
     port: u16,
     dir: tempfile::TempDir,
+    aof: bool,
 }
 
 impl RedisServer {
-    /// Starts one and waits until it answers PING.
+    /// Starts one (no persistence) and waits until it answers PING.
     pub async fn start() -> Self {
-        let bin = require("redis-server", "apt-get install -y redis-server");
+        Self::start_with(false).await
+    }
+
+    /// Starts one, with AOF persistence (`appendfsync always`) if `aof`.
+    pub async fn start_with(aof: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         for _ in 0..5 {
             let port = free_port();
-            let mut child = Command::new(&bin)
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(dir.path())
-                .args(["--logfile", "redis.log"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .unwrap();
-            let url = format!("redis://127.0.0.1:{port}");
-            let end = tokio::time::Instant::now() + WAIT;
-            while tokio::time::Instant::now() < end {
-                if child.try_wait().unwrap().is_some() {
-                    break; // most likely the port was taken meanwhile: try another
-                }
-                if ping(&url).await {
-                    return Self { child, port, dir };
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            if let Some(child) = spawn_redis(port, dir.path(), aof).await {
+                return Self {
+                    child,
+                    port,
+                    dir,
+                    aof,
+                };
             }
-            let _ = child.kill().await;
         }
         panic!(
             "redis-server did not start; see its log in {}",
@@ -123,10 +113,87 @@ impl RedisServer {
         self.dir.path()
     }
 
-    /// Stops it now.
-    pub async fn kill(&mut self) {
+    /// Stops it cleanly (SIGTERM: it flushes its AOF) and waits for the exit.
+    pub async fn stop(&mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-s", "TERM", &pid.to_string()])
+                .status();
+        }
+        let _ = tokio::time::timeout(WAIT, self.child.wait()).await;
         let _ = self.child.kill().await;
     }
+
+    /// Starts it again on the same port and directory (so with its AOF, if any);
+    /// with `wipe`, from an empty directory.
+    pub async fn start_again(&mut self, wipe: bool) {
+        if wipe {
+            for entry in std::fs::read_dir(self.dir.path()).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    std::fs::remove_dir_all(path).unwrap();
+                } else if path.file_name().is_some_and(|n| n != "redis.log") {
+                    std::fs::remove_file(path).unwrap();
+                }
+            }
+        }
+        self.child = spawn_redis(self.port, self.dir.path(), self.aof)
+            .await
+            .expect("redis-server did not restart on its port");
+    }
+
+    /// Cuts every pub/sub client's link (the nodes' subscribers).
+    pub async fn kill_pubsub_clients(&self) -> u64 {
+        let mut c = self.conn().await;
+        redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut c)
+            .await
+            .unwrap()
+    }
+}
+
+/// Spawns redis-server on `port`; `None` if it exits (port taken) or never answers.
+async fn spawn_redis(port: u16, dir: &Path, aof: bool) -> Option<Child> {
+    let bin = require("redis-server", "apt-get install -y redis-server");
+    let mut cmd = Command::new(&bin);
+    cmd.args([
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+    ])
+    .arg("--dir")
+    .arg(dir)
+    .args(["--logfile", "redis.log"]);
+    if aof {
+        cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
+    } else {
+        cmd.args(["--appendonly", "no"]);
+    }
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let url = format!("redis://127.0.0.1:{port}");
+    let end = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < end {
+        if child.try_wait().unwrap().is_some() {
+            return None;
+        }
+        if ping(&url).await {
+            return Some(child);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = child.kill().await;
+    None
 }
 
 async fn ping(url: &str) -> bool {

@@ -18,7 +18,7 @@ mod wire;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -132,6 +132,8 @@ pub(crate) struct Inner {
     rejoin: Notify,
     /// When this node's own probe last came back through pub/sub (Unix ms).
     last_probe: AtomicI64,
+    /// Whether the subscriber holds its subscriptions right now.
+    subscribed: AtomicBool,
 }
 
 impl Drop for RedisEngine {
@@ -198,6 +200,7 @@ impl RedisEngine {
             stop: CancellationToken::new(),
             rejoin: Notify::new(),
             last_probe: AtomicI64::new(0),
+            subscribed: AtomicBool::new(false),
         });
         let engine = Self { inner };
 
@@ -338,6 +341,10 @@ impl Inner {
         self.last_probe.store(now_ms(), Ordering::Relaxed);
     }
 
+    pub(crate) fn set_subscribed(&self, on: bool) {
+        self.subscribed.store(on, Ordering::Relaxed);
+    }
+
     async fn publish_raw(&self, channel: String, payload: String) -> Result<i64, EngineError> {
         self.run(|mut c| async move {
             redis::cmd("PUBLISH")
@@ -427,12 +434,18 @@ impl Engine for RedisEngine {
         &self.inner.node_id
     }
 
-    /// Ready when Redis answers and this node's own probe came back through pub/sub
-    /// recently: a node that is connected but deaf is not ready.
+    /// Ready when Redis answers, the subscriber holds its subscriptions, and this
+    /// node's own probe came back through pub/sub recently: a node that is connected
+    /// but deaf is not ready.
     async fn ping(&self) -> Result<(), EngineError> {
         self.inner
             .run(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
             .await?;
+        if !self.inner.subscribed.load(Ordering::Relaxed) {
+            return Err(EngineError::Unavailable(
+                "this node's pub/sub subscriber is reconnecting".into(),
+            ));
+        }
         let age = now_ms() - self.inner.last_probe.load(Ordering::Relaxed);
         if age > self.inner.lease.probe_max_age().as_millis() as i64 {
             return Err(EngineError::Unavailable(format!(

@@ -85,6 +85,7 @@ async fn run(
             continue;
         };
         delay = RECONNECT_MIN_DELAY;
+        inner.set_subscribed(true);
         match ready.take() {
             Some(tx) => {
                 tracing::info!(channels = %shown, "subscribed");
@@ -128,6 +129,7 @@ async fn run(
                 }
             }
         }
+        inner.set_subscribed(false);
         tracing::warn!(channels = %shown, "pub/sub link lost; reconnecting");
     }
 }

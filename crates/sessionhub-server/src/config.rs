@@ -74,6 +74,16 @@ pub struct Cli {
     #[arg(long, env = "SESSIONHUB_REVALIDATE_MS", default_value_t = 5000)]
     pub revalidate_ms: u64,
 
+    /// Testing only: drop every `session_ended` event this node receives, to prove
+    /// that revalidation alone closes killed sessions' sockets.
+    #[arg(
+        long,
+        env = "SESSIONHUB_TEST_DROP_KILL_EVENTS",
+        default_value_t = false,
+        hide = true
+    )]
+    pub test_drop_kill_events: bool,
+
     /// Log format: `text` or `json`. Levels come from RUST_LOG (default info).
     #[arg(long, env = "SESSIONHUB_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -106,6 +116,8 @@ pub struct Config {
     pub lease: LeaseConfig,
     /// Session re-check interval.
     pub revalidate_interval: Duration,
+    /// Testing only: ignore `session_ended` events.
+    pub test_drop_kill_events: bool,
 }
 
 impl fmt::Debug for Config {
@@ -245,6 +257,7 @@ impl Config {
                 reap_interval: Duration::from_millis(cli.reap_interval_ms),
             },
             revalidate_interval: Duration::from_millis(cli.revalidate_ms),
+            test_drop_kill_events: cli.test_drop_kill_events,
             listen: cli.listen,
             redis_url,
             node_id,

@@ -22,6 +22,9 @@ pub async fn dispatch(mut events: mpsc::Receiver<NodeEvent>, state: AppState) {
     while let Some(event) = events.recv().await {
         match event {
             NodeEvent::Resync | NodeEvent::Fenced => wanted.notify_one(),
+            NodeEvent::SessionsEnded { .. } if state.config.test_drop_kill_events => {
+                tracing::warn!("test hook: dropping a session_ended event");
+            }
             other => state.hub.apply(&other),
         }
     }

@@ -23,6 +23,8 @@ pub const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
 pub const PING_INTERVAL: Duration = Duration::from_secs(20);
 /// A socket that has not answered a ping for this long is considered dead.
 pub const PONG_TIMEOUT: Duration = Duration::from_secs(45);
+/// How long a closing socket waits for the client to take its last frames.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Upgrades an authenticated request to a WebSocket.
 pub async fn upgrade(
@@ -30,6 +32,9 @@ pub async fn upgrade(
     body: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
+    if state.shutdown.is_cancelled() {
+        return Err(ApiError::Unavailable);
+    }
     let token = cookie_token(&req)?;
     if !origin_allowed(&req, &state.config) {
         return Err(ApiError::Forbidden("origin not allowed"));
@@ -97,6 +102,15 @@ enum Exit {
     Close(u16, &'static str, Option<ByteString>),
 }
 
+fn exit_for(cmd: CloseCmd) -> Exit {
+    match cmd {
+        CloseCmd::SessionEnded(frame) => {
+            Exit::Close(close_code::SESSION_ENDED, "session ended", Some(frame))
+        }
+        CloseCmd::TooSlow => Exit::Close(close_code::TRY_AGAIN_LATER, "too slow", None),
+    }
+}
+
 impl Socket {
     async fn run(
         mut self,
@@ -117,21 +131,34 @@ impl Socket {
             self.serve(&mut rx, &mut stream).await
         };
 
-        let ended = matches!(exit, Exit::Close(close_code::SESSION_ENDED, ..));
-        if let Exit::Close(code, why, frame) = exit {
-            if let Some(frame) = frame {
-                let _ = self.ws.text(frame).await;
-            }
-            let reason = CloseReason {
-                code: CloseCode::from(code),
-                description: Some(why.to_owned()),
-            };
-            let _ = self.ws.clone().close(Some(reason)).await;
-        }
+        // Bookkeeping first: a client that does not read must not hold it up.
         self.state.hub.remove(&self.conn);
-        // An ended session's records are already gone with it.
-        if !ended && let Err(e) = self.state.engine.unregister_connection(&self.conn.id).await {
+        // An ended session's records went with it, and a node shutting down removes
+        // all of its records in one step.
+        let keep_record = matches!(
+            exit,
+            Exit::Close(close_code::SESSION_ENDED | close_code::GOING_AWAY, ..)
+        );
+        if !keep_record && let Err(e) = self.state.engine.unregister_connection(&self.conn.id).await
+        {
             tracing::warn!(error = %e, "could not remove the connection record");
+        }
+        if let Exit::Close(code, why, frame) = exit {
+            tracing::debug!(code, why, "closing");
+            let mut ws = self.ws;
+            let close = async move {
+                if let Some(frame) = frame {
+                    ws.text(frame).await?;
+                }
+                let reason = CloseReason {
+                    code: CloseCode::from(code),
+                    description: Some(why.to_owned()),
+                };
+                ws.close(Some(reason)).await
+            };
+            if tokio::time::timeout(CLOSE_TIMEOUT, close).await.is_err() {
+                tracing::debug!("the client did not take the close frame in time");
+            }
         }
         tracing::debug!("disconnected");
     }
@@ -150,21 +177,18 @@ impl Socket {
             tokio::select! {
                 // Closing wins over anything still queued.
                 biased;
-                cmd = conn.closed() => {
-                    return match cmd {
-                        CloseCmd::SessionEnded(frame) => {
-                            Exit::Close(close_code::SESSION_ENDED, "session ended", Some(frame))
-                        }
-                        CloseCmd::TooSlow => Exit::Close(close_code::TRY_AGAIN_LATER, "too slow", None),
-                    };
-                }
+                cmd = conn.closed() => return exit_for(cmd),
                 _ = shutdown.cancelled() => {
                     return Exit::Close(close_code::GOING_AWAY, "node shutting down", None);
                 }
                 frame = rx.recv() => {
                     let Some(frame) = frame else { return Exit::Gone };
-                    if self.ws.text(frame).await.is_err() {
-                        return Exit::Gone;
+                    // A client that stops reading blocks this send; a close request
+                    // (too slow, session ended) must still get through.
+                    tokio::select! {
+                        biased;
+                        cmd = conn.closed() => return exit_for(cmd),
+                        sent = self.ws.text(frame) => if sent.is_err() { return Exit::Gone },
                     }
                 }
                 msg = stream.next() => match msg {

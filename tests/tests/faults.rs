@@ -1,0 +1,491 @@
+//! Fault injection against real processes: node crashes and pauses, lost pub/sub
+//! links and messages, Redis restarts and outages, shutdown, slow clients. Each test
+//! asserts a bound, not just "eventually".
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use sessionhub_tests::{
+    Api, Created, FAST_LEASE, FAST_REAP_BOUND, RedisServer, TestCluster, WAIT, WsClient, wait_for,
+};
+
+/// Revalidation interval of FAST_LEASE plus slack for a loaded machine.
+const REVALIDATE_BOUND: Duration = Duration::from_millis(1000 + 1500);
+
+async fn session_conns(api: &Api, sid: &str) -> Option<Vec<String>> {
+    let res = api
+        .service(Method::GET, &format!("/api/v1/sessions/{sid}"), None)
+        .await;
+    if res.status() == StatusCode::NOT_FOUND {
+        return None;
+    }
+    let s: Value = res.json().await.unwrap();
+    Some(
+        s["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["node_id"].as_str().unwrap().to_owned())
+            .collect(),
+    )
+}
+
+async fn kill(api: &Api, sid: &str) {
+    let res = api
+        .service(Method::DELETE, &format!("/api/v1/sessions/{sid}"), None)
+        .await;
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+}
+
+/// Reads until the socket closes; returns the close code and how long it took.
+async fn closed_within(ws: &mut WsClient, started: Instant) -> (u16, Duration) {
+    let (code, _) = ws.expect_close().await;
+    (code, started.elapsed())
+}
+
+async fn redis_exists(redis: &RedisServer, key: &str) -> bool {
+    let mut c = redis.conn().await;
+    redis::cmd("EXISTS")
+        .arg(key)
+        .query_async::<i64>(&mut c)
+        .await
+        .unwrap()
+        == 1
+}
+
+async fn hkeys(redis: &RedisServer, key: &str) -> Vec<String> {
+    let mut c = redis.conn().await;
+    redis::cmd("HKEYS")
+        .arg(key)
+        .query_async(&mut c)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nodes_records_are_reaped_and_its_sessions_can_still_be_killed() {
+    let cluster = TestCluster::start_with(3, FAST_LEASE).await;
+    let api = Api::new(&cluster.nodes[0]);
+    // Three sessions, each with a socket on B (the victim) and one on A or C.
+    let mut survivors = Vec::new();
+    let mut sessions = Vec::new();
+    for (i, user) in ["alice", "bob", "carol"].iter().enumerate() {
+        let s = api.create_session(user, "test").await;
+        let _on_b = WsClient::connect(&cluster.nodes[1], &s.token)
+            .await
+            .unwrap();
+        std::mem::forget(_on_b); // its node dies with it; no clean close from here
+        let other = if i % 2 == 0 { 0 } else { 2 };
+        survivors.push(
+            WsClient::connect(&cluster.nodes[other], &s.token)
+                .await
+                .unwrap(),
+        );
+        sessions.push(s);
+    }
+    cluster.nodes[1].signal("KILL");
+    let started = Instant::now();
+    for s in &sessions {
+        let sid = s.session_id.clone();
+        wait_for("B's records to be reaped", FAST_REAP_BOUND, || {
+            let (api, sid) = (api.clone(), sid.clone());
+            async move {
+                let nodes = session_conns(&api, &sid).await.unwrap();
+                (!nodes.iter().any(|n| n == "node-b")).then_some(())
+            }
+        })
+        .await;
+    }
+    assert!(started.elapsed() <= FAST_REAP_BOUND);
+    assert!(
+        hkeys(&cluster.redis, "sh:node:node-b:conns")
+            .await
+            .is_empty()
+    );
+    let res = api.service(Method::GET, "/api/v1/presence", None).await;
+    assert_eq!(res.json::<Value>().await.unwrap()["connections"], 3);
+
+    for (s, ws) in sessions.iter().zip(survivors.iter_mut()) {
+        kill(&Api::new(&cluster.nodes[2]), &s.session_id).await;
+        assert_eq!(ws.expect_close().await.0, 4001);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_node_fences_itself_and_closes_a_session_killed_meanwhile() {
+    let cluster = TestCluster::start_with(3, FAST_LEASE).await;
+    let api = Api::new(&cluster.nodes[0]);
+    let victim = api.create_session("alice", "test").await;
+    let keeper = api.create_session("bob", "test").await;
+    let mut victim_on_b = WsClient::connect(&cluster.nodes[1], &victim.token)
+        .await
+        .unwrap();
+    let mut keeper_on_b = WsClient::connect(&cluster.nodes[1], &keeper.token)
+        .await
+        .unwrap();
+    let victim_cid = victim_on_b.connection_id().to_owned();
+
+    cluster.nodes[1].signal("STOP");
+    // Past its lease: the others reap its records.
+    wait_for("B to be reaped", FAST_REAP_BOUND, || {
+        let api = api.clone();
+        let sid = keeper.session_id.clone();
+        async move {
+            session_conns(&api, &sid)
+                .await
+                .unwrap()
+                .is_empty()
+                .then_some(())
+        }
+    })
+    .await;
+    kill(&api, &victim.session_id).await;
+
+    cluster.nodes[1].signal("CONT");
+    let resumed = Instant::now();
+    let (code, took) = closed_within(&mut victim_on_b, resumed).await;
+    assert_eq!(code, 4001);
+    assert!(
+        took <= Duration::from_secs(1),
+        "closed {took:?} after resuming"
+    );
+
+    // Nothing of the killed session was written back; the live one is re-registered.
+    let tag = &victim.session_id[..8];
+    assert!(!redis_exists(&cluster.redis, &format!("sh:{{{tag}}}:conn:{victim_cid}")).await);
+    assert!(
+        !redis_exists(
+            &cluster.redis,
+            &format!("sh:{{{tag}}}:session:{}", victim.session_id)
+        )
+        .await
+    );
+    wait_for("bob's socket on B to be re-registered", WAIT, || {
+        let (api, sid) = (api.clone(), keeper.session_id.clone());
+        async move { (session_conns(&api, &sid).await.unwrap() == ["node-b"]).then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        hkeys(&cluster.redis, "sh:node:node-b:conns").await,
+        [keeper_on_b.connection_id()]
+    );
+    keeper_on_b.assert_alive().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kills_during_a_pubsub_outage_still_close_their_sockets() {
+    let cluster = TestCluster::start_with(3, FAST_LEASE).await;
+    let api = Api::new(&cluster.nodes[0]);
+    let mut victims: Vec<(Created, WsClient)> = Vec::new();
+    for (i, user) in ["alice", "bob", "carol", "dave"].iter().enumerate() {
+        let s = api.create_session(user, "test").await;
+        let ws = WsClient::connect(&cluster.nodes[i % 3], &s.token)
+            .await
+            .unwrap();
+        victims.push((s, ws));
+    }
+    let killed = cluster.redis.kill_pubsub_clients().await;
+    assert!(killed >= 3, "every node's subscriber was cut ({killed})");
+    let started = Instant::now();
+    for (s, _) in &victims {
+        kill(&api, &s.session_id).await;
+    }
+    for (_, ws) in &mut victims {
+        let (code, took) = closed_within(ws, started).await;
+        assert_eq!(code, 4001);
+        assert!(took <= REVALIDATE_BOUND, "closed after {took:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_misses_a_kill_message_closes_the_socket_on_revalidation() {
+    let redis = RedisServer::start().await;
+    let mut env = FAST_LEASE.to_vec();
+    env.push(("SESSIONHUB_TEST_DROP_KILL_EVENTS", "true"));
+    let deaf = TestCluster::node(&redis, 0, &env).await;
+    let other = TestCluster::node(&redis, 1, FAST_LEASE).await;
+    let api = Api::new(&other);
+    let s = api.create_session("alice", "test").await;
+    let mut ws = WsClient::connect(&deaf, &s.token).await.unwrap();
+
+    let started = Instant::now();
+    kill(&api, &s.session_id).await;
+    // Refused everywhere at once, whatever the deaf node heard.
+    for node in [&deaf, &other] {
+        assert_eq!(
+            Api::new(node).me_status(&s.token).await,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    let (code, took) = closed_within(&mut ws, started).await;
+    assert_eq!(code, 4001);
+    assert!(took <= REVALIDATE_BOUND, "closed after {took:?}");
+    assert!(
+        deaf.log()
+            .contains("test hook: dropping a session_ended event")
+    );
+}
+
+async fn status_of_create(api: &Api) -> reqwest::Response {
+    api.service(
+        Method::POST,
+        "/api/v1/sessions",
+        Some(json!({ "user_id": "zoe" })),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_then_restart_with_aof_keeps_sessions_and_sockets() {
+    let redis = RedisServer::start_with(true).await;
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        nodes.push(TestCluster::node(&redis, i, FAST_LEASE).await);
+    }
+    let mut cluster = TestCluster { redis, nodes };
+    let api = Api::new(&cluster.nodes[0]);
+    let s = api.create_session("alice", "test").await;
+    let mut sockets = Vec::new();
+    for n in &cluster.nodes {
+        sockets.push(WsClient::connect(n, &s.token).await.unwrap());
+    }
+    // Load: a publisher that keeps going through the outage.
+    let load_api = Api::new(&cluster.nodes[1]);
+    let load = tokio::spawn(async move {
+        let mut accepted = 0;
+        for _ in 0..400 {
+            let res = load_api
+                .service(
+                    Method::POST,
+                    "/api/v1/publish",
+                    Some(json!({ "to": { "user": "bob" }, "event": "load" })),
+                )
+                .await;
+            if res.status() == StatusCode::ACCEPTED {
+                accepted += 1;
+            }
+        }
+        accepted
+    });
+
+    cluster.redis.stop().await;
+    // While Redis is down: unready, 503 with Retry-After, sockets open.
+    for n in &cluster.nodes {
+        let node_api = Api::new(n);
+        let res = status_of_create(&node_api).await;
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(res.headers().contains_key("retry-after"));
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(body["error"], "unavailable");
+        let ready = reqwest::get(format!("{}/readyz", n.base)).await.unwrap();
+        assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            reqwest::get(format!("{}/healthz", n.base))
+                .await
+                .unwrap()
+                .status(),
+            StatusCode::OK
+        );
+        match WsClient::connect(n, &s.token).await {
+            Err(sessionhub_tests::WsError::Http(503)) => {}
+            other => panic!("upgrade during the outage: {:?}", other.map(|_| ())),
+        }
+    }
+    for ws in &mut sockets {
+        ws.assert_alive().await;
+    }
+
+    cluster.redis.start_again(false).await;
+    // The nodes recover on their own: records come back, everything works again.
+    let sid = s.session_id.clone();
+    wait_for("the connection records to come back", WAIT, || {
+        let (api, sid) = (api.clone(), sid.clone());
+        async move {
+            let mut nodes = session_conns(&api, &sid).await?;
+            nodes.sort();
+            (nodes == ["node-a", "node-b", "node-c"]).then_some(())
+        }
+    })
+    .await;
+    for n in &cluster.nodes {
+        let url = format!("{}/readyz", n.base);
+        wait_for("readiness", WAIT, || {
+            let url = url.clone();
+            async move {
+                reqwest::get(&url)
+                    .await
+                    .ok()?
+                    .status()
+                    .is_success()
+                    .then_some(())
+            }
+        })
+        .await;
+    }
+    for ws in &mut sockets {
+        ws.assert_alive().await;
+    }
+    assert_eq!(api.me_status(&s.token).await, StatusCode::OK);
+    let fresh = api.create_session("alice", "after").await;
+    for ws in &mut sockets {
+        assert_eq!(
+            ws.expect("session_created").await["session"]["session_id"],
+            fresh.session_id.as_str()
+        );
+    }
+    kill(&api, &s.session_id).await;
+    for ws in &mut sockets {
+        assert_eq!(ws.expect_close().await.0, 4001);
+    }
+    assert!(load.await.unwrap() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_empty_closes_every_socket_and_refuses_every_token() {
+    let redis = RedisServer::start_with(true).await;
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        nodes.push(TestCluster::node(&redis, i, FAST_LEASE).await);
+    }
+    let mut cluster = TestCluster { redis, nodes };
+    let api = Api::new(&cluster.nodes[0]);
+    let mut all = Vec::new();
+    for user in ["alice", "bob"] {
+        let s = api.create_session(user, "test").await;
+        for n in &cluster.nodes {
+            all.push((
+                s.token.clone(),
+                WsClient::connect(n, &s.token).await.unwrap(),
+            ));
+        }
+    }
+    cluster.redis.stop().await;
+    cluster.redis.start_again(true).await;
+    let started = Instant::now();
+    for (_, ws) in &mut all {
+        let (code, took) = closed_within(ws, started).await;
+        assert_eq!(code, 4001);
+        assert!(took <= WAIT);
+    }
+    for (token, _) in &all {
+        for n in &cluster.nodes {
+            assert_eq!(Api::new(n).me_status(token).await, StatusCode::UNAUTHORIZED);
+        }
+    }
+    // Every node is alive and serving.
+    for n in &cluster.nodes {
+        assert_eq!(n.health().await["status"], "ok");
+        let s = Api::new(n).create_session("carol", "again").await;
+        let mut ws = WsClient::connect(n, &s.token).await.unwrap();
+        ws.assert_alive().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_every_socket_with_1001_removes_the_nodes_records_and_exits_in_time() {
+    let mut cluster = TestCluster::start_with(3, FAST_LEASE).await;
+    let api = Api::new(&cluster.nodes[0]);
+    let mut on_b = Vec::new();
+    for i in 0..40 {
+        let s = api.create_session(&format!("user{i}"), "test").await;
+        on_b.push(
+            WsClient::connect(&cluster.nodes[1], &s.token)
+                .await
+                .unwrap(),
+        );
+        if i % 10 == 0 {
+            // A socket of the same session on another node must survive.
+            let mut keep = WsClient::connect(&cluster.nodes[2], &s.token)
+                .await
+                .unwrap();
+            keep.assert_alive().await;
+            std::mem::forget(keep);
+        }
+    }
+    let started = Instant::now();
+    cluster.nodes[1].signal("TERM");
+    for ws in &mut on_b {
+        assert_eq!(ws.expect_close().await.0, 1001);
+    }
+    let status = tokio::time::timeout(Duration::from_secs(10), cluster.nodes[1].wait())
+        .await
+        .expect("the node must exit within 10 s of SIGTERM");
+    assert!(status.success(), "{status:?}");
+    assert!(started.elapsed() <= Duration::from_secs(10));
+    assert!(
+        hkeys(&cluster.redis, "sh:node:node-b:conns")
+            .await
+            .is_empty()
+    );
+    let mut c = cluster.redis.conn().await;
+    let score: Option<f64> = redis::cmd("ZSCORE")
+        .arg("sh:nodes")
+        .arg("node-b")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(score, None, "the node's lease is gone");
+    let counts: Value = api
+        .service(Method::GET, "/api/v1/presence", None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        counts,
+        json!({ "online_users": 4, "connections": 4, "nodes": 2 })
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_closed_with_1013_and_nobody_else_waits() {
+    let cluster = TestCluster::start(1).await;
+    let node = &cluster.nodes[0];
+    let api = Api::new(node);
+    let slow_s = api.create_session("slow", "test").await;
+    let good_s = api.create_session("good", "test").await;
+    let mut slow = WsClient::connect(node, &slow_s.token).await.unwrap();
+    let mut good = WsClient::connect(node, &good_s.token).await.unwrap();
+    let big = "x".repeat(60 * 1024);
+    let publish = |to: Value, data: Value| {
+        let api = api.clone();
+        async move {
+            let res = api
+                .service(
+                    Method::POST,
+                    "/api/v1/publish",
+                    Some(json!({ "to": to, "event": "e", "data": data })),
+                )
+                .await;
+            assert_eq!(res.status(), StatusCode::ACCEPTED);
+        }
+    };
+    let mut i = 0;
+    loop {
+        // 20 large frames to the client that never reads, one small to the good one.
+        for _ in 0..20 {
+            publish(json!({ "user": "slow" }), json!(big)).await;
+        }
+        let sent = Instant::now();
+        publish(json!({ "user": "good" }), json!(i)).await;
+        let f = good.expect("message").await;
+        assert_eq!(f["data"], i);
+        assert!(
+            sent.elapsed() < Duration::from_secs(1),
+            "good client waited {:?}",
+            sent.elapsed()
+        );
+        i += 1;
+        if node.health().await["hub"]["slow_closes"].as_u64().unwrap() > 0 {
+            break;
+        }
+        assert!(i < 100, "the slow client was never closed");
+    }
+    // The slow client, reading again, finds the close after what was already queued.
+    let (code, frames) = slow.expect_close().await;
+    assert_eq!(code, 1013);
+    assert!(!frames.is_empty());
+    good.assert_alive().await;
+}
