@@ -16,7 +16,8 @@
 -- which is also the first 8 characters of each of that user's session and connection
 -- ids; every per-user key carries the hash tag {T}.
 --   P{T}:session:<sid>         hash  user_id secret_hash user_agent ip created_at
---                                    last_seen_at expires_at; expires with the session
+--                                    last_seen_at expires_at idle_ms; the key's TTL is
+--                                    expires_at + 60 s, a backstop: sh_expire ends it first
 --   P{T}:session:<sid>:conns   hash  connection_id -> "<node_id>|<connected_at>"
 --   P{T}:user:<uid>:sessions   hash  session_id -> expires_at
 --   P{T}:conn:<cid>            hash  session_id user_id node_id connected_at
@@ -26,6 +27,8 @@
 --   Pnode:<node>:conns         hash  connection_id -> session_id (the node's records)
 --   Ponline                    zset  user_id, score 0 (lexical order, for paging)
 --   Ponline:conns              hash  user_id -> number of live connections
+--   Pexpiry                    zset  session_id -> when it ends by itself (the earlier
+--                                    of expires_at and last_seen_at + idle_ms)
 -- Channels: Pnode:<node> carries events for one node's sockets; Pall reaches all.
 -- Event payloads are JSON with a stable tag "t"; "message" events are a JSON header
 -- line, a newline, then the client frame verbatim.
@@ -58,6 +61,15 @@ end
 
 local function node_channel(P, node)
   return P .. 'node:' .. node
+end
+
+-- How long a session's keys outlive its absolute expiry, so that sh_expire, which
+-- tells the nodes, ends it before Redis drops the keys silently.
+local EXPIRY_GRACE_MS = 60000
+
+-- When a session ends by itself.
+local function deadline(expires_at, last_seen_at, idle_ms)
+  return math.min(tonumber(expires_at), tonumber(last_seen_at) + tonumber(idle_ms))
 end
 
 local function bad_key(what)
@@ -134,6 +146,7 @@ local function end_session(P, sid, uid)
   end
   redis.call('DEL', sk, sk .. ':conns')
   redis.call('HDEL', user_key(P, tag_of(sid), uid), sid)
+  redis.call('ZREM', P .. 'expiry', sid)
   return nodes
 end
 
@@ -151,7 +164,7 @@ end
 
 -- sh_create_session: create a session and tell the user's other sessions.
 --   KEYS[1] P{T}:session:<sid>   KEYS[2] P{T}:user:<uid>:sessions
---   ARGV user_id, secret_hash, user_agent, ip, now, expires_at
+--   ARGV user_id, secret_hash, user_agent, ip, now, expires_at, idle_ms
 --   Returns the number of nodes notified; error EXISTS if the id is taken.
 --   Publishes {"t":"session_created","session":{...}} (times as strings) to each node
 --   holding a socket of another live session of the user.
@@ -161,10 +174,12 @@ redis.register_function('sh_create_session', function(keys, args)
   if not base then return bad_key('P{T}:session:<id>') end
   local P = prefix_tagged(sk)
   if redis.call('EXISTS', sk) == 1 then return redis.error_reply('EXISTS session id taken') end
-  local uid, now, expires = args[1], args[5], args[6]
+  local uid, now, expires, idle = args[1], args[5], args[6], args[7]
   redis.call('HSET', sk, 'user_id', uid, 'secret_hash', args[2], 'user_agent', args[3],
-    'ip', args[4], 'created_at', now, 'last_seen_at', now, 'expires_at', expires)
-  redis.call('PEXPIREAT', sk, expires)
+    'ip', args[4], 'created_at', now, 'last_seen_at', now, 'expires_at', expires,
+    'idle_ms', idle)
+  redis.call('PEXPIREAT', sk, tonumber(expires) + EXPIRY_GRACE_MS)
+  redis.call('ZADD', P .. 'expiry', deadline(expires, now, idle), sid)
 
   local nodes, count = {}, 0
   for _, other in ipairs(redis.call('HKEYS', uk)) do
@@ -183,13 +198,14 @@ redis.register_function('sh_create_session', function(keys, args)
   end
   redis.call('HSET', uk, sid, expires)
   -- The index lives as long as its longest-lived session (-1: no expiry yet).
-  if redis.call('PEXPIRETIME', uk) < tonumber(expires) then
-    redis.call('PEXPIREAT', uk, expires)
+  local keep_until = tonumber(expires) + EXPIRY_GRACE_MS
+  if redis.call('PEXPIRETIME', uk) < keep_until then
+    redis.call('PEXPIREAT', uk, keep_until)
   end
   if count > 0 then
     local event = cjson.encode({ t = 'session_created', session = {
       session_id = sid, user_id = uid, user_agent = args[3], ip = args[4],
-      created_at = now, last_seen_at = now, expires_at = expires } })
+      created_at = now, last_seen_at = now, expires_at = expires, idle_ms = idle } })
     for node in pairs(nodes) do
       redis.call('PUBLISH', node_channel(P, node), event)
     end
@@ -197,11 +213,14 @@ redis.register_function('sh_create_session', function(keys, args)
   return count
 end)
 
--- sh_register_connection: check a token's secret and record a live connection.
+-- sh_register_connection: check a token's secret and record a live connection, within
+-- the socket limits; counts as activity of the session.
 --   KEYS[1] P{T}:session:<sid>
---   ARGV secret_hash, connection_id, node_id, now
+--   ARGV secret_hash, connection_id, node_id, now, max sockets per session,
+--        max sockets per user
 --   Returns nil for no live session or a wrong secret, else {user_id, user_agent, ip,
---   created_at, last_seen_at, expires_at}. Error FENCED if the node holds no lease.
+--   created_at, last_seen_at, expires_at, idle_ms}. Errors: FENCED if the node holds no
+--   lease, LIMIT if a socket limit is reached.
 redis.register_function('sh_register_connection', function(keys, args)
   local sk = keys[1]
   local sid = string.match(sk, 'session:([0-9a-f]+)$')
@@ -209,14 +228,68 @@ redis.register_function('sh_register_connection', function(keys, args)
   local P = prefix_tagged(sk)
   local cid, node, now = args[2], args[3], tonumber(args[4])
   local f = redis.call('HMGET', sk, 'secret_hash', 'user_id', 'user_agent', 'ip',
-    'created_at', 'expires_at')
+    'created_at', 'expires_at', 'last_seen_at', 'idle_ms')
   if not f[1] or not ct_equal(f[1], args[1]) then return false end
-  if tonumber(f[6]) <= now then return false end
+  if deadline(f[6], f[7], f[8]) <= now then return false end
   if not lease_ok(P, node, now) then return redis.error_reply('FENCED node holds no lease') end
+  if redis.call('HLEN', sk .. ':conns') >= tonumber(args[5]) then
+    return redis.error_reply('LIMIT too many sockets for this session (at most ' .. args[5] .. ')')
+  end
+  if tonumber(redis.call('HGET', P .. 'online:conns', f[2]) or '0') >= tonumber(args[6]) then
+    return redis.error_reply('LIMIT too many sockets for this user (at most ' .. args[6] .. ')')
+  end
   add_conn(P, cid, sid, f[2], node, args[4])
   redis.call('HSET', sk, 'last_seen_at', args[4])
-  redis.call('PEXPIREAT', sk .. ':conns', f[6])
-  return { f[2], f[3], f[4], f[5], args[4], f[6] }
+  redis.call('ZADD', P .. 'expiry', deadline(f[6], now, f[8]), sid)
+  redis.call('PEXPIREAT', sk .. ':conns', tonumber(f[6]) + EXPIRY_GRACE_MS)
+  return { f[2], f[3], f[4], f[5], args[4], f[6], f[8] }
+end)
+
+-- sh_touch: record activity of a session (its idle expiry moves).
+--   KEYS[1] P{T}:session:<sid>   ARGV now
+--   Returns 1, or 0 if there is no live session.
+redis.register_function('sh_touch', function(keys, args)
+  local sk = keys[1]
+  local sid = string.match(sk, 'session:([0-9a-f]+)$')
+  if not sid then return bad_key('P{T}:session:<id>') end
+  local now = tonumber(args[1])
+  local f = redis.call('HMGET', sk, 'expires_at', 'last_seen_at', 'idle_ms')
+  if not f[1] or deadline(f[1], f[2], f[3]) <= now then return 0 end
+  redis.call('HSET', sk, 'last_seen_at', args[1])
+  redis.call('ZADD', prefix_tagged(sk) .. 'expiry', deadline(f[1], now, f[3]), sid)
+  return 1
+end)
+
+-- sh_expire: end every session whose lifetime ran out, like a kill with reason
+-- "expired" (session_ended to each node holding one of its sockets).
+--   KEYS[1] Pexpiry   ARGV now, most sessions to look at in this call
+--   Returns the number of sessions ended.
+redis.register_function('sh_expire', function(keys, args)
+  local P = string.match(keys[1], '^(.*)expiry$')
+  if not P then return bad_key('Pexpiry') end
+  local now = tonumber(args[1])
+  local per_node, ended = {}, 0
+  local due = redis.call('ZRANGE', keys[1], '-inf', now, 'BYSCORE', 'LIMIT', 0, tonumber(args[2]))
+  for _, sid in ipairs(due) do
+    local sk = session_key(P, sid)
+    local f = redis.call('HMGET', sk, 'user_id', 'expires_at', 'last_seen_at', 'idle_ms')
+    if not f[1] then
+      redis.call('ZREM', keys[1], sid)
+    else
+      local d = deadline(f[2], f[3], f[4])
+      if d > now then
+        redis.call('ZADD', keys[1], d, sid) -- activity moved it; look again later
+      else
+        ended = ended + 1
+        for node in pairs(end_session(P, sid, f[1])) do
+          per_node[node] = per_node[node] or {}
+          table.insert(per_node[node], sid)
+        end
+      end
+    end
+  end
+  publish_ended(P, per_node, 'expired')
+  return ended
 end)
 
 -- sh_unregister_connection: remove a closed connection's records (and its groups).
@@ -280,9 +353,9 @@ end)
 
 -- sh_user_sessions: a user's live sessions with their connections.
 --   KEYS[1] P{T}:user:<uid>:sessions
---   Returns per live session {session_id, user_agent, ip, created_at, last_seen_at,
---   expires_at, {connection_id, "<node>|<connected_at>", ...}}; index entries of
---   sessions that expired on their own are removed on the way.
+--   Returns per session {session_id, user_agent, ip, created_at, last_seen_at,
+--   expires_at, idle_ms, {connection_id, "<node>|<connected_at>", ...}}; index entries
+--   of sessions whose keys are gone are removed on the way.
 redis.register_function('sh_user_sessions', function(keys, args)
   local uk = keys[1]
   if not string.match(uk, '}:user:.*:sessions$') then return bad_key('P{T}:user:<uid>:sessions') end
@@ -290,11 +363,12 @@ redis.register_function('sh_user_sessions', function(keys, args)
   local out = {}
   for _, sid in ipairs(redis.call('HKEYS', uk)) do
     local sk = session_key(P, sid)
-    local f = redis.call('HMGET', sk, 'user_agent', 'ip', 'created_at', 'last_seen_at', 'expires_at')
+    local f = redis.call('HMGET', sk, 'user_agent', 'ip', 'created_at', 'last_seen_at',
+      'expires_at', 'idle_ms')
     if not f[3] then
       redis.call('HDEL', uk, sid)
     else
-      table.insert(out, { sid, f[1], f[2], f[3], f[4], f[5], redis.call('HGETALL', sk .. ':conns') })
+      table.insert(out, { sid, f[1], f[2], f[3], f[4], f[5], f[6], redis.call('HGETALL', sk .. ':conns') })
     end
   end
   return out

@@ -65,6 +65,7 @@ fn new_session(u: &str) -> NewSession {
         user_agent: Some("Firefox on laptop".into()),
         ip: Some("192.0.2.1".into()),
         ttl: Duration::from_secs(3600),
+        idle: Duration::from_secs(1800),
     }
 }
 

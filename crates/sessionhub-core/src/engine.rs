@@ -29,6 +29,9 @@ pub enum EngineError {
     /// The store answered with something this version cannot read.
     #[error("session store returned an unexpected reply: {0}")]
     Corrupt(String),
+    /// A configured limit refused the operation; the message says which.
+    #[error("{0}")]
+    Limit(String),
 }
 
 /// An event for the sockets held by one node.
@@ -115,7 +118,9 @@ pub trait Engine: Send + Sync + 'static {
     ) -> Result<u64, EngineError>;
 
     /// Authenticates `token` and, if valid, records connection `connection_id` on this
-    /// node, in one atomic step. Returns the session, or `None` for a bad token.
+    /// node, in one atomic step, within the engine's [`crate::ConnLimits`] (over a
+    /// limit: [`EngineError::Limit`]). Counts as activity. Returns the session, or
+    /// `None` for a bad, ended or expired token.
     async fn register_connection(
         &self,
         token: &Token,
@@ -159,4 +164,13 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Removes every record of this node and its lease (graceful shutdown).
     async fn leave(&self) -> Result<(), EngineError>;
+
+    /// Records activity of a session: pushes its idle expiry to now + idle timeout.
+    /// Callers throttle this (once a minute per session is plenty).
+    async fn touch(&self, session_id: &SessionId) -> Result<(), EngineError>;
+
+    /// Ends every session whose absolute or idle lifetime has run out, like a kill
+    /// with reason `expired` (events to every node holding its sockets). Any node may
+    /// call it at any time; returns how many sessions it ended.
+    async fn expire_due(&self) -> Result<u64, EngineError>;
 }

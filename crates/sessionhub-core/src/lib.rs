@@ -22,7 +22,7 @@ pub mod token;
 pub use engine::{Engine, EngineError, EventSender, NodeEvent};
 pub use ids::{ConnectionId, GroupName, IdError, NodeId, SessionId, UserId};
 pub use model::{
-    ConnectionInfo, CreatedSession, Delivery, EndReason, LocalRecord, Member, NewSession,
-    OnlineUser, PresenceCounts, Session, Target,
+    ConnLimits, ConnectionInfo, CreatedSession, Delivery, EndReason, LocalRecord, Member,
+    NewSession, OnlineUser, PresenceCounts, Session, Target,
 };
 pub use token::{SecretHash, Token, TokenError};

@@ -15,8 +15,8 @@ use bytestring::ByteString;
 use crate::engine::{Engine, EngineError, EventSender, NodeEvent};
 use crate::ids::{ConnectionId, GroupName, NodeId, SessionId, UserId};
 use crate::model::{
-    ConnectionInfo, CreatedSession, Delivery, EndReason, LocalRecord, Member, NewSession,
-    OnlineUser, PresenceCounts, Session, Target,
+    ConnLimits, ConnectionInfo, CreatedSession, Delivery, EndReason, LocalRecord, Member,
+    NewSession, OnlineUser, PresenceCounts, Session, Target,
 };
 use crate::time::now_ms;
 use crate::token::{SecretHash, Token};
@@ -49,16 +49,12 @@ struct State {
 type Outbox = Vec<(EventSender, NodeEvent)>;
 
 impl State {
-    /// Ends `sid` if its lifetime is over; returns whether it is alive.
-    fn alive(&mut self, sid: &SessionId, now: i64) -> bool {
-        match self.sessions.get(sid) {
-            Some(r) if r.session.expires_at > now => true,
-            Some(_) => {
-                self.end_session(sid);
-                false
-            }
-            None => false,
-        }
+    /// Whether `sid` exists and its lifetime is not over. (Sessions past their
+    /// lifetime are ended, with events, by `expire_due`.)
+    fn alive(&self, sid: &SessionId, now: i64) -> bool {
+        self.sessions
+            .get(sid)
+            .is_some_and(|r| !r.session.expired_at(now))
     }
 
     fn add_conn(&mut self, cid: &ConnectionId, sid: &SessionId, node: &NodeId, at: i64) -> bool {
@@ -156,7 +152,7 @@ impl State {
         s
     }
 
-    fn live_sessions_of(&mut self, user: &UserId, now: i64) -> Vec<SessionId> {
+    fn live_sessions_of(&self, user: &UserId, now: i64) -> Vec<SessionId> {
         let sids: Vec<SessionId> = self
             .users
             .get(user)
@@ -242,13 +238,28 @@ impl MemoryStore {
 pub struct MemoryEngine {
     store: MemoryStore,
     node_id: NodeId,
+    limits: ConnLimits,
 }
 
 impl MemoryEngine {
     /// Attaches node `node_id` to `store`; its events go to `events`.
     pub fn new(store: MemoryStore, node_id: NodeId, events: EventSender) -> Self {
+        Self::with_limits(store, node_id, events, ConnLimits::default())
+    }
+
+    /// Like [`MemoryEngine::new`], with socket limits.
+    pub fn with_limits(
+        store: MemoryStore,
+        node_id: NodeId,
+        events: EventSender,
+        limits: ConnLimits,
+    ) -> Self {
         store.lock().nodes.insert(node_id.clone(), events);
-        Self { store, node_id }
+        Self {
+            store,
+            node_id,
+            limits,
+        }
     }
 }
 
@@ -311,6 +322,7 @@ impl Engine for MemoryEngine {
             created_at: now,
             last_seen_at: now,
             expires_at: now + new.ttl.as_millis() as i64,
+            idle_expires_at: now + new.idle.as_millis() as i64,
             connections: Vec::new(),
         };
         let outbox: Outbox = {
@@ -356,7 +368,7 @@ impl Engine for MemoryEngine {
     }
 
     async fn authenticate(&self, token: &Token) -> Result<Option<Session>, EngineError> {
-        let mut st = self.store.lock();
+        let st = self.store.lock();
         let sid = token.session_id();
         if !st.alive(sid, now_ms()) {
             return Ok(None);
@@ -369,7 +381,7 @@ impl Engine for MemoryEngine {
     }
 
     async fn get_session(&self, session_id: &SessionId) -> Result<Option<Session>, EngineError> {
-        let mut st = self.store.lock();
+        let st = self.store.lock();
         if !st.alive(session_id, now_ms()) {
             return Ok(None);
         }
@@ -377,7 +389,7 @@ impl Engine for MemoryEngine {
     }
 
     async fn user_sessions(&self, user_id: &UserId) -> Result<Vec<Session>, EngineError> {
-        let mut st = self.store.lock();
+        let st = self.store.lock();
         let sids = st.live_sessions_of(user_id, now_ms());
         let mut out: Vec<Session> = sids
             .iter()
@@ -452,16 +464,30 @@ impl Engine for MemoryEngine {
         if !st.alive(sid, now) {
             return Ok(None);
         }
-        match st.sessions.get(sid) {
-            Some(r) if r.secret_hash.ct_eq(&token.secret_hash()) => {}
+        let (user, in_session) = match st.sessions.get(sid) {
+            Some(r) if r.secret_hash.ct_eq(&token.secret_hash()) => {
+                (r.session.user_id.clone(), r.conns.len())
+            }
             _ => return Ok(None),
+        };
+        if in_session >= self.limits.per_session as usize {
+            return Err(EngineError::Limit(format!(
+                "too many sockets for this session (at most {})",
+                self.limits.per_session
+            )));
+        }
+        if st.online.get(&user).copied().unwrap_or(0) >= u64::from(self.limits.per_user) {
+            return Err(EngineError::Limit(format!(
+                "too many sockets for this user (at most {})",
+                self.limits.per_user
+            )));
         }
         st.add_conn(connection_id, sid, &self.node_id, now);
         let rec = st
             .sessions
             .get_mut(sid)
-            .ok_or_else(|| EngineError::Corrupt("vanished".into()))?;
-        rec.session.last_seen_at = now;
+            .ok_or_else(|| EngineError::Corrupt("session vanished".into()))?;
+        touch(&mut rec.session, now);
         Ok(Some(rec.session.clone()))
     }
 
@@ -591,7 +617,7 @@ impl Engine for MemoryEngine {
 
     async fn sessions_alive(&self, sessions: &[SessionId]) -> Result<Vec<bool>, EngineError> {
         let now = now_ms();
-        let mut st = self.store.lock();
+        let st = self.store.lock();
         Ok(sessions.iter().map(|s| st.alive(s, now)).collect())
     }
 
@@ -618,4 +644,47 @@ impl Engine for MemoryEngine {
         self.store.lock().drop_node(&self.node_id);
         Ok(())
     }
+
+    async fn touch(&self, session_id: &SessionId) -> Result<(), EngineError> {
+        let now = now_ms();
+        let mut st = self.store.lock();
+        if st.alive(session_id, now)
+            && let Some(r) = st.sessions.get_mut(session_id)
+        {
+            touch(&mut r.session, now);
+        }
+        Ok(())
+    }
+
+    async fn expire_due(&self) -> Result<u64, EngineError> {
+        let now = now_ms();
+        let (n, outbox) = {
+            let mut st = self.store.lock();
+            let due: Vec<SessionId> = st
+                .sessions
+                .iter()
+                .filter(|(_, r)| r.session.expired_at(now))
+                .map(|(sid, _)| sid.clone())
+                .collect();
+            let mut per_node: HashMap<NodeId, Vec<SessionId>> = HashMap::new();
+            for sid in &due {
+                for node in st.end_session(sid) {
+                    per_node.entry(node).or_default().push(sid.clone());
+                }
+            }
+            (
+                due.len() as u64,
+                ended_events(&st, per_node, EndReason::Expired),
+            )
+        };
+        deliver(outbox).await;
+        Ok(n)
+    }
+}
+
+/// Activity at `now`: the idle expiry moves with it.
+fn touch(s: &mut Session, now: i64) {
+    let idle = s.idle_ms();
+    s.last_seen_at = now;
+    s.idle_expires_at = now + idle;
 }

@@ -15,6 +15,8 @@ pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const MAX_SESSION_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Longest `user_agent` kept, in bytes (longer ones are refused).
 pub const MAX_USER_AGENT_LEN: usize = 512;
+/// Default idle timeout: a session without authenticated activity this long ends.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// What is needed to create a session. Validated by the caller (the HTTP layer).
 #[derive(Debug, Clone)]
@@ -25,8 +27,10 @@ pub struct NewSession {
     pub user_agent: Option<String>,
     /// The device's address, for display.
     pub ip: Option<String>,
-    /// Lifetime from now.
+    /// Absolute lifetime from now.
     pub ttl: Duration,
+    /// Idle timeout: the session ends after this long without activity.
+    pub idle: Duration,
 }
 
 /// A live WebSocket connection of a session.
@@ -62,9 +66,54 @@ pub struct Session {
     /// Absolute expiry (Unix ms; RFC 3339 on the wire).
     #[serde(with = "as_rfc3339")]
     pub expires_at: i64,
+    /// When it ends if there is no activity before (`last_seen_at` + idle timeout).
+    #[serde(with = "as_rfc3339")]
+    pub idle_expires_at: i64,
     /// Live connections, sorted by connection time.
     pub connections: Vec<ConnectionInfo>,
 }
+
+impl Session {
+    /// The idle timeout in milliseconds.
+    pub fn idle_ms(&self) -> i64 {
+        self.idle_expires_at - self.last_seen_at
+    }
+
+    /// When the session ends by itself: the earlier of its absolute and idle
+    /// expiry.
+    pub fn deadline(&self) -> i64 {
+        self.expires_at.min(self.idle_expires_at)
+    }
+
+    /// Whether it has ended by itself at `now`.
+    pub fn expired_at(&self, now: i64) -> bool {
+        self.deadline() <= now
+    }
+}
+
+/// Limits on the sockets of one session and one user, enforced atomically when a
+/// connection registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// Most live sockets of one session.
+    pub per_session: u32,
+    /// Most live sockets of one user, across sessions and nodes.
+    pub per_user: u32,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        Self {
+            per_session: DEFAULT_MAX_SOCKETS_PER_SESSION,
+            per_user: DEFAULT_MAX_SOCKETS_PER_USER,
+        }
+    }
+}
+
+/// Default [`ConnLimits::per_session`].
+pub const DEFAULT_MAX_SOCKETS_PER_SESSION: u32 = 32;
+/// Default [`ConnLimits::per_user`].
+pub const DEFAULT_MAX_SOCKETS_PER_USER: u32 = 128;
 
 /// A freshly created session and its token, which is shown exactly once.
 #[derive(Debug, Clone)]

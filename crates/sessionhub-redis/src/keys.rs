@@ -66,6 +66,11 @@ impl Keys {
         format!("{}online", self.prefix)
     }
 
+    /// When each session ends by itself.
+    pub fn expiry(&self) -> String {
+        format!("{}expiry", self.prefix)
+    }
+
     /// The channel every node subscribes to.
     pub fn all_channel(&self) -> String {
         format!("{}all", self.prefix)

@@ -26,9 +26,9 @@ use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
 use redis::{RedisError, ToRedisArgs};
 use sessionhub_core::time::now_ms;
 use sessionhub_core::{
-    ConnectionId, ConnectionInfo, CreatedSession, Delivery, EndReason, Engine, EngineError,
-    EventSender, GroupName, LocalRecord, Member, NewSession, NodeId, OnlineUser, PresenceCounts,
-    SecretHash, Session, SessionId, Target, Token, UserId,
+    ConnLimits, ConnectionId, ConnectionInfo, CreatedSession, Delivery, EndReason, Engine,
+    EngineError, EventSender, GroupName, LocalRecord, Member, NewSession, NodeId, OnlineUser,
+    PresenceCounts, SecretHash, Session, SessionId, Target, Token, UserId,
 };
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -44,6 +44,8 @@ pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_POOL_SIZE: usize = 16;
 /// No arguments for a function call.
 const NO_ARGS: &[&str] = &[];
+/// Sessions `sh_expire` ends per call, to keep each call short.
+const EXPIRE_BATCH: usize = 500;
 /// Sockets re-asserted per function call, to keep each call short.
 const REASSERT_BATCH: usize = 1000;
 
@@ -65,6 +67,8 @@ pub struct RedisConfig {
     pub pool_size: usize,
     /// Node lease and reaper timing.
     pub lease: LeaseConfig,
+    /// Socket limits per session and per user.
+    pub limits: ConnLimits,
 }
 
 impl RedisConfig {
@@ -77,6 +81,7 @@ impl RedisConfig {
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
             pool_size: DEFAULT_POOL_SIZE,
             lease: LeaseConfig::default(),
+            limits: ConnLimits::default(),
         }
     }
 }
@@ -127,6 +132,7 @@ pub(crate) struct Inner {
     node_id: NodeId,
     command_timeout: Duration,
     lease: LeaseConfig,
+    limits: ConnLimits,
     stop: CancellationToken,
     /// Wakes the lease task to rejoin at once (a call found the node fenced).
     rejoin: Notify,
@@ -197,6 +203,7 @@ impl RedisEngine {
             node_id,
             command_timeout: config.command_timeout,
             lease: config.lease,
+            limits: config.limits,
             stop: CancellationToken::new(),
             rejoin: Notify::new(),
             last_probe: AtomicI64::new(0),
@@ -323,6 +330,12 @@ impl Inner {
                     tracing::warn!("Redis lost the function library; loading it again");
                     self.load_library().await?;
                 }
+                Err(EngineError::Corrupt(msg)) if msg.contains("LIMIT") => {
+                    let detail = msg.split("LIMIT").nth(1).unwrap_or("");
+                    return Err(EngineError::Limit(
+                        detail.trim_start_matches([':', ' ']).to_owned(),
+                    ));
+                }
                 Err(EngineError::Corrupt(msg)) if msg.contains("FENCED") => {
                     self.rejoin.notify_one();
                     return Err(EngineError::Unavailable(
@@ -357,23 +370,28 @@ impl Inner {
     }
 }
 
-fn session_from_fields(
-    sid: &SessionId,
+/// A session's stored fields, as strings.
+struct Fields {
     user_id: String,
     user_agent: String,
     ip: String,
-    created_at: &str,
-    last_seen_at: &str,
-    expires_at: &str,
-) -> Result<Session, EngineError> {
+    created_at: String,
+    last_seen_at: String,
+    expires_at: String,
+    idle_ms: String,
+}
+
+fn session_from_fields(sid: &SessionId, f: Fields) -> Result<Session, EngineError> {
+    let last_seen_at = wire::ms(&f.last_seen_at).map_err(corrupt)?;
     Ok(Session {
         session_id: sid.clone(),
-        user_id: UserId::parse(&user_id).map_err(corrupt)?,
-        user_agent: wire::non_empty(user_agent),
-        ip: wire::non_empty(ip),
-        created_at: wire::ms(created_at).map_err(corrupt)?,
-        last_seen_at: wire::ms(last_seen_at).map_err(corrupt)?,
-        expires_at: wire::ms(expires_at).map_err(corrupt)?,
+        user_id: UserId::parse(&f.user_id).map_err(corrupt)?,
+        user_agent: wire::non_empty(f.user_agent),
+        ip: wire::non_empty(f.ip),
+        created_at: wire::ms(&f.created_at).map_err(corrupt)?,
+        last_seen_at,
+        expires_at: wire::ms(&f.expires_at).map_err(corrupt)?,
+        idle_expires_at: last_seen_at + wire::ms(&f.idle_ms).map_err(corrupt)?,
         connections: Vec::new(),
     })
 }
@@ -408,12 +426,15 @@ fn session_from_map(
 ) -> Result<Session, EngineError> {
     session_from_fields(
         sid,
-        field(&mut map, "user_id"),
-        field(&mut map, "user_agent"),
-        field(&mut map, "ip"),
-        &field(&mut map, "created_at"),
-        &field(&mut map, "last_seen_at"),
-        &field(&mut map, "expires_at"),
+        Fields {
+            user_id: field(&mut map, "user_id"),
+            user_agent: field(&mut map, "user_agent"),
+            ip: field(&mut map, "ip"),
+            created_at: field(&mut map, "created_at"),
+            last_seen_at: field(&mut map, "last_seen_at"),
+            expires_at: field(&mut map, "expires_at"),
+            idle_ms: field(&mut map, "idle_ms"),
+        },
     )
 }
 
@@ -458,6 +479,7 @@ impl Engine for RedisEngine {
     async fn create_session(&self, new: NewSession) -> Result<CreatedSession, EngineError> {
         let now = now_ms();
         let expires_at = now + new.ttl.as_millis() as i64;
+        let idle_ms = new.idle.as_millis() as i64;
         let user_agent = new.user_agent.clone().unwrap_or_default();
         let ip = new.ip.clone().unwrap_or_default();
         let keys = &self.inner.keys;
@@ -478,6 +500,7 @@ impl Engine for RedisEngine {
                         ip.as_str(),
                         now,
                         expires_at,
+                        idle_ms,
                     ),
                 )
                 .await;
@@ -491,6 +514,7 @@ impl Engine for RedisEngine {
                         created_at: now,
                         last_seen_at: now,
                         expires_at,
+                        idle_expires_at: now + idle_ms,
                         connections: Vec::new(),
                     };
                     return Ok(CreatedSession { session, token });
@@ -518,7 +542,7 @@ impl Engine for RedisEngine {
             return Ok(None);
         }
         let session = session_from_map(sid, map)?;
-        Ok((session.expires_at > now_ms()).then_some(session))
+        Ok((!session.expired_at(now_ms())).then_some(session))
     }
 
     async fn get_session(&self, session_id: &SessionId) -> Result<Option<Session>, EngineError> {
@@ -542,12 +566,16 @@ impl Engine for RedisEngine {
             return Ok(None);
         }
         let mut session = session_from_map(session_id, map)?;
+        if session.expired_at(now_ms()) {
+            return Ok(None);
+        }
         session.connections = parse_conns(conns)?;
         Ok(Some(session))
     }
 
     async fn user_sessions(&self, user_id: &UserId) -> Result<Vec<Session>, EngineError> {
         type Row = (
+            String,
             String,
             String,
             String,
@@ -564,23 +592,26 @@ impl Engine for RedisEngine {
                 NO_ARGS,
             )
             .await?;
-        let mut out = rows
-            .into_iter()
-            .map(|(sid, ua, ip, created, seen, expires, conns)| {
-                let sid = SessionId::parse(&sid).map_err(corrupt)?;
-                let mut s = session_from_fields(
-                    &sid,
-                    user_id.to_string(),
-                    ua,
-                    ip,
-                    &created,
-                    &seen,
-                    &expires,
-                )?;
-                s.connections = parse_conns(conns)?;
-                Ok(s)
-            })
-            .collect::<Result<Vec<_>, EngineError>>()?;
+        let now = now_ms();
+        let mut out = Vec::with_capacity(rows.len());
+        for (sid, user_agent, ip, created_at, last_seen_at, expires_at, idle_ms, conns) in rows {
+            let sid = SessionId::parse(&sid).map_err(corrupt)?;
+            let fields = Fields {
+                user_id: user_id.to_string(),
+                user_agent,
+                ip,
+                created_at,
+                last_seen_at,
+                expires_at,
+                idle_ms,
+            };
+            let mut s = session_from_fields(&sid, fields)?;
+            if s.expired_at(now) {
+                continue;
+            }
+            s.connections = parse_conns(conns)?;
+            out.push(s);
+        }
         out.sort_by(|a, b| (a.created_at, &a.session_id).cmp(&(b.created_at, &b.session_id)));
         Ok(out)
     }
@@ -627,7 +658,8 @@ impl Engine for RedisEngine {
         connection_id: &ConnectionId,
     ) -> Result<Option<Session>, EngineError> {
         let sid = token.session_id();
-        type Reply = Option<(String, String, String, String, String, String)>;
+        type Reply = Option<(String, String, String, String, String, String, String)>;
+        let limits = self.inner.limits;
         let reply: Reply = self
             .inner
             .fcall(
@@ -638,14 +670,25 @@ impl Engine for RedisEngine {
                     connection_id.as_str(),
                     self.inner.node_id.as_str(),
                     now_ms(),
+                    limits.per_session,
+                    limits.per_user,
                 ),
             )
             .await?;
-        reply
-            .map(|(uid, ua, ip, created, seen, expires)| {
-                session_from_fields(sid, uid, ua, ip, &created, &seen, &expires)
-            })
-            .transpose()
+        let Some((user_id, user_agent, ip, created_at, last_seen_at, expires_at, idle_ms)) = reply
+        else {
+            return Ok(None);
+        };
+        let fields = Fields {
+            user_id,
+            user_agent,
+            ip,
+            created_at,
+            last_seen_at,
+            expires_at,
+            idle_ms,
+        };
+        session_from_fields(sid, fields).map(Some)
     }
 
     async fn unregister_connection(&self, connection_id: &ConnectionId) -> Result<(), EngineError> {
@@ -808,6 +851,31 @@ impl Engine for RedisEngine {
             }
         }
         Ok(gone)
+    }
+
+    async fn touch(&self, session_id: &SessionId) -> Result<(), EngineError> {
+        self.inner
+            .fcall::<i64>("sh_touch", &[self.inner.keys.session(session_id)], now_ms())
+            .await
+            .map(drop)
+    }
+
+    async fn expire_due(&self) -> Result<u64, EngineError> {
+        let mut total = 0;
+        loop {
+            let n: i64 = self
+                .inner
+                .fcall(
+                    "sh_expire",
+                    &[self.inner.keys.expiry()],
+                    (now_ms(), EXPIRE_BATCH),
+                )
+                .await?;
+            total += n.max(0) as u64;
+            if (n.max(0) as usize) < EXPIRE_BATCH {
+                return Ok(total);
+            }
+        }
     }
 
     async fn leave(&self) -> Result<(), EngineError> {

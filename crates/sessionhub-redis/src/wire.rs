@@ -54,6 +54,7 @@ struct WireSession {
     created_at: String,
     last_seen_at: String,
     expires_at: String,
+    idle_ms: String,
 }
 
 /// `""` → `None`.
@@ -94,6 +95,7 @@ pub(crate) fn decode(payload: &[u8]) -> Result<Incoming, String> {
                 created_at: ms(&s.created_at)?,
                 last_seen_at: ms(&s.last_seen_at)?,
                 expires_at: ms(&s.expires_at)?,
+                idle_expires_at: ms(&s.last_seen_at)? + ms(&s.idle_ms)?,
                 connections: Vec::new(),
             },
         },
@@ -143,7 +145,7 @@ mod tests {
         assert!(
             matches!(ev, NodeEvent::SessionsEnded { reason: EndReason::Killed, ref session_ids } if session_ids.len() == 1)
         );
-        let ev = event(br#"{"t":"session_created","session":{"session_id":"2bd806c9aaaaaaaaaaaaaaaaaaaaaaaa","user_id":"alice","user_agent":"","ip":"10.0.0.1","created_at":"1","last_seen_at":"1","expires_at":"2"}}"#);
+        let ev = event(br#"{"t":"session_created","session":{"session_id":"2bd806c9aaaaaaaaaaaaaaaaaaaaaaaa","user_id":"alice","user_agent":"","ip":"10.0.0.1","created_at":"1","last_seen_at":"1","expires_at":"2","idle_ms":"5"}}"#);
         let NodeEvent::SessionCreated { session } = ev else {
             panic!()
         };

@@ -3,14 +3,13 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use actix_web::cookie::Cookie;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::{Deserialize, Serialize};
-use sessionhub_core::model::{DEFAULT_SESSION_TTL, MAX_SESSION_TTL, MAX_USER_AGENT_LEN};
+use sessionhub_core::model::{MAX_SESSION_TTL, MAX_USER_AGENT_LEN};
 use sessionhub_core::time::rfc3339;
-use sessionhub_core::{EndReason, NewSession, Session, SessionId, UserId};
+use sessionhub_core::{CreatedSession, EndReason, NewSession, Session, SessionId, UserId};
 
-use crate::auth::{COOKIE_NAME, CookieSession, ServiceAuth, check_same_origin};
+use crate::auth::{CookieSession, ServiceAuth, check_same_origin, removal_cookies};
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -39,13 +38,19 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 }
 
 /// Body of `POST /api/v1/sessions`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSession {
-    user_id: String,
-    user_agent: Option<String>,
-    ip: Option<String>,
-    ttl_secs: Option<u64>,
+    /// Owner.
+    pub user_id: String,
+    /// Device user agent.
+    pub user_agent: Option<String>,
+    /// Device address.
+    pub ip: Option<String>,
+    /// Absolute lifetime (default `SESSIONHUB_SESSION_TTL_SECS`).
+    pub ttl_secs: Option<u64>,
+    /// Idle timeout (default `SESSIONHUB_IDLE_TIMEOUT_SECS`).
+    pub idle_timeout_secs: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -71,24 +76,21 @@ fn parse_uid(s: &str) -> Result<UserId, ApiError> {
     UserId::parse(s).map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
-async fn create_session(
-    _: ServiceAuth,
-    state: web::Data<AppState>,
-    body: web::Json<CreateSession>,
-) -> Result<HttpResponse, ApiError> {
-    let body = body.into_inner();
-    let user_id = parse_uid(&body.user_id)?;
-    let ttl = match body.ttl_secs {
-        None => DEFAULT_SESSION_TTL,
-        Some(s) if s >= 1 && s <= MAX_SESSION_TTL.as_secs() => Duration::from_secs(s),
-        Some(_) => {
-            return Err(ApiError::BadRequest(format!(
-                "ttl_secs must be between 1 and {}",
-                MAX_SESSION_TTL.as_secs()
-            )));
-        }
+/// Validates what a caller asks for and fills in the configured defaults.
+pub(crate) fn new_session(state: &AppState, req: CreateSession) -> Result<NewSession, ApiError> {
+    let user_id = parse_uid(&req.user_id)?;
+    let max = MAX_SESSION_TTL.as_secs();
+    let secs = |v: Option<u64>, default: Duration, name: &str| match v {
+        None => Ok(default),
+        Some(s) if (1..=max).contains(&s) => Ok(Duration::from_secs(s)),
+        Some(_) => Err(ApiError::BadRequest(format!(
+            "{name} must be between 1 and {max}"
+        ))),
     };
-    let user_agent = body.user_agent.filter(|s| !s.is_empty());
+    let policy = &state.config.sessions;
+    let ttl = secs(req.ttl_secs, policy.ttl, "ttl_secs")?;
+    let idle = secs(req.idle_timeout_secs, policy.idle, "idle_timeout_secs")?;
+    let user_agent = req.user_agent.filter(|s| !s.is_empty());
     if let Some(ua) = &user_agent
         && (ua.len() > MAX_USER_AGENT_LEN || ua.chars().any(char::is_control))
     {
@@ -96,7 +98,7 @@ async fn create_session(
             "user_agent must be at most {MAX_USER_AGENT_LEN} bytes without control characters"
         )));
     }
-    let ip = match body.ip.filter(|s| !s.is_empty()) {
+    let ip = match req.ip.filter(|s| !s.is_empty()) {
         None => None,
         Some(ip) => Some(
             ip.parse::<IpAddr>()
@@ -104,17 +106,31 @@ async fn create_session(
                 .to_string(),
         ),
     };
-    let created = state
-        .engine
-        .create_session(NewSession {
-            user_id,
-            user_agent,
-            ip,
-            ttl,
-        })
-        .await?;
+    Ok(NewSession {
+        user_id,
+        user_agent,
+        ip,
+        ttl,
+        idle,
+    })
+}
+
+/// Creates a session (which tells the user's other sessions) and logs it.
+pub(crate) async fn create(state: &AppState, new: NewSession) -> Result<CreatedSession, ApiError> {
+    let created = state.engine.create_session(new).await?;
     let s = &created.session;
     tracing::info!(session_id = %s.session_id, user_id = %s.user_id, "session created");
+    Ok(created)
+}
+
+async fn create_session(
+    _: ServiceAuth,
+    state: web::Data<AppState>,
+    body: web::Json<CreateSession>,
+) -> Result<HttpResponse, ApiError> {
+    let new = new_session(&state, body.into_inner())?;
+    let created = create(&state, new).await?;
+    let s = &created.session;
     Ok(HttpResponse::Created().json(Created {
         session_id: &s.session_id,
         user_id: &s.user_id,
@@ -271,7 +287,9 @@ async fn logout(
         .kill_session(&s.session_id, Some(&s.user_id), EndReason::Logout)
         .await?;
     tracing::info!(session_id = %s.session_id, "session logged out");
-    let mut gone = Cookie::build(COOKIE_NAME, "").path("/").finish();
-    gone.make_removal();
-    Ok(HttpResponse::NoContent().cookie(gone).finish())
+    let mut res = HttpResponse::NoContent();
+    for gone in removal_cookies() {
+        res.cookie(gone);
+    }
+    Ok(res.finish())
 }

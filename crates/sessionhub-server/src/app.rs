@@ -21,8 +21,6 @@ use crate::state::AppState;
 
 /// Largest JSON request body.
 pub const MAX_JSON_BODY: usize = 64 * 1024;
-/// How long a client may take to send its request head (slowloris bound).
-pub const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long shutdown waits for sockets to close before stopping the server anyway.
 pub const SOCKET_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the HTTP server then gives in-flight requests.
@@ -62,11 +60,17 @@ impl Application {
                     key_prefix: config.key_prefix.clone(),
                     connect_timeout: config.redis_connect_timeout,
                     lease: config.lease,
+                    limits: config.conn_limits,
                     ..RedisConfig::new(url.clone())
                 };
                 Arc::new(RedisEngine::connect(rc, node_id, events_tx).await?)
             }
-            None => Arc::new(MemoryEngine::new(MemoryStore::new(), node_id, events_tx)),
+            None => Arc::new(MemoryEngine::with_limits(
+                MemoryStore::new(),
+                node_id,
+                events_tx,
+                config.conn_limits,
+            )),
         };
         let state = AppState {
             engine,
@@ -79,9 +83,12 @@ impl Application {
             state.clone(),
             state.config.revalidate_interval,
         ));
+        actix_web::rt::spawn(crate::sync::expire_forever(state.clone()));
 
         let data = web::Data::new(state.clone());
         let listen = state.config.listen;
+        let request_timeout = state.config.request_timeout;
+        let demo = state.config.demo;
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
@@ -96,6 +103,11 @@ impl Application {
                     web::PathConfig::default().error_handler(|_, _| ApiError::NotFound.into()),
                 )
                 .configure(crate::api::routes)
+                .configure(|c| {
+                    if demo {
+                        crate::demo::routes(c);
+                    }
+                })
                 .route("/ws", web::get().to(crate::ws::upgrade))
                 .route("/healthz", web::get().to(healthz))
                 .route("/readyz", web::get().to(readyz))
@@ -103,7 +115,7 @@ impl Application {
                     Err::<HttpResponse, _>(ApiError::NotFound)
                 }))
         })
-        .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
+        .client_request_timeout(request_timeout)
         .disable_signals()
         .shutdown_timeout(SERVER_STOP_TIMEOUT.as_secs())
         .bind(listen)

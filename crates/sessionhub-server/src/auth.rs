@@ -3,9 +3,13 @@
 use std::future::Future;
 use std::pin::Pin;
 
+use std::net::IpAddr;
+
+use actix_web::cookie::{Cookie, SameSite};
 use actix_web::dev::Payload;
 use actix_web::http::header;
 use actix_web::{FromRequest, HttpRequest, web};
+use sessionhub_core::time::now_ms;
 use sessionhub_core::{Session, Token};
 use subtle::ConstantTimeEq;
 
@@ -13,8 +17,12 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// Name of the session cookie.
+/// Name of the session cookie over plain HTTP.
 pub const COOKIE_NAME: &str = "sh_session";
+/// Name of the session cookie when it is `Secure`: browsers accept a `__Host-`
+/// cookie only from HTTPS, with `Path=/` and no `Domain`, so no sibling host or plain
+/// HTTP page can plant or overwrite it.
+pub const SECURE_COOKIE_NAME: &str = "__Host-sh_session";
 
 /// Proof that the request carries the service API key.
 pub struct ServiceAuth;
@@ -52,10 +60,76 @@ fn check_api_key(req: &HttpRequest) -> Result<ServiceAuth, ApiError> {
     }
 }
 
-/// The token in the request's `sh_session` cookie, if well-formed.
+/// The token in the request's session cookie (`__Host-sh_session`, else
+/// `sh_session`), if well-formed.
 pub fn cookie_token(req: &HttpRequest) -> Result<Token, ApiError> {
-    let cookie = req.cookie(COOKIE_NAME).ok_or(ApiError::Unauthorized)?;
+    let cookie = req
+        .cookie(SECURE_COOKIE_NAME)
+        .or_else(|| req.cookie(COOKIE_NAME))
+        .ok_or(ApiError::Unauthorized)?;
     Token::parse(cookie.value()).map_err(|_| ApiError::Unauthorized)
+}
+
+fn from_trusted_proxy(req: &HttpRequest, config: &Config) -> bool {
+    req.peer_addr()
+        .is_some_and(|a| config.sessions.trusted_proxies.contains(&a.ip()))
+}
+
+/// Whether the client reached us over TLS: always with `SESSIONHUB_COOKIE_SECURE`,
+/// otherwise when a trusted proxy says `X-Forwarded-Proto: https`.
+pub fn is_secure(req: &HttpRequest, config: &Config) -> bool {
+    config.sessions.cookie_secure
+        || (from_trusted_proxy(req, config)
+            && req
+                .headers()
+                .get("x-forwarded-proto")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.eq_ignore_ascii_case("https")))
+}
+
+/// The client's address: the peer, or, behind a trusted proxy, the last address in
+/// `X-Forwarded-For` that is not itself a trusted proxy.
+pub fn client_ip(req: &HttpRequest, config: &Config) -> Option<IpAddr> {
+    let peer = req.peer_addr()?.ip();
+    if !from_trusted_proxy(req, config) {
+        return Some(peer);
+    }
+    let forwarded = req
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    forwarded
+        .rsplit(',')
+        .filter_map(|a| a.trim().parse::<IpAddr>().ok())
+        .find(|ip| !config.sessions.trusted_proxies.contains(ip))
+        .or(Some(peer))
+}
+
+/// The session cookie for `token`: HttpOnly, SameSite=Lax, Path=/, no expiry (it
+/// lives with the browser session; the server enforces the lifetimes), and `Secure`
+/// with the `__Host-` name when the client came over TLS.
+pub fn session_cookie(token: String, secure: bool) -> Cookie<'static> {
+    let name = if secure {
+        SECURE_COOKIE_NAME
+    } else {
+        COOKIE_NAME
+    };
+    Cookie::build(name, token)
+        .path("/")
+        .http_only(true)
+        .same_site(SameSite::Lax)
+        .secure(secure)
+        .finish()
+}
+
+/// Cookies that remove the session cookie, under both names.
+pub fn removal_cookies() -> [Cookie<'static>; 2] {
+    let mut plain = session_cookie(String::new(), false);
+    plain.make_removal();
+    let mut secure = session_cookie(String::new(), true);
+    secure.make_removal();
+    [plain, secure]
 }
 
 /// A request authenticated by its session cookie.
@@ -78,8 +152,21 @@ impl FromRequest for CookieSession {
                 .authenticate(&token)
                 .await?
                 .ok_or(ApiError::Unauthorized)?;
+            touch_if_due(state, &session).await;
             Ok(CookieSession { session })
         })
+    }
+}
+
+/// Records activity for the idle timeout, at most once per refresh interval, so
+/// that Redis is not written on every request.
+pub async fn touch_if_due(state: &AppState, session: &Session) {
+    let refresh = state.config.sessions.idle_refresh.as_millis() as i64;
+    if now_ms() - session.last_seen_at < refresh {
+        return;
+    }
+    if let Err(e) = state.engine.touch(&session.session_id).await {
+        tracing::warn!(error = %e, "could not record session activity");
     }
 }
 

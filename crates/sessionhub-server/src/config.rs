@@ -2,11 +2,12 @@
 //! command-line flag, validated before anything starts.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use clap::Parser;
-use sessionhub_core::NodeId;
+use sessionhub_core::model::MAX_SESSION_TTL;
+use sessionhub_core::{ConnLimits, NodeId};
 use sessionhub_redis::LeaseConfig;
 
 /// Shortest service API key accepted: a guessable key is worse than none.
@@ -74,6 +75,61 @@ pub struct Cli {
     #[arg(long, env = "SESSIONHUB_REVALIDATE_MS", default_value_t = 5000)]
     pub revalidate_ms: u64,
 
+    /// Issue the session cookie with `Secure` (named `__Host-sh_session`): set this
+    /// when clients reach the node over TLS.
+    #[arg(long, env = "SESSIONHUB_COOKIE_SECURE", default_value_t = false)]
+    pub cookie_secure: bool,
+
+    /// Comma-separated IPs of proxies whose `X-Forwarded-Proto` and
+    /// `X-Forwarded-For` are believed (e.g. `127.0.0.1`).
+    #[arg(long, env = "SESSIONHUB_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<String>,
+
+    /// Absolute session lifetime in seconds when the caller gives none.
+    #[arg(long, env = "SESSIONHUB_SESSION_TTL_SECS", default_value_t = 24 * 3600)]
+    pub session_ttl_secs: u64,
+
+    /// Idle timeout in seconds: a session without activity this long ends.
+    #[arg(long, env = "SESSIONHUB_IDLE_TIMEOUT_SECS", default_value_t = 30 * 60)]
+    pub idle_timeout_secs: u64,
+
+    /// Activity refreshes the idle timeout at most this often (seconds), so Redis is
+    /// not written on every request.
+    #[arg(long, env = "SESSIONHUB_IDLE_REFRESH_SECS", default_value_t = 60)]
+    pub idle_refresh_secs: u64,
+
+    /// Largest WebSocket frame or message a client may send, in bytes (close 1009).
+    #[arg(long, env = "SESSIONHUB_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
+    pub max_frame_bytes: usize,
+
+    /// Client messages per second a socket may sustain (close 1008 past it).
+    #[arg(long, env = "SESSIONHUB_WS_RATE", default_value_t = 20)]
+    pub ws_rate: u32,
+
+    /// Burst of client messages a socket may send at once.
+    #[arg(long, env = "SESSIONHUB_WS_BURST", default_value_t = 60)]
+    pub ws_burst: u32,
+
+    /// Most live sockets of one session.
+    #[arg(long, env = "SESSIONHUB_MAX_SOCKETS_PER_SESSION", default_value_t = 32)]
+    pub max_sockets_per_session: u32,
+
+    /// Most live sockets of one user.
+    #[arg(long, env = "SESSIONHUB_MAX_SOCKETS_PER_USER", default_value_t = 128)]
+    pub max_sockets_per_user: u32,
+
+    /// Time in ms a client has to send a request head, upgrades included (slowloris).
+    #[arg(long, env = "SESSIONHUB_REQUEST_TIMEOUT_MS", default_value_t = 5000)]
+    pub request_timeout_ms: u64,
+
+    /// Interval in ms between the server's pings on each socket.
+    #[arg(long, env = "SESSIONHUB_PING_INTERVAL_MS", default_value_t = 20_000)]
+    pub ping_interval_ms: u64,
+
+    /// A socket that answers no ping for this many ms is closed (half-open).
+    #[arg(long, env = "SESSIONHUB_PONG_TIMEOUT_MS", default_value_t = 45_000)]
+    pub pong_timeout_ms: u64,
+
     /// Testing only: drop every `session_ended` event this node receives, to prove
     /// that revalidation alone closes killed sessions' sockets.
     #[arg(
@@ -118,6 +174,44 @@ pub struct Config {
     pub revalidate_interval: Duration,
     /// Testing only: ignore `session_ended` events.
     pub test_drop_kill_events: bool,
+    /// Session lifetimes and cookies.
+    pub sessions: SessionPolicy,
+    /// Per-socket limits.
+    pub ws: WsLimits,
+    /// Sockets per session and per user.
+    pub conn_limits: ConnLimits,
+    /// Time a client has to send its request head.
+    pub request_timeout: Duration,
+}
+
+/// Session lifetimes and cookie settings.
+#[derive(Debug, Clone)]
+pub struct SessionPolicy {
+    /// Default absolute lifetime.
+    pub ttl: Duration,
+    /// Idle timeout.
+    pub idle: Duration,
+    /// Shortest interval between two activity refreshes of one session.
+    pub idle_refresh: Duration,
+    /// Always issue `Secure` cookies.
+    pub cookie_secure: bool,
+    /// Proxies whose forwarding headers are believed.
+    pub trusted_proxies: Vec<IpAddr>,
+}
+
+/// Limits on one WebSocket.
+#[derive(Debug, Clone, Copy)]
+pub struct WsLimits {
+    /// Largest frame or message from a client.
+    pub max_frame: usize,
+    /// Sustained client messages per second.
+    pub rate: u32,
+    /// Burst of client messages.
+    pub burst: u32,
+    /// Server ping interval.
+    pub ping_interval: Duration,
+    /// Silence after which a socket is considered half-open.
+    pub pong_timeout: Duration,
 }
 
 impl fmt::Debug for Config {
@@ -137,6 +231,10 @@ impl fmt::Debug for Config {
             .field("max_message_bytes", &self.max_message_bytes)
             .field("lease", &self.lease)
             .field("revalidate_interval", &self.revalidate_interval)
+            .field("sessions", &self.sessions)
+            .field("ws", &self.ws)
+            .field("conn_limits", &self.conn_limits)
+            .field("request_timeout", &self.request_timeout)
             .finish()
     }
 }
@@ -249,7 +347,73 @@ impl Config {
                 "must be positive",
             ));
         }
+        let trusted_proxies = cli
+            .trusted_proxies
+            .iter()
+            .map(|p| p.trim())
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                p.parse::<IpAddr>().map_err(|_| {
+                    bad(
+                        "SESSIONHUB_TRUSTED_PROXIES (--trusted-proxies)",
+                        format!("{p:?} is not an IP address"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if cli.session_ttl_secs == 0 || cli.session_ttl_secs > MAX_SESSION_TTL.as_secs() {
+            return Err(bad(
+                "SESSIONHUB_SESSION_TTL_SECS (--session-ttl-secs)",
+                format!("must be between 1 and {}", MAX_SESSION_TTL.as_secs()),
+            ));
+        }
+        if cli.idle_timeout_secs == 0 || cli.idle_refresh_secs > cli.idle_timeout_secs {
+            return Err(bad(
+                "SESSIONHUB_IDLE_TIMEOUT_SECS / SESSIONHUB_IDLE_REFRESH_SECS",
+                "the idle timeout must be positive and at least the refresh interval",
+            ));
+        }
+        if cli.max_frame_bytes < 1024 || cli.ws_rate == 0 || cli.ws_burst == 0 {
+            return Err(bad(
+                "SESSIONHUB_MAX_FRAME_BYTES / SESSIONHUB_WS_RATE / SESSIONHUB_WS_BURST",
+                "the frame limit must be at least 1024 and the rates positive",
+            ));
+        }
+        if cli.max_sockets_per_session == 0 || cli.max_sockets_per_user == 0 {
+            return Err(bad(
+                "SESSIONHUB_MAX_SOCKETS_PER_SESSION / SESSIONHUB_MAX_SOCKETS_PER_USER",
+                "must be positive",
+            ));
+        }
+        if cli.request_timeout_ms == 0
+            || cli.ping_interval_ms == 0
+            || cli.pong_timeout_ms <= cli.ping_interval_ms
+        {
+            return Err(bad(
+                "SESSIONHUB_REQUEST_TIMEOUT_MS / SESSIONHUB_PING_INTERVAL_MS / SESSIONHUB_PONG_TIMEOUT_MS",
+                "must be positive, with the pong timeout longer than the ping interval",
+            ));
+        }
         Ok(Config {
+            sessions: SessionPolicy {
+                ttl: Duration::from_secs(cli.session_ttl_secs),
+                idle: Duration::from_secs(cli.idle_timeout_secs),
+                idle_refresh: Duration::from_secs(cli.idle_refresh_secs),
+                cookie_secure: cli.cookie_secure,
+                trusted_proxies,
+            },
+            ws: WsLimits {
+                max_frame: cli.max_frame_bytes,
+                rate: cli.ws_rate,
+                burst: cli.ws_burst,
+                ping_interval: Duration::from_millis(cli.ping_interval_ms),
+                pong_timeout: Duration::from_millis(cli.pong_timeout_ms),
+            },
+            conn_limits: ConnLimits {
+                per_session: cli.max_sockets_per_session,
+                per_user: cli.max_sockets_per_user,
+            },
+            request_timeout: Duration::from_millis(cli.request_timeout_ms),
             max_message_bytes: cli.max_message_bytes,
             lease: LeaseConfig {
                 ttl: Duration::from_millis(cli.lease_ttl_ms),

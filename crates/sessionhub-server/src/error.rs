@@ -29,6 +29,9 @@ pub enum ApiError {
     /// The request body or message is over a limit; the message says which.
     #[error("{0}")]
     TooLarge(String),
+    /// A rate or count limit refused the request; the message says which.
+    #[error("{0}")]
+    TooMany(String),
     /// The session store is unreachable; retry later.
     #[error("session store unavailable, retry later")]
     Unavailable,
@@ -44,6 +47,7 @@ impl From<EngineError> for ApiError {
                 tracing::warn!(error = %msg, "session store unavailable");
                 ApiError::Unavailable
             }
+            EngineError::Limit(msg) => ApiError::TooMany(msg),
             EngineError::Corrupt(msg) => {
                 tracing::error!(error = %msg, "session store returned an unexpected reply");
                 ApiError::Internal
@@ -61,6 +65,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound => "not_found",
             ApiError::TooLarge(_) => "too_large",
+            ApiError::TooMany(_) => "too_many",
             ApiError::Unavailable => "unavailable",
             ApiError::Internal => "internal",
         }
@@ -75,6 +80,7 @@ impl ResponseError for ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -13,6 +13,27 @@ use crate::state::AppState;
 
 /// Pause between attempts of a resync that failed (Redis still away).
 const RESYNC_RETRY: Duration = Duration::from_millis(500);
+/// How often each node ends sessions whose lifetime ran out. Every node does it, so
+/// expiry works as long as any node runs; the work is idempotent.
+pub const EXPIRY_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Ends sessions past their absolute or idle lifetime, with `session_ended`
+/// (`expired`) to every node holding their sockets.
+pub async fn expire_forever(state: AppState) {
+    let mut tick = tokio::time::interval(EXPIRY_SWEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match state.engine.expire_due().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(sessions = n, "expired sessions ended"),
+            Err(e) => tracing::debug!(error = %e, "expiry sweep skipped"),
+        }
+    }
+}
 
 /// Applies engine events to this node's sockets, in order. Resync requests go to one
 /// resync task; a request that arrives while it runs makes it run once more.

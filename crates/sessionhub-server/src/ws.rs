@@ -8,23 +8,51 @@ use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
 use bytestring::ByteString;
 use futures_util::StreamExt;
 use sessionhub_core::protocol::{ClientFrame, ServerFrame, close_code};
-use sessionhub_core::{ConnectionId, EndReason, EngineError, Session};
+use sessionhub_core::{ConnectionId, EndReason, Session};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::auth::{cookie_token, origin_allowed};
+use crate::config::WsLimits;
 use crate::error::ApiError;
 use crate::hub::{CloseCmd, LocalConn};
 use crate::state::AppState;
 
-/// Largest frame, and largest message after joining continuations, a client may send.
-pub const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
-/// How often the server pings each socket.
-pub const PING_INTERVAL: Duration = Duration::from_secs(20);
-/// A socket that has not answered a ping for this long is considered dead.
-pub const PONG_TIMEOUT: Duration = Duration::from_secs(45);
 /// How long a closing socket waits for the client to take its last frames.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A token bucket: `burst` messages at once, refilled at `rate` per second.
+struct RateLimit {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    last: tokio::time::Instant,
+}
+
+impl RateLimit {
+    fn new(limits: &WsLimits) -> Self {
+        Self {
+            tokens: f64::from(limits.burst),
+            rate: f64::from(limits.rate),
+            burst: f64::from(limits.burst),
+            last: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Takes one token; false when the client is over its rate.
+    fn allow(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
 
 /// Upgrades an authenticated request to a WebSocket.
 pub async fn upgrade(
@@ -63,10 +91,11 @@ pub async fn upgrade(
         .hub
         .bind_user(&conn, &session.user_id, session.expires_at);
 
+    let max = state.config.ws.max_frame;
     let stream = stream
-        .max_frame_size(MAX_CLIENT_MESSAGE)
+        .max_frame_size(max)
         .aggregate_continuations()
-        .max_continuation_size(MAX_CLIENT_MESSAGE);
+        .max_continuation_size(max);
     let span = tracing::info_span!(
         "ws",
         connection_id = %conn.id,
@@ -168,9 +197,11 @@ impl Socket {
         rx: &mut mpsc::Receiver<ByteString>,
         stream: &mut actix_ws::AggregatedMessageStream,
     ) -> Exit {
-        let mut ping = tokio::time::interval(PING_INTERVAL);
+        let limits = self.state.config.ws;
+        let mut ping = tokio::time::interval(limits.ping_interval);
         ping.tick().await;
         let mut last_pong = tokio::time::Instant::now();
+        let mut rate = RateLimit::new(&limits);
         let conn = self.conn.clone();
         let shutdown = self.state.shutdown.clone();
         loop {
@@ -194,11 +225,18 @@ impl Socket {
                 msg = stream.next() => match msg {
                     None | Some(Ok(AggregatedMessage::Close(_))) => return Exit::Gone,
                     Some(Ok(AggregatedMessage::Text(text))) => {
+                        if !rate.allow() {
+                            return Exit::Close(close_code::POLICY, "message rate limit exceeded", None);
+                        }
+                        self.activity().await;
                         if let Some(exit) = self.on_text(&text).await {
                             return exit;
                         }
                     }
                     Some(Ok(AggregatedMessage::Binary(_))) => {
+                        if !rate.allow() {
+                            return Exit::Close(close_code::POLICY, "message rate limit exceeded", None);
+                        }
                         self.error("binary_unsupported", "only JSON text frames are accepted").await;
                     }
                     Some(Ok(AggregatedMessage::Ping(data))) => {
@@ -216,7 +254,7 @@ impl Socket {
                     }
                 },
                 _ = ping.tick() => {
-                    if last_pong.elapsed() > PONG_TIMEOUT {
+                    if last_pong.elapsed() > limits.pong_timeout {
                         return Exit::Close(close_code::POLICY, "ping timeout", None);
                     }
                     if self.ws.ping(b"").await.is_err() {
@@ -245,20 +283,27 @@ impl Socket {
                 match res {
                     Ok(true) => tracing::info!(killed = %session_id, "session killed by its user"),
                     Ok(false) => self.error("not_found", "no such session").await,
-                    Err(EngineError::Unavailable(e)) => {
+                    Err(e) => {
                         tracing::warn!(error = %e, "kill_session failed");
                         self.error("unavailable", "session store unavailable, retry later")
                             .await
-                    }
-                    Err(EngineError::Corrupt(e)) => {
-                        tracing::error!(error = %e, "kill_session failed");
-                        self.error("internal", "internal error").await
                     }
                 }
             }
             Err(e) => self.error(e.code, &e.message).await,
         }
         None
+    }
+
+    /// A client message is activity: it keeps the session from idling out (written
+    /// to the store at most once per refresh interval).
+    async fn activity(&mut self) {
+        let refresh = self.state.config.sessions.idle_refresh.as_millis() as i64;
+        let now = sessionhub_core::time::now_ms();
+        if now - self.session.last_seen_at >= refresh {
+            crate::auth::touch_if_due(&self.state, &self.session).await;
+            self.session.last_seen_at = now;
+        }
     }
 
     async fn error(&mut self, code: &str, message: &str) {
