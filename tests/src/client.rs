@@ -75,7 +75,9 @@ impl Api {
             )
             .await;
         assert_eq!(res.status(), StatusCode::CREATED, "create session");
-        res.json().await.unwrap()
+        let created: Created = res.json().await.unwrap();
+        crate::secrets::remember(&created.token);
+        created
     }
 
     /// Status of `GET /api/v1/me` with `token`.

@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod process;
+pub mod secrets;
 
 pub use client::{Api, Created, WsClient, WsError};
 pub use process::{FAST_LEASE, FAST_REAP_BOUND, Node, NodeOptions, RedisServer, TestCluster};

@@ -325,6 +325,26 @@ impl Drop for Node {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("---- log of node {} ----\n{}", self.id, self.log());
+            return;
+        }
+        if let Some(secret) = crate::secrets::leaked_in(&self.log()) {
+            panic!(
+                "node {}'s log contains the raw token secret {secret}",
+                self.id
+            );
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if std::thread::panicking() || !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        let dump = crate::secrets::dump_redis(&self.url())
+            .unwrap_or_else(|e| panic!("could not scan Redis for tokens: {e}"));
+        if let Some(secret) = crate::secrets::leaked_in(&dump) {
+            panic!("Redis holds the raw token secret {secret}");
         }
     }
 }
