@@ -103,9 +103,11 @@ impl Application {
                     web::PathConfig::default().error_handler(|_, _| ApiError::NotFound.into()),
                 )
                 .configure(crate::api::routes)
+                .configure(crate::web::client_routes)
                 .configure(|c| {
                     if demo {
                         crate::demo::routes(c);
+                        crate::web::demo_routes(c);
                     }
                 })
                 .route("/ws", web::get().to(crate::ws::upgrade))

@@ -43,9 +43,10 @@ pub struct Cli {
     #[arg(long, env = "SESSIONHUB_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 
-    /// Serve the demo login page.
-    #[arg(long, env = "SESSIONHUB_DEMO", default_value_t = false)]
-    pub demo: bool,
+    /// Serve the demo app (a login by bare user name: never in production). Default:
+    /// on with the embedded engine (no Redis URL), off otherwise.
+    #[arg(long, env = "SESSIONHUB_DEMO", num_args = 0..=1, default_missing_value = "true")]
+    pub demo: Option<bool>,
 
     /// Prefix of every Redis key and channel.
     #[arg(long, env = "SESSIONHUB_KEY_PREFIX", default_value = "sh:")]
@@ -394,6 +395,7 @@ impl Config {
                 "must be positive, with the pong timeout longer than the ping interval",
             ));
         }
+        let embedded = redis_url.is_none();
         Ok(Config {
             sessions: SessionPolicy {
                 ttl: Duration::from_secs(cli.session_ttl_secs),
@@ -427,7 +429,7 @@ impl Config {
             node_id,
             api_key,
             allowed_origins,
-            demo: cli.demo,
+            demo: cli.demo.unwrap_or(embedded),
             key_prefix: cli.key_prefix,
             redis_connect_timeout: Duration::from_secs(cli.redis_connect_timeout),
             json_logs: cli.log_format == "json",

@@ -16,6 +16,7 @@ pub mod hub;
 pub mod messaging;
 pub mod state;
 pub mod sync;
+pub mod web;
 pub mod ws;
 
 pub use app::Application;

@@ -1,0 +1,52 @@
+//! Static files: the browser client (always, at a stable path) and the demo app
+//! (with `SESSIONHUB_DEMO`). They are compiled into the binary from the repository's
+//! `web/` folder, so a node needs no files beside it.
+
+use actix_web::{HttpResponse, web};
+
+/// The browser client, an ES module.
+pub const CLIENT_JS: &str = include_str!("../../../web/sessionhub.js");
+const DEMO_HTML: &str = include_str!("../../../web/demo/index.html");
+const DEMO_CSS: &str = include_str!("../../../web/demo/demo.css");
+const DEMO_JS: &str = include_str!("../../../web/demo/demo.js");
+
+fn asset(content_type: &'static str, body: &'static str) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type(content_type)
+        .insert_header(("Cache-Control", "no-cache"))
+        .insert_header(("X-Content-Type-Options", "nosniff"))
+        .body(body)
+}
+
+/// The client module: `GET /sessionhub.js`.
+pub fn client_routes(cfg: &mut web::ServiceConfig) {
+    cfg.route(
+        "/sessionhub.js",
+        web::get().to(|| async { asset("text/javascript; charset=utf-8", CLIENT_JS) }),
+    );
+}
+
+/// The demo app's pages: `/`, `/demo/demo.css`, `/demo/demo.js`.
+pub fn demo_routes(cfg: &mut web::ServiceConfig) {
+    cfg.route(
+        "/",
+        web::get().to(|| async {
+            let mut res = asset("text/html; charset=utf-8", DEMO_HTML);
+            res.headers_mut().insert(
+                actix_web::http::header::CONTENT_SECURITY_POLICY,
+                actix_web::http::header::HeaderValue::from_static(
+                    "default-src 'self'; connect-src 'self' ws: wss:; frame-ancestors 'none'",
+                ),
+            );
+            res
+        }),
+    )
+    .route(
+        "/demo/demo.css",
+        web::get().to(|| async { asset("text/css; charset=utf-8", DEMO_CSS) }),
+    )
+    .route(
+        "/demo/demo.js",
+        web::get().to(|| async { asset("text/javascript; charset=utf-8", DEMO_JS) }),
+    );
+}

@@ -1,0 +1,2 @@
+// sessionhub browser client: placeholder, replaced by the real client.
+export class SessionHub {}
