@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# The test command: installs what the tests need, builds the node binary, runs every
-# test (unit tests, the engine conformance suite, end-to-end tests with real
-# redis-server and node processes).
+# The test command: installs what the tests need, builds the binaries, runs every
+# test (unit and property tests, the engine conformance suite, end-to-end tests with
+# real redis-server, node, nginx and Chromium processes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v redis-cli >/dev/null || need+=(redis-tools)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
+[ -x /usr/bin/chromium ] || need+=(chromium)
+command -v node >/dev/null || need+=(nodejs npm)
 if ((${#need[@]})); then
   echo "test.sh: installing ${need[*]}"
   if [ "$(id -u)" = 0 ]; then
@@ -19,9 +22,14 @@ if ((${#need[@]})); then
     exit 1
   fi
   "${sudo[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${need[@]}"
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 
-# The end-to-end tests start the built binary (target/debug/sessionhub).
+# The browser tests drive Debian's Chromium with playwright-core (no browser download).
+if [ -f tests/browser/package.json ]; then
+  (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
+# The end-to-end tests start the built binaries (target/debug/sessionhub, ...).
 cargo build --workspace --bins --locked
 cargo test --workspace --locked
