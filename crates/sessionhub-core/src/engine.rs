@@ -69,6 +69,17 @@ pub enum NodeEvent {
 /// engine's event reader, it never drops events.
 pub type EventSender = tokio::sync::mpsc::Sender<NodeEvent>;
 
+/// Counters an engine keeps about its store, for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Store operations that failed (unreachable, timed out).
+    pub store_errors: u64,
+    /// Times the event subscriber re-established its link.
+    pub reconnects: u64,
+    /// Connection records of dead nodes this node removed.
+    pub reaped_records: u64,
+}
+
 /// Storage and event bus for sessions and connections. Implemented by the in-memory
 /// engine (one node) and the Redis engine (a cluster). Both pass the same
 /// conformance suite in `tests/`.
@@ -79,6 +90,11 @@ pub trait Engine: Send + Sync + 'static {
 
     /// This node.
     fn node_id(&self) -> &NodeId;
+
+    /// Counters about the store (zero for engines that have nothing to count).
+    fn stats(&self) -> EngineStats {
+        EngineStats::default()
+    }
 
     /// Checks that the store answers.
     async fn ping(&self) -> Result<(), EngineError>;

@@ -19,7 +19,7 @@ pub mod protocol;
 pub mod time;
 pub mod token;
 
-pub use engine::{Engine, EngineError, EventSender, NodeEvent};
+pub use engine::{Engine, EngineError, EngineStats, EventSender, NodeEvent};
 pub use ids::{ConnectionId, GroupName, IdError, NodeId, SessionId, UserId};
 pub use model::{
     ConnLimits, ConnectionInfo, CreatedSession, Delivery, EndReason, LocalRecord, Member,

@@ -122,7 +122,10 @@ async fn reap_dead(inner: &Inner) {
         .await;
     match res {
         Ok((0, _)) => {}
-        Ok((nodes, records)) => tracing::info!(nodes, records, "reaped dead nodes' records"),
+        Ok((nodes, records)) => {
+            inner.count_reaped(records.max(0) as u64);
+            tracing::info!(nodes, records, "reaped dead nodes' records");
+        }
         Err(e) => tracing::debug!(error = %e, "reaper round failed"),
     }
 }

@@ -18,7 +18,7 @@ mod wire;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -27,8 +27,8 @@ use redis::{RedisError, ToRedisArgs};
 use sessionhub_core::time::now_ms;
 use sessionhub_core::{
     ConnLimits, ConnectionId, ConnectionInfo, CreatedSession, Delivery, EndReason, Engine,
-    EngineError, EventSender, GroupName, LocalRecord, Member, NewSession, NodeId, OnlineUser,
-    PresenceCounts, SecretHash, Session, SessionId, Target, Token, UserId,
+    EngineError, EngineStats, EventSender, GroupName, LocalRecord, Member, NewSession, NodeId,
+    OnlineUser, PresenceCounts, SecretHash, Session, SessionId, Target, Token, UserId,
 };
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -140,6 +140,12 @@ pub(crate) struct Inner {
     last_probe: AtomicI64,
     /// Whether the subscriber holds its subscriptions right now.
     subscribed: AtomicBool,
+    /// Failed store operations.
+    errors: AtomicU64,
+    /// Subscriber re-subscriptions.
+    reconnects: AtomicU64,
+    /// Records of dead nodes reaped by this node.
+    reaped: AtomicU64,
 }
 
 impl Drop for RedisEngine {
@@ -208,6 +214,9 @@ impl RedisEngine {
             rejoin: Notify::new(),
             last_probe: AtomicI64::new(0),
             subscribed: AtomicBool::new(false),
+            errors: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            reaped: AtomicU64::new(0),
         });
         let engine = Self { inner };
 
@@ -297,9 +306,14 @@ impl Inner {
             let conn = self.pool.get().await.map_err(unavailable)?;
             op(conn).await.map_err(from_redis)
         };
-        tokio::time::timeout(self.command_timeout, work)
+        let res = tokio::time::timeout(self.command_timeout, work)
             .await
-            .map_err(|_| EngineError::Unavailable("Redis did not answer in time".into()))?
+            .map_err(|_| EngineError::Unavailable("Redis did not answer in time".into()))
+            .and_then(|r| r);
+        if matches!(res, Err(EngineError::Unavailable(_))) {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        res
     }
 
     /// Calls a library function. If Redis lost the library (it restarted empty),
@@ -356,6 +370,14 @@ impl Inner {
 
     pub(crate) fn set_subscribed(&self, on: bool) {
         self.subscribed.store(on, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_reconnect(&self) {
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_reaped(&self, records: u64) {
+        self.reaped.fetch_add(records, Ordering::Relaxed);
     }
 
     async fn publish_raw(&self, channel: String, payload: String) -> Result<i64, EngineError> {
@@ -453,6 +475,14 @@ impl Engine for RedisEngine {
 
     fn node_id(&self) -> &NodeId {
         &self.inner.node_id
+    }
+
+    fn stats(&self) -> EngineStats {
+        EngineStats {
+            store_errors: self.inner.errors.load(Ordering::Relaxed),
+            reconnects: self.inner.reconnects.load(Ordering::Relaxed),
+            reaped_records: self.inner.reaped.load(Ordering::Relaxed),
+        }
     }
 
     /// Ready when Redis answers, the subscriber holds its subscriptions, and this

@@ -92,6 +92,7 @@ async fn run(
                 let _ = tx.send(());
             }
             None => {
+                inner.count_reconnect();
                 tracing::info!(channels = %shown, "resubscribed; resyncing");
                 if events.send(NodeEvent::Resync).await.is_err() {
                     return;

@@ -7,10 +7,13 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde::{Deserialize, Serialize};
 use sessionhub_core::model::{MAX_SESSION_TTL, MAX_USER_AGENT_LEN};
 use sessionhub_core::time::rfc3339;
-use sessionhub_core::{CreatedSession, EndReason, NewSession, Session, SessionId, UserId};
+use sessionhub_core::{
+    CreatedSession, EndReason, EngineError, NewSession, Session, SessionId, UserId,
+};
 
 use crate::auth::{CookieSession, ServiceAuth, check_same_origin, removal_cookies};
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use crate::state::AppState;
 
 /// Registers every API route.
@@ -115,9 +118,26 @@ pub(crate) fn new_session(state: &AppState, req: CreateSession) -> Result<NewSes
     })
 }
 
+/// Kills a session, timing it and counting it.
+pub(crate) async fn kill(
+    state: &AppState,
+    sid: &SessionId,
+    owner: Option<&UserId>,
+    reason: EndReason,
+) -> Result<bool, EngineError> {
+    let started = std::time::Instant::now();
+    let killed = state.engine.kill_session(sid, owner, reason).await?;
+    state.metrics.kill_latency.observe(started.elapsed());
+    if killed {
+        state.metrics.ended(reason, 1);
+    }
+    Ok(killed)
+}
+
 /// Creates a session (which tells the user's other sessions) and logs it.
 pub(crate) async fn create(state: &AppState, new: NewSession) -> Result<CreatedSession, ApiError> {
     let created = state.engine.create_session(new).await?;
+    Metrics::inc(&state.metrics.sessions_created);
     let s = &created.session;
     tracing::info!(session_id = %s.session_id, user_id = %s.user_id, "session created");
     Ok(created)
@@ -160,11 +180,7 @@ async fn kill_session(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let sid = parse_sid(&path)?;
-    if !state
-        .engine
-        .kill_session(&sid, None, EndReason::Killed)
-        .await?
-    {
+    if !kill(&state, &sid, None, EndReason::Killed).await? {
         return Err(ApiError::NotFound);
     }
     tracing::info!(session_id = %sid, "session killed by the application");
@@ -190,6 +206,7 @@ async fn kill_user_sessions(
         .engine
         .kill_user_sessions(&uid, None, EndReason::Killed)
         .await?;
+    state.metrics.ended(EndReason::Killed, killed);
     tracing::info!(user_id = %uid, killed, "user's sessions killed by the application");
     Ok(HttpResponse::Ok().json(Killed { killed }))
 }
@@ -249,11 +266,7 @@ async fn kill_my_session(
     let sid = parse_sid(&path)?;
     let user = &caller.session.user_id;
     // Another user's session is "not found", exactly like an unknown id.
-    if !state
-        .engine
-        .kill_session(&sid, Some(user), EndReason::Killed)
-        .await?
-    {
+    if !kill(&state, &sid, Some(user), EndReason::Killed).await? {
         return Err(ApiError::NotFound);
     }
     tracing::info!(session_id = %sid, by = %caller.session.session_id, "session killed by its user");
@@ -271,6 +284,7 @@ async fn kill_my_other_sessions(
         .engine
         .kill_user_sessions(&s.user_id, Some(&s.session_id), EndReason::Killed)
         .await?;
+    state.metrics.ended(EndReason::Killed, killed);
     tracing::info!(by = %s.session_id, killed, "user signed out their other sessions");
     Ok(HttpResponse::Ok().json(Killed { killed }))
 }
@@ -282,10 +296,7 @@ async fn logout(
 ) -> Result<HttpResponse, ApiError> {
     check_same_origin(&req, &state.config)?;
     let s = &caller.session;
-    state
-        .engine
-        .kill_session(&s.session_id, Some(&s.user_id), EndReason::Logout)
-        .await?;
+    kill(&state, &s.session_id, Some(&s.user_id), EndReason::Logout).await?;
     tracing::info!(session_id = %s.session_id, "session logged out");
     let mut res = HttpResponse::NoContent();
     for gone in removal_cookies() {

@@ -77,6 +77,7 @@ impl Application {
             hub: Arc::new(Hub::default()),
             config: Arc::new(config),
             shutdown: CancellationToken::new(),
+            metrics: Arc::default(),
         };
         actix_web::rt::spawn(crate::sync::dispatch(events_rx, state.clone()));
         actix_web::rt::spawn(crate::sync::revalidate_forever(
@@ -113,6 +114,7 @@ impl Application {
                 .route("/ws", web::get().to(crate::ws::upgrade))
                 .route("/healthz", web::get().to(healthz))
                 .route("/readyz", web::get().to(readyz))
+                .route("/metrics", web::get().to(metrics))
                 .default_service(web::to(|| async {
                     Err::<HttpResponse, _>(ApiError::NotFound)
                 }))
@@ -176,6 +178,16 @@ async fn healthz(state: web::Data<AppState>) -> HttpResponse {
         "engine": state.engine.name(),
         "hub": state.hub.stats(),
     }))
+}
+
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(
+            state
+                .metrics
+                .render(state.hub.stats(), state.engine.stats()),
+        )
 }
 
 async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {

@@ -14,6 +14,7 @@ pub mod demo;
 pub mod error;
 pub mod hub;
 pub mod messaging;
+pub mod metrics;
 pub mod state;
 pub mod sync;
 pub mod web;

@@ -116,7 +116,9 @@ async fn publish(
         data: &req.data,
     }
     .to_json();
+    let started = std::time::Instant::now();
     let delivery = state.engine.publish(&target, &frame).await?;
+    state.metrics.publish_latency.observe(started.elapsed());
     Ok(HttpResponse::Accepted().json(delivery))
 }
 

@@ -7,6 +7,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::hub::Hub;
+use crate::metrics::Metrics;
 
 /// Shared by all handlers and socket tasks of a node.
 #[derive(Clone)]
@@ -19,4 +20,6 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Cancelled when the node shuts down: every socket closes with 1001.
     pub shutdown: CancellationToken,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
 }

@@ -29,7 +29,10 @@ pub async fn expire_forever(state: AppState) {
         }
         match state.engine.expire_due().await {
             Ok(0) => {}
-            Ok(n) => tracing::info!(sessions = n, "expired sessions ended"),
+            Ok(n) => {
+                state.metrics.ended(EndReason::Expired, n);
+                tracing::info!(sessions = n, "expired sessions ended");
+            }
             Err(e) => tracing::debug!(error = %e, "expiry sweep skipped"),
         }
     }

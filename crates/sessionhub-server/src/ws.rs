@@ -16,6 +16,7 @@ use crate::auth::{cookie_token, origin_allowed};
 use crate::config::WsLimits;
 use crate::error::ApiError;
 use crate::hub::{CloseCmd, LocalConn};
+use crate::metrics::Metrics;
 use crate::state::AppState;
 
 /// How long a closing socket waits for the client to take its last frames.
@@ -56,6 +57,19 @@ impl RateLimit {
 
 /// Upgrades an authenticated request to a WebSocket.
 pub async fn upgrade(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let metrics = state.metrics.clone();
+    let res = accept(req, body, state).await;
+    if res.is_err() {
+        Metrics::inc(&metrics.upgrades_refused);
+    }
+    res
+}
+
+async fn accept(
     req: HttpRequest,
     body: web::Payload,
     state: web::Data<AppState>,
@@ -154,7 +168,7 @@ impl Socket {
             node_id: self.state.engine.node_id(),
         }
         .to_json();
-        let exit = if self.ws.text(hello).await.is_err() {
+        let exit = if self.send(hello).await.is_err() {
             Exit::Gone
         } else {
             self.serve(&mut rx, &mut stream).await
@@ -219,12 +233,13 @@ impl Socket {
                     tokio::select! {
                         biased;
                         cmd = conn.closed() => return exit_for(cmd),
-                        sent = self.ws.text(frame) => if sent.is_err() { return Exit::Gone },
+                        sent = self.send(frame) => if sent.is_err() { return Exit::Gone },
                     }
                 }
                 msg = stream.next() => match msg {
                     None | Some(Ok(AggregatedMessage::Close(_))) => return Exit::Gone,
                     Some(Ok(AggregatedMessage::Text(text))) => {
+                        Metrics::inc(&self.state.metrics.messages_in);
                         if !rate.allow() {
                             return Exit::Close(close_code::POLICY, "message rate limit exceeded", None);
                         }
@@ -234,6 +249,7 @@ impl Socket {
                         }
                     }
                     Some(Ok(AggregatedMessage::Binary(_))) => {
+                        Metrics::inc(&self.state.metrics.messages_in);
                         if !rate.allow() {
                             return Exit::Close(close_code::POLICY, "message rate limit exceeded", None);
                         }
@@ -270,16 +286,14 @@ impl Socket {
     async fn on_text(&mut self, text: &str) -> Option<Exit> {
         match ClientFrame::decode(text) {
             Ok(ClientFrame::Ping) => {
-                if self.ws.text(ServerFrame::Pong.to_json()).await.is_err() {
+                if self.send(ServerFrame::Pong.to_json()).await.is_err() {
                     return Some(Exit::Gone);
                 }
             }
             Ok(ClientFrame::KillSession { session_id }) => {
-                let res = self
-                    .state
-                    .engine
-                    .kill_session(&session_id, Some(&self.session.user_id), EndReason::Killed)
-                    .await;
+                let owner = Some(&self.session.user_id);
+                let res =
+                    crate::api::kill(&self.state, &session_id, owner, EndReason::Killed).await;
                 match res {
                     Ok(true) => tracing::info!(killed = %session_id, "session killed by its user"),
                     Ok(false) => self.error("not_found", "no such session").await,
@@ -308,8 +322,14 @@ impl Socket {
 
     async fn error(&mut self, code: &str, message: &str) {
         let _ = self
-            .ws
-            .text(ServerFrame::Error { code, message }.to_json())
+            .send(ServerFrame::Error { code, message }.to_json())
             .await;
+    }
+
+    /// Sends one text frame, counted.
+    async fn send(&mut self, frame: impl Into<ByteString>) -> Result<(), actix_ws::Closed> {
+        self.ws.text(frame).await?;
+        Metrics::inc(&self.state.metrics.messages_out);
+        Ok(())
     }
 }

@@ -1,0 +1,209 @@
+//! Prometheus metrics, kept as plain atomics and rendered in the text exposition
+//! format at `GET /metrics`: cheap enough to count on every message.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use sessionhub_core::{EndReason, EngineStats};
+
+use crate::hub::HubStats;
+
+/// Upper bounds of the latency histogram buckets, in seconds.
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// A latency histogram with fixed buckets.
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (bound, n) in LATENCY_BUCKETS.iter().zip(&self.buckets) {
+            cumulative += n.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    }
+}
+
+/// This node's counters.
+#[derive(Default)]
+pub struct Metrics {
+    /// Sessions created through this node.
+    pub sessions_created: AtomicU64,
+    ended: [AtomicU64; 3],
+    /// Frames received from clients.
+    pub messages_in: AtomicU64,
+    /// Frames sent to clients.
+    pub messages_out: AtomicU64,
+    /// Upgrades refused (bad cookie, origin, limits, store down).
+    pub upgrades_refused: AtomicU64,
+    /// Time of `POST /api/v1/publish` calls into the store.
+    pub publish_latency: Histogram,
+    /// Time of session kills into the store.
+    pub kill_latency: Histogram,
+}
+
+fn reason_index(r: EndReason) -> usize {
+    match r {
+        EndReason::Killed => 0,
+        EndReason::Logout => 1,
+        EndReason::Expired => 2,
+    }
+}
+
+fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+    );
+}
+
+impl Metrics {
+    /// Counts sessions ended by this node.
+    pub fn ended(&self, reason: EndReason, n: u64) {
+        self.ended[reason_index(reason)].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Adds one to a counter.
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The text exposition.
+    pub fn render(&self, hub: HubStats, engine: EngineStats) -> String {
+        let mut out = String::with_capacity(4096);
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP sessionhub_connections Live WebSocket connections on this node.\n\
+             # TYPE sessionhub_connections gauge\nsessionhub_connections {}",
+            hub.sockets
+        );
+        counter(
+            &mut out,
+            "sessionhub_sessions_created_total",
+            "Sessions created through this node.",
+            load(&self.sessions_created),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP sessionhub_sessions_ended_total Sessions ended by this node, by reason.\n\
+             # TYPE sessionhub_sessions_ended_total counter"
+        );
+        for r in [EndReason::Killed, EndReason::Logout, EndReason::Expired] {
+            let _ = writeln!(
+                out,
+                "sessionhub_sessions_ended_total{{reason=\"{r}\"}} {}",
+                load(&self.ended[reason_index(r)])
+            );
+        }
+        counter(
+            &mut out,
+            "sessionhub_messages_in_total",
+            "Frames received from clients.",
+            load(&self.messages_in),
+        );
+        counter(
+            &mut out,
+            "sessionhub_messages_out_total",
+            "Frames sent to clients.",
+            load(&self.messages_out),
+        );
+        counter(
+            &mut out,
+            "sessionhub_message_events_total",
+            "Message events received for this node's sockets.",
+            hub.message_events,
+        );
+        counter(
+            &mut out,
+            "sessionhub_slow_consumer_closes_total",
+            "Sockets closed with 1013 because their queue was full.",
+            hub.slow_closes,
+        );
+        counter(
+            &mut out,
+            "sessionhub_upgrades_refused_total",
+            "WebSocket upgrades refused.",
+            load(&self.upgrades_refused),
+        );
+        counter(
+            &mut out,
+            "sessionhub_redis_errors_total",
+            "Store operations that failed.",
+            engine.store_errors,
+        );
+        counter(
+            &mut out,
+            "sessionhub_redis_reconnects_total",
+            "Pub/sub subscriber reconnections.",
+            engine.reconnects,
+        );
+        counter(
+            &mut out,
+            "sessionhub_reaped_records_total",
+            "Connection records of dead nodes removed by this node.",
+            engine.reaped_records,
+        );
+        self.publish_latency.render(
+            &mut out,
+            "sessionhub_publish_seconds",
+            "Time to route a publish through the store.",
+        );
+        self.kill_latency.render(
+            &mut out,
+            "sessionhub_kill_seconds",
+            "Time to kill a session in the store (it is refused everywhere after).",
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        m.kill_latency.observe(Duration::from_micros(700));
+        m.ended(EndReason::Expired, 2);
+        let text = m.render(
+            HubStats {
+                sockets: 3,
+                message_events: 0,
+                slow_closes: 1,
+            },
+            EngineStats::default(),
+        );
+        assert!(text.contains("sessionhub_connections 3\n"));
+        assert!(text.contains("sessionhub_sessions_ended_total{reason=\"expired\"} 2\n"));
+        assert!(text.contains("sessionhub_kill_seconds_bucket{le=\"0.001\"} 1\n"));
+        assert!(text.contains("sessionhub_kill_seconds_bucket{le=\"0.0005\"} 0\n"));
+        assert!(text.contains("sessionhub_kill_seconds_count 1\n"));
+        assert!(text.contains("sessionhub_slow_consumer_closes_total 1\n"));
+    }
+}
