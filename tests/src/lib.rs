@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod process;
+pub mod proxy;
 pub mod secrets;
 
 pub use client::{Api, Created, WsClient, WsError};
