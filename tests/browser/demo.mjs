@@ -7,6 +7,7 @@
 //   SESSIONHUB_NODE_A, SESSIONHUB_NODE_B   http://127.0.0.1:<port> of node-a, node-b
 //   SESSIONHUB_PROXY                       the proxy (node-a first, then node-b)
 //   SESSIONHUB_ARTIFACTS                   where screenshots go
+//   SESSIONHUB_CLOSED_PORT                 a loopback port nothing listens on
 //   SESSIONHUB_UPDATE_DOCS=1               also rewrite docs/demo-notification.png
 // It talks to the Rust test over stdout/stdin: "@@token <cookie>" lines hand it
 // every session token (for the harness's token-leak scan), and "@@kill node-a"
@@ -281,7 +282,7 @@ async function signOutOthers() {
     null,
     { timeout: WAIT },
   );
-  assert.equal(await byId(one.page, 'notification').count(), 2);
+  await byId(one.page, 'notification').nth(1).waitFor(); // one for each new login
   for (const b of (await byId(one.page, 'notification-dismiss').all()).reverse()) await b.click();
   await byId(one.page, 'notification').first().waitFor({ state: 'detached' });
   await screenshot(one.page, 'sessions.png');
@@ -293,6 +294,76 @@ async function signOutOthers() {
   await sessionCount(one.page, 1);
   assert.equal(await byId(one.page, 'signout-others').isDisabled(), true);
   await connected(one.page, 'node-a');
+  await closeAll();
+}
+
+// The client module on its own, in a page of node B: the backoff ceilings, a refused
+// upgrade, killSession's answers.
+async function clientModule() {
+  const p = await newPage('client', UA.linuxChrome);
+  await login(p, NODE_B, 'erin');
+  await connected(p.page, 'node-b');
+
+  // killSession resolves once done, rejects with the server's error frame.
+  const kill = await p.page.evaluate(async () => {
+    const { SessionHub } = await import('/sessionhub.js');
+    const hub = new SessionHub();
+    await new Promise((resolve, reject) => {
+      setTimeout(() => reject(new Error('no hello in 10 s')), 10000);
+      hub.on('hello', resolve);
+      hub.connect();
+    });
+    const unknown = await hub.killSession('0123456789abcdef0123456789abcdef').then(
+      () => 'resolved',
+      (e) => e.frame?.code ?? String(e),
+    );
+    await hub.ping();
+    hub.close();
+    return { unknown, state: hub.state };
+  });
+  assert.deepEqual(kill, { unknown: 'not_found', state: 'closed' });
+
+  // Reconnects back off with full jitter under a capped, doubling ceiling.
+  const delays = await p.page.evaluate(async (port) => {
+    const { SessionHub } = await import('/sessionhub.js');
+    const hub = new SessionHub({ url: `ws://127.0.0.1:${port}/ws`, minDelay: 50, maxDelay: 200 });
+    const got = [];
+    await new Promise((resolve, reject) => {
+      setTimeout(() => reject(new Error(`only ${got.length} reconnects in 10 s`)), 10000);
+      hub.on('disconnected', (e) => {
+        got.push(e.reconnectIn);
+        if (got.length === 6) resolve();
+      });
+      hub.connect();
+    }).finally(() => hub.close());
+    return got;
+  }, Number(env('SESSIONHUB_CLOSED_PORT')));
+  const ceilings = [50, 100, 200, 200, 200, 200];
+  delays.forEach((d, i) => assert.ok(d >= 0 && d <= ceilings[i], `reconnect delays ${delays}`));
+
+  // Signed out, the upgrade is refused (401); the client asks /api/v1/me, ends the
+  // session with reason "unauthorized" and stops.
+  await byId(p.page, 'logout-button').click();
+  await view(p.page, 'login');
+  const refused = await p.page.evaluate(async () => {
+    const { SessionHub } = await import('/sessionhub.js');
+    const hub = new SessionHub({ minDelay: 50 });
+    const events = [];
+    await new Promise((resolve, reject) => {
+      setTimeout(() => reject(new Error(`no end in 10 s: ${JSON.stringify(events)}`)), 10000);
+      hub.on('session_ended', (f) => events.push(['session_ended', f.reason]));
+      hub.on('disconnected', (e) => {
+        events.push(['disconnected', e.reconnectIn]);
+        if (e.reconnectIn === null) resolve();
+      });
+      hub.connect();
+    });
+    return { events, state: hub.state };
+  });
+  assert.deepEqual(refused, {
+    events: [['session_ended', 'unauthorized'], ['disconnected', null]],
+    state: 'closed',
+  });
   await closeAll();
 }
 
@@ -326,6 +397,7 @@ const scenarios = [
   ['1. notification within 2 s; End Session logs the other page out', notifyAndEnd],
   ['2. Dismiss hides the notification and ends nothing', dismiss],
   ['3. Sign out all other sessions, on both nodes', signOutOthers],
+  ['client module: killSession, backoff ceilings, refused upgrade', clientModule],
   ['4. node killed under a page: reconnect through the proxy, still notified', nodeKilled],
 ];
 

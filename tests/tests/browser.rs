@@ -12,7 +12,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sessionhub_tests::process::{repo_root, require};
+use sessionhub_tests::process::{free_port, repo_root, require};
 use sessionhub_tests::proxy::Proxy;
 use sessionhub_tests::{TestCluster, secrets};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -68,6 +68,7 @@ async fn demo_app_in_headless_chromium() {
         .env("SESSIONHUB_NODE_B", &cluster.nodes[1].base)
         .env("SESSIONHUB_PROXY", proxy.base())
         .env("SESSIONHUB_ARTIFACTS", &artifacts)
+        .env("SESSIONHUB_CLOSED_PORT", free_port().to_string())
         .env("CHROMIUM_PATH", CHROMIUM)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -142,7 +143,7 @@ async fn demo_app_in_headless_chromium() {
         Some(_) => println!("{report}"),
     }
     assert!(
-        out.contains("4 passed, 0 failed"),
+        out.contains("5 passed, 0 failed"),
         "{SCRIPT} did not run every scenario\n{report}"
     );
     drop(proxy);
