@@ -201,6 +201,7 @@ export class SessionHub {
       const res = await this.options.fetch(this.options.sessionUrl, {
         credentials: 'same-origin',
         cache: 'no-store',
+        signal: AbortSignal.timeout?.(5000),
       });
       return res.status === 401;
     } catch {
