@@ -1,0 +1,520 @@
+//! Redis cost per operation: connect, disconnect, kill and targeted publish.
+//!
+//! Each operation runs alone in its own measuring window, on a cluster that holds no
+//! other sockets. Two counts per window:
+//!
+//! - `cmds`: the `INFO commandstats` delta: every command Redis executed, including
+//!   the ones a function runs inside (`redis.call`).
+//! - `calls`: the commands clients sent (round trips, if nothing is pipelined),
+//!   counted from a `MONITOR` stream, where commands run inside functions are
+//!   marked `lua` and left out.
+//!
+//! Windows are delimited by `ECHO <marker>` + `INFO commandstats` pipelined on the
+//! tool's own connection, so both counts cover the same commands; the tool's own
+//! commands are subtracted. The nodes' periodic work (heartbeat, reaper, subscriber
+//! pings) is measured in an idle window first and its rate subtracted.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use futures_util::future::join_all;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::cluster::{Cluster, Sources, Ws, loopback_addr};
+use crate::note;
+use crate::socket::{self, read_until_close, read_until_seq};
+use crate::stats::{figure_f, now_us};
+
+/// Counts per command (`FCALL` split by function name).
+type Counts = BTreeMap<String, f64>;
+
+const OP_WAIT: Duration = Duration::from_secs(10);
+const MARKER: &str = "sessionhub-bench-mark-";
+
+/// Parameters.
+#[derive(Debug, Clone)]
+pub struct CostParams {
+    /// `redis://127.x.y.z:port`.
+    pub redis_url: String,
+    /// The nodes' key prefix.
+    pub key_prefix: String,
+    /// Operations of each kind.
+    pub ops: usize,
+    /// Length of the idle window that measures the nodes' background commands.
+    pub idle: Duration,
+}
+
+enum MonEvent {
+    Cmd { key: String },
+    Marker(u64),
+}
+
+/// The measuring connection and the `MONITOR` stream.
+struct Meter {
+    conn: redis::aio::MultiplexedConnection,
+    events: mpsc::UnboundedReceiver<MonEvent>,
+    next_marker: u64,
+    /// Commands of ours to take off the `cmds` count of the current window.
+    own: BTreeMap<String, f64>,
+    monitor: tokio::task::JoinHandle<()>,
+}
+
+/// An open measuring window.
+struct Window {
+    before: Counts,
+    t0: Instant,
+}
+
+/// What one window (or a sum of windows) cost.
+#[derive(Debug, Default, Clone)]
+struct Cost {
+    /// Client commands (MONITOR).
+    calls: Counts,
+    /// All commands (commandstats).
+    cmds: Counts,
+    /// Total window time.
+    secs: f64,
+}
+
+impl Cost {
+    fn add(&mut self, other: &Cost) {
+        for (k, v) in &other.calls {
+            *self.calls.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &other.cmds {
+            *self.cmds.entry(k.clone()).or_default() += v;
+        }
+        self.secs += other.secs;
+    }
+
+    /// This cost minus `idle`'s rates over the same time, per command, at least 0.
+    fn minus_background(&self, idle: &Cost) -> Cost {
+        let rate = |m: &Counts, k: &str| m.get(k).copied().unwrap_or(0.0) / idle.secs.max(1e-9);
+        let sub = |m: &Counts, base: &Counts| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), (v - rate(base, k) * self.secs).max(0.0)))
+                .collect()
+        };
+        Cost {
+            calls: sub(&self.calls, &idle.calls),
+            cmds: sub(&self.cmds, &idle.cmds),
+            secs: self.secs,
+        }
+    }
+}
+
+fn parse_commandstats(info: &str) -> Counts {
+    info.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("cmdstat_")?;
+            let (name, fields) = rest.split_once(':')?;
+            let calls = fields
+                .split(',')
+                .find_map(|f| f.strip_prefix("calls="))?
+                .parse::<f64>()
+                .ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}
+
+/// The first two double-quoted strings after `]` in a MONITOR line.
+fn quoted_args(line: &str, max: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let Some(start) = line.find("] ") else {
+        return out;
+    };
+    let mut chars = line[start + 2..].chars();
+    while out.len() < max {
+        if !chars.by_ref().any(|c| c == '"') {
+            break;
+        }
+        let mut s = String::new();
+        let mut escaped = false;
+        for c in chars.by_ref() {
+            match (escaped, c) {
+                (true, c) => {
+                    s.push(c);
+                    escaped = false;
+                }
+                (false, '\\') => escaped = true,
+                (false, '"') => break,
+                (false, c) => s.push(c),
+            }
+        }
+        out.push(s);
+    }
+    out
+}
+
+/// Parses one MONITOR line: `None` for lines run inside functions or sent by
+/// `own_addr` (other than our markers).
+fn parse_monitor_line(line: &str, own_addr: &str) -> Option<MonEvent> {
+    let inside = line.split_once('[')?.1.split_once(']')?.0;
+    let addr = inside.split_whitespace().nth(1)?;
+    if addr == "lua" {
+        return None;
+    }
+    let args = quoted_args(line, 2);
+    let cmd = args.first()?.to_ascii_uppercase();
+    if addr == own_addr {
+        if cmd == "ECHO" {
+            return args
+                .get(1)?
+                .strip_prefix(MARKER)?
+                .parse()
+                .ok()
+                .map(MonEvent::Marker);
+        }
+        return None;
+    }
+    let key = match (cmd.as_str(), args.get(1)) {
+        ("FCALL" | "FCALL_RO", Some(f)) => format!("{cmd} {f}"),
+        _ => cmd,
+    };
+    Some(MonEvent::Cmd { key })
+}
+
+impl Meter {
+    async fn connect(url: &str) -> Result<Self> {
+        let addr: SocketAddr = loopback_addr(url, "redis")?;
+        let client = redis::Client::open(url).with_context(|| format!("bad Redis URL {url}"))?;
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .with_context(|| format!("cannot connect to Redis at {url}"))?;
+        let info: String = redis::cmd("CLIENT")
+            .arg("INFO")
+            .query_async(&mut conn)
+            .await
+            .context("CLIENT INFO")?;
+        let own_addr = info
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("addr="))
+            .context("no addr= in CLIENT INFO")?
+            .to_owned();
+
+        // MONITOR speaks plain RESP simple strings, one line per command.
+        let mut mon = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("MONITOR connection to {addr}"))?;
+        mon.write_all(b"MONITOR\r\n").await.context("MONITOR")?;
+        let mut lines = BufReader::new(mon).lines();
+        let first = lines
+            .next_line()
+            .await
+            .context("MONITOR reply")?
+            .unwrap_or_default();
+        if first != "+OK" {
+            bail!("MONITOR answered {first:?}");
+        }
+        let (tx, events) = mpsc::unbounded_channel();
+        let monitor = tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(ev) = parse_monitor_line(&line, &own_addr)
+                    && tx.send(ev).is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Self {
+            conn,
+            events,
+            next_marker: 0,
+            own: BTreeMap::new(),
+            monitor,
+        })
+    }
+
+    /// Ends the current window: returns the client calls counted since the previous
+    /// marker and the commandstats now.
+    async fn mark(&mut self) -> Result<(Counts, Counts)> {
+        let id = self.next_marker;
+        self.next_marker += 1;
+        let (_, info): (String, String) = redis::pipe()
+            .cmd("ECHO")
+            .arg(format!("{MARKER}{id}"))
+            .cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut self.conn)
+            .await
+            .context("ECHO + INFO commandstats")?;
+        let mut calls = Counts::new();
+        let end = Instant::now() + OP_WAIT;
+        loop {
+            match tokio::time::timeout_at(end, self.events.recv()).await {
+                Ok(Some(MonEvent::Marker(m))) if m == id => break,
+                Ok(Some(MonEvent::Marker(_))) => {}
+                Ok(Some(MonEvent::Cmd { key })) => *calls.entry(key).or_default() += 1.0,
+                Ok(None) => bail!("the MONITOR connection ended"),
+                Err(_) => bail!("marker {id} never showed in MONITOR"),
+            }
+        }
+        Ok((calls, parse_commandstats(&info)))
+    }
+
+    /// Starts a window.
+    async fn begin(&mut self) -> Result<Window> {
+        let (_, before) = self.mark().await?;
+        self.own.clear();
+        Ok(Window {
+            before,
+            t0: Instant::now(),
+        })
+    }
+
+    /// Ends a window and returns what it cost.
+    async fn end(&mut self, w: Window) -> Result<Cost> {
+        let secs = w.t0.elapsed().as_secs_f64();
+        let (calls, after) = self.mark().await?;
+        // Ours in the window: the first mark's INFO, the second mark's ECHO, polls.
+        *self.own.entry("info".into()).or_default() += 1.0;
+        *self.own.entry("echo".into()).or_default() += 1.0;
+        let mut cmds = Counts::new();
+        for (k, v) in &after {
+            let d = v
+                - w.before.get(k).copied().unwrap_or(0.0)
+                - self.own.get(k).copied().unwrap_or(0.0);
+            if d > 0.0 {
+                cmds.insert(k.clone(), d);
+            }
+        }
+        Ok(Cost { calls, cmds, secs })
+    }
+
+    /// Measures `op` in its own window.
+    async fn window<T>(&mut self, op: impl Future<Output = Result<T>>) -> Result<(T, Cost)> {
+        let w = self.begin().await?;
+        let value = op.await?;
+        Ok((value, self.end(w).await?))
+    }
+
+    /// Waits until the hash `key` has `len` fields (polls count as our commands).
+    async fn wait_hlen(&mut self, key: &str, len: u64) -> Result<()> {
+        let end = Instant::now() + OP_WAIT;
+        loop {
+            let n: u64 = redis::cmd("HLEN")
+                .arg(key)
+                .query_async(&mut self.conn)
+                .await
+                .context("HLEN")?;
+            *self.own.entry("hlen".into()).or_default() += 1.0;
+            if n == len {
+                return Ok(());
+            }
+            if Instant::now() >= end {
+                bail!("{key} still has {n} fields, not {len}, after {OP_WAIT:?}");
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+    }
+
+    async fn hlen(&mut self, key: &str) -> Result<u64> {
+        redis::cmd("HLEN")
+            .arg(key)
+            .query_async(&mut self.conn)
+            .await
+            .context("HLEN")
+    }
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        self.monitor.abort();
+    }
+}
+
+fn total(m: &Counts) -> f64 {
+    m.values().sum()
+}
+
+fn breakdown(m: &Counts, ops: f64) -> String {
+    m.iter()
+        .filter(|(_, v)| **v / ops >= 0.005)
+        .map(|(k, v)| format!("{k}={:.2}", v / ops))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn report(what: &str, cost: &Cost, idle: &Cost, ops: usize) {
+    let c = cost.minus_background(idle);
+    let ops = ops.max(1) as f64;
+    figure_f(
+        &format!("redis_calls_per_{what}"),
+        total(&c.calls) / ops,
+        2,
+        "calls",
+    );
+    figure_f(
+        &format!("redis_cmds_per_{what}"),
+        total(&c.cmds) / ops,
+        2,
+        "cmds",
+    );
+    note!(
+        "redis cost per {what}: {:.2} ms per window; calls [{}]",
+        cost.secs * 1e3 / ops,
+        breakdown(&c.calls, ops)
+    );
+    note!("redis cost per {what}: cmds [{}]", breakdown(&c.cmds, ops));
+}
+
+/// Runs connect, disconnect, kill and publish `p.ops` times each, each in its own
+/// window, and prints `redis_calls_per_*` and `redis_cmds_per_*`. The cluster must
+/// hold no other sockets meanwhile.
+pub async fn run(cluster: &Cluster, sources: &Sources, tag: &str, p: &CostParams) -> Result<()> {
+    let n = cluster.nodes.len();
+    let ops = p.ops.max(1);
+    let mut meter = Meter::connect(&p.redis_url).await?;
+
+    // Setup outside any window: sessions for the connects, and the publish target.
+    let conn_sessions = join_all((0..n).map(|i| async move {
+        cluster
+            .create_session(i, &format!("bench-{tag}-cost-c{i}"))
+            .await
+    }))
+    .await
+    .into_iter()
+    .collect::<Result<Vec<_>>>()?;
+    let pub_user = format!("bench-{tag}-cost-pub");
+    let pub_session = cluster.create_session(0, &pub_user).await?;
+    let mut pub_sockets = Vec::new();
+    for node in 0..n {
+        pub_sockets.push(
+            cluster
+                .open_ws(node, sources.next(), &pub_session.token)
+                .await?,
+        );
+    }
+    let node_ids: Vec<String> = pub_sockets.iter().map(|(_, h)| h.node_id.clone()).collect();
+    let mut pub_sockets: Vec<Ws> = pub_sockets.into_iter().map(|(ws, _)| ws).collect();
+
+    // The nodes' background: heartbeats, reaper, pings.
+    note!("redis cost: measuring {:?} of idle background", p.idle);
+    let ((), idle) = meter
+        .window(async {
+            tokio::time::sleep(p.idle).await;
+            Ok(())
+        })
+        .await?;
+
+    // Connect: one socket at a time, spread over nodes and the sessions.
+    let mut connect = Cost::default();
+    let mut open: Vec<(usize, Ws)> = Vec::with_capacity(ops);
+    for i in 0..ops {
+        let node = i % n;
+        let token = &conn_sessions[i % n].token;
+        let src = sources.next();
+        let ((ws, _), cost) = meter.window(cluster.open_ws(node, src, token)).await?;
+        connect.add(&cost);
+        open.push((node, ws));
+    }
+    report("connect", &connect, &idle, ops);
+
+    // Disconnect: the client closes; the window ends when the node's record is gone.
+    let mut disconnect = Cost::default();
+    let keys: Vec<String> = node_ids
+        .iter()
+        .map(|id| format!("{}node:{id}:conns", p.key_prefix))
+        .collect();
+    let mut closing = Vec::with_capacity(open.len());
+    for (node, mut ws) in open {
+        let key = &keys[node];
+        let len = meter.hlen(key).await?;
+        if len == 0 {
+            bail!("{key} is empty although node {node} holds sockets: wrong --key-prefix?");
+        }
+        let w = meter.begin().await?;
+        socket::send_close(&mut ws).await;
+        meter.wait_hlen(key, len - 1).await?;
+        disconnect.add(&meter.end(w).await?);
+        closing.push(ws);
+    }
+    join_all(closing.into_iter().map(socket::finish_close)).await;
+    report("disconnect", &disconnect, &idle, ops);
+
+    // Kill: a fresh session with one socket per node, killed through node i % n.
+    let mut kill = Cost::default();
+    let mut finishing = Vec::with_capacity(ops * n);
+    for i in 0..ops {
+        let created = cluster
+            .create_session(i % n, &format!("bench-{tag}-cost-k{i}"))
+            .await?;
+        let mut sockets = Vec::new();
+        for node in 0..n {
+            sockets.push(
+                cluster
+                    .open_ws(node, sources.next(), &created.token)
+                    .await?
+                    .0,
+            );
+        }
+        let sid = created.session_id.clone();
+        let ((), cost) = meter
+            .window(async {
+                let status = cluster.kill_session(i % n, &sid).await?;
+                if status != 204 {
+                    bail!("kill answered {status}");
+                }
+                let closes =
+                    join_all(sockets.iter_mut().map(|ws| read_until_close(ws, OP_WAIT))).await;
+                if let Some((code, _)) = closes
+                    .iter()
+                    .find(|(c, _)| *c != Some(crate::kill::SESSION_ENDED))
+                {
+                    bail!("a killed session's socket closed with {code:?}, not 4001");
+                }
+                Ok(())
+            })
+            .await?;
+        kill.add(&cost);
+        // Their close handshakes finish in the background, outside the windows.
+        finishing.extend(
+            sockets
+                .into_iter()
+                .map(|ws| tokio::spawn(socket::finish_close(ws))),
+        );
+    }
+    report("kill", &kill, &idle, ops);
+    join_all(finishing).await;
+
+    // Targeted publish to a user with one socket per node.
+    let mut publish = Cost::default();
+    for seq in 0..ops as u64 {
+        let body = format!(
+            r#"{{"to":{{"user":"{pub_user}"}},"event":"bench","data":{{"t":{},"seq":{seq}}}}}"#,
+            now_us()
+        );
+        let ((), cost) = meter
+            .window(async {
+                let status = cluster.publish(seq as usize % n, body).await?;
+                if status != 202 {
+                    bail!("publish answered {status}");
+                }
+                let got = join_all(
+                    pub_sockets
+                        .iter_mut()
+                        .map(|ws| read_until_seq(ws, seq, OP_WAIT)),
+                )
+                .await;
+                if !got.iter().all(|g| *g) {
+                    bail!("publish {seq} did not reach every socket of its user");
+                }
+                Ok(())
+            })
+            .await?;
+        publish.add(&cost);
+    }
+    report("publish", &publish, &idle, ops);
+
+    for ws in pub_sockets {
+        socket::close(ws).await;
+    }
+    Ok(())
+}

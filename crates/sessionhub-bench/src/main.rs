@@ -1,0 +1,452 @@
+//! `sessionhub-bench`: drives a real sessionhub cluster over real sockets on loopback
+//! and prints one line per figure, `name: value unit`, on stdout (progress goes to
+//! stderr).
+//!
+//! Workloads (each bounded in count and time):
+//!
+//! - **connect** — opens N sockets (many users, sessions, nodes and 127.x.y.z source
+//!   addresses) and reports sockets established per second; with `--node-pid`, the
+//!   nodes' resident memory before and after, per socket.
+//! - **kill** — with N background sockets open, kills fresh sessions holding one
+//!   socket per node and times DELETE → the last close 4001.
+//! - **deliver** — users with one socket per node; messages published to single
+//!   users at a fixed concurrency; deliveries/s, latency, lost and duplicated.
+//! - **redis-cost** — Redis commands per connect, disconnect, kill and publish.
+//! - **all** — every workload above, in that order: redis-cost (on a quiet cluster),
+//!   connect + memory (the N sockets stay open), kill (with them as background),
+//!   then deliver (after closing them).
+//! - **hold** — opens N sockets and holds them, for load split over processes.
+
+mod cluster;
+mod cost;
+mod deliver;
+mod kill;
+mod pool;
+mod socket;
+mod stats;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use tokio::time::Instant;
+
+use crate::cluster::{Cluster, Sources};
+use crate::pool::{Layout, Pool};
+use crate::socket::Role;
+use crate::stats::{figure, figure_f, latency_figures, now_us, rss_kib};
+
+/// Load and benchmark tool for a sessionhub cluster (loopback only).
+#[derive(Debug, Parser)]
+#[command(name = "sessionhub-bench", version)]
+struct Cli {
+    #[command(flatten)]
+    target: Target,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The cluster and where the load comes from.
+#[derive(Debug, Args)]
+struct Target {
+    /// A node's base URL, `http://127.x.y.z:PORT` (repeat for each node).
+    #[arg(long = "node", global = true)]
+    nodes: Vec<String>,
+    /// The service API key of the nodes.
+    #[arg(
+        long,
+        env = "SESSIONHUB_API_KEY",
+        global = true,
+        hide_env_values = true
+    )]
+    api_key: Option<String>,
+    /// Client sockets are bound to source addresses 127.<OCTET>.x.y; give each load
+    /// process its own.
+    #[arg(long, default_value_t = 1, global = true)]
+    source_octet: u8,
+    /// How many source addresses to spread client sockets over.
+    #[arg(long, default_value_t = 64, global = true)]
+    source_addrs: usize,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Every workload, in order: redis-cost, connect + memory, kill, deliver.
+    All {
+        #[command(flatten)]
+        pool: PoolArgs,
+        #[command(flatten)]
+        memory: MemoryArgs,
+        #[command(flatten)]
+        kill: KillArgs,
+        #[command(flatten)]
+        deliver: DeliverArgs,
+        #[command(flatten)]
+        cost: CostArgs,
+    },
+    /// Sockets established per second (and memory per socket with --node-pid).
+    Connect {
+        #[command(flatten)]
+        pool: PoolArgs,
+        #[command(flatten)]
+        memory: MemoryArgs,
+    },
+    /// Kill latency with N background sockets open.
+    Kill {
+        #[command(flatten)]
+        pool: PoolArgs,
+        #[command(flatten)]
+        kill: KillArgs,
+    },
+    /// Targeted delivery through the HTTP publish endpoint.
+    Deliver {
+        #[command(flatten)]
+        deliver: DeliverArgs,
+        /// Upgrades in flight while opening the sockets.
+        #[arg(long, default_value_t = 128)]
+        connect_concurrency: usize,
+    },
+    /// Redis commands per connect, disconnect, kill and targeted publish.
+    RedisCost {
+        #[command(flatten)]
+        cost: CostArgs,
+    },
+    /// Opens N sockets and holds them (to spread load over several processes).
+    Hold {
+        #[command(flatten)]
+        pool: PoolArgs,
+        /// Hold them this long, then close them and exit.
+        #[arg(long, default_value_t = 600)]
+        hold_secs: u64,
+    },
+}
+
+/// The background sockets.
+#[derive(Debug, Args)]
+struct PoolArgs {
+    /// Number of background sockets this process opens.
+    #[arg(long, default_value_t = 1000)]
+    sockets: usize,
+    /// Sessions per user.
+    #[arg(long, default_value_t = 2)]
+    sessions_per_user: usize,
+    /// Sockets per session (each on another node); default: one per node.
+    #[arg(long)]
+    sockets_per_session: Option<usize>,
+    /// Upgrades in flight while opening sockets.
+    #[arg(long, default_value_t = 128)]
+    connect_concurrency: usize,
+}
+
+#[derive(Debug, Args)]
+struct MemoryArgs {
+    /// PID of each node, in the order of --node (for resident memory).
+    #[arg(long = "node-pid")]
+    node_pids: Vec<u32>,
+    /// Wait this long after the sockets opened before reading memory again.
+    #[arg(long, default_value_t = 1000)]
+    settle_ms: u64,
+}
+
+#[derive(Debug, Args)]
+struct KillArgs {
+    /// Number of kills.
+    #[arg(long, default_value_t = 300)]
+    kills: usize,
+    /// Stop starting kills after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    kill_secs: u64,
+}
+
+#[derive(Debug, Args)]
+struct DeliverArgs {
+    /// Users, each with one socket on every node.
+    #[arg(long, default_value_t = 1000)]
+    users: usize,
+    /// Messages to publish.
+    #[arg(long, default_value_t = 30_000)]
+    messages: usize,
+    /// Publish requests in flight.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Stop publishing after this many seconds.
+    #[arg(long, default_value_t = 30)]
+    deliver_secs: u64,
+}
+
+#[derive(Debug, Args)]
+struct CostArgs {
+    /// Redis URL, `redis://127.x.y.z:PORT` (the redis-cost workload needs it).
+    #[arg(long)]
+    redis_url: Option<String>,
+    /// The nodes' key prefix.
+    #[arg(long, default_value = "sh:")]
+    key_prefix: String,
+    /// Operations of each kind for the Redis cost.
+    #[arg(long, default_value_t = 100)]
+    cost_ops: usize,
+    /// Idle window (ms) that measures the nodes' periodic Redis commands.
+    #[arg(long, default_value_t = 2000)]
+    cost_idle_ms: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sessionhub-bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sessionhub-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let t = cli.target;
+    let api_key = t
+        .api_key
+        .context("the service API key is needed: --api-key or SESSIONHUB_API_KEY")?;
+    let cluster = Cluster::new(&t.nodes, api_key)?;
+    let sources = Sources::new(t.source_octet, t.source_addrs)?;
+    // Distinct user ids per run and per process.
+    let tag = format!("{:x}{}", now_us() % 0xffff_ffff, t.source_octet);
+    let n = cluster.nodes.len();
+    figure("nodes", n, "nodes");
+
+    match cli.command {
+        Command::All {
+            pool,
+            memory,
+            kill,
+            deliver,
+            cost,
+        } => {
+            pool::check_fd_budget(pool.sockets.max(deliver.users * n) + n, deliver.concurrency)?;
+            check_pids(&memory, n)?;
+            let t = Instant::now();
+            match cost.cost_params()? {
+                Some(p) => cost::run(&cluster, &sources, &format!("{tag}c"), &p).await?,
+                None => note!("no --redis-url: skipping the Redis cost"),
+            }
+            note!("redis cost took {:.1} s", t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            let background =
+                connect(&cluster, &sources, &format!("{tag}b"), &pool, &memory).await?;
+            note!("connect and memory took {:.1} s", t.elapsed().as_secs_f64());
+            kill::run(&cluster, &sources, &tag, kill.params()).await?;
+            let ended = background.ended();
+            close_background(background).await?;
+            if ended > 0 {
+                bail!("{ended} background sockets were closed by the nodes during the run");
+            }
+            let t = Instant::now();
+            deliver::run(
+                &cluster,
+                &sources,
+                &format!("{tag}d"),
+                deliver.params(pool.connect_concurrency),
+            )
+            .await?;
+            note!("deliver took {:.1} s", t.elapsed().as_secs_f64());
+        }
+        Command::Connect { pool, memory } => {
+            pool::check_fd_budget(pool.sockets, 0)?;
+            check_pids(&memory, n)?;
+            let p = connect(&cluster, &sources, &tag, &pool, &memory).await?;
+            close_background(p).await?;
+        }
+        Command::Kill { pool, kill } => {
+            pool::check_fd_budget(pool.sockets + n, 0)?;
+            let memory = MemoryArgs {
+                node_pids: Vec::new(),
+                settle_ms: 0,
+            };
+            let background = connect(&cluster, &sources, &tag, &pool, &memory).await?;
+            kill::run(&cluster, &sources, &tag, kill.params()).await?;
+            close_background(background).await?;
+        }
+        Command::Deliver {
+            deliver,
+            connect_concurrency,
+        } => {
+            pool::check_fd_budget(deliver.users * n, deliver.concurrency)?;
+            deliver::run(
+                &cluster,
+                &sources,
+                &tag,
+                deliver.params(connect_concurrency),
+            )
+            .await?;
+        }
+        Command::RedisCost { cost } => {
+            let p = cost
+                .cost_params()?
+                .context("redis-cost needs --redis-url redis://127.0.0.1:PORT")?;
+            cost::run(&cluster, &sources, &tag, &p).await?;
+        }
+        Command::Hold { pool, hold_secs } => {
+            pool::check_fd_budget(pool.sockets, 0)?;
+            let (p, opened) = pool::open(
+                &cluster,
+                &sources,
+                &tag,
+                pool.layout(n),
+                pool.connect_concurrency,
+                |_, _| Role::Idle,
+            )
+            .await?;
+            figure("held", opened.latencies_ms.len(), "sockets");
+            tokio::time::sleep(Duration::from_secs(hold_secs)).await;
+            close_background(p).await?;
+        }
+    }
+    Ok(())
+}
+
+impl PoolArgs {
+    fn layout(&self, nodes: usize) -> Layout {
+        Layout {
+            sockets: self.sockets,
+            sessions_per_user: self.sessions_per_user,
+            sockets_per_session: self.sockets_per_session.unwrap_or(nodes),
+        }
+    }
+}
+
+impl KillArgs {
+    fn params(&self) -> kill::KillParams {
+        kill::KillParams {
+            kills: self.kills,
+            max_time: Duration::from_secs(self.kill_secs),
+        }
+    }
+}
+
+impl DeliverArgs {
+    fn params(&self, connect_concurrency: usize) -> deliver::DeliverParams {
+        deliver::DeliverParams {
+            users: self.users,
+            messages: self.messages,
+            concurrency: self.concurrency,
+            max_time: Duration::from_secs(self.deliver_secs),
+            connect_concurrency,
+        }
+    }
+}
+
+impl CostArgs {
+    fn cost_params(&self) -> Result<Option<cost::CostParams>> {
+        let Some(url) = &self.redis_url else {
+            return Ok(None);
+        };
+        cluster::loopback_addr(url, "redis")?;
+        Ok(Some(cost::CostParams {
+            redis_url: url.clone(),
+            key_prefix: self.key_prefix.clone(),
+            ops: self.cost_ops,
+            idle: Duration::from_millis(self.cost_idle_ms),
+        }))
+    }
+}
+
+fn check_pids(memory: &MemoryArgs, nodes: usize) -> Result<()> {
+    if !memory.node_pids.is_empty() && memory.node_pids.len() != nodes {
+        bail!(
+            "{} --node-pid for {nodes} --node: give one PID per node, in the same order",
+            memory.node_pids.len()
+        );
+    }
+    for &pid in &memory.node_pids {
+        rss_kib(pid)?;
+    }
+    Ok(())
+}
+
+/// Opens the background sockets: prints the connect rate and, with PIDs, memory.
+async fn connect(
+    cluster: &Cluster,
+    sources: &Sources,
+    tag: &str,
+    args: &PoolArgs,
+    memory: &MemoryArgs,
+) -> Result<Pool> {
+    let n = cluster.nodes.len();
+    let before = memory
+        .node_pids
+        .iter()
+        .map(|&p| rss_kib(p))
+        .collect::<Result<Vec<_>>>()?;
+    note!("opening {} background sockets", args.sockets);
+    let (p, opened) = pool::open(
+        cluster,
+        sources,
+        tag,
+        args.layout(n),
+        args.connect_concurrency,
+        |_, _| Role::Idle,
+    )
+    .await?;
+    figure("background_sockets", p.len(), "sockets");
+    figure_f(
+        "connect_rate",
+        p.len() as f64 / opened.elapsed.as_secs_f64().max(1e-9),
+        0,
+        "sockets/s",
+    );
+    latency_figures("connect_latency", opened.latencies_ms, &["p50", "p99"]);
+    if !before.is_empty() {
+        tokio::time::sleep(Duration::from_millis(memory.settle_ms)).await;
+        let mut total_delta = 0i64;
+        for (i, (&pid, &b)) in memory.node_pids.iter().zip(&before).enumerate() {
+            let a = rss_kib(pid)?;
+            let delta = a as i64 - b as i64;
+            total_delta += delta;
+            figure(&format!("memory_rss_before_node{i}"), b, "KiB");
+            figure(&format!("memory_rss_after_node{i}"), a, "KiB");
+            let on_node = opened.per_node[i].max(1);
+            figure_f(
+                &format!("memory_per_socket_node{i}"),
+                delta as f64 / on_node as f64,
+                2,
+                "KiB",
+            );
+        }
+        figure_f(
+            "memory_per_socket",
+            total_delta as f64 / p.len().max(1) as f64,
+            2,
+            "KiB",
+        );
+    }
+    Ok(p)
+}
+
+/// Closes the background sockets and checks none was closed by a node.
+async fn close_background(p: Pool) -> Result<()> {
+    let t0 = Instant::now();
+    let total = p.len();
+    let outcomes = p.close().await?;
+    let by_server = outcomes
+        .iter()
+        .filter(|o| o.close_code.is_some() && !o.closed_by_us)
+        .count();
+    note!(
+        "closed {total} background sockets in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    if by_server > 0 {
+        note!("{by_server} background sockets had been closed by a node");
+    }
+    Ok(())
+}

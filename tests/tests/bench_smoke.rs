@@ -1,0 +1,170 @@
+//! Runs the load tool (`sessionhub-bench all`) once at a small N against a real
+//! three-node cluster, and checks that it completes and prints every figure line,
+//! with nothing lost or duplicated. It asserts nothing about speed: benchmarks are
+//! not timed tests.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use sessionhub_tests::{API_KEY, TestCluster};
+
+/// Every figure `all` prints, for three nodes with their PIDs and a Redis URL.
+const FIGURES: &[&str] = &[
+    "nodes",
+    "redis_calls_per_connect",
+    "redis_cmds_per_connect",
+    "redis_calls_per_disconnect",
+    "redis_cmds_per_disconnect",
+    "redis_calls_per_kill",
+    "redis_cmds_per_kill",
+    "redis_calls_per_publish",
+    "redis_cmds_per_publish",
+    "background_sockets",
+    "connect_rate",
+    "connect_latency_p50",
+    "connect_latency_p99",
+    "memory_rss_before_node0",
+    "memory_rss_after_node0",
+    "memory_per_socket_node0",
+    "memory_rss_before_node1",
+    "memory_rss_after_node1",
+    "memory_per_socket_node1",
+    "memory_rss_before_node2",
+    "memory_rss_after_node2",
+    "memory_per_socket_node2",
+    "memory_per_socket",
+    "kills",
+    "kill_latency_p50",
+    "kill_latency_p90",
+    "kill_latency_p99",
+    "kill_latency_max",
+    "kill_http_p50",
+    "kill_http_p99",
+    "deliver_published",
+    "deliver_deliveries",
+    "deliver_rate",
+    "deliver_latency_p50",
+    "deliver_latency_p99",
+    "deliver_latency_max",
+    "deliver_lost",
+    "deliver_duplicated",
+    "deliver_misrouted",
+    "deliver_publish_errors",
+];
+
+/// The `sessionhub-bench` binary built by `cargo build --workspace --bins` (or
+/// `$SESSIONHUB_BENCH_BIN`).
+fn bench_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("SESSIONHUB_BENCH_BIN") {
+        return PathBuf::from(p);
+    }
+    // This test executable lives in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("current_exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("sessionhub-bench"))
+        .expect("target dir");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first with `cargo build --workspace --bins` (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Parses `name: value unit` lines; panics on any other line.
+fn figures(stdout: &str) -> BTreeMap<String, (f64, String)> {
+    stdout
+        .lines()
+        .map(|line| {
+            let (name, rest) = line
+                .split_once(": ")
+                .unwrap_or_else(|| panic!("not a figure line: {line:?}"));
+            let (value, unit) = rest
+                .split_once(' ')
+                .unwrap_or_else(|| panic!("figure without a unit: {line:?}"));
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("figure value is not a number: {line:?}"));
+            assert!(!unit.is_empty(), "figure without a unit: {line:?}");
+            (name.to_owned(), (value, unit.to_owned()))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_tool_runs_every_workload_once_at_a_small_n() {
+    let cluster = TestCluster::start(3).await;
+    let mut cmd = tokio::process::Command::new(bench_binary());
+    for node in &cluster.nodes {
+        cmd.arg("--node").arg(&node.base);
+    }
+    cmd.arg("all");
+    for node in &cluster.nodes {
+        cmd.arg("--node-pid")
+            .arg(node.pid().expect("node is running").to_string());
+    }
+    cmd.arg("--redis-url").arg(cluster.redis.url());
+    cmd.args([
+        "--sockets",
+        "60",
+        "--kills",
+        "8",
+        "--users",
+        "20",
+        "--messages",
+        "300",
+        "--concurrency",
+        "8",
+        "--cost-ops",
+        "4",
+        "--cost-idle-ms",
+        "200",
+        "--settle-ms",
+        "0",
+        "--kill-secs",
+        "90",
+        "--deliver-secs",
+        "90",
+    ])
+    .env("SESSIONHUB_API_KEY", API_KEY)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .kill_on_drop(true);
+
+    // A bound on a hung tool, not a speed assertion.
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("sessionhub-bench did not finish within 120 s")
+        .expect("sessionhub-bench could not be run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "sessionhub-bench failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+
+    let figs = figures(&stdout);
+    for name in FIGURES {
+        assert!(
+            figs.contains_key(*name),
+            "no `{name}` figure in:\n{stdout}\n{stderr}"
+        );
+    }
+    let value = |name: &str| figs[name].0;
+    assert_eq!(value("deliver_lost"), 0.0, "{stdout}");
+    assert_eq!(value("deliver_duplicated"), 0.0, "{stdout}");
+    assert_eq!(value("deliver_misrouted"), 0.0, "{stdout}");
+    assert_eq!(value("deliver_publish_errors"), 0.0, "{stdout}");
+    assert_eq!(value("background_sockets"), 60.0, "{stdout}");
+    assert_eq!(value("kills"), 8.0, "{stdout}");
+    assert_eq!(value("deliver_published"), 300.0, "{stdout}");
+    // Every published message reached the user's socket on each of the 3 nodes.
+    assert_eq!(value("deliver_deliveries"), 900.0, "{stdout}");
+}
