@@ -146,7 +146,8 @@ for h in $(seq 1 "$holders"); do
   echo "bench.sh: holder $h (pid $pid) holds $hold_sockets sockets" >&2
 done
 
-cmd=("$bin/sessionhub-bench" "${node_args[@]}" all "${pid_args[@]}" --redis-url "$redis_url"
+cmd=("$bin/sessionhub-bench" "${node_args[@]}" all "${pid_args[@]}" --redis-pid "$redis_pid"
+  --redis-url "$redis_url"
   --sockets "$sockets" "${workload[@]}" "${extra[@]}")
 echo "bench.sh: ${cmd[*]}" >&2
 "${cmd[@]}"

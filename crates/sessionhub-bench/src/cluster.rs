@@ -227,7 +227,13 @@ impl Cluster {
                     {
                         Ok(ok) => ok,
                         Err(tungstenite::Error::Http(res)) => {
-                            bail!("/ws upgrade on {addr} answered HTTP {}", res.status())
+                            let hint = if res.status().as_u16() == 429 {
+                                " (nodes cap sockets per session and per user: \
+                             SESSIONHUB_MAX_SOCKETS_PER_SESSION / _PER_USER)"
+                            } else {
+                                ""
+                            };
+                            bail!("/ws upgrade on {addr} answered HTTP {}{hint}", res.status())
                         }
                         Err(e) => return Err(e).with_context(|| format!("/ws upgrade on {addr}")),
                     };

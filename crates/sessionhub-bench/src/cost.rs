@@ -33,6 +33,8 @@ use crate::stats::{figure_f, now_us};
 /// Counts per command (`FCALL` split by function name).
 type Counts = BTreeMap<String, f64>;
 
+/// Sockets per session in the connect windows (nodes cap sockets per session).
+const SOCKETS_PER_SESSION: usize = 8;
 const OP_WAIT: Duration = Duration::from_secs(10);
 const MARKER: &str = "sessionhub-bench-mark-";
 
@@ -374,9 +376,10 @@ pub async fn run(cluster: &Cluster, sources: &Sources, tag: &str, p: &CostParams
     let mut meter = Meter::connect(&p.redis_url).await?;
 
     // Setup outside any window: sessions for the connects, and the publish target.
-    let conn_sessions = join_all((0..n).map(|i| async move {
+    // Few sockets per session and user: nodes limit them (429 past the limit).
+    let conn_sessions = join_all((0..ops.div_ceil(SOCKETS_PER_SESSION)).map(|i| async move {
         cluster
-            .create_session(i, &format!("bench-{tag}-cost-c{i}"))
+            .create_session(i % n, &format!("bench-{tag}-cost-c{i}"))
             .await
     }))
     .await
@@ -409,7 +412,7 @@ pub async fn run(cluster: &Cluster, sources: &Sources, tag: &str, p: &CostParams
     let mut open: Vec<(usize, Ws)> = Vec::with_capacity(ops);
     for i in 0..ops {
         let node = i % n;
-        let token = &conn_sessions[i % n].token;
+        let token = &conn_sessions[i / SOCKETS_PER_SESSION].token;
         let src = sources.next();
         let ((ws, _), cost) = meter.window(cluster.open_ws(node, src, token)).await?;
         connect.add(&cost);

@@ -13,7 +13,7 @@ use crate::cluster::{Cluster, Sources};
 use crate::note;
 use crate::pool::{self, Layout};
 use crate::socket::Role;
-use crate::stats::{Rng, figure, figure_f, latency_figures, now_us};
+use crate::stats::{CpuProbe, Rng, figure, figure_f, latency_figures, now_us};
 
 /// How long to wait for the last deliveries once publishing is done.
 const DRAIN_WAIT: Duration = Duration::from_secs(15);
@@ -42,8 +42,15 @@ struct Published {
     last_error: Option<String>,
 }
 
-/// Runs the workload and prints the `deliver_*` figures.
-pub async fn run(cluster: &Cluster, sources: &Sources, tag: &str, p: DeliverParams) -> Result<()> {
+/// Runs the workload and prints the `deliver_*` figures (and CPU use while
+/// publishing, with a probe).
+pub async fn run(
+    cluster: &Cluster,
+    sources: &Sources,
+    tag: &str,
+    p: DeliverParams,
+    cpu: Option<&CpuProbe>,
+) -> Result<()> {
     let n = cluster.nodes.len();
     let delivered = Arc::new(AtomicU64::new(0));
     let layout = Layout {
@@ -66,6 +73,7 @@ pub async fn run(cluster: &Cluster, sources: &Sources, tag: &str, p: DeliverPara
     .context("deliver: opening the sockets")?;
     note!("deliver: {} sockets open; publishing", pool.len());
 
+    let cpu_mark = cpu.map(CpuProbe::mark);
     let next = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + p.max_time;
     let started = Instant::now();
@@ -132,6 +140,9 @@ pub async fn run(cluster: &Cluster, sources: &Sources, tag: &str, p: DeliverPara
             "deliver: only {} of {want} deliveries after waiting {DRAIN_WAIT:?}",
             delivered.load(Ordering::Relaxed)
         );
+    }
+    if let (Some(cpu), Some(mark)) = (cpu, &cpu_mark) {
+        cpu.note_since("deliver (publishing)", mark);
     }
     let slots = pool.slots.clone();
     let outcomes = pool.close().await?;

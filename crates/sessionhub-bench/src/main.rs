@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use crate::cluster::{Cluster, Sources};
 use crate::pool::{Layout, Pool};
 use crate::socket::Role;
-use crate::stats::{figure, figure_f, latency_figures, now_us, rss_kib};
+use crate::stats::{CpuProbe, figure, figure_f, latency_figures, now_us, rss_kib};
 
 /// Load and benchmark tool for a sessionhub cluster (loopback only).
 #[derive(Debug, Parser)]
@@ -144,6 +144,9 @@ struct MemoryArgs {
     /// PID of each node, in the order of --node (for resident memory).
     #[arg(long = "node-pid")]
     node_pids: Vec<u32>,
+    /// PID of the Redis server (for CPU use per workload, on stderr).
+    #[arg(long)]
+    redis_pid: Option<u32>,
     /// Wait this long after the sockets opened before reading memory again.
     #[arg(long, default_value_t = 1000)]
     settle_ms: u64,
@@ -234,31 +237,33 @@ async fn run(cli: Cli) -> Result<()> {
         } => {
             pool::check_fd_budget(pool.sockets.max(deliver.users * n) + n, deliver.concurrency)?;
             check_pids(&memory, n)?;
-            let t = Instant::now();
+            let cpu = memory.cpu_probe();
+            let t = cpu.mark();
             match cost.cost_params()? {
                 Some(p) => cost::run(&cluster, &sources, &format!("{tag}c"), &p).await?,
                 None => note!("no --redis-url: skipping the Redis cost"),
             }
-            note!("redis cost took {:.1} s", t.elapsed().as_secs_f64());
-            let t = Instant::now();
+            cpu.note_since("redis cost", &t);
+            let t = cpu.mark();
             let background =
                 connect(&cluster, &sources, &format!("{tag}b"), &pool, &memory).await?;
-            note!("connect and memory took {:.1} s", t.elapsed().as_secs_f64());
+            cpu.note_since("connect (and memory settle)", &t);
+            let t = cpu.mark();
             kill::run(&cluster, &sources, &tag, kill.params()).await?;
+            cpu.note_since("kill", &t);
             let ended = background.ended();
             close_background(background).await?;
             if ended > 0 {
                 bail!("{ended} background sockets were closed by the nodes during the run");
             }
-            let t = Instant::now();
             deliver::run(
                 &cluster,
                 &sources,
                 &format!("{tag}d"),
                 deliver.params(pool.connect_concurrency),
+                Some(&cpu),
             )
             .await?;
-            note!("deliver took {:.1} s", t.elapsed().as_secs_f64());
         }
         Command::Connect { pool, memory } => {
             pool::check_fd_budget(pool.sockets, 0)?;
@@ -270,6 +275,7 @@ async fn run(cli: Cli) -> Result<()> {
             pool::check_fd_budget(pool.sockets + n, 0)?;
             let memory = MemoryArgs {
                 node_pids: Vec::new(),
+                redis_pid: None,
                 settle_ms: 0,
             };
             let background = connect(&cluster, &sources, &tag, &pool, &memory).await?;
@@ -286,6 +292,7 @@ async fn run(cli: Cli) -> Result<()> {
                 &sources,
                 &tag,
                 deliver.params(connect_concurrency),
+                None,
             )
             .await?;
         }
@@ -342,6 +349,21 @@ impl DeliverArgs {
             max_time: Duration::from_secs(self.deliver_secs),
             connect_concurrency,
         }
+    }
+}
+
+impl MemoryArgs {
+    /// Watches the nodes, Redis and this process.
+    fn cpu_probe(&self) -> CpuProbe {
+        let mut pids: Vec<(String, u32)> = self
+            .node_pids
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| (format!("node{i}"), p))
+            .collect();
+        pids.extend(self.redis_pid.map(|p| ("redis".to_owned(), p)));
+        pids.push(("bench".to_owned(), std::process::id()));
+        CpuProbe::new(pids)
     }
 }
 

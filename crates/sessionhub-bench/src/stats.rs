@@ -86,6 +86,75 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
     bail!("no VmRSS line in {path} (is {pid} a live process?)")
 }
 
+/// CPU time used so far by all threads of process `pid`, in nanoseconds (sum of
+/// the first field of `/proc/<pid>/task/*/schedstat`).
+pub fn cpu_ns(pid: u32) -> Result<u64> {
+    let dir = format!("/proc/{pid}/task");
+    let mut total = 0;
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("cannot read {dir}"))? {
+        let path = entry?.path().join("schedstat");
+        // A thread may end between listing and reading.
+        if let Ok(s) = std::fs::read_to_string(&path) {
+            total += s
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Ok(total)
+}
+
+/// CPU use of named processes over a phase (diagnostics on stderr).
+#[derive(Debug, Clone)]
+pub struct CpuProbe {
+    pids: Vec<(String, u32)>,
+}
+
+/// A [`CpuProbe`] reading.
+#[derive(Debug, Clone)]
+pub struct CpuMark {
+    at: std::time::Instant,
+    ns: Vec<u64>,
+}
+
+impl CpuProbe {
+    /// Watches these processes.
+    pub fn new(pids: Vec<(String, u32)>) -> Self {
+        Self { pids }
+    }
+
+    /// Reads their CPU time now (0 for a process that cannot be read).
+    pub fn mark(&self) -> CpuMark {
+        CpuMark {
+            at: std::time::Instant::now(),
+            ns: self
+                .pids
+                .iter()
+                .map(|(_, p)| cpu_ns(*p).unwrap_or(0))
+                .collect(),
+        }
+    }
+
+    /// Notes each process's CPU use since `since`, in cores (CPU seconds per second).
+    pub fn note_since(&self, phase: &str, since: &CpuMark) {
+        let now = self.mark();
+        let wall = now.at.duration_since(since.at).as_secs_f64().max(1e-9);
+        let parts: Vec<String> = self
+            .pids
+            .iter()
+            .zip(now.ns.iter().zip(&since.ns))
+            .map(|((name, _), (a, b))| {
+                format!("{name} {:.2}", a.saturating_sub(*b) as f64 / 1e9 / wall)
+            })
+            .collect();
+        crate::note!(
+            "cpu during {phase} ({wall:.1} s), in cores: {}",
+            parts.join(", ")
+        );
+    }
+}
+
 /// This process's soft limit of open files (`Max open files` in `/proc/self/limits`).
 pub fn open_files_limit() -> Result<u64> {
     let limits =
@@ -155,5 +224,6 @@ mod tests {
     fn reads_own_rss_and_limit() {
         assert!(rss_kib(std::process::id()).unwrap() > 0);
         assert!(open_files_limit().unwrap() > 0);
+        assert!(cpu_ns(std::process::id()).unwrap() > 0);
     }
 }
