@@ -32,8 +32,13 @@ pub struct Api {
 
 impl Api {
     pub fn new(node: &Node) -> Self {
+        Self::at(&node.base)
+    }
+
+    /// Calls against any base URL (a load balancer, say).
+    pub fn at(base: &str) -> Self {
         Self {
-            base: node.base.clone(),
+            base: base.trim_end_matches('/').to_owned(),
             http: reqwest::Client::new(),
         }
     }

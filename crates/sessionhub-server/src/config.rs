@@ -25,7 +25,7 @@ pub struct Cli {
     #[arg(long, env = "SESSIONHUB_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// Redis URL (redis://, rediss://, unix://). Unset: embedded in-memory engine
+    /// Redis URL (redis://, unix://). Unset: embedded in-memory engine
     /// (single node only).
     #[arg(long, env = "SESSIONHUB_REDIS_URL")]
     pub redis_url: Option<String>,
@@ -280,16 +280,23 @@ impl Config {
         };
         let redis_url = cli.redis_url.filter(|u| !u.is_empty());
         if let Some(url) = &redis_url
-            && !["redis://", "rediss://", "unix://", "redis+unix://"]
+            && !["redis://", "unix://", "redis+unix://"]
                 .iter()
                 .any(|s| url.starts_with(s))
         {
+            let tls = url.starts_with("rediss://");
             return Err(bad(
                 "SESSIONHUB_REDIS_URL (--redis-url)",
-                format!(
-                    "{:?} must start with redis://, rediss:// or unix://",
-                    sessionhub_redis::redact_url(url)
-                ),
+                if tls {
+                    "TLS to Redis (rediss://) is not built into this binary; use redis:// on a \
+                     private network, unix://, or a local TLS tunnel"
+                        .to_owned()
+                } else {
+                    format!(
+                        "{:?} must start with redis:// or unix://",
+                        sessionhub_redis::redact_url(url)
+                    )
+                },
             ));
         }
         let api_key = cli.api_key.filter(|k| !k.is_empty());

@@ -24,11 +24,13 @@ struct Login {
 /// The request's user agent, made safe to store and show.
 fn user_agent(req: &HttpRequest) -> Option<String> {
     let ua = req.headers().get("user-agent")?.to_str().ok()?;
-    let clean: String = ua
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(MAX_USER_AGENT_LEN / 4)
-        .collect();
+    let mut clean = String::with_capacity(ua.len().min(MAX_USER_AGENT_LEN));
+    for c in ua.chars().filter(|c| !c.is_control()) {
+        if clean.len() + c.len_utf8() > MAX_USER_AGENT_LEN {
+            break;
+        }
+        clean.push(c);
+    }
     (!clean.is_empty()).then_some(clean)
 }
 

@@ -189,9 +189,11 @@ impl Socket {
         if let Exit::Close(code, why, frame) = exit {
             tracing::debug!(code, why, "closing");
             let mut ws = self.ws;
+            let metrics = self.state.metrics.clone();
             let close = async move {
                 if let Some(frame) = frame {
                     ws.text(frame).await?;
+                    Metrics::inc(&metrics.messages_out);
                 }
                 let reason = CloseReason {
                     code: CloseCode::from(code),

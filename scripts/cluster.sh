@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# A sessionhub cluster on one machine, without Docker: redis-server (AOF on), three
+# nodes and nginx as the load balancer, all on loopback, for development and tests.
+#
+#   scripts/cluster.sh start [RUN_DIR]   start everything; prints the nginx URL
+#   scripts/cluster.sh stop RUN_DIR      stop exactly what `start` started there
+#
+# RUN_DIR (default: a new temp dir) holds the logs, the AOF, the generated nginx
+# config, the PIDs and `env`: NGINX_URL, REDIS_PORT, NODE_URLS, SESSIONHUB_API_KEY.
+# Settings: SESSIONHUB_BIN (default target/release/sessionhub, else target/debug),
+# NODES (3), NGINX_PORT (default: a free port), SESSIONHUB_API_KEY (a dev key), and
+# any other SESSIONHUB_* variable, passed to the nodes.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+
+die() { echo "cluster.sh: $*" >&2; exit 1; }
+
+# A free loopback port: nothing answers on it.
+free_port() {
+  local p
+  for _ in $(seq 1 200); do
+    p=$((20000 + RANDOM % 40000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+      echo "$p"
+      return
+    fi
+  done
+  die "no free port found"
+}
+
+# Polls a command until it succeeds, for at most $1 seconds.
+wait_for() {
+  local deadline=$((SECONDS + $1)) what=$2
+  shift 2
+  until "$@" >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || die "timed out waiting for $what"
+    sleep 0.1
+  done
+}
+
+start() {
+  local run=${1:-$(mktemp -d -t sessionhub-cluster.XXXXXX)}
+  mkdir -p "$run/tmp"
+  run=$(cd "$run" && pwd)
+  [ -e "$run/pids" ] && die "$run already has a running cluster (stop it first)"
+  local bin=${SESSIONHUB_BIN:-}
+  if [ -z "$bin" ]; then
+    for b in "$root/target/release/sessionhub" "$root/target/debug/sessionhub"; do
+      [ -x "$b" ] && { bin=$b; break; }
+    done
+  fi
+  [ -x "${bin:-}" ] || die "no sessionhub binary: run 'cargo build --release --bin sessionhub' first"
+  command -v redis-server >/dev/null || die "redis-server is missing: apt-get install -y redis-server"
+  local nginx
+  nginx=$(command -v nginx || echo /usr/sbin/nginx)
+  [ -x "$nginx" ] || die "nginx is missing: apt-get install -y nginx"
+  local key=${SESSIONHUB_API_KEY:-dev-only-key-change-me}
+  : >"$run/pids"
+
+  local redis_port
+  redis_port=$(free_port)
+  redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$run" --appendonly yes \
+    --save "" --logfile redis.log --daemonize no </dev/null >/dev/null 2>&1 &
+  echo "redis $!" >>"$run/pids"
+  wait_for 10 "redis-server" redis-cli -p "$redis_port" ping
+
+  local urls=() upstreams=""
+  for i in $(seq 1 "${NODES:-3}"); do
+    SESSIONHUB_LISTEN=127.0.0.1:0 SESSIONHUB_NODE_ID="node-$i" \
+      SESSIONHUB_REDIS_URL="redis://127.0.0.1:$redis_port" SESSIONHUB_API_KEY="$key" \
+      SESSIONHUB_TRUSTED_PROXIES="${SESSIONHUB_TRUSTED_PROXIES:-127.0.0.1}" \
+      "$bin" </dev/null >"$run/node-$i.out" 2>"$run/node-$i.log" &
+    echo "node-$i $!" >>"$run/pids"
+    wait_for 30 "node-$i to listen" grep -q "listening on" "$run/node-$i.out"
+    local addr
+    addr=$(grep -o 'http://[0-9.:]*' "$run/node-$i.out" | head -1)
+    urls+=("$addr")
+    upstreams+="server ${addr#http://} max_fails=2 fail_timeout=5s;"$'\n'
+  done
+
+  local port=${NGINX_PORT:-$(free_port)}
+  printf '%s' "$upstreams" >"$run/sessionhub-upstreams.conf"
+  echo "listen 127.0.0.1:$port;" >"$run/sessionhub-listen.conf"
+  cp "$root/deploy/nginx/sessionhub.conf" "$run/sessionhub.conf"
+  local user=""
+  [ "$(id -u)" = 0 ] && user="user root;"
+  cat >"$run/nginx.conf" <<CONF
+$user
+worker_processes 1;
+daemon off;
+pid $run/nginx.pid;
+error_log $run/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log $run/nginx-access.log;
+    client_body_temp_path $run/tmp/body;
+    proxy_temp_path $run/tmp/proxy;
+    fastcgi_temp_path $run/tmp/fastcgi;
+    uwsgi_temp_path $run/tmp/uwsgi;
+    scgi_temp_path $run/tmp/scgi;
+    include sessionhub.conf;
+}
+CONF
+  "$nginx" -p "$run" -c "$run/nginx.conf" -t -q 2>"$run/nginx-test.log" ||
+    die "nginx rejected the config: $(cat "$run/nginx-test.log")"
+  "$nginx" -p "$run" -c "$run/nginx.conf" </dev/null >"$run/nginx.out" 2>&1 &
+  echo "nginx $!" >>"$run/pids"
+  wait_for 10 "nginx" bash -c "exec 3<>/dev/tcp/127.0.0.1/$port"
+
+  cat >"$run/env" <<ENV
+NGINX_URL=http://127.0.0.1:$port
+REDIS_PORT=$redis_port
+NODE_URLS="${urls[*]}"
+SESSIONHUB_API_KEY=$key
+ENV
+  echo "sessionhub cluster up: http://127.0.0.1:$port (run dir $run)"
+}
+
+stop() {
+  local run=${1:?usage: scripts/cluster.sh stop RUN_DIR}
+  [ -f "$run/pids" ] || die "no cluster recorded in $run"
+  local pids=()
+  # nginx first (no new traffic), then the nodes (they close sockets with 1001 and
+  # remove their records), then Redis (it writes its AOF).
+  for name in nginx node redis; do
+    while read -r what pid; do
+      [[ $what == $name* ]] || continue
+      kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
+    done <"$run/pids"
+    for pid in "${pids[@]}"; do
+      for _ in $(seq 1 150); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+      done
+      kill -KILL "$pid" 2>/dev/null || true
+    done
+    pids=()
+  done
+  rm -f "$run/pids"
+  echo "sessionhub cluster in $run stopped"
+}
+
+case "${1:-}" in
+  start) shift; start "$@" ;;
+  stop) shift; stop "$@" ;;
+  *) echo "usage: scripts/cluster.sh start [RUN_DIR] | stop RUN_DIR" >&2; exit 2 ;;
+esac
