@@ -377,7 +377,11 @@ impl TestCluster {
 
     /// Starts Redis and `n` nodes with extra environment.
     pub async fn start_with(n: usize, env: &[(&str, &str)]) -> Self {
-        let redis = RedisServer::start().await;
+        Self::start_on(RedisServer::start().await, n, env).await
+    }
+
+    /// Starts `n` nodes with extra environment on a Redis already running.
+    pub async fn start_on(redis: RedisServer, n: usize, env: &[(&str, &str)]) -> Self {
         let mut nodes = Vec::new();
         for i in 0..n {
             nodes.push(Self::node(&redis, i, env).await);

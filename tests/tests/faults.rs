@@ -239,12 +239,8 @@ async fn status_of_create(api: &Api) -> reqwest::Response {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_then_restart_with_aof_keeps_sessions_and_sockets() {
-    let redis = RedisServer::start_with(true).await;
-    let mut nodes = Vec::new();
-    for i in 0..3 {
-        nodes.push(TestCluster::node(&redis, i, FAST_LEASE).await);
-    }
-    let mut cluster = TestCluster { redis, nodes };
+    let mut cluster =
+        TestCluster::start_on(RedisServer::start_with(true).await, 3, FAST_LEASE).await;
     let api = Api::new(&cluster.nodes[0]);
     let s = api.create_session("alice", "test").await;
     let mut sockets = Vec::new();
@@ -344,12 +340,8 @@ async fn redis_outage_then_restart_with_aof_keeps_sessions_and_sockets() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_empty_closes_every_socket_and_refuses_every_token() {
-    let redis = RedisServer::start_with(true).await;
-    let mut nodes = Vec::new();
-    for i in 0..3 {
-        nodes.push(TestCluster::node(&redis, i, FAST_LEASE).await);
-    }
-    let mut cluster = TestCluster { redis, nodes };
+    let mut cluster =
+        TestCluster::start_on(RedisServer::start_with(true).await, 3, FAST_LEASE).await;
     let api = Api::new(&cluster.nodes[0]);
     let mut all = Vec::new();
     for user in ["alice", "bob"] {

@@ -23,10 +23,13 @@ const PUBLISH_ENVELOPE: usize = 16 * 1024;
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/publish", web::post().to(publish))
         .route("/groups/{group}/members", web::get().to(group_members))
-        .route("/groups/{group}/members/{member}", web::put().to(group_add))
         .route(
             "/groups/{group}/members/{member}",
-            web::delete().to(group_remove),
+            web::put().to(group_membership),
+        )
+        .route(
+            "/groups/{group}/members/{member}",
+            web::delete().to(group_membership),
         )
         .route("/users", web::get().to(online_users))
         .route("/presence", web::get().to(presence));
@@ -138,27 +141,22 @@ fn parse_group(s: &str) -> Result<GroupName, ApiError> {
     GroupName::parse(s).map_err(|e| bad(e.to_string()))
 }
 
-async fn group_add(
+/// `PUT` (add) or `DELETE` (remove) `/groups/{group}/members/{member}`: 204, or 404
+/// when the connection is not live (add) or not a member (remove).
+async fn group_membership(
+    req: actix_web::HttpRequest,
     _: ServiceAuth,
     state: web::Data<AppState>,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
     let (group, member) = path.into_inner();
     let (group, member) = (parse_group(&group)?, parse_member(&member)?);
-    if !state.engine.group_add(&group, &member).await? {
-        return Err(ApiError::NotFound);
-    }
-    Ok(HttpResponse::NoContent().finish())
-}
-
-async fn group_remove(
-    _: ServiceAuth,
-    state: web::Data<AppState>,
-    path: web::Path<(String, String)>,
-) -> Result<HttpResponse, ApiError> {
-    let (group, member) = path.into_inner();
-    let (group, member) = (parse_group(&group)?, parse_member(&member)?);
-    if !state.engine.group_remove(&group, &member).await? {
+    let done = if req.method() == actix_web::http::Method::PUT {
+        state.engine.group_add(&group, &member).await?
+    } else {
+        state.engine.group_remove(&group, &member).await?
+    };
+    if !done {
         return Err(ApiError::NotFound);
     }
     Ok(HttpResponse::NoContent().finish())
