@@ -244,10 +244,8 @@ async fn run(cli: Cli) -> Result<()> {
                 None => note!("no --redis-url: skipping the Redis cost"),
             }
             cpu.note_since("redis cost", &t);
-            let t = cpu.mark();
             let background =
                 connect(&cluster, &sources, &format!("{tag}b"), &pool, &memory).await?;
-            cpu.note_since("connect (and memory settle)", &t);
             let t = cpu.mark();
             kill::run(&cluster, &sources, &tag, kill.params()).await?;
             cpu.note_since("kill", &t);
@@ -410,13 +408,15 @@ async fn connect(
         .map(|&p| rss_kib(p))
         .collect::<Result<Vec<_>>>()?;
     note!("opening {} background sockets", args.sockets);
-    let (p, opened) = pool::open(
+    let cpu = memory.cpu_probe();
+    let (p, opened) = pool::open_with_cpu(
         cluster,
         sources,
         tag,
         args.layout(n),
         args.connect_concurrency,
         |_, _| Role::Idle,
+        Some(&cpu),
     )
     .await?;
     figure("background_sockets", p.len(), "sockets");

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use crate::cluster::{Cluster, Created, Sources};
 use crate::note;
 use crate::socket::{self, Outcome, Role};
+use crate::stats::CpuProbe;
 
 /// Sessions created at once while setting up.
 const CREATE_CONCURRENCY: usize = 32;
@@ -94,6 +95,20 @@ pub async fn open(
     concurrency: usize,
     role: impl Fn(usize, &Slot) -> Role,
 ) -> Result<(Pool, Opened)> {
+    open_with_cpu(cluster, sources, tag, layout, concurrency, role, None).await
+}
+
+/// [`open`], noting the CPU use of the probed processes while the sockets open
+/// (after the sessions were created).
+pub async fn open_with_cpu(
+    cluster: &Cluster,
+    sources: &Sources,
+    tag: &str,
+    layout: Layout,
+    concurrency: usize,
+    role: impl Fn(usize, &Slot) -> Role,
+    cpu: Option<&CpuProbe>,
+) -> Result<(Pool, Opened)> {
     let n = cluster.nodes.len();
     let spu = layout.sessions_per_user.max(1);
     let sps = layout.sockets_per_session.max(1);
@@ -113,6 +128,7 @@ pub async fn open(
 
     let (stop, stop_rx) = watch::channel(false);
     let sessions = Arc::new(sessions);
+    let cpu_mark = cpu.map(CpuProbe::mark);
     let started = Instant::now();
     let plan = slots.clone();
     let mut opened = stream::iter(plan.into_iter().enumerate())
@@ -152,6 +168,9 @@ pub async fn open(
         }
     }
     let elapsed = started.elapsed();
+    if let (Some(cpu), Some(mark)) = (cpu, &cpu_mark) {
+        cpu.note_since("connect", mark);
+    }
     let tasks = tasks
         .into_iter()
         .collect::<Option<Vec<_>>>()
