@@ -273,3 +273,41 @@ async fn unreachable_redis_is_retried_for_a_bounded_time_then_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_close_is_answered_and_its_record_removed() {
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let cluster = TestCluster::start(1).await;
+    let node = &cluster.nodes[0];
+    let api = Api::new(node);
+    let s = api.create_session("alice", "test").await;
+    let mut ws = WsClient::connect(node, &s.token).await.unwrap();
+    let started = Instant::now();
+    ws.send_raw(Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    })))
+    .await;
+    let (code, _) = ws.expect_close().await;
+    assert_eq!(code, 1000, "the server echoes the client's close code");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let path = format!("/api/v1/sessions/{}", s.session_id);
+    sessionhub_tests::wait_for("the record to go", sessionhub_tests::WAIT, || {
+        let (api, path) = (api.clone(), path.clone());
+        async move {
+            let s: Value = api
+                .service(Method::GET, &path, None)
+                .await
+                .json()
+                .await
+                .unwrap();
+            s["connections"]
+                .as_array()
+                .unwrap()
+                .is_empty()
+                .then_some(())
+        }
+    })
+    .await;
+}

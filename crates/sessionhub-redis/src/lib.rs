@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, ToRedisArgs};
 use sessionhub_core::time::now_ms;
 use sessionhub_core::{
@@ -38,10 +38,8 @@ pub use lease::LeaseConfig;
 
 /// Default time a start-up waits for Redis before giving up.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Default bound on one Redis operation (including waiting for a pooled connection).
+/// Default bound on one Redis operation (including reconnecting).
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
-/// Default number of pooled command connections per node.
-pub const DEFAULT_POOL_SIZE: usize = 16;
 /// No arguments for a function call.
 const NO_ARGS: &[&str] = &[];
 /// Sessions `sh_expire` ends per call, to keep each call short.
@@ -63,8 +61,6 @@ pub struct RedisConfig {
     pub connect_timeout: Duration,
     /// Bound on one operation.
     pub command_timeout: Duration,
-    /// Pooled command connections.
-    pub pool_size: usize,
     /// Node lease and reaper timing.
     pub lease: LeaseConfig,
     /// Socket limits per session and per user.
@@ -79,7 +75,6 @@ impl RedisConfig {
             key_prefix: "sh:".into(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
-            pool_size: DEFAULT_POOL_SIZE,
             lease: LeaseConfig::default(),
             limits: ConnLimits::default(),
         }
@@ -127,7 +122,10 @@ pub struct RedisEngine {
 
 /// What the engine and its background tasks share.
 pub(crate) struct Inner {
-    pool: Pool,
+    /// One multiplexed connection for every command, re-established on failure.
+    /// Commands are pipelined on it, so no pool is needed, and unlike a pool it
+    /// costs no health-check round trip per command.
+    conn: ConnectionManager,
     keys: Keys,
     node_id: NodeId,
     command_timeout: Duration,
@@ -152,10 +150,6 @@ impl Drop for RedisEngine {
     fn drop(&mut self) {
         self.inner.stop.cancel();
     }
-}
-
-fn unavailable(e: impl std::fmt::Display) -> EngineError {
-    EngineError::Unavailable(e.to_string())
 }
 
 fn from_redis(e: RedisError) -> EngineError {
@@ -186,25 +180,20 @@ impl RedisEngine {
                 url: shown.clone(),
                 reason: e.to_string(),
             })?;
-        let mut pool_cfg = deadpool_redis::Config::from_url(config.url.clone());
-        pool_cfg.pool = Some(PoolConfig {
-            max_size: config.pool_size,
-            timeouts: Timeouts {
-                wait: Some(config.command_timeout),
-                create: Some(config.command_timeout),
-                recycle: Some(config.command_timeout),
-            },
-            ..PoolConfig::default()
-        });
-        let pool =
-            pool_cfg
-                .create_pool(Some(Runtime::Tokio1))
-                .map_err(|e| ConnectError::InvalidUrl {
+        let manager_cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.command_timeout))
+            .set_response_timeout(Some(config.command_timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let conn =
+            ConnectionManager::new_lazy_with_config(client.clone(), manager_cfg).map_err(|e| {
+                ConnectError::InvalidUrl {
                     url: shown.clone(),
                     reason: e.to_string(),
-                })?;
+                }
+            })?;
         let inner = Arc::new(Inner {
-            pool,
+            conn,
             keys: Keys::new(config.key_prefix),
             node_id,
             command_timeout: config.command_timeout,
@@ -295,17 +284,14 @@ impl Inner {
         .map(drop)
     }
 
-    /// Runs one Redis operation on a pooled connection, bounded by the command
+    /// Runs one Redis operation on the shared connection, bounded by the command
     /// timeout.
     async fn run<T, F, Fut>(&self, op: F) -> Result<T, EngineError>
     where
-        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
-        let work = async {
-            let conn = self.pool.get().await.map_err(unavailable)?;
-            op(conn).await.map_err(from_redis)
-        };
+        let work = async { op(self.conn.clone()).await.map_err(from_redis) };
         let res = tokio::time::timeout(self.command_timeout, work)
             .await
             .map_err(|_| EngineError::Unavailable("Redis did not answer in time".into()))

@@ -139,8 +139,11 @@ struct Socket {
 
 /// How the loop ended.
 enum Exit {
-    /// The client closed or vanished.
+    /// The client vanished.
     Gone,
+    /// The client sent a close frame: answer it, as RFC 6455 asks, so the
+    /// connection ends cleanly at once.
+    ClientClosed(Option<CloseReason>),
     /// We close with this code (and send this frame first).
     Close(u16, &'static str, Option<ByteString>),
 }
@@ -186,8 +189,19 @@ impl Socket {
         {
             tracing::warn!(error = %e, "could not remove the connection record");
         }
-        if let Exit::Close(code, why, frame) = exit {
-            tracing::debug!(code, why, "closing");
+        let (frame, reason) = match exit {
+            Exit::Gone => (None, None),
+            Exit::ClientClosed(reason) => (None, Some(reason)),
+            Exit::Close(code, why, frame) => {
+                tracing::debug!(code, why, "closing");
+                let reason = CloseReason {
+                    code: CloseCode::from(code),
+                    description: Some(why.to_owned()),
+                };
+                (frame, Some(Some(reason)))
+            }
+        };
+        if let Some(reason) = reason {
             let mut ws = self.ws;
             let metrics = self.state.metrics.clone();
             let close = async move {
@@ -195,11 +209,7 @@ impl Socket {
                     ws.text(frame).await?;
                     Metrics::inc(&metrics.messages_out);
                 }
-                let reason = CloseReason {
-                    code: CloseCode::from(code),
-                    description: Some(why.to_owned()),
-                };
-                ws.close(Some(reason)).await
+                ws.close(reason).await
             };
             if tokio::time::timeout(CLOSE_TIMEOUT, close).await.is_err() {
                 tracing::debug!("the client did not take the close frame in time");
@@ -239,7 +249,8 @@ impl Socket {
                     }
                 }
                 msg = stream.next() => match msg {
-                    None | Some(Ok(AggregatedMessage::Close(_))) => return Exit::Gone,
+                    None => return Exit::Gone,
+                    Some(Ok(AggregatedMessage::Close(reason))) => return Exit::ClientClosed(reason),
                     Some(Ok(AggregatedMessage::Text(text))) => {
                         Metrics::inc(&self.state.metrics.messages_in);
                         if !rate.allow() {
