@@ -96,6 +96,14 @@ pub trait Engine: Send + Sync + 'static {
         EngineStats::default()
     }
 
+    /// Bumped every time events may have been lost (a resubscription, a new lease),
+    /// before the matching [`NodeEvent::Resync`] or [`NodeEvent::Fenced`] is sent. A
+    /// node whose last successful resync began at the current generation has all its
+    /// records in the store.
+    fn generation(&self) -> u64 {
+        0
+    }
+
     /// Checks that the store answers.
     async fn ping(&self) -> Result<(), EngineError>;
 

@@ -105,6 +105,7 @@ async fn rejoin(inner: &Inner, events: &EventSender) {
         return;
     }
     tracing::info!("rejoined under a new lease");
+    inner.bump_generation();
     let _ = events.send(NodeEvent::Fenced).await;
 }
 

@@ -144,6 +144,8 @@ pub(crate) struct Inner {
     reconnects: AtomicU64,
     /// Records of dead nodes reaped by this node.
     reaped: AtomicU64,
+    /// See [`Engine::generation`].
+    generation: AtomicU64,
 }
 
 impl Drop for RedisEngine {
@@ -206,6 +208,7 @@ impl RedisEngine {
             errors: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             reaped: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
         });
         let engine = Self { inner };
 
@@ -362,6 +365,11 @@ impl Inner {
         self.reconnects.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Marks that events may have been lost; see [`Engine::generation`].
+    pub(crate) fn bump_generation(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
     pub(crate) fn count_reaped(&self, records: u64) {
         self.reaped.fetch_add(records, Ordering::Relaxed);
     }
@@ -461,6 +469,10 @@ impl Engine for RedisEngine {
 
     fn node_id(&self) -> &NodeId {
         &self.inner.node_id
+    }
+
+    fn generation(&self) -> u64 {
+        self.inner.generation.load(Ordering::Acquire)
     }
 
     fn stats(&self) -> EngineStats {

@@ -85,6 +85,9 @@ async fn run(
             continue;
         };
         delay = RECONNECT_MIN_DELAY;
+        if ready.is_none() {
+            inner.bump_generation();
+        }
         inner.set_subscribed(true);
         match ready.take() {
             Some(tx) => {

@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use actix_web::{App, HttpResponse, HttpServer, web};
@@ -78,6 +79,7 @@ impl Application {
             config: Arc::new(config),
             shutdown: CancellationToken::new(),
             metrics: Arc::default(),
+            synced: Arc::new(AtomicU64::new(0)),
         };
         actix_web::rt::spawn(crate::sync::dispatch(events_rx, state.clone()));
         actix_web::rt::spawn(crate::sync::revalidate_forever(
@@ -192,6 +194,10 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
 
 async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     if state.shutdown.is_cancelled() {
+        return Err(ApiError::Unavailable);
+    }
+    if state.synced.load(Ordering::Acquire) != state.engine.generation() {
+        tracing::debug!("not ready: re-asserting this node's records");
         return Err(ApiError::Unavailable);
     }
     state.engine.ping().await?;

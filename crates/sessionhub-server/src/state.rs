@@ -1,6 +1,7 @@
 //! What every handler shares.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use sessionhub_core::Engine;
 use tokio_util::sync::CancellationToken;
@@ -22,4 +23,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Counters for `/metrics`.
     pub metrics: Arc<Metrics>,
+    /// The engine generation of this node's last successful resync: while it lags
+    /// the engine's (events may have been lost, records may be missing), the node
+    /// is not ready.
+    pub synced: Arc<AtomicU64>,
 }

@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use sessionhub_core::time::now_ms;
@@ -60,10 +61,19 @@ async fn resync_forever(state: AppState, wanted: Arc<Notify>) {
             _ = state.shutdown.cancelled() => return,
             _ = wanted.notified() => {}
         }
-        while !resync(&state).await {
+        loop {
+            // Cleared before the attempt: a request that arrives while it runs
+            // leaves a permit, and the next round runs at once.
+            let generation = state.engine.generation();
+            if resync(&state).await {
+                state.synced.store(generation, Ordering::Release);
+                break;
+            }
+            // Retry after a pause, or at once when asked again (say, after a rejoin).
             tokio::select! {
                 _ = state.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(RESYNC_RETRY) => {}
+                _ = wanted.notified() => {}
             }
         }
     }
