@@ -303,7 +303,7 @@ async fn a_half_open_socket_is_closed_within_the_ping_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slowloris_upgrade_is_dropped_within_the_request_timeout() {
-    let (_redis, node) = cluster_with(&[("SESSIONHUB_REQUEST_TIMEOUT_MS", "500")]).await;
+    let (_redis, node) = cluster_with(&[("SESSIONHUB_REQUEST_TIMEOUT_MS", "1000")]).await;
     let addr = node.base.trim_start_matches("http://").to_owned();
     let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
     tcp.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n")
