@@ -345,7 +345,7 @@ async fn hostile_frames_get_a_clear_answer_for_that_socket_alone() {
     let frame = Frame::message(vec![0x7b, 0xff, 0xfe, 0x7d], OpCode::Data(Data::Text), true);
     bad.send_raw(Message::Frame(frame)).await;
     let (code, _) = bad.expect_close().await;
-    assert!([1007, 1008].contains(&code), "bad UTF-8 closed with {code}");
+    assert_eq!(code, 1007, "bad UTF-8 closes with 1007");
 
     // Deep nesting, truncated JSON, huge numbers: error frames, socket usable.
     let mut odd = WsClient::connect(&node, &s.token).await.unwrap();

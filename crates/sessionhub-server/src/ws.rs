@@ -277,6 +277,9 @@ impl Socket {
                     Some(Err(ProtocolError::Overflow)) => {
                         return Exit::Close(close_code::TOO_LARGE, "message too large", None);
                     }
+                    Some(Err(ProtocolError::Io(e))) if e.kind() == std::io::ErrorKind::InvalidData => {
+                        return Exit::Close(close_code::INVALID_DATA, "text frame is not valid UTF-8", None);
+                    }
                     Some(Err(e)) => {
                         tracing::debug!(error = %e, "protocol error");
                         return Exit::Close(close_code::POLICY, "protocol error", None);
