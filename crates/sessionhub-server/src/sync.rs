@@ -62,8 +62,9 @@ async fn resync_forever(state: AppState, wanted: Arc<Notify>) {
             _ = wanted.notified() => {}
         }
         loop {
-            // Cleared before the attempt: a request that arrives while it runs
-            // leaves a permit, and the next round runs at once.
+            // The generation is read before the attempt: if it moves meanwhile, the
+            // node stays unready, and the event that moved it left a permit for
+            // another round.
             let generation = state.engine.generation();
             if resync(&state).await {
                 state.synced.store(generation, Ordering::Release);
