@@ -91,6 +91,7 @@ impl Application {
         let data = web::Data::new(state.clone());
         let listen = state.config.listen;
         let request_timeout = state.config.request_timeout;
+        let workers = state.config.workers;
         let demo = state.config.demo;
         let server = HttpServer::new(move || {
             App::new()
@@ -122,6 +123,7 @@ impl Application {
                 }))
         })
         .client_request_timeout(request_timeout)
+        .workers(workers)
         .disable_signals()
         .shutdown_timeout(SERVER_STOP_TIMEOUT.as_secs())
         .bind(listen)

@@ -131,6 +131,10 @@ pub struct Cli {
     #[arg(long, env = "SESSIONHUB_PONG_TIMEOUT_MS", default_value_t = 45_000)]
     pub pong_timeout_ms: u64,
 
+    /// HTTP worker threads (default: one per CPU).
+    #[arg(long, env = "SESSIONHUB_WORKERS")]
+    pub workers: Option<usize>,
+
     /// Testing only: drop every `session_ended` event this node receives, to prove
     /// that revalidation alone closes killed sessions' sockets.
     #[arg(
@@ -175,6 +179,8 @@ pub struct Config {
     pub revalidate_interval: Duration,
     /// Testing only: ignore `session_ended` events.
     pub test_drop_kill_events: bool,
+    /// HTTP worker threads.
+    pub workers: usize,
     /// Session lifetimes and cookies.
     pub sessions: SessionPolicy,
     /// Per-socket limits.
@@ -431,6 +437,13 @@ impl Config {
             },
             revalidate_interval: Duration::from_millis(cli.revalidate_ms),
             test_drop_kill_events: cli.test_drop_kill_events,
+            workers: match cli.workers {
+                Some(0) => {
+                    return Err(bad("SESSIONHUB_WORKERS (--workers)", "must be at least 1"));
+                }
+                Some(n) => n,
+                None => std::thread::available_parallelism().map_or(1, usize::from),
+            },
             listen: cli.listen,
             redis_url,
             node_id,
