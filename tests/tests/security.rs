@@ -233,6 +233,12 @@ async fn a_flooding_socket_is_closed_with_1008() {
     }
     let (code, _) = flood.expect_close().await;
     assert_eq!(code, 1008);
+    // Control-frame pings are answered, so they are rate-limited too.
+    let mut pinger = WsClient::connect(&node, &s.token).await.unwrap();
+    for _ in 0..50 {
+        pinger.send_raw(Message::Ping(vec![1, 2, 3].into())).await;
+    }
+    assert_eq!(pinger.expect_close().await.0, 1008);
     calm.assert_alive().await;
 }
 

@@ -269,6 +269,10 @@ impl Socket {
                         self.error("binary_unsupported", "only JSON text frames are accepted").await;
                     }
                     Some(Ok(AggregatedMessage::Ping(data))) => {
+                        // Pings are answered, so they count against the rate too.
+                        if !rate.allow() {
+                            return Exit::Close(close_code::POLICY, "message rate limit exceeded", None);
+                        }
                         if self.ws.pong(&data).await.is_err() {
                             return Exit::Gone;
                         }
