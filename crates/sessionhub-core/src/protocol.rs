@@ -2,6 +2,7 @@
 
 use serde::Serialize;
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::ids::{ConnectionId, NodeId, SessionId, UserId};
 use crate::model::{EndReason, Session};
@@ -58,8 +59,8 @@ pub enum ServerFrame<'a> {
     Message {
         /// Application event name.
         event: &'a str,
-        /// Application payload, any JSON.
-        data: &'a Value,
+        /// Application payload, any JSON, forwarded as the publisher wrote it.
+        data: &'a RawValue,
     },
     /// The client sent something the server could not act on; the socket stays open.
     Error {

@@ -3,6 +3,7 @@
 use actix_web::{HttpResponse, web};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use sessionhub_core::protocol::ServerFrame;
 use sessionhub_core::{ConnectionId, GroupName, Member, SessionId, Target, UserId};
 
@@ -37,11 +38,13 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Publish {
+struct Publish<'a> {
     to: Value,
     event: String,
-    #[serde(default)]
-    data: Value,
+    /// Kept as the raw JSON text: it is checked for size and forwarded, never
+    /// rebuilt.
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
 }
 
 fn bad(msg: impl Into<String>) -> ApiError {
@@ -94,7 +97,7 @@ async fn publish(
 ) -> Result<HttpResponse, ApiError> {
     let max = state.config.max_message_bytes;
     let body = read_body(payload, max + PUBLISH_ENVELOPE).await?;
-    let req: Publish =
+    let req: Publish<'_> =
         serde_json::from_slice(&body).map_err(|e| bad(format!("invalid JSON body: {e}")))?;
     let target = parse_target(&req.to)?;
     if req.event.is_empty()
@@ -105,9 +108,9 @@ async fn publish(
             "\"event\" must be 1 to {MAX_EVENT_LEN} bytes without control characters"
         )));
     }
-    let data_len = serde_json::to_string(&req.data)
-        .map(|s| s.len())
-        .unwrap_or(usize::MAX);
+    let null = RawValue::NULL;
+    let data = req.data.unwrap_or(null);
+    let data_len = data.get().len();
     if data_len > max {
         return Err(ApiError::TooLarge(format!(
             "message data is {data_len} bytes; the limit is {max} (SESSIONHUB_MAX_MESSAGE_BYTES)"
@@ -116,7 +119,7 @@ async fn publish(
     // Serialised once here; every node and socket forwards these bytes as they are.
     let frame = ServerFrame::Message {
         event: &req.event,
-        data: &req.data,
+        data,
     }
     .to_json();
     let started = std::time::Instant::now();
