@@ -85,6 +85,36 @@ impl Api {
         created
     }
 
+    /// The nodes holding the session's live connections (one entry per
+    /// connection), or `None` if the session is unknown.
+    pub async fn connection_nodes(&self, session_id: &str) -> Option<Vec<String>> {
+        let path = format!("/api/v1/sessions/{session_id}");
+        let res = self.service(Method::GET, &path, None).await;
+        if res.status() == StatusCode::NOT_FOUND {
+            return None;
+        }
+        let s: Value = res.json().await.unwrap();
+        Some(
+            s["connections"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["node_id"].as_str().unwrap().to_owned())
+                .collect(),
+        )
+    }
+
+    /// Waits until the session has no live connection left.
+    pub async fn wait_no_connections(&self, session_id: &str, what: &str) {
+        crate::wait_for(what, WAIT, || async {
+            self.connection_nodes(session_id)
+                .await
+                .is_some_and(|n| n.is_empty())
+                .then_some(())
+        })
+        .await
+    }
+
     /// Status of `GET /api/v1/me` with `token`.
     pub async fn me_status(&self, token: &str) -> StatusCode {
         self.me(Method::GET, "/api/v1/me", token).await.status()

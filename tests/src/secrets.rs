@@ -27,8 +27,21 @@ pub fn leaked_in(text: &str) -> Option<String> {
         .cloned()
 }
 
-/// Every key and value of the Redis at `url`, as text.
+/// Every key and value of the Redis at `url`, as text. Retried a few times: this
+/// runs in `Drop` on a thread where a child's exit can interrupt a blocking call
+/// (EINTR).
 pub fn dump_redis(url: &str) -> redis::RedisResult<String> {
+    let mut last = None;
+    for _ in 0..5 {
+        match dump_once(url) {
+            Ok(dump) => return Ok(dump),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| redis::RedisError::from((redis::ErrorKind::Io, "no attempt"))))
+}
+
+fn dump_once(url: &str) -> redis::RedisResult<String> {
     let client = redis::Client::open(url)?;
     let mut c = client.get_connection_with_timeout(std::time::Duration::from_secs(2))?;
     let mut out = String::new();

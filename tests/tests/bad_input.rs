@@ -292,22 +292,6 @@ async fn a_clients_close_is_answered_and_its_record_removed() {
     let (code, _) = ws.expect_close().await;
     assert_eq!(code, 1000, "the server echoes the client's close code");
     assert!(started.elapsed() < Duration::from_secs(1));
-    let path = format!("/api/v1/sessions/{}", s.session_id);
-    sessionhub_tests::wait_for("the record to go", sessionhub_tests::WAIT, || {
-        let (api, path) = (api.clone(), path.clone());
-        async move {
-            let s: Value = api
-                .service(Method::GET, &path, None)
-                .await
-                .json()
-                .await
-                .unwrap();
-            s["connections"]
-                .as_array()
-                .unwrap()
-                .is_empty()
-                .then_some(())
-        }
-    })
-    .await;
+    api.wait_no_connections(&s.session_id, "the record to go")
+        .await;
 }

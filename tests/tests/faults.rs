@@ -14,24 +14,6 @@ use sessionhub_tests::{
 /// Revalidation interval of FAST_LEASE plus slack for a loaded machine.
 const REVALIDATE_BOUND: Duration = Duration::from_millis(1000 + 1500);
 
-async fn session_conns(api: &Api, sid: &str) -> Option<Vec<String>> {
-    let res = api
-        .service(Method::GET, &format!("/api/v1/sessions/{sid}"), None)
-        .await;
-    if res.status() == StatusCode::NOT_FOUND {
-        return None;
-    }
-    let s: Value = res.json().await.unwrap();
-    Some(
-        s["connections"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| c["node_id"].as_str().unwrap().to_owned())
-            .collect(),
-    )
-}
-
 async fn kill(api: &Api, sid: &str) {
     let res = api
         .service(Method::DELETE, &format!("/api/v1/sessions/{sid}"), None)
@@ -92,7 +74,7 @@ async fn a_killed_nodes_records_are_reaped_and_its_sessions_can_still_be_killed(
         wait_for("B's records to be reaped", FAST_REAP_BOUND, || {
             let (api, sid) = (api.clone(), sid.clone());
             async move {
-                let nodes = session_conns(&api, &sid).await.unwrap();
+                let nodes = api.connection_nodes(&sid).await.unwrap();
                 (!nodes.iter().any(|n| n == "node-b")).then_some(())
             }
         })
@@ -133,7 +115,7 @@ async fn a_paused_node_fences_itself_and_closes_a_session_killed_meanwhile() {
         let api = api.clone();
         let sid = keeper.session_id.clone();
         async move {
-            session_conns(&api, &sid)
+            api.connection_nodes(&sid)
                 .await
                 .unwrap()
                 .is_empty()
@@ -164,7 +146,7 @@ async fn a_paused_node_fences_itself_and_closes_a_session_killed_meanwhile() {
     );
     wait_for("bob's socket on B to be re-registered", WAIT, || {
         let (api, sid) = (api.clone(), keeper.session_id.clone());
-        async move { (session_conns(&api, &sid).await.unwrap() == ["node-b"]).then_some(()) }
+        async move { (api.connection_nodes(&sid).await.unwrap() == ["node-b"]).then_some(()) }
     })
     .await;
     assert_eq!(
@@ -299,7 +281,7 @@ async fn redis_outage_then_restart_with_aof_keeps_sessions_and_sockets() {
     wait_for("the connection records to come back", WAIT, || {
         let (api, sid) = (api.clone(), sid.clone());
         async move {
-            let mut nodes = session_conns(&api, &sid).await?;
+            let mut nodes = api.connection_nodes(&sid).await?;
             nodes.sort();
             (nodes == ["node-a", "node-b", "node-c"]).then_some(())
         }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use sessionhub_tests::process::{Node, NodeOptions};
-use sessionhub_tests::{Api, RedisServer, TestCluster, WAIT, WsClient, WsError, secrets, wait_for};
+use sessionhub_tests::{Api, RedisServer, TestCluster, WAIT, WsClient, WsError, secrets};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
@@ -282,24 +282,8 @@ async fn a_half_open_socket_is_closed_within_the_ping_timeout() {
     // This client never reads again, so it never answers a ping.
     let _silent = WsClient::connect(&node, &s.token).await.unwrap();
     let started = Instant::now();
-    let path = format!("/api/v1/sessions/{}", s.session_id);
-    wait_for("the half-open socket to be dropped", WAIT, || {
-        let (api, path) = (api.clone(), path.clone());
-        async move {
-            let s: Value = api
-                .service(Method::GET, &path, None)
-                .await
-                .json()
-                .await
-                .unwrap();
-            s["connections"]
-                .as_array()
-                .unwrap()
-                .is_empty()
-                .then_some(())
-        }
-    })
-    .await;
+    api.wait_no_connections(&s.session_id, "the half-open socket to be dropped")
+        .await;
     assert!(
         started.elapsed() < Duration::from_millis(600 + 200 + 1500),
         "{:?}",
