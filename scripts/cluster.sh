@@ -15,11 +15,12 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 
 die() { echo "cluster.sh: $*" >&2; exit 1; }
 
-# A free loopback port: nothing answers on it.
+# A free loopback port: nothing answers on it. Picked below the kernel's ephemeral
+# range (32768 and up by default), so no outgoing connection holds it meanwhile.
 free_port() {
   local p
   for _ in $(seq 1 200); do
-    p=$((20000 + RANDOM % 40000))
+    p=$((20000 + RANDOM % 12000))
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
       echo "$p"
       return
@@ -57,12 +58,27 @@ start() {
   local key=${SESSIONHUB_API_KEY:-dev-only-key-change-me}
   : >"$run/pids"
 
-  local redis_port
-  redis_port=$(free_port)
-  redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$run" --appendonly yes \
-    --save "" --logfile redis.log --daemonize no </dev/null >/dev/null 2>&1 &
-  echo "redis $!" >>"$run/pids"
-  wait_for 10 "redis-server" redis-cli -p "$redis_port" ping
+  local redis_port="" redis_pid
+  for _ in 1 2 3; do
+    local try
+    try=$(free_port)
+    redis-server --port "$try" --bind 127.0.0.1 --dir "$run" --appendonly yes \
+      --save "" --logfile redis.log --daemonize no </dev/null >/dev/null 2>&1 &
+    redis_pid=$!
+    local deadline=$((SECONDS + 20))
+    while ((SECONDS < deadline)) && kill -0 "$redis_pid" 2>/dev/null; do
+      if redis-cli -p "$try" ping >/dev/null 2>&1; then
+        redis_port=$try
+        break
+      fi
+      sleep 0.1
+    done
+    [ -n "$redis_port" ] && break
+    kill "$redis_pid" 2>/dev/null || true
+    wait "$redis_pid" 2>/dev/null || true
+  done
+  [ -n "$redis_port" ] || die "redis-server did not start: $(tail -3 "$run/redis.log" 2>/dev/null)"
+  echo "redis $redis_pid" >>"$run/pids"
 
   local urls=() upstreams=""
   for i in $(seq 1 "${NODES:-3}"); do
@@ -78,9 +94,7 @@ start() {
     upstreams+="server ${addr#http://} max_fails=2 fail_timeout=5s;"$'\n'
   done
 
-  local port=${NGINX_PORT:-$(free_port)}
   printf '%s' "$upstreams" >"$run/sessionhub-upstreams.conf"
-  echo "listen 127.0.0.1:$port;" >"$run/sessionhub-listen.conf"
   cp "$root/deploy/nginx/sessionhub.conf" "$run/sessionhub.conf"
   local user=""
   [ "$(id -u)" = 0 ] && user="user root;"
@@ -101,11 +115,29 @@ http {
     include sessionhub.conf;
 }
 CONF
-  "$nginx" -p "$run" -c "$run/nginx.conf" -t -q 2>"$run/nginx-test.log" ||
-    die "nginx rejected the config: $(cat "$run/nginx-test.log")"
-  "$nginx" -p "$run" -c "$run/nginx.conf" </dev/null >"$run/nginx.out" 2>&1 &
-  echo "nginx $!" >>"$run/pids"
-  wait_for 10 "nginx" bash -c "exec 3<>/dev/tcp/127.0.0.1/$port"
+  # A port taken between the check and nginx's bind makes nginx exit: try another.
+  local port="" nginx_pid
+  for _ in 1 2 3; do
+    local try=${NGINX_PORT:-$(free_port)}
+    echo "listen 127.0.0.1:$try;" >"$run/sessionhub-listen.conf"
+    "$nginx" -p "$run" -c "$run/nginx.conf" -t -q 2>"$run/nginx-test.log" ||
+      die "nginx rejected the config: $(cat "$run/nginx-test.log")"
+    "$nginx" -p "$run" -c "$run/nginx.conf" </dev/null >"$run/nginx.out" 2>&1 &
+    nginx_pid=$!
+    local deadline=$((SECONDS + 20))
+    while ((SECONDS < deadline)) && kill -0 "$nginx_pid" 2>/dev/null; do
+      if (exec 3<>"/dev/tcp/127.0.0.1/$try") 2>/dev/null; then
+        port=$try
+        break
+      fi
+      sleep 0.1
+    done
+    [ -n "$port" ] && break
+    kill "$nginx_pid" 2>/dev/null || true
+    wait "$nginx_pid" 2>/dev/null || true
+  done
+  [ -n "$port" ] || die "nginx did not start: $(tail -3 "$run/nginx-error.log" 2>/dev/null)"
+  echo "nginx $nginx_pid" >>"$run/pids"
 
   cat >"$run/env" <<ENV
 NGINX_URL=http://127.0.0.1:$port
