@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use keys::Keys;
 pub use lease::LeaseConfig;
+use wire::Fields;
 
 /// Default time a start-up waits for Redis before giving up.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -386,30 +387,8 @@ impl Inner {
     }
 }
 
-/// A session's stored fields, as strings.
-struct Fields {
-    user_id: String,
-    user_agent: String,
-    ip: String,
-    created_at: String,
-    last_seen_at: String,
-    expires_at: String,
-    idle_ms: String,
-}
-
 fn session_from_fields(sid: &SessionId, f: Fields) -> Result<Session, EngineError> {
-    let last_seen_at = wire::ms(&f.last_seen_at).map_err(corrupt)?;
-    Ok(Session {
-        session_id: sid.clone(),
-        user_id: UserId::parse(&f.user_id).map_err(corrupt)?,
-        user_agent: wire::non_empty(f.user_agent),
-        ip: wire::non_empty(f.ip),
-        created_at: wire::ms(&f.created_at).map_err(corrupt)?,
-        last_seen_at,
-        expires_at: wire::ms(&f.expires_at).map_err(corrupt)?,
-        idle_expires_at: last_seen_at + wire::ms(&f.idle_ms).map_err(corrupt)?,
-        connections: Vec::new(),
-    })
+    f.into_session(sid.clone()).map_err(corrupt)
 }
 
 /// Parses a connections hash (`connection_id` → `<node_id>|<connected_at>`),

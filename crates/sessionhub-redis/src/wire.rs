@@ -48,13 +48,39 @@ enum WireEvent {
 #[derive(Debug, Deserialize)]
 struct WireSession {
     session_id: SessionId,
-    user_id: UserId,
-    user_agent: String,
-    ip: String,
-    created_at: String,
-    last_seen_at: String,
-    expires_at: String,
-    idle_ms: String,
+    #[serde(flatten)]
+    fields: Fields,
+}
+
+/// A session's stored fields, as strings: the session hash, the functions'
+/// replies, and `session_created` events all carry these.
+#[derive(Debug, Deserialize)]
+pub(crate) struct Fields {
+    pub(crate) user_id: String,
+    pub(crate) user_agent: String,
+    pub(crate) ip: String,
+    pub(crate) created_at: String,
+    pub(crate) last_seen_at: String,
+    pub(crate) expires_at: String,
+    pub(crate) idle_ms: String,
+}
+
+impl Fields {
+    /// The session these fields describe (with no connections filled in).
+    pub(crate) fn into_session(self, session_id: SessionId) -> Result<Session, String> {
+        let last_seen_at = ms(&self.last_seen_at)?;
+        Ok(Session {
+            session_id,
+            user_id: UserId::parse(&self.user_id).map_err(|e| e.to_string())?,
+            user_agent: non_empty(self.user_agent),
+            ip: non_empty(self.ip),
+            created_at: ms(&self.created_at)?,
+            last_seen_at,
+            expires_at: ms(&self.expires_at)?,
+            idle_expires_at: last_seen_at + ms(&self.idle_ms)?,
+            connections: Vec::new(),
+        })
+    }
 }
 
 /// `""` → `None`.
@@ -87,17 +113,7 @@ pub(crate) fn decode(payload: &[u8]) -> Result<Incoming, String> {
     let ev: WireEvent = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
     Ok(Incoming::Event(match ev {
         WireEvent::SessionCreated { session: s } => NodeEvent::SessionCreated {
-            session: Session {
-                session_id: s.session_id,
-                user_id: s.user_id,
-                user_agent: non_empty(s.user_agent),
-                ip: non_empty(s.ip),
-                created_at: ms(&s.created_at)?,
-                last_seen_at: ms(&s.last_seen_at)?,
-                expires_at: ms(&s.expires_at)?,
-                idle_expires_at: ms(&s.last_seen_at)? + ms(&s.idle_ms)?,
-                connections: Vec::new(),
-            },
+            session: s.fields.into_session(s.session_id)?,
         },
         WireEvent::SessionEnded {
             session_ids,
