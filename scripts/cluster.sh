@@ -29,6 +29,16 @@ free_port() {
   die "no free port found"
 }
 
+# Whether nginx (and not something else) answers on port $1.
+nginx_answers() {
+  (
+    exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
+    printf 'GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&3
+    head=$(timeout 2 head -c 400 <&3)
+    [[ $head == *"Server: nginx"* ]]
+  ) 2>/dev/null
+}
+
 # Polls a command until it succeeds, for at most $1 seconds.
 wait_for() {
   local deadline=$((SECONDS + $1)) what=$2
@@ -57,6 +67,8 @@ start() {
   [ -x "$nginx" ] || die "nginx is missing: apt-get install -y nginx"
   local key=${SESSIONHUB_API_KEY:-dev-only-key-change-me}
   : >"$run/pids"
+  # A start that fails half-way stops what it had started.
+  trap 'stop "$run" >/dev/null 2>&1 || true' EXIT
 
   local redis_port="" redis_pid
   for _ in 1 2 3; do
@@ -126,7 +138,7 @@ CONF
     nginx_pid=$!
     local deadline=$((SECONDS + 20))
     while ((SECONDS < deadline)) && kill -0 "$nginx_pid" 2>/dev/null; do
-      if (exec 3<>"/dev/tcp/127.0.0.1/$try") 2>/dev/null; then
+      if nginx_answers "$try"; then
         port=$try
         break
       fi
@@ -145,6 +157,7 @@ REDIS_PORT=$redis_port
 NODE_URLS="${urls[*]}"
 SESSIONHUB_API_KEY=$key
 ENV
+  trap - EXIT
   echo "sessionhub cluster up: http://127.0.0.1:$port (run dir $run)"
 }
 
