@@ -76,6 +76,13 @@ local function bad_key(what)
   return redis.error_reply('BADKEY expected ' .. what)
 end
 
+-- The prefix and session id of a session key P{T}:session:<sid>, or nil.
+local function parse_session_key(sk)
+  local sid = string.match(sk, '}:session:([0-9a-f]+)$')
+  if not sid then return nil end
+  return prefix_tagged(sk), sid
+end
+
 -- Constant-time comparison of two strings of equal length.
 local function ct_equal(a, b)
   if #a ~= #b then return false end
@@ -170,9 +177,8 @@ end
 --   holding a socket of another live session of the user.
 redis.register_function('sh_create_session', function(keys, args)
   local sk, uk = keys[1], keys[2]
-  local base, sid = string.match(sk, '^(.*)session:([0-9a-f]+)$')
-  if not base then return bad_key('P{T}:session:<id>') end
-  local P = prefix_tagged(sk)
+  local P, sid = parse_session_key(sk)
+  if not P then return bad_key('P{T}:session:<id>') end
   if redis.call('EXISTS', sk) == 1 then return redis.error_reply('EXISTS session id taken') end
   local uid, now, expires, idle = args[1], args[5], args[6], args[7]
   redis.call('HSET', sk, 'user_id', uid, 'secret_hash', args[2], 'user_agent', args[3],
@@ -223,9 +229,8 @@ end)
 --   lease, LIMIT if a socket limit is reached.
 redis.register_function('sh_register_connection', function(keys, args)
   local sk = keys[1]
-  local sid = string.match(sk, 'session:([0-9a-f]+)$')
-  if not sid then return bad_key('P{T}:session:<id>') end
-  local P = prefix_tagged(sk)
+  local P, sid = parse_session_key(sk)
+  if not P then return bad_key('P{T}:session:<id>') end
   local cid, node, now = args[2], args[3], tonumber(args[4])
   local f = redis.call('HMGET', sk, 'secret_hash', 'user_id', 'user_agent', 'ip',
     'created_at', 'expires_at', 'last_seen_at', 'idle_ms')
@@ -250,13 +255,13 @@ end)
 --   Returns 1, or 0 if there is no live session.
 redis.register_function('sh_touch', function(keys, args)
   local sk = keys[1]
-  local sid = string.match(sk, 'session:([0-9a-f]+)$')
-  if not sid then return bad_key('P{T}:session:<id>') end
+  local P, sid = parse_session_key(sk)
+  if not P then return bad_key('P{T}:session:<id>') end
   local now = tonumber(args[1])
   local f = redis.call('HMGET', sk, 'expires_at', 'last_seen_at', 'idle_ms')
   if not f[1] or deadline(f[1], f[2], f[3]) <= now then return 0 end
   redis.call('HSET', sk, 'last_seen_at', args[1])
-  redis.call('ZADD', prefix_tagged(sk) .. 'expiry', deadline(f[1], now, f[3]), sid)
+  redis.call('ZADD', P .. 'expiry', deadline(f[1], now, f[3]), sid)
   return 1
 end)
 
@@ -311,9 +316,8 @@ end)
 --   of its sockets.
 redis.register_function('sh_kill_session', function(keys, args)
   local sk = keys[1]
-  local sid = string.match(sk, 'session:([0-9a-f]+)$')
-  if not sid then return bad_key('P{T}:session:<id>') end
-  local P = prefix_tagged(sk)
+  local P, sid = parse_session_key(sk)
+  if not P then return bad_key('P{T}:session:<id>') end
   local owner = args[2] or ''
   local uid = redis.call('HGET', sk, 'user_id')
   if not uid then return 0 end

@@ -37,7 +37,13 @@ pub fn repo_root() -> PathBuf {
 
 /// The `sessionhub` binary built by `cargo build` (or `$SESSIONHUB_BIN`).
 pub fn node_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("SESSIONHUB_BIN") {
+    built_binary("sessionhub", "SESSIONHUB_BIN")
+}
+
+/// A workspace binary built by `cargo build --workspace --bins` (the README's test
+/// command does), or the path in `$env_override`.
+pub fn built_binary(name: &str, env_override: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env_override) {
         return PathBuf::from(p);
     }
     // This test executable lives in target/<profile>/deps/.
@@ -45,11 +51,11 @@ pub fn node_binary() -> PathBuf {
     let bin = exe
         .parent()
         .and_then(Path::parent)
-        .map(|d| d.join("sessionhub"))
+        .map(|d| d.join(name))
         .expect("target dir");
     assert!(
         bin.is_file(),
-        "{} is missing: build it first with `cargo build --bins` (the README's test command does)",
+        "{} is missing: build it first with `cargo build --workspace --bins` (the README's test command does)",
         bin.display()
     );
     bin

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -58,22 +58,7 @@ const FIGURES: &[&str] = &[
 /// The `sessionhub-bench` binary built by `cargo build --workspace --bins` (or
 /// `$SESSIONHUB_BENCH_BIN`).
 fn bench_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("SESSIONHUB_BENCH_BIN") {
-        return PathBuf::from(p);
-    }
-    // This test executable lives in target/<profile>/deps/.
-    let exe = std::env::current_exe().expect("current_exe");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("sessionhub-bench"))
-        .expect("target dir");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it first with `cargo build --workspace --bins` (scripts/test.sh does)",
-        bin.display()
-    );
-    bin
+    sessionhub_tests::process::built_binary("sessionhub-bench", "SESSIONHUB_BENCH_BIN")
 }
 
 /// Parses `name: value unit` lines; panics on any other line.

@@ -603,15 +603,15 @@ impl Engine for RedisEngine {
         let mut out = Vec::with_capacity(rows.len());
         for (sid, user_agent, ip, created_at, last_seen_at, expires_at, idle_ms, conns) in rows {
             let sid = SessionId::parse(&sid).map_err(corrupt)?;
-            let fields = Fields {
-                user_id: user_id.to_string(),
+            let row = (
                 user_agent,
                 ip,
                 created_at,
                 last_seen_at,
                 expires_at,
                 idle_ms,
-            };
+            );
+            let fields = Fields::from_row(user_id.to_string(), row);
             let mut s = session_from_fields(&sid, fields)?;
             if s.expired_at(now) {
                 continue;
@@ -686,15 +686,15 @@ impl Engine for RedisEngine {
         else {
             return Ok(None);
         };
-        let fields = Fields {
-            user_id,
+        let row = (
             user_agent,
             ip,
             created_at,
             last_seen_at,
             expires_at,
             idle_ms,
-        };
+        );
+        let fields = Fields::from_row(user_id, row);
         session_from_fields(sid, fields).map(Some)
     }
 

@@ -65,7 +65,25 @@ pub(crate) struct Fields {
     pub(crate) idle_ms: String,
 }
 
+/// What the functions return of a session besides its user id, in this order:
+/// user_agent, ip, created_at, last_seen_at, expires_at, idle_ms.
+pub(crate) type StoredRow = (String, String, String, String, String, String);
+
 impl Fields {
+    /// Fields from a function's reply.
+    pub(crate) fn from_row(user_id: String, row: StoredRow) -> Self {
+        let (user_agent, ip, created_at, last_seen_at, expires_at, idle_ms) = row;
+        Self {
+            user_id,
+            user_agent,
+            ip,
+            created_at,
+            last_seen_at,
+            expires_at,
+            idle_ms,
+        }
+    }
+
     /// The session these fields describe (with no connections filled in).
     pub(crate) fn into_session(self, session_id: SessionId) -> Result<Session, String> {
         let last_seen_at = ms(&self.last_seen_at)?;
