@@ -5,62 +5,90 @@
 -- causes are published in the same step, to exactly the nodes that hold the sockets
 -- concerned (found from the connection records).
 --
+-- Every function touches the keys of one hash slot only, so the same library runs
+-- on one Redis and on Redis Cluster (loaded on every master). The hash tag is a
+-- bucket B: the first 2 hex digits of a user's tag T (T: the first 8 hex digits of
+-- SHA-256 of the user id, also the first 8 characters of each of the user's session
+-- and connection ids). So a user, its sessions and connections, and the bucket's
+-- share of every index live in one slot; the 256 buckets spread over the shards.
+--
 -- The nodes load this file at start-up (FUNCTION LOAD REPLACE) and call it with
 -- FCALL; operators call the very same functions with redis-cli, for example
---   redis-cli FCALL sh_kill_session 1 'sh:{<tag>}:session:<session_id>'
+--   redis-cli FCALL sh_kill_session 1 'sh:{<B>}:session:<session_id>'
 -- On a Redis that no node has loaded it into yet:
 --   redis-cli -x FUNCTION LOAD REPLACE < lua/sessionhub.lua
 --
 -- Key layout. P is the key prefix (default "sh:"), derived by every function from
--- its first key. T is a user's tag: the first 8 hex digits of SHA-256 of the user id,
--- which is also the first 8 characters of each of that user's session and connection
--- ids; every per-user key carries the hash tag {T}.
---   P{T}:session:<sid>         hash  user_id secret_hash user_agent ip created_at
+-- its first key; B is a bucket (00 .. ff).
+--   P{B}:session:<sid>         hash  user_id secret_hash user_agent ip created_at
 --                                    last_seen_at expires_at idle_ms; the key's TTL is
 --                                    expires_at + 60 s, a backstop: sh_expire ends it first
---   P{T}:session:<sid>:conns   hash  connection_id -> "<node_id>|<connected_at>"
---   P{T}:user:<uid>:sessions   hash  session_id -> expires_at
---   P{T}:conn:<cid>            hash  session_id user_id node_id connected_at
---   P{T}:conn:<cid>:groups     set   the groups the connection was added to
---   Pgroup:<group>             hash  "conn:<cid>" -> added_at | "user:<uid>" -> "<T>|<added_at>"
---   Pnodes                     zset  node_id -> lease expiry
---   Pnode:<node>:conns         hash  connection_id -> session_id (the node's records)
---   Ponline                    zset  user_id, score 0 (lexical order, for paging)
---   Ponline:conns              hash  user_id -> number of live connections
---   Pexpiry                    zset  session_id -> when it ends by itself (the earlier
+--   P{B}:session:<sid>:conns   hash  connection_id -> "<node_id>|<connected_at>"
+--   P{B}:user:<uid>:sessions   hash  session_id -> expires_at
+--   P{B}:conn:<cid>            hash  session_id user_id node_id connected_at
+--   P{B}:conn:<cid>:groups     set   the groups the connection was added to
+--   P{B}:group:<group>         hash  the bucket's members: "conn:<cid>" | "user:<uid>" -> added_at
+--   P{B}:node:<node>:conns     hash  connection_id -> session_id (a node's records in B)
+--   P{B}:leases                hash  node_id -> newest lease a registration in B used;
+--                                    "fenced:<node_id>" -> registrations under a lease
+--                                    up to this one are refused (the node was reaped)
+--   P{B}:online                zset  user_id, score 0 (lexical order, for paging)
+--   P{B}:online:conns          hash  user_id -> number of live connections
+--   P{B}:expiry                zset  session_id -> when it ends by itself (the earlier
 --                                    of expires_at and last_seen_at + idle_ms)
--- Channels: Pnode:<node> carries events for one node's sockets; Pall reaches all.
+--   Pnodes                     zset  node_id -> lease expiry (no hash tag)
+--   Pgroup:<group>:buckets     set   buckets that may hold members (no hash tag)
+-- Channels: P{B}:node:<node> carries events for a node's sockets in bucket B (sharded
+-- pub/sub, SPUBLISH, on Redis Cluster; classic PUBLISH on one Redis); Pall reaches all.
 -- Event payloads are JSON with a stable tag "t"; "message" events are a JSON header
 -- line, a newline, then the client frame verbatim.
 -- Times are Unix milliseconds, passed in by the caller.
 
-local function tag_of(id)
-  return string.sub(id, 1, 8)
+-- The bucket of an id (session, connection or user tag).
+local function bucket_of(id)
+  return string.sub(id, 1, 2)
 end
 
--- The prefix of a key of the form P{T}:...
-local function prefix_tagged(key)
-  return string.match(key, '^(.-){')
+-- The prefix and bucket of a key of the form P{B}:...
+local function split_key(key)
+  return string.match(key, '^(.-){(%x%x)}:')
 end
 
 local function session_key(P, sid)
-  return P .. '{' .. tag_of(sid) .. '}:session:' .. sid
+  return P .. '{' .. bucket_of(sid) .. '}:session:' .. sid
 end
 
 local function conn_key(P, cid)
-  return P .. '{' .. tag_of(cid) .. '}:conn:' .. cid
+  return P .. '{' .. bucket_of(cid) .. '}:conn:' .. cid
 end
 
-local function user_key(P, tag, uid)
-  return P .. '{' .. tag .. '}:user:' .. uid .. ':sessions'
+local function user_key(P, B, uid)
+  return P .. '{' .. B .. '}:user:' .. uid .. ':sessions'
 end
 
-local function node_index(P, node)
-  return P .. 'node:' .. node .. ':conns'
+local function node_index(P, B, node)
+  return P .. '{' .. B .. '}:node:' .. node .. ':conns'
 end
 
-local function node_channel(P, node)
-  return P .. 'node:' .. node
+local function bkey(P, B, name)
+  return P .. '{' .. B .. '}:' .. name
+end
+
+-- Whether this Redis runs in cluster mode (asked once per library load).
+local cluster_mode = nil
+
+-- Publishes an event to a node's channel of bucket B: SPUBLISH on Redis Cluster, so
+-- only the shard owning B carries it; PUBLISH on one Redis.
+local function publish(P, B, node, payload)
+  if cluster_mode == nil then
+    cluster_mode = string.match(redis.call('INFO', 'cluster'), 'cluster_enabled:1') ~= nil
+  end
+  local channel = P .. '{' .. B .. '}:node:' .. node
+  if cluster_mode then
+    redis.call('SPUBLISH', channel, payload)
+  else
+    redis.call('PUBLISH', channel, payload)
+  end
 end
 
 -- How long a session's keys outlive its absolute expiry, so that sh_expire, which
@@ -76,11 +104,12 @@ local function bad_key(what)
   return redis.error_reply('BADKEY expected ' .. what)
 end
 
--- The prefix and session id of a session key P{T}:session:<sid>, or nil.
+-- The prefix, bucket and session id of a session key P{B}:session:<sid>, or nil.
 local function parse_session_key(sk)
+  local P, B = split_key(sk)
   local sid = string.match(sk, '}:session:([0-9a-f]+)$')
-  if not sid then return nil end
-  return prefix_tagged(sk), sid
+  if not P or not sid or bucket_of(sid) ~= B then return nil end
+  return P, B, sid
 end
 
 -- Constant-time comparison of two strings of equal length.
@@ -93,53 +122,51 @@ local function ct_equal(a, b)
   return diff == 0
 end
 
-local function lease_ok(P, node, now)
-  local exp = redis.call('ZSCORE', P .. 'nodes', node)
-  return exp ~= false and exp ~= nil and tonumber(exp) > now
+-- Whether a node may add records to bucket B under the lease it holds until
+-- `lease_until`: the lease must be current and newer than any lease fenced off here
+-- (a reaped node's, or a rejoined node's old one). Records the newest lease seen.
+local function lease_ok(P, B, node, lease_until, now)
+  lease_until = tonumber(lease_until)
+  if not lease_until or lease_until <= now then return false end
+  local lk = bkey(P, B, 'leases')
+  local got = redis.call('HMGET', lk, node, 'fenced:' .. node)
+  if lease_until <= tonumber(got[2] or '0') then return false end
+  if lease_until > tonumber(got[1] or '0') then redis.call('HSET', lk, node, lease_until) end
+  return true
 end
 
 -- Records a live connection everywhere it is indexed. Idempotent.
 local function add_conn(P, cid, sid, uid, node, at)
+  local B = bucket_of(cid)
   local ck = conn_key(P, cid)
   if redis.call('EXISTS', ck) == 1 then return false end
   redis.call('HSET', ck, 'session_id', sid, 'user_id', uid, 'node_id', node, 'connected_at', at)
   redis.call('HSET', session_key(P, sid) .. ':conns', cid, node .. '|' .. at)
-  redis.call('HSET', node_index(P, node), cid, sid)
-  redis.call('HINCRBY', P .. 'online:conns', uid, 1)
-  redis.call('ZADD', P .. 'online', 0, uid)
+  redis.call('HSET', node_index(P, B, node), cid, sid)
+  redis.call('HINCRBY', bkey(P, B, 'online:conns'), uid, 1)
+  redis.call('ZADD', bkey(P, B, 'online'), 0, uid)
   return true
 end
 
 -- Removes every record of one connection. Returns its node, or nil if unknown.
 local function drop_conn(P, cid)
+  local B = bucket_of(cid)
   local ck = conn_key(P, cid)
   local rec = redis.call('HMGET', ck, 'session_id', 'user_id', 'node_id')
   if not rec[1] then return nil end
   local sid, uid, node = rec[1], rec[2], rec[3]
   redis.call('HDEL', session_key(P, sid) .. ':conns', cid)
-  redis.call('HDEL', node_index(P, node), cid)
+  redis.call('HDEL', node_index(P, B, node), cid)
   for _, group in ipairs(redis.call('SMEMBERS', ck .. ':groups')) do
-    redis.call('HDEL', P .. 'group:' .. group, 'conn:' .. cid)
+    redis.call('HDEL', bkey(P, B, 'group:' .. group), 'conn:' .. cid)
   end
   redis.call('DEL', ck, ck .. ':groups')
-  if redis.call('HINCRBY', P .. 'online:conns', uid, -1) <= 0 then
-    redis.call('HDEL', P .. 'online:conns', uid)
-    redis.call('ZREM', P .. 'online', uid)
+  local oc = bkey(P, B, 'online:conns')
+  if redis.call('HINCRBY', oc, uid, -1) <= 0 then
+    redis.call('HDEL', oc, uid)
+    redis.call('ZREM', bkey(P, B, 'online'), uid)
   end
   return node
-end
-
--- Drops every record of a node and its lease. Returns the number of connections.
-local function drop_node(P, node)
-  local idx = node_index(P, node)
-  local n = 0
-  for _, cid in ipairs(redis.call('HKEYS', idx)) do
-    drop_conn(P, cid)
-    n = n + 1
-  end
-  redis.call('DEL', idx)
-  redis.call('ZREM', P .. 'nodes', node)
-  return n
 end
 
 -- Ends one session: drops its connections and keys. Returns {node -> true}.
@@ -152,14 +179,14 @@ local function end_session(P, sid, uid)
     if node then nodes[node] = true end
   end
   redis.call('DEL', sk, sk .. ':conns')
-  redis.call('HDEL', user_key(P, tag_of(sid), uid), sid)
-  redis.call('ZREM', P .. 'expiry', sid)
+  redis.call('HDEL', user_key(P, bucket_of(sid), uid), sid)
+  redis.call('ZREM', bkey(P, bucket_of(sid), 'expiry'), sid)
   return nodes
 end
 
-local function publish_ended(P, per_node, reason)
+local function publish_ended(P, B, per_node, reason)
   for node, sids in pairs(per_node) do
-    redis.call('PUBLISH', node_channel(P, node),
+    publish(P, B, node,
       cjson.encode({ t = 'session_ended', session_ids = sids, reason = reason }))
   end
 end
@@ -170,22 +197,22 @@ local function reason_arg(r)
 end
 
 -- sh_create_session: create a session and tell the user's other sessions.
---   KEYS[1] P{T}:session:<sid>   KEYS[2] P{T}:user:<uid>:sessions
+--   KEYS[1] P{B}:session:<sid>   KEYS[2] P{B}:user:<uid>:sessions
 --   ARGV user_id, secret_hash, user_agent, ip, now, expires_at, idle_ms
 --   Returns the number of nodes notified; error EXISTS if the id is taken.
 --   Publishes {"t":"session_created","session":{...}} (times as strings) to each node
 --   holding a socket of another live session of the user.
 redis.register_function('sh_create_session', function(keys, args)
   local sk, uk = keys[1], keys[2]
-  local P, sid = parse_session_key(sk)
-  if not P then return bad_key('P{T}:session:<id>') end
+  local P, B, sid = parse_session_key(sk)
+  if not P then return bad_key('P{B}:session:<id>') end
   if redis.call('EXISTS', sk) == 1 then return redis.error_reply('EXISTS session id taken') end
   local uid, now, expires, idle = args[1], args[5], args[6], args[7]
   redis.call('HSET', sk, 'user_id', uid, 'secret_hash', args[2], 'user_agent', args[3],
     'ip', args[4], 'created_at', now, 'last_seen_at', now, 'expires_at', expires,
     'idle_ms', idle)
   redis.call('PEXPIREAT', sk, tonumber(expires) + EXPIRY_GRACE_MS)
-  redis.call('ZADD', P .. 'expiry', deadline(expires, now, idle), sid)
+  redis.call('ZADD', bkey(P, B, 'expiry'), deadline(expires, now, idle), sid)
 
   local nodes, count = {}, 0
   for _, other in ipairs(redis.call('HKEYS', uk)) do
@@ -213,7 +240,7 @@ redis.register_function('sh_create_session', function(keys, args)
       session_id = sid, user_id = uid, user_agent = args[3], ip = args[4],
       created_at = now, last_seen_at = now, expires_at = expires, idle_ms = idle } })
     for node in pairs(nodes) do
-      redis.call('PUBLISH', node_channel(P, node), event)
+      publish(P, B, node, event)
     end
   end
   return count
@@ -221,57 +248,60 @@ end)
 
 -- sh_register_connection: check a token's secret and record a live connection, within
 -- the socket limits; counts as activity of the session.
---   KEYS[1] P{T}:session:<sid>
+--   KEYS[1] P{B}:session:<sid>
 --   ARGV secret_hash, connection_id, node_id, now, max sockets per session,
---        max sockets per user
+--        max sockets per user, the node's lease expiry
 --   Returns nil for no live session or a wrong secret, else {user_id, user_agent, ip,
---   created_at, last_seen_at, expires_at, idle_ms}. Errors: FENCED if the node holds no
---   lease, LIMIT if a socket limit is reached.
+--   created_at, last_seen_at, expires_at, idle_ms}. Errors: FENCED if the node's lease
+--   has run out or was superseded, LIMIT if a socket limit is reached.
 redis.register_function('sh_register_connection', function(keys, args)
   local sk = keys[1]
-  local P, sid = parse_session_key(sk)
-  if not P then return bad_key('P{T}:session:<id>') end
+  local P, B, sid = parse_session_key(sk)
+  if not P then return bad_key('P{B}:session:<id>') end
   local cid, node, now = args[2], args[3], tonumber(args[4])
+  if bucket_of(cid) ~= B then return redis.error_reply('BADARG connection id of another bucket') end
   local f = redis.call('HMGET', sk, 'secret_hash', 'user_id', 'user_agent', 'ip',
     'created_at', 'expires_at', 'last_seen_at', 'idle_ms')
   if not f[1] or not ct_equal(f[1], args[1]) then return false end
   if deadline(f[6], f[7], f[8]) <= now then return false end
-  if not lease_ok(P, node, now) then return redis.error_reply('FENCED node holds no lease') end
   if redis.call('HLEN', sk .. ':conns') >= tonumber(args[5]) then
     return redis.error_reply('LIMIT too many sockets for this session (at most ' .. args[5] .. ')')
   end
-  if tonumber(redis.call('HGET', P .. 'online:conns', f[2]) or '0') >= tonumber(args[6]) then
+  if tonumber(redis.call('HGET', bkey(P, B, 'online:conns'), f[2]) or '0') >= tonumber(args[6]) then
     return redis.error_reply('LIMIT too many sockets for this user (at most ' .. args[6] .. ')')
+  end
+  if not lease_ok(P, B, node, args[7], now) then
+    return redis.error_reply('FENCED node holds no current lease')
   end
   add_conn(P, cid, sid, f[2], node, args[4])
   redis.call('HSET', sk, 'last_seen_at', args[4])
-  redis.call('ZADD', P .. 'expiry', deadline(f[6], now, f[8]), sid)
+  redis.call('ZADD', bkey(P, B, 'expiry'), deadline(f[6], now, f[8]), sid)
   redis.call('PEXPIREAT', sk .. ':conns', tonumber(f[6]) + EXPIRY_GRACE_MS)
   return { f[2], f[3], f[4], f[5], args[4], f[6], f[8] }
 end)
 
 -- sh_touch: record activity of a session (its idle expiry moves).
---   KEYS[1] P{T}:session:<sid>   ARGV now
+--   KEYS[1] P{B}:session:<sid>   ARGV now
 --   Returns 1, or 0 if there is no live session.
 redis.register_function('sh_touch', function(keys, args)
   local sk = keys[1]
-  local P, sid = parse_session_key(sk)
-  if not P then return bad_key('P{T}:session:<id>') end
+  local P, B, sid = parse_session_key(sk)
+  if not P then return bad_key('P{B}:session:<id>') end
   local now = tonumber(args[1])
   local f = redis.call('HMGET', sk, 'expires_at', 'last_seen_at', 'idle_ms')
   if not f[1] or deadline(f[1], f[2], f[3]) <= now then return 0 end
   redis.call('HSET', sk, 'last_seen_at', args[1])
-  redis.call('ZADD', P .. 'expiry', deadline(f[1], now, f[3]), sid)
+  redis.call('ZADD', bkey(P, B, 'expiry'), deadline(f[1], now, f[3]), sid)
   return 1
 end)
 
--- sh_expire: end every session whose lifetime ran out, like a kill with reason
--- "expired" (session_ended to each node holding one of its sockets).
---   KEYS[1] Pexpiry   ARGV now, most sessions to look at in this call
+-- sh_expire: end every session of a bucket whose lifetime ran out, like a kill with
+-- reason "expired" (session_ended to each node holding one of its sockets).
+--   KEYS[1] P{B}:expiry   ARGV now, most sessions to look at in this call
 --   Returns the number of sessions ended.
 redis.register_function('sh_expire', function(keys, args)
-  local P = string.match(keys[1], '^(.*)expiry$')
-  if not P then return bad_key('Pexpiry') end
+  local P, B = split_key(keys[1])
+  if not P or not string.match(keys[1], '}:expiry$') then return bad_key('P{B}:expiry') end
   local now = tonumber(args[1])
   local per_node, ended = {}, 0
   local due = redis.call('ZRANGE', keys[1], '-inf', now, 'BYSCORE', 'LIMIT', 0, tonumber(args[2]))
@@ -293,22 +323,23 @@ redis.register_function('sh_expire', function(keys, args)
       end
     end
   end
-  publish_ended(P, per_node, 'expired')
+  publish_ended(P, B, per_node, 'expired')
   return ended
 end)
 
 -- sh_unregister_connection: remove a closed connection's records (and its groups).
---   KEYS[1] P{T}:conn:<cid>
+--   KEYS[1] P{B}:conn:<cid>
 --   Returns 1 if there was a record, else 0.
 redis.register_function('sh_unregister_connection', function(keys, args)
-  local cid = string.match(keys[1], ':conn:([0-9a-f]+)$')
-  if not cid then return bad_key('P{T}:conn:<id>') end
-  if drop_conn(prefix_tagged(keys[1]), cid) then return 1 end
+  local P, B = split_key(keys[1])
+  local cid = string.match(keys[1], '}:conn:([0-9a-f]+)$')
+  if not P or not cid or bucket_of(cid) ~= B then return bad_key('P{B}:conn:<id>') end
+  if drop_conn(P, cid) then return 1 end
   return 0
 end)
 
 -- sh_kill_session: end one session everywhere.
---   KEYS[1] P{T}:session:<sid>
+--   KEYS[1] P{B}:session:<sid>
 --   ARGV reason (killed | logout | expired; default killed), owner user_id or ""
 --   (a session of another user is treated exactly like an unknown one)
 --   Returns 1 if ended, 0 if there was none. Publishes
@@ -316,27 +347,27 @@ end)
 --   of its sockets.
 redis.register_function('sh_kill_session', function(keys, args)
   local sk = keys[1]
-  local P, sid = parse_session_key(sk)
-  if not P then return bad_key('P{T}:session:<id>') end
+  local P, B, sid = parse_session_key(sk)
+  if not P then return bad_key('P{B}:session:<id>') end
   local owner = args[2] or ''
   local uid = redis.call('HGET', sk, 'user_id')
   if not uid then return 0 end
   if owner ~= '' and owner ~= uid then return 0 end
   local per_node = {}
   for node in pairs(end_session(P, sid, uid)) do per_node[node] = { sid } end
-  publish_ended(P, per_node, reason_arg(args[1]))
+  publish_ended(P, B, per_node, reason_arg(args[1]))
   return 1
 end)
 
 -- sh_kill_user_sessions: end every session of a user but one.
---   KEYS[1] P{T}:user:<uid>:sessions
+--   KEYS[1] P{B}:user:<uid>:sessions
 --   ARGV reason (default killed), session_id to keep or ""
 --   Returns the number of sessions ended; one session_ended event per node.
 redis.register_function('sh_kill_user_sessions', function(keys, args)
   local uk = keys[1]
-  local tag, uid = string.match(uk, '{([0-9a-f]+)}:user:(.*):sessions$')
-  if not tag then return bad_key('P{T}:user:<uid>:sessions') end
-  local P = prefix_tagged(uk)
+  local P, B = split_key(uk)
+  local uid = string.match(uk, '}:user:(.*):sessions$')
+  if not P or not uid then return bad_key('P{B}:user:<uid>:sessions') end
   local keep = args[2] or ''
   local per_node, killed = {}, 0
   for _, sid in ipairs(redis.call('HKEYS', uk)) do
@@ -351,19 +382,19 @@ redis.register_function('sh_kill_user_sessions', function(keys, args)
       redis.call('HDEL', uk, sid)
     end
   end
-  publish_ended(P, per_node, reason_arg(args[1]))
+  publish_ended(P, B, per_node, reason_arg(args[1]))
   return killed
 end)
 
 -- sh_user_sessions: a user's live sessions with their connections.
---   KEYS[1] P{T}:user:<uid>:sessions
+--   KEYS[1] P{B}:user:<uid>:sessions
 --   Returns per session {session_id, user_agent, ip, created_at, last_seen_at,
 --   expires_at, idle_ms, {connection_id, "<node>|<connected_at>", ...}}; index entries
 --   of sessions whose keys are gone are removed on the way.
 redis.register_function('sh_user_sessions', function(keys, args)
   local uk = keys[1]
-  if not string.match(uk, '}:user:.*:sessions$') then return bad_key('P{T}:user:<uid>:sessions') end
-  local P = prefix_tagged(uk)
+  local P = split_key(uk)
+  if not P or not string.match(uk, '}:user:.*:sessions$') then return bad_key('P{B}:user:<uid>:sessions') end
   local out = {}
   for _, sid in ipairs(redis.call('HKEYS', uk)) do
     local sk = session_key(P, sid)
@@ -386,47 +417,44 @@ local function session_targets(P, sid, targets)
   end
 end
 
-local function user_targets(P, tag, uid, targets)
-  for _, sid in ipairs(redis.call('HKEYS', user_key(P, tag, uid))) do
+local function user_targets(P, B, uid, targets)
+  for _, sid in ipairs(redis.call('HKEYS', user_key(P, B, uid))) do
     session_targets(P, sid, targets)
   end
 end
 
 -- sh_publish: send a client frame to every live socket of a target, on every node.
---   KEYS[1] the target: P{T}:user:<uid>:sessions | P{T}:session:<sid> |
---           P{T}:conn:<cid> | Pgroup:<group>
+--   KEYS[1] the target: P{B}:user:<uid>:sessions | P{B}:session:<sid> |
+--           P{B}:conn:<cid> | P{B}:group:<group> (the group's members in bucket B)
 --   ARGV frame (the complete client text frame)
 --   Returns {nodes, connections} reached. Publishes to each node that holds a target
 --   socket: '{"t":"message","cids":[...]}' .. "\n" .. frame
 redis.register_function('sh_publish', function(keys, args)
   local key, frame = keys[1], args[1]
+  local P, B = split_key(key)
+  if not P then return bad_key('a user, session, connection or group key') end
   local targets = {}
-  local P
-  local tag, uid = string.match(key, '{([0-9a-f]+)}:user:(.*):sessions$')
-  if tag then
-    P = prefix_tagged(key)
-    user_targets(P, tag, uid, targets)
+  local uid = string.match(key, '}:user:(.*):sessions$')
+  if uid then
+    user_targets(P, B, uid, targets)
   elseif string.match(key, '}:session:[0-9a-f]+$') then
-    P = prefix_tagged(key)
     session_targets(P, string.match(key, 'session:([0-9a-f]+)$'), targets)
   elseif string.match(key, '}:conn:[0-9a-f]+$') then
-    P = prefix_tagged(key)
     local node = redis.call('HGET', key, 'node_id')
     if node then targets[string.match(key, ':conn:([0-9a-f]+)$')] = node end
-  else
-    local p, group = string.match(key, '^(.-)group:(.+)$')
-    if not p then return bad_key('a user, session, connection or group key') end
-    P = p
-    local members = redis.call('HGETALL', key)
-    for i = 1, #members, 2 do
-      local kind, id = string.match(members[i], '^(%a+):(.+)$')
+  elseif string.match(key, '}:group:.+$') then
+    local members = redis.call('HKEYS', key)
+    for _, m in ipairs(members) do
+      local kind, id = string.match(m, '^(%a+):(.+)$')
       if kind == 'conn' then
         local node = redis.call('HGET', conn_key(P, id), 'node_id')
         if node then targets[id] = node end
       elseif kind == 'user' then
-        user_targets(P, string.match(members[i + 1], '^([0-9a-f]+)|'), id, targets)
+        user_targets(P, B, id, targets)
       end
     end
+  else
+    return bad_key('a user, session, connection or group key')
   end
   local per_node, nodes, conns = {}, 0, 0
   for cid, node in pairs(targets) do
@@ -438,26 +466,29 @@ redis.register_function('sh_publish', function(keys, args)
     conns = conns + 1
   end
   for node, cids in pairs(per_node) do
-    redis.call('PUBLISH', node_channel(P, node),
-      cjson.encode({ t = 'message', cids = cids }) .. '\n' .. frame)
+    publish(P, B, node, cjson.encode({ t = 'message', cids = cids }) .. '\n' .. frame)
   end
   return { nodes, conns }
 end)
 
--- sh_group_add: add a connection or a user (its current and future connections).
---   KEYS[1] Pgroup:<group>
---   ARGV "conn", connection_id, now   |   "user", user_id, user tag, now
+-- sh_group_add: add a connection or a user (its current and future connections) to
+-- the group's members in the member's bucket. The caller also adds B to
+-- Pgroup:<group>:buckets, so that publishing to the group finds the bucket.
+--   KEYS[1] P{B}:group:<group>
+--   ARGV "conn", connection_id, now   |   "user", user_id, now
 --   Returns 1, or 0 if the connection is not live.
 redis.register_function('sh_group_add', function(keys, args)
-  local P, group = string.match(keys[1], '^(.-)group:(.+)$')
-  if not P then return bad_key('Pgroup:<group>') end
+  local P, B = split_key(keys[1])
+  local group = string.match(keys[1], '}:group:(.+)$')
+  if not P or not group then return bad_key('P{B}:group:<group>') end
   if args[1] == 'conn' then
+    if bucket_of(args[2]) ~= B then return redis.error_reply('BADARG connection of another bucket') end
     local ck = conn_key(P, args[2])
     if redis.call('EXISTS', ck) == 0 then return 0 end
     redis.call('SADD', ck .. ':groups', group)
     redis.call('HSET', keys[1], 'conn:' .. args[2], args[3])
   elseif args[1] == 'user' then
-    redis.call('HSET', keys[1], 'user:' .. args[2], args[3] .. '|' .. args[4])
+    redis.call('HSET', keys[1], 'user:' .. args[2], args[3])
   else
     return redis.error_reply('BADARG member kind must be conn or user')
   end
@@ -465,82 +496,98 @@ redis.register_function('sh_group_add', function(keys, args)
 end)
 
 -- sh_group_remove: remove a member.
---   KEYS[1] Pgroup:<group>   ARGV "conn"|"user", id
+--   KEYS[1] P{B}:group:<group>   ARGV "conn"|"user", id
 --   Returns 1 if it was a member, else 0.
 redis.register_function('sh_group_remove', function(keys, args)
-  local P, group = string.match(keys[1], '^(.-)group:(.+)$')
-  if not P then return bad_key('Pgroup:<group>') end
-  if args[1] == 'conn' then
+  local P, B = split_key(keys[1])
+  local group = string.match(keys[1], '}:group:(.+)$')
+  if not P or not group then return bad_key('P{B}:group:<group>') end
+  if args[1] == 'conn' and bucket_of(args[2]) == B then
     redis.call('SREM', conn_key(P, args[2]) .. ':groups', group)
   end
   return redis.call('HDEL', keys[1], args[1] .. ':' .. args[2])
 end)
 
--- sh_node_join: take a lease for a node, dropping records a previous process with
--- the same id left behind.
---   KEYS[1] Pnodes   ARGV node_id, now, lease_ms
---   Returns the number of stale connection records dropped.
+-- sh_drop_node: drop a node's records in one bucket and fence off its registrations
+-- under leases up to `upto` (the lease that expired, or the node's own old lease when
+-- it rejoins or leaves). Records made under a newer lease (the node rejoined since)
+-- are kept. Reaping a node calls this for every bucket.
+--   KEYS[1] P{B}:node:<node>:conns   ARGV upto
+--   Returns the number of connection records dropped.
+redis.register_function('sh_drop_node', function(keys, args)
+  local P, B = split_key(keys[1])
+  local node = string.match(keys[1], '}:node:(.+):conns$')
+  if not P or not node then return bad_key('P{B}:node:<node>:conns') end
+  local upto = tonumber(args[1])
+  if not upto then return redis.error_reply('BADARG upto must be a number') end
+  local lk = bkey(P, B, 'leases')
+  local got = redis.call('HMGET', lk, node, 'fenced:' .. node)
+  if tonumber(got[1] or '0') > upto then return 0 end
+  if upto > tonumber(got[2] or '0') then redis.call('HSET', lk, 'fenced:' .. node, upto) end
+  local n = 0
+  for _, cid in ipairs(redis.call('HKEYS', keys[1])) do
+    drop_conn(P, cid)
+    n = n + 1
+  end
+  redis.call('DEL', keys[1])
+  return n
+end)
+
+-- sh_node_join: take a lease for a node.
+--   KEYS[1] Pnodes   ARGV node_id, now, lease_ms, floor (the lease must end after it)
+--   Returns the lease's expiry.
 redis.register_function('sh_node_join', function(keys, args)
-  local P = string.match(keys[1], '^(.*)nodes$')
-  if not P then return bad_key('Pnodes') end
-  local dropped = drop_node(P, args[1])
-  redis.call('ZADD', keys[1], tonumber(args[2]) + tonumber(args[3]), args[1])
-  return dropped
+  if not string.match(keys[1], 'nodes$') then return bad_key('Pnodes') end
+  local lease = math.max(tonumber(args[2]) + tonumber(args[3]), tonumber(args[4]) + 1)
+  redis.call('ZADD', keys[1], lease, args[1])
+  return lease
 end)
 
 -- sh_node_heartbeat: renew a node's lease.
 --   KEYS[1] Pnodes   ARGV node_id, now, lease_ms
---   Returns 1 if renewed; 0 if the lease had expired or was reaped: the node is
---   fenced, its records are dropped here, and it must rejoin.
+--   Returns the new expiry; 0 if the lease had expired or was reaped: the node is
+--   fenced, and must drop its records and rejoin.
 redis.register_function('sh_node_heartbeat', function(keys, args)
-  local P = string.match(keys[1], '^(.*)nodes$')
-  if not P then return bad_key('Pnodes') end
+  if not string.match(keys[1], 'nodes$') then return bad_key('Pnodes') end
   local node, now = args[1], tonumber(args[2])
-  if not lease_ok(P, node, now) then
-    drop_node(P, node)
-    return 0
-  end
-  redis.call('ZADD', keys[1], now + tonumber(args[3]), node)
+  local exp = redis.call('ZSCORE', keys[1], node)
+  if not exp or tonumber(exp) <= now then return 0 end
+  local lease = now + tonumber(args[3])
+  redis.call('ZADD', keys[1], lease, node)
+  return lease
+end)
+
+-- sh_node_forget: remove a node's lease once its records are dropped from every
+-- bucket, unless it has taken a new lease meanwhile.
+--   KEYS[1] Pnodes   ARGV node_id, the lease expiry that was dropped
+--   Returns 1 if removed.
+redis.register_function('sh_node_forget', function(keys, args)
+  if not string.match(keys[1], 'nodes$') then return bad_key('Pnodes') end
+  local exp = redis.call('ZSCORE', keys[1], args[1])
+  if not exp or tonumber(exp) > tonumber(args[2]) then return 0 end
+  redis.call('ZREM', keys[1], args[1])
   return 1
 end)
 
--- sh_node_leave: a node shutting down removes its records and its lease.
---   KEYS[1] Pnodes   ARGV node_id
---   Returns the number of connection records removed.
-redis.register_function('sh_node_leave', function(keys, args)
-  local P = string.match(keys[1], '^(.*)nodes$')
-  if not P then return bad_key('Pnodes') end
-  return drop_node(P, args[1])
-end)
-
--- sh_reap: remove the records of every node whose lease has expired.
---   KEYS[1] Pnodes   ARGV now
---   Returns {nodes reaped, connection records removed}.
-redis.register_function('sh_reap', function(keys, args)
-  local P = string.match(keys[1], '^(.*)nodes$')
-  if not P then return bad_key('Pnodes') end
-  local nodes, records = 0, 0
-  for _, node in ipairs(redis.call('ZRANGE', keys[1], '-inf', '(' .. args[1], 'BYSCORE')) do
-    records = records + drop_node(P, node)
-    nodes = nodes + 1
-  end
-  return { nodes, records }
-end)
-
 -- sh_reassert: after a resubscription or a new lease, put back the records of a
--- node's live sockets whose sessions still exist (Redis may have lost them).
---   KEYS[1] Pnodes   ARGV node_id, now, then per socket: cid, sid, user_id, connected_at
+-- node's live sockets in one bucket whose sessions still exist (Redis may have lost
+-- them).
+--   KEYS[1] P{B}:node:<node>:conns   ARGV lease expiry, now, then per socket: cid,
+--   sid, user_id, connected_at (all of bucket B)
 --   Returns the session ids (one per socket) that no longer exist.
---   Error FENCED if the node holds no lease.
+--   Error FENCED if the node's lease has run out or was superseded.
 redis.register_function('sh_reassert', function(keys, args)
-  local P = string.match(keys[1], '^(.*)nodes$')
-  if not P then return bad_key('Pnodes') end
-  local node, now = args[1], tonumber(args[2])
-  if not lease_ok(P, node, now) then return redis.error_reply('FENCED node holds no lease') end
+  local P, B = split_key(keys[1])
+  local node = string.match(keys[1], '}:node:(.+):conns$')
+  if not P or not node then return bad_key('P{B}:node:<node>:conns') end
+  local now = tonumber(args[2])
+  if not lease_ok(P, B, node, args[1], now) then
+    return redis.error_reply('FENCED node holds no current lease')
+  end
   local gone = {}
   for i = 3, #args, 4 do
     local cid, sid, uid, at = args[i], args[i + 1], args[i + 2], args[i + 3]
-    if redis.call('EXISTS', session_key(P, sid)) == 1 then
+    if bucket_of(cid) == B and redis.call('EXISTS', session_key(P, sid)) == 1 then
       add_conn(P, cid, sid, uid, node, at)
     else
       table.insert(gone, sid)
@@ -549,40 +596,41 @@ redis.register_function('sh_reassert', function(keys, args)
   return gone
 end)
 
--- sh_online_users: one page of online users, in lexical order.
---   KEYS[1] Ponline   ARGV after (exclusive; "" for the first page), limit
+-- sh_online_users: one page of a bucket's online users, in lexical order (a full
+-- page merges the pages of all buckets).
+--   KEYS[1] P{B}:online   ARGV after (exclusive; "" for the first page), limit
 --   Returns {user_id, connections, ...}.
 redis.register_function{
   function_name = 'sh_online_users',
   flags = { 'no-writes' },
   callback = function(keys, args)
-    local P = string.match(keys[1], '^(.*)online$')
-    if not P then return bad_key('Ponline') end
+    local P, B = split_key(keys[1])
+    if not P or not string.match(keys[1], '}:online$') then return bad_key('P{B}:online') end
     local from = '-'
     if args[1] ~= '' then from = '(' .. args[1] end
     local users = redis.call('ZRANGE', keys[1], from, '+', 'BYLEX', 'LIMIT', 0, tonumber(args[2]))
     local out = {}
+    local oc = bkey(P, B, 'online:conns')
     for _, uid in ipairs(users) do
       table.insert(out, uid)
-      table.insert(out, tonumber(redis.call('HGET', P .. 'online:conns', uid) or '0'))
+      table.insert(out, tonumber(redis.call('HGET', oc, uid) or '0'))
     end
     return out
   end,
 }
 
--- sh_presence_counts: {online users, live connections, live nodes}.
---   KEYS[1] Pnodes
+-- sh_presence_counts: a bucket's {online users, live connections on the given nodes}.
+--   KEYS[1] P{B}:online   ARGV node ids
 redis.register_function{
   function_name = 'sh_presence_counts',
   flags = { 'no-writes' },
   callback = function(keys, args)
-    local P = string.match(keys[1], '^(.*)nodes$')
-    if not P then return bad_key('Pnodes') end
+    local P, B = split_key(keys[1])
+    if not P or not string.match(keys[1], '}:online$') then return bad_key('P{B}:online') end
     local conns = 0
-    local nodes = redis.call('ZRANGE', keys[1], 0, -1)
-    for _, node in ipairs(nodes) do
-      conns = conns + redis.call('HLEN', node_index(P, node))
+    for _, node in ipairs(args) do
+      conns = conns + redis.call('HLEN', node_index(P, B, node))
     end
-    return { redis.call('ZCARD', P .. 'online'), conns, #nodes }
+    return { redis.call('ZCARD', keys[1]), conns }
   end,
 }

@@ -5,5 +5,5 @@
 source "$(dirname "$0")/common.sh"
 need_arg "${1:-}" SESSION_ID
 s=$1
-n=$(rcli FCALL sh_kill_session 1 "${P}{${s:0:8}}:session:$s" killed)
+n=$(rcli FCALL sh_kill_session 1 "${P}{${s:0:2}}:session:$s" killed)
 [ "$n" = 1 ] && echo "killed $s" || { echo "no such session: $s" >&2; exit 1; }

@@ -3,5 +3,5 @@
 source "$(dirname "$0")/common.sh"
 need_arg "${1:-}" USER_ID
 u=$1
-n=$(rcli FCALL sh_kill_user_sessions 1 "${P}{$(user_tag "$u")}:user:$u:sessions" killed)
+n=$(rcli FCALL sh_kill_user_sessions 1 "${P}{$(user_bucket "$u")}:user:$u:sessions" killed)
 echo "killed $n session(s) of $u"

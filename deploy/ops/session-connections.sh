@@ -4,7 +4,7 @@
 source "$(dirname "$0")/common.sh"
 need_arg "${1:-}" SESSION_ID
 s=$1
-key="${P}{${s:0:8}}:session:$s"
+key="${P}{${s:0:2}}:session:$s"
 [ "$(rcli EXISTS "$key")" = 1 ] || { echo "no such session: $s" >&2; exit 1; }
 rcli HGETALL "$key" | pairs | grep -v '^secret_hash '
 echo "connections:"

@@ -3,4 +3,4 @@
 source "$(dirname "$0")/common.sh"
 need_arg "${1:-}" USER_ID
 u=$1
-rcli --no-raw FCALL sh_user_sessions 1 "${P}{$(user_tag "$u")}:user:$u:sessions"
+rcli --no-raw FCALL sh_user_sessions 1 "${P}{$(user_bucket "$u")}:user:$u:sessions"

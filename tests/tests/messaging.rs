@@ -177,11 +177,16 @@ async fn a_targeted_publish_reaches_only_the_node_holding_the_user() {
         after[2], before[2],
         "node C must not receive alice's messages"
     );
-    // Redis agrees: each node listens on its own channel only.
+    // Redis agrees: each node listens on its own channels only.
     let mut r = cluster.redis.conn().await;
+    let b = &alice[0].connection_id()[..2];
+    let channels: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|n| format!("sh:{{{b}}}:node:node-{n}"))
+        .collect();
     let numsub: Vec<(String, u64)> = redis::cmd("PUBSUB")
         .arg("NUMSUB")
-        .arg(&["sh:node:node-a", "sh:node:node-b", "sh:node:node-c"][..])
+        .arg(&channels)
         .query_async(&mut r)
         .await
         .unwrap();

@@ -87,6 +87,10 @@ async fn the_readmes_redis_cli_commands_list_and_kill() {
         );
     }
 
+    let online = run_block("ops:online", port, "").await;
+    assert!(online.contains("alice\t3"), "{online}");
+    assert!(online.contains("users 1 connections 3"), "{online}");
+
     let conns = run_block("ops:list-connections", port, &s1.session_id).await;
     assert!(
         conns.contains(&format!("{}\nnode-a|", on_a.connection_id())),

@@ -71,6 +71,9 @@ pub struct Hello {
     /// The node that holds the socket.
     #[serde(default)]
     pub node_id: String,
+    /// The socket's connection id (its first two characters are its bucket).
+    #[serde(default)]
+    pub connection_id: String,
 }
 
 /// Client source addresses `127.<octet>.<x>.<y>`, handed out round robin, so that

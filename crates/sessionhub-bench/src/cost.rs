@@ -409,26 +409,24 @@ pub async fn run(cluster: &Cluster, sources: &Sources, tag: &str, p: &CostParams
 
     // Connect: one socket at a time, spread over nodes and the sessions.
     let mut connect = Cost::default();
-    let mut open: Vec<(usize, Ws)> = Vec::with_capacity(ops);
+    let mut open: Vec<(usize, Ws, String)> = Vec::with_capacity(ops);
     for i in 0..ops {
         let node = i % n;
         let token = &conn_sessions[i / SOCKETS_PER_SESSION].token;
         let src = sources.next();
-        let ((ws, _), cost) = meter.window(cluster.open_ws(node, src, token)).await?;
+        let ((ws, hello), cost) = meter.window(cluster.open_ws(node, src, token)).await?;
         connect.add(&cost);
-        open.push((node, ws));
+        open.push((node, ws, hello.connection_id));
     }
     report("connect", &connect, &idle, ops);
 
     // Disconnect: the client closes; the window ends when the node's record is gone.
     let mut disconnect = Cost::default();
-    let keys: Vec<String> = node_ids
-        .iter()
-        .map(|id| format!("{}node:{id}:conns", p.key_prefix))
-        .collect();
     let mut closing = Vec::with_capacity(open.len());
-    for (node, mut ws) in open {
-        let key = &keys[node];
+    for (node, mut ws, cid) in open {
+        // The node's records of the socket's bucket.
+        let bucket = cid.get(..2).context("hello without a connection id")?;
+        let key = &format!("{}{{{bucket}}}:node:{}:conns", p.key_prefix, node_ids[node]);
         let len = meter.hlen(key).await?;
         if len == 0 {
             bail!("{key} is empty although node {node} holds sockets: wrong --key-prefix?");

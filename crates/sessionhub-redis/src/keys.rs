@@ -1,11 +1,55 @@
 //! The Redis key and channel layout: a stable interface for operators. The full
 //! table, with the meaning of every field, heads `lua/sessionhub.lua` and the README.
 //!
-//! Every key of one user shares the hash tag `{T}` (T: the user tag, the first 8 hex
-//! digits of SHA-256 of the user id, also the first 8 characters of the user's
-//! session and connection ids).
+//! Every key of one user carries the hash tag `{B}`, its bucket: the first 2 hex
+//! digits of the user tag (the first 8 hex digits of SHA-256 of the user id, also
+//! the first 8 characters of the user's session and connection ids). Each bucket
+//! also holds its share of every index (node records, presence, expiry, groups), so
+//! every function touches one hash slot and the same layout runs on one Redis and on
+//! Redis Cluster, where the 256 buckets spread over the shards.
 
 use sessionhub_core::{ConnectionId, GroupName, NodeId, SessionId, UserId};
+
+/// How many buckets there are (two hex digits).
+pub const BUCKETS: usize = 256;
+
+/// One of the 256 buckets, `00` to `ff`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Bucket(u8);
+
+impl Bucket {
+    /// Every bucket, in order.
+    pub fn all() -> impl Iterator<Item = Bucket> {
+        (0..=u8::MAX).map(Bucket)
+    }
+
+    /// The bucket of an id that starts with a user tag (a session or connection id,
+    /// or the tag itself). Ids are validated hex, so this cannot fail for them; a
+    /// malformed string falls in bucket 00.
+    pub fn of(tagged: &str) -> Bucket {
+        tagged
+            .get(..2)
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+            .map(Bucket)
+            .unwrap_or(Bucket(0))
+    }
+
+    /// The bucket's index, 0 to 255.
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+
+    /// The bucket's two hex digits, as in the hash tag.
+    pub fn hex(self) -> String {
+        format!("{:02x}", self.0)
+    }
+}
+
+impl std::fmt::Display for Bucket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:02x}", self.0)
+    }
+}
 
 /// Builds key and channel names under one prefix.
 #[derive(Debug, Clone)]
@@ -26,34 +70,61 @@ impl Keys {
         &self.prefix
     }
 
+    fn in_bucket(&self, b: Bucket, rest: std::fmt::Arguments<'_>) -> String {
+        format!("{}{{{b}}}:{rest}", self.prefix)
+    }
+
     /// The session's hash.
     pub fn session(&self, sid: &SessionId) -> String {
-        format!("{}{{{}}}:session:{}", self.prefix, sid.tag(), sid)
+        self.in_bucket(Bucket::of(sid.as_str()), format_args!("session:{sid}"))
     }
 
     /// The session's connections hash.
     pub fn conns(&self, sid: &SessionId) -> String {
-        format!("{}{{{}}}:session:{}:conns", self.prefix, sid.tag(), sid)
+        self.in_bucket(
+            Bucket::of(sid.as_str()),
+            format_args!("session:{sid}:conns"),
+        )
     }
 
     /// The user's session index.
     pub fn user_sessions(&self, uid: &UserId) -> String {
-        format!("{}{{{}}}:user:{}:sessions", self.prefix, uid.tag(), uid)
-    }
-
-    /// The node's event channel.
-    pub fn node_channel(&self, node: &NodeId) -> String {
-        format!("{}node:{}", self.prefix, node)
+        self.in_bucket(Bucket::of(&uid.tag()), format_args!("user:{uid}:sessions"))
     }
 
     /// A connection's record.
     pub fn conn(&self, cid: &ConnectionId) -> String {
-        format!("{}{{{}}}:conn:{}", self.prefix, cid.tag(), cid)
+        self.in_bucket(Bucket::of(cid.as_str()), format_args!("conn:{cid}"))
     }
 
-    /// A group's members.
-    pub fn group(&self, group: &GroupName) -> String {
-        format!("{}group:{}", self.prefix, group)
+    /// A node's event channel for bucket `b`.
+    pub fn node_channel(&self, b: Bucket, node: &NodeId) -> String {
+        self.in_bucket(b, format_args!("node:{node}"))
+    }
+
+    /// A node's connection records in bucket `b`.
+    pub fn node_conns(&self, b: Bucket, node: &NodeId) -> String {
+        self.in_bucket(b, format_args!("node:{node}:conns"))
+    }
+
+    /// A group's members in bucket `b`.
+    pub fn group(&self, b: Bucket, group: &GroupName) -> String {
+        self.in_bucket(b, format_args!("group:{group}"))
+    }
+
+    /// The buckets that may hold members of a group.
+    pub fn group_buckets(&self, group: &GroupName) -> String {
+        format!("{}group:{}:buckets", self.prefix, group)
+    }
+
+    /// The online users of bucket `b`.
+    pub fn online(&self, b: Bucket) -> String {
+        self.in_bucket(b, format_args!("online"))
+    }
+
+    /// When each session of bucket `b` ends by itself.
+    pub fn expiry(&self, b: Bucket) -> String {
+        self.in_bucket(b, format_args!("expiry"))
     }
 
     /// The node leases.
@@ -61,19 +132,18 @@ impl Keys {
         format!("{}nodes", self.prefix)
     }
 
-    /// The online users.
-    pub fn online(&self) -> String {
-        format!("{}online", self.prefix)
-    }
-
-    /// When each session ends by itself.
-    pub fn expiry(&self) -> String {
-        format!("{}expiry", self.prefix)
-    }
-
     /// The channel every node subscribes to.
     pub fn all_channel(&self) -> String {
         format!("{}all", self.prefix)
+    }
+
+    /// The bucket named by the hash tag of a key or channel of this layout.
+    pub fn bucket_of_key(&self, key: &str) -> Option<Bucket> {
+        let rest = key.strip_prefix(&self.prefix)?.strip_prefix('{')?;
+        let (hex, _) = rest.split_once('}')?;
+        (hex.len() == 2)
+            .then(|| u8::from_str_radix(hex, 16).ok().map(Bucket))
+            .flatten()
     }
 }
 
@@ -88,13 +158,21 @@ mod tests {
         let sid = SessionId::parse("2bd806c9aaaaaaaaaaaaaaaaaaaaaaaa").unwrap();
         assert_eq!(
             k.session(&sid),
-            "sh:{2bd806c9}:session:2bd806c9aaaaaaaaaaaaaaaaaaaaaaaa"
+            "sh:{2b}:session:2bd806c9aaaaaaaaaaaaaaaaaaaaaaaa"
         );
         assert_eq!(
             k.conns(&sid),
-            "sh:{2bd806c9}:session:2bd806c9aaaaaaaaaaaaaaaaaaaaaaaa:conns"
+            "sh:{2b}:session:2bd806c9aaaaaaaaaaaaaaaaaaaaaaaa:conns"
         );
-        assert_eq!(k.user_sessions(&alice), "sh:{2bd806c9}:user:alice:sessions");
-        assert_eq!(k.node_channel(&NodeId::parse("a").unwrap()), "sh:node:a");
+        assert_eq!(k.user_sessions(&alice), "sh:{2b}:user:alice:sessions");
+        let b = Bucket::of("2b");
+        let node = NodeId::parse("a").unwrap();
+        assert_eq!(k.node_channel(b, &node), "sh:{2b}:node:a");
+        assert_eq!(k.node_conns(b, &node), "sh:{2b}:node:a:conns");
+        assert_eq!(k.online(Bucket::of("00")), "sh:{00}:online");
+        assert_eq!(k.bucket_of_key("sh:{2b}:node:a"), Some(b));
+        assert_eq!(k.bucket_of_key("sh:all"), None);
+        assert_eq!(Bucket::all().count(), BUCKETS);
+        assert_eq!(Bucket::all().last().map(|b| b.hex()), Some("ff".into()));
     }
 }

@@ -1,19 +1,23 @@
 //! The node's lease in `<prefix>nodes`, and the reaper.
 //!
 //! Every `heartbeat` the node renews its lease to `now + ttl` and publishes a probe
-//! to its own channel (readiness requires the probe to come back). A node that finds
-//! its lease expired (it was paused, or cut off longer than the lease) is fenced:
-//! the heartbeat function drops its records instead of renewing, the node takes a
-//! new lease, and tells its dispatcher ([`NodeEvent::Fenced`]) to re-assert the
-//! records of the sockets whose sessions are still alive. Every `reap_interval`
-//! each node also removes the records of nodes whose lease expired (`sh_reap`), so
-//! a `kill -9`ed node vanishes from presence within `ttl + reap_interval`.
+//! to each of its bucket channels (readiness requires every probe to come back). A
+//! node that finds its lease expired (it was paused, or cut off longer than the
+//! lease) is fenced: it drops its records from every bucket (which also refuses any
+//! late registration under the old lease), takes a new lease, and tells its
+//! dispatcher ([`NodeEvent::Fenced`]) to re-assert the records of the sockets whose
+//! sessions are still alive. Every `reap_interval` each node also drops, bucket by
+//! bucket, the records of nodes whose lease expired (`sh_drop_node`, then
+//! `sh_node_forget`), so a `kill -9`ed node vanishes from presence within
+//! `ttl + reap_interval`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::atomic::Ordering;
+
 use sessionhub_core::time::now_ms;
-use sessionhub_core::{EventSender, NodeEvent};
+use sessionhub_core::{EngineError, EventSender, NodeEvent, NodeId};
 use tokio::time::MissedTickBehavior;
 
 use crate::Inner;
@@ -91,7 +95,10 @@ async fn renew(inner: &Inner) -> bool {
             tracing::warn!("lease lost (paused or cut off too long); fencing and rejoining");
             false
         }
-        Ok(_) => true,
+        Ok(lease) => {
+            inner.lease_until.fetch_max(lease, Ordering::AcqRel);
+            true
+        }
         Err(e) => {
             tracing::warn!(error = %e, "lease renewal failed");
             true
@@ -109,24 +116,64 @@ async fn rejoin(inner: &Inner, events: &EventSender) {
     let _ = events.send(NodeEvent::Fenced).await;
 }
 
+/// Sends this node's probe on each of its bucket channels.
 async fn probe(inner: &Inner) {
-    let channel = inner.keys.node_channel(&inner.node_id);
-    let payload = String::from_utf8_lossy(crate::wire::PROBE).into_owned();
-    if let Err(e) = inner.publish_raw(channel, payload).await {
+    let payload = String::from_utf8_lossy(crate::wire::PROBE);
+    let payload = &*payload;
+    let sent = inner
+        .each_bucket(|b| async move {
+            let channel = inner.keys.node_channel(b, &inner.node_id);
+            inner.publish_bucket(channel, payload).await
+        })
+        .await;
+    if let Err(e) = sent {
         tracing::debug!(error = %e, "probe not sent");
     }
 }
 
 async fn reap_dead(inner: &Inner) {
-    let res: Result<(i64, i64), _> = inner
-        .fcall("sh_reap", &[inner.keys.nodes()], now_ms())
-        .await;
-    match res {
+    match reap_once(inner).await {
         Ok((0, _)) => {}
         Ok((nodes, records)) => {
-            inner.count_reaped(records.max(0) as u64);
+            inner.count_reaped(records);
             tracing::info!(nodes, records, "reaped dead nodes' records");
         }
         Err(e) => tracing::debug!(error = %e, "reaper round failed"),
     }
+}
+
+/// Drops the records of every node whose lease has expired from every bucket,
+/// then its lease. Returns (nodes reaped, records dropped).
+async fn reap_once(inner: &Inner) -> Result<(u64, u64), EngineError> {
+    let key = inner.keys.nodes();
+    let expired: Vec<(String, f64)> = inner
+        .run(|mut c| async move {
+            redis::cmd("ZRANGE")
+                .arg(key)
+                .arg("-inf")
+                .arg(format!("({}", now_ms()))
+                .arg("BYSCORE")
+                .arg("WITHSCORES")
+                .query_async(&mut c)
+                .await
+        })
+        .await?;
+    let (mut nodes, mut records) = (0, 0);
+    for (node, lease) in expired {
+        let Ok(id) = NodeId::parse(&node) else {
+            tracing::warn!(node, "ignoring a malformed node id in the lease set");
+            continue;
+        };
+        let lease = lease as i64;
+        records += inner.drop_node(&id, lease).await?;
+        let forgot: i64 = inner
+            .fcall(
+                "sh_node_forget",
+                &[inner.keys.nodes()],
+                (node.as_str(), lease),
+            )
+            .await?;
+        nodes += forgot.max(0) as u64;
+    }
+    Ok((nodes, records))
 }

@@ -5,23 +5,29 @@
 //! (the same library operators call with `redis-cli FCALL`), so a change is atomic
 //! and its events are published in the same step: a function that ends a session
 //! also tells exactly the nodes that hold its sockets, found from the connection
-//! records. Each node subscribes to a channel of its own, `<prefix>node:<node_id>`,
-//! and to `<prefix>all`; see [`keys`].
+//! records. Every function touches the keys of one bucket (hash slot) only, so the
+//! same library and layout run on one Redis and on Redis Cluster; see [`keys`].
+//! Each node subscribes to a channel of its own per bucket, `<prefix>{B}:node:<id>`
+//! (sharded pub/sub on Redis Cluster, so an event travels only within the shard that
+//! owns its bucket), and to `<prefix>all`.
 //!
 //! Each node also holds a lease in `<prefix>nodes`, renewed by [`lease`]; the records
-//! of a node whose lease expires are reaped by the others.
+//! of a node whose lease expires are reaped by the others, bucket by bucket.
 
+mod conn;
 pub mod keys;
 mod lease;
 mod subscriber;
 mod wire;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::future::try_join_all;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, ToRedisArgs};
 use sessionhub_core::time::now_ms;
@@ -33,7 +39,9 @@ use sessionhub_core::{
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-pub use keys::Keys;
+use conn::Conn;
+pub use conn::Topology;
+pub use keys::{BUCKETS, Bucket, Keys};
 pub use lease::LeaseConfig;
 use wire::Fields;
 
@@ -54,8 +62,8 @@ pub const LIBRARY: &str = include_str!("../../../lua/sessionhub.lua");
 /// How to reach Redis.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `redis://`, `rediss://` or `unix://` URL.
-    pub url: String,
+    /// One Redis or a Redis Cluster.
+    pub topology: Topology,
     /// Prefix of every key and channel (default `sh:`).
     pub key_prefix: String,
     /// How long start-up keeps retrying an unreachable Redis.
@@ -69,10 +77,20 @@ pub struct RedisConfig {
 }
 
 impl RedisConfig {
-    /// A config with defaults for everything but the URL.
+    /// A config for one Redis at `url`, with defaults for everything else.
     pub fn new(url: impl Into<String>) -> Self {
+        Self::with_topology(Topology::Single(url.into()))
+    }
+
+    /// A config for a Redis Cluster reached through `seeds`.
+    pub fn cluster(seeds: Vec<String>) -> Self {
+        Self::with_topology(Topology::Cluster(seeds))
+    }
+
+    /// A config for `topology`, with defaults for everything else.
+    pub fn with_topology(topology: Topology) -> Self {
         Self {
-            url: url.into(),
+            topology,
             key_prefix: "sh:".into(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
@@ -123,10 +141,16 @@ pub struct RedisEngine {
 
 /// What the engine and its background tasks share.
 pub(crate) struct Inner {
-    /// One multiplexed connection for every command, re-established on failure.
-    /// Commands are pipelined on it, so no pool is needed, and unlike a pool it
-    /// costs no health-check round trip per command.
-    conn: ConnectionManager,
+    /// One multiplexed connection for every command, re-established on failure
+    /// (on Redis Cluster: one per master, routed by slot). Commands are pipelined on
+    /// it, so no pool is needed, and unlike a pool it costs no health-check round
+    /// trip per command.
+    conn: Conn,
+    /// Whether the store is a Redis Cluster (sharded pub/sub).
+    cluster: bool,
+    /// The expiry of this node's lease as of its last successful renewal (Unix
+    /// ms); registrations carry it, so that a fenced node's are refused.
+    lease_until: AtomicI64,
     keys: Keys,
     node_id: NodeId,
     command_timeout: Duration,
@@ -135,8 +159,11 @@ pub(crate) struct Inner {
     stop: CancellationToken,
     /// Wakes the lease task to rejoin at once (a call found the node fenced).
     rejoin: Notify,
-    /// When this node's own probe last came back through pub/sub (Unix ms).
-    last_probe: AtomicI64,
+    /// When this node's own probe last came back through pub/sub, per bucket
+    /// channel (Unix ms).
+    last_probe: Vec<AtomicI64>,
+    /// When the subscriber last (re)subscribed (Unix ms).
+    subscribed_at: AtomicI64,
     /// Whether the subscriber holds its subscriptions right now.
     subscribed: AtomicBool,
     /// Failed store operations.
@@ -177,26 +204,35 @@ impl RedisEngine {
         node_id: NodeId,
         events: EventSender,
     ) -> Result<Self, ConnectError> {
-        let shown = redact_url(&config.url);
-        let client =
-            redis::Client::open(config.url.as_str()).map_err(|e| ConnectError::InvalidUrl {
-                url: shown.clone(),
-                reason: e.to_string(),
-            })?;
-        let manager_cfg = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.command_timeout))
-            .set_response_timeout(Some(config.command_timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(1));
-        let conn =
-            ConnectionManager::new_lazy_with_config(client.clone(), manager_cfg).map_err(|e| {
-                ConnectError::InvalidUrl {
-                    url: shown.clone(),
-                    reason: e.to_string(),
-                }
-            })?;
+        let shown = config.topology.shown();
+        let invalid = |e: RedisError| ConnectError::InvalidUrl {
+            url: shown.clone(),
+            reason: e.to_string(),
+        };
+        let (conn, subscribe_with) = match &config.topology {
+            Topology::Single(url) => {
+                let client = redis::Client::open(url.as_str()).map_err(invalid)?;
+                let manager_cfg = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(config.command_timeout))
+                    .set_response_timeout(Some(config.command_timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_secs(1));
+                let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_cfg)
+                    .map_err(invalid)?;
+                (Conn::Single(conn), subscriber::Source::Single(client))
+            }
+            Topology::Cluster(seeds) => {
+                let conn = cluster_connection(seeds, &config, &shown).await?;
+                (
+                    Conn::Cluster(conn),
+                    subscriber::Source::Cluster(seeds.clone()),
+                )
+            }
+        };
         let inner = Arc::new(Inner {
             conn,
+            cluster: config.topology.is_cluster(),
+            lease_until: AtomicI64::new(0),
             keys: Keys::new(config.key_prefix),
             node_id,
             command_timeout: config.command_timeout,
@@ -204,7 +240,8 @@ impl RedisEngine {
             limits: config.limits,
             stop: CancellationToken::new(),
             rejoin: Notify::new(),
-            last_probe: AtomicI64::new(0),
+            last_probe: (0..BUCKETS).map(|_| AtomicI64::new(0)).collect(),
+            subscribed_at: AtomicI64::new(0),
             subscribed: AtomicBool::new(false),
             errors: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
@@ -235,10 +272,8 @@ impl RedisEngine {
             delay = (delay * 2).min(Duration::from_secs(1));
         }
 
-        let keys = &engine.inner.keys;
-        let channels = vec![keys.node_channel(&engine.inner.node_id), keys.all_channel()];
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let ready = subscriber::spawn(client, channels, events.clone(), engine.inner.clone());
+        let ready = subscriber::spawn(subscribe_with, events.clone(), engine.inner.clone());
         match tokio::time::timeout(remaining.max(config.command_timeout), ready).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(unreachable("subscriber stopped".into())),
@@ -258,21 +293,116 @@ impl RedisEngine {
     }
 }
 
+/// Connects to a Redis Cluster, retrying until the connect timeout: the cluster
+/// client needs the slot map before it can route anything.
+async fn cluster_connection(
+    seeds: &[String],
+    config: &RedisConfig,
+    shown: &str,
+) -> Result<redis::cluster_async::ClusterConnection, ConnectError> {
+    let client = redis::cluster::ClusterClient::builder(seeds.iter().map(String::as_str))
+        .connection_timeout(config.command_timeout)
+        .response_timeout(config.command_timeout)
+        .retries(2)
+        .build()
+        .map_err(|e| ConnectError::InvalidUrl {
+            url: shown.to_owned(),
+            reason: e.to_string(),
+        })?;
+    let started = tokio::time::Instant::now();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let err = match tokio::time::timeout(config.command_timeout, client.get_async_connection())
+            .await
+        {
+            Ok(Ok(conn)) => return Ok(conn),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "timed out".to_owned(),
+        };
+        if started.elapsed() >= config.connect_timeout {
+            return Err(ConnectError::Unreachable {
+                url: shown.to_owned(),
+                waited: started.elapsed(),
+                reason: err,
+            });
+        }
+        tracing::warn!(redis = %shown, error = %err, "Redis Cluster not reachable yet; retrying");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(1));
+    }
+}
+
 impl Inner {
-    /// Loads the library and takes this node's lease.
+    /// Loads the library and takes this node's lease, first dropping every record
+    /// left under its id (by a previous run, or by this process before it was
+    /// fenced) and fencing off the old lease in every bucket.
     async fn startup(&self) -> Result<(), EngineError> {
         self.load_library().await?;
-        let dropped: i64 = self
+        let nodes = self.keys.nodes();
+        let id = self.node_id.as_str();
+        let old: Option<f64> = self
+            .run(|mut c| async move {
+                redis::cmd("ZSCORE")
+                    .arg(nodes)
+                    .arg(id)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        let now = now_ms();
+        let upto = (old.unwrap_or(0.0) as i64)
+            .max(self.lease_until.load(Ordering::Acquire))
+            .max(now);
+        let dropped = self.drop_node(&self.node_id, upto).await?;
+        if dropped > 0 {
+            tracing::info!(dropped, "dropped records left under this node's id");
+        }
+        let lease: i64 = self
             .fcall(
                 "sh_node_join",
                 &[self.keys.nodes()],
-                (self.node_id.as_str(), now_ms(), self.lease.ttl_ms()),
+                (id, now, self.lease.ttl_ms(), upto),
             )
             .await?;
-        if dropped > 0 {
-            tracing::info!(dropped, "dropped records left by this node's previous run");
-        }
+        self.lease_until.fetch_max(lease, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// Drops a node's records from every bucket and fences off its leases up to
+    /// `upto`. Returns the number of connection records dropped.
+    pub(crate) async fn drop_node(&self, node: &NodeId, upto: i64) -> Result<u64, EngineError> {
+        let counts = self
+            .each_bucket(|b| async move {
+                self.fcall::<i64>("sh_drop_node", &[self.keys.node_conns(b, node)], upto)
+                    .await
+            })
+            .await?;
+        Ok(counts.into_iter().map(|n| n.max(0) as u64).sum())
+    }
+
+    /// Runs `op` for every bucket concurrently (the calls share the multiplexed
+    /// connection, so they go out pipelined), and collects the results in bucket
+    /// order. Fails if any call fails.
+    pub(crate) async fn each_bucket<'a, T, F, Fut>(&'a self, op: F) -> Result<Vec<T>, EngineError>
+    where
+        F: Fn(Bucket) -> Fut,
+        Fut: Future<Output = Result<T, EngineError>> + 'a,
+    {
+        try_join_all(Bucket::all().map(op)).await
+    }
+
+    /// The node ids holding a lease entry, live or not yet reaped.
+    async fn node_ids(&self) -> Result<Vec<String>, EngineError> {
+        let key = self.keys.nodes();
+        self.run(|mut c| async move {
+            redis::cmd("ZRANGE")
+                .arg(key)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut c)
+                .await
+        })
+        .await
     }
 
     async fn load_library(&self) -> Result<(), EngineError> {
@@ -292,7 +422,7 @@ impl Inner {
     /// timeout.
     async fn run<T, F, Fut>(&self, op: F) -> Result<T, EngineError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
         let work = async { op(self.conn.clone()).await.map_err(from_redis) };
@@ -354,12 +484,31 @@ impl Inner {
         ))
     }
 
-    pub(crate) fn probe_received(&self) {
-        self.last_probe.store(now_ms(), Ordering::Relaxed);
+    pub(crate) fn probe_received(&self, bucket: Bucket) {
+        self.last_probe[bucket.index()].store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// How long ago the stalest bucket channel last carried this node's probe (ms).
+    pub(crate) fn probe_age(&self) -> i64 {
+        let oldest = self
+            .last_probe
+            .iter()
+            .map(|t| t.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0);
+        now_ms() - oldest
     }
 
     pub(crate) fn set_subscribed(&self, on: bool) {
+        if on {
+            self.subscribed_at.store(now_ms(), Ordering::Relaxed);
+        }
         self.subscribed.store(on, Ordering::Relaxed);
+    }
+
+    /// How long ago the subscriber last (re)subscribed (ms).
+    pub(crate) fn subscribed_for(&self) -> i64 {
+        now_ms() - self.subscribed_at.load(Ordering::Relaxed)
     }
 
     pub(crate) fn count_reconnect(&self) {
@@ -375,9 +524,32 @@ impl Inner {
         self.reaped.fetch_add(records, Ordering::Relaxed);
     }
 
+    /// Publishes on a classic channel (the `all` channel; on Redis Cluster it
+    /// reaches every shard).
     async fn publish_raw(&self, channel: String, payload: String) -> Result<i64, EngineError> {
+        self.publish_with("PUBLISH", channel, payload).await
+    }
+
+    /// Publishes on one of this node's bucket channels, as the functions do:
+    /// SPUBLISH on Redis Cluster, PUBLISH on one Redis.
+    pub(crate) async fn publish_bucket(
+        &self,
+        channel: String,
+        payload: &str,
+    ) -> Result<i64, EngineError> {
+        let command = if self.cluster { "SPUBLISH" } else { "PUBLISH" };
+        self.publish_with(command, channel, payload.to_owned())
+            .await
+    }
+
+    async fn publish_with(
+        &self,
+        command: &'static str,
+        channel: String,
+        payload: String,
+    ) -> Result<i64, EngineError> {
         self.run(|mut c| async move {
-            redis::cmd("PUBLISH")
+            redis::cmd(command)
                 .arg(channel)
                 .arg(payload)
                 .query_async(&mut c)
@@ -467,17 +639,19 @@ impl Engine for RedisEngine {
     /// but deaf is not ready.
     async fn ping(&self) -> Result<(), EngineError> {
         self.inner
-            .run(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
+            .run(
+                |mut c| async move { redis::cmd("PING").query_async::<redis::Value>(&mut c).await },
+            )
             .await?;
         if !self.inner.subscribed.load(Ordering::Relaxed) {
             return Err(EngineError::Unavailable(
                 "this node's pub/sub subscriber is reconnecting".into(),
             ));
         }
-        let age = now_ms() - self.inner.last_probe.load(Ordering::Relaxed);
+        let age = self.inner.probe_age();
         if age > self.inner.lease.probe_max_age().as_millis() as i64 {
             return Err(EngineError::Unavailable(format!(
-                "this node's pub/sub probe has not come back for {age} ms"
+                "this node's pub/sub probe has not come back on every bucket channel for {age} ms"
             )));
         }
         Ok(())
@@ -679,6 +853,7 @@ impl Engine for RedisEngine {
                     now_ms(),
                     limits.per_session,
                     limits.per_user,
+                    self.inner.lease_until.load(Ordering::Acquire),
                 ),
             )
             .await?;
@@ -715,7 +890,7 @@ impl Engine for RedisEngine {
             Target::User(u) => keys.user_sessions(u),
             Target::Session(s) => keys.session(s),
             Target::Connection(c) => keys.conn(c),
-            Target::Group(g) => keys.group(g),
+            Target::Group(g) => return self.publish_group(g, frame).await,
             Target::All => {
                 let nodes = self
                     .inner
@@ -735,47 +910,63 @@ impl Engine for RedisEngine {
     }
 
     async fn group_add(&self, group: &GroupName, member: &Member) -> Result<bool, EngineError> {
-        let key = [self.inner.keys.group(group)];
-        let n: i64 = match member {
-            Member::Connection(c) => {
-                self.inner
-                    .fcall("sh_group_add", &key, ("conn", c.as_str(), now_ms()))
-                    .await?
-            }
-            Member::User(u) => {
-                self.inner
-                    .fcall(
-                        "sh_group_add",
-                        &key,
-                        ("user", u.as_str(), u.tag(), now_ms()),
-                    )
-                    .await?
+        let inner = &self.inner;
+        let b = member_bucket(member);
+        let key = [inner.keys.group(b, group)];
+        let add = async {
+            match member {
+                Member::Connection(c) => {
+                    inner
+                        .fcall::<i64>("sh_group_add", &key, ("conn", c.as_str(), now_ms()))
+                        .await
+                }
+                Member::User(u) => {
+                    inner
+                        .fcall::<i64>("sh_group_add", &key, ("user", u.as_str(), now_ms()))
+                        .await
+                }
             }
         };
+        // Both must hold before the add is acknowledged; a stale bucket entry (its
+        // members left) only costs a publish an empty call.
+        let buckets = inner.keys.group_buckets(group);
+        let index = inner.run(|mut c| async move {
+            redis::cmd("SADD")
+                .arg(buckets)
+                .arg(b.hex())
+                .query_async::<i64>(&mut c)
+                .await
+        });
+        let (n, _) = tokio::try_join!(add, index)?;
         Ok(n > 0)
     }
 
     async fn group_remove(&self, group: &GroupName, member: &Member) -> Result<bool, EngineError> {
         let (kind, id) = member_key(member);
+        let key = self.inner.keys.group(member_bucket(member), group);
         let n: i64 = self
             .inner
-            .fcall(
-                "sh_group_remove",
-                &[self.inner.keys.group(group)],
-                (kind, id),
-            )
+            .fcall("sh_group_remove", &[key], (kind, id))
             .await?;
         Ok(n > 0)
     }
 
     async fn group_members(&self, group: &GroupName) -> Result<Vec<Member>, EngineError> {
-        let key = self.inner.keys.group(group);
-        let fields: Vec<String> = self
-            .inner
-            .run(|mut c| async move { redis::cmd("HKEYS").arg(key).query_async(&mut c).await })
-            .await?;
-        let mut out = fields
+        let inner = &self.inner;
+        let buckets = inner.group_buckets(group).await?;
+        let per_bucket = try_join_all(buckets.into_iter().map(|b| {
+            let key = inner.keys.group(b, group);
+            inner.run(|mut c| async move {
+                redis::cmd("HKEYS")
+                    .arg(key)
+                    .query_async::<Vec<String>>(&mut c)
+                    .await
+            })
+        }))
+        .await?;
+        let mut out = per_bucket
             .iter()
+            .flatten()
             .map(|f| match f.split_once(':') {
                 Some(("conn", id)) => ConnectionId::parse(id)
                     .map(Member::Connection)
@@ -788,21 +979,29 @@ impl Engine for RedisEngine {
         Ok(out)
     }
 
+    /// Merges one page from every bucket (each in lexical order) into one page.
     async fn online_users(
         &self,
         after: Option<&UserId>,
         limit: usize,
     ) -> Result<Vec<OnlineUser>, EngineError> {
+        let inner = &self.inner;
         let after = after.map(UserId::as_str).unwrap_or("");
-        let flat: Vec<(String, u64)> = self
-            .inner
-            .fcall(
-                "sh_online_users",
-                &[self.inner.keys.online()],
-                (after, limit),
-            )
+        let pages = inner
+            .each_bucket(|b| async move {
+                inner
+                    .fcall::<Vec<(String, u64)>>(
+                        "sh_online_users",
+                        &[inner.keys.online(b)],
+                        (after, limit),
+                    )
+                    .await
+            })
             .await?;
-        flat.into_iter()
+        let mut all: Vec<(String, u64)> = pages.into_iter().flatten().collect();
+        all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        all.truncate(limit);
+        all.into_iter()
             .map(|(u, n)| {
                 Ok(OnlineUser {
                     user_id: UserId::parse(&u).map_err(corrupt)?,
@@ -813,49 +1012,91 @@ impl Engine for RedisEngine {
     }
 
     async fn presence_counts(&self) -> Result<PresenceCounts, EngineError> {
-        let (online_users, connections, nodes): (u64, u64, u64) = self
-            .inner
-            .fcall("sh_presence_counts", &[self.inner.keys.nodes()], NO_ARGS)
+        let inner = &self.inner;
+        let nodes = inner.node_ids().await?;
+        let nodes = &nodes;
+        let counts = inner
+            .each_bucket(|b| async move {
+                inner
+                    .fcall::<(u64, u64)>("sh_presence_counts", &[inner.keys.online(b)], nodes)
+                    .await
+            })
             .await?;
+        let (online_users, connections) = counts
+            .into_iter()
+            .fold((0, 0), |(u, c), (bu, bc)| (u + bu, c + bc));
         Ok(PresenceCounts {
             online_users,
             connections,
-            nodes,
+            nodes: nodes.len() as u64,
         })
     }
 
+    /// One pipeline per bucket (a pipeline must stay within one hash slot on Redis
+    /// Cluster), all sent at once.
     async fn sessions_alive(&self, sessions: &[SessionId]) -> Result<Vec<bool>, EngineError> {
-        if sessions.is_empty() {
-            return Ok(Vec::new());
+        let inner = &self.inner;
+        let mut by_bucket: HashMap<Bucket, Vec<usize>> = HashMap::new();
+        for (i, sid) in sessions.iter().enumerate() {
+            by_bucket
+                .entry(Bucket::of(sid.as_str()))
+                .or_default()
+                .push(i);
         }
-        let mut pipe = redis::pipe();
-        for sid in sessions {
-            pipe.exists(self.inner.keys.session(sid));
+        let replies = try_join_all(by_bucket.into_values().map(|idx| {
+            let mut pipe = redis::pipe();
+            for &i in &idx {
+                pipe.exists(inner.keys.session(&sessions[i]));
+            }
+            async move {
+                let alive: Vec<bool> = inner
+                    .run(|mut c| async move { pipe.query_async(&mut c).await })
+                    .await?;
+                Ok::<_, EngineError>((idx, alive))
+            }
+        }))
+        .await?;
+        let mut out = vec![false; sessions.len()];
+        for (idx, alive) in replies {
+            for (i, a) in idx.into_iter().zip(alive) {
+                out[i] = a;
+            }
         }
-        self.inner
-            .run(|mut c| async move { pipe.query_async(&mut c).await })
-            .await
+        Ok(out)
     }
 
     async fn reassert(&self, records: &[LocalRecord]) -> Result<Vec<SessionId>, EngineError> {
+        let inner = &self.inner;
+        let mut by_bucket: HashMap<Bucket, Vec<&LocalRecord>> = HashMap::new();
+        for r in records {
+            by_bucket
+                .entry(Bucket::of(r.connection_id.as_str()))
+                .or_default()
+                .push(r);
+        }
+        let lease = inner.lease_until.load(Ordering::Acquire);
+        let calls = by_bucket.iter().flat_map(|(b, recs)| {
+            recs.chunks(REASSERT_BATCH).map(move |chunk| {
+                let mut args: Vec<String> = Vec::with_capacity(2 + chunk.len() * 4);
+                args.push(lease.to_string());
+                args.push(now_ms().to_string());
+                for r in chunk {
+                    args.push(r.connection_id.to_string());
+                    args.push(r.session_id.to_string());
+                    args.push(r.user_id.to_string());
+                    args.push(r.connected_at.to_string());
+                }
+                let key = inner.keys.node_conns(*b, &inner.node_id);
+                async move {
+                    inner
+                        .fcall::<Vec<String>>("sh_reassert", &[key], args)
+                        .await
+                }
+            })
+        });
         let mut gone = Vec::new();
-        for chunk in records.chunks(REASSERT_BATCH) {
-            let mut args: Vec<String> = Vec::with_capacity(2 + chunk.len() * 4);
-            args.push(self.inner.node_id.to_string());
-            args.push(now_ms().to_string());
-            for r in chunk {
-                args.push(r.connection_id.to_string());
-                args.push(r.session_id.to_string());
-                args.push(r.user_id.to_string());
-                args.push(r.connected_at.to_string());
-            }
-            let sids: Vec<String> = self
-                .inner
-                .fcall("sh_reassert", &[self.inner.keys.nodes()], args)
-                .await?;
-            for s in sids {
-                gone.push(SessionId::parse(&s).map_err(corrupt)?);
-            }
+        for s in try_join_all(calls).await?.into_iter().flatten() {
+            gone.push(SessionId::parse(&s).map_err(corrupt)?);
         }
         Ok(gone)
     }
@@ -868,35 +1109,79 @@ impl Engine for RedisEngine {
     }
 
     async fn expire_due(&self) -> Result<u64, EngineError> {
-        let mut total = 0;
-        loop {
-            let n: i64 = self
-                .inner
-                .fcall(
-                    "sh_expire",
-                    &[self.inner.keys.expiry()],
-                    (now_ms(), EXPIRE_BATCH),
-                )
-                .await?;
-            total += n.max(0) as u64;
-            if (n.max(0) as usize) < EXPIRE_BATCH {
-                return Ok(total);
-            }
-        }
+        let inner = &self.inner;
+        let ended = inner
+            .each_bucket(|b| async move {
+                let key = [inner.keys.expiry(b)];
+                let mut total = 0;
+                loop {
+                    let n: i64 = inner
+                        .fcall("sh_expire", &key, (now_ms(), EXPIRE_BATCH))
+                        .await?;
+                    total += n.max(0) as u64;
+                    if (n.max(0) as usize) < EXPIRE_BATCH {
+                        return Ok(total);
+                    }
+                }
+            })
+            .await?;
+        Ok(ended.into_iter().sum())
     }
 
     async fn leave(&self) -> Result<(), EngineError> {
-        self.inner.stop.cancel();
-        let n: i64 = self
-            .inner
-            .fcall(
-                "sh_node_leave",
-                &[self.inner.keys.nodes()],
-                self.inner.node_id.as_str(),
+        let inner = &self.inner;
+        inner.stop.cancel();
+        let upto = inner.lease_until.load(Ordering::Acquire).max(now_ms());
+        let n = inner.drop_node(&inner.node_id, upto).await?;
+        inner
+            .fcall::<i64>(
+                "sh_node_forget",
+                &[inner.keys.nodes()],
+                (inner.node_id.as_str(), upto),
             )
             .await?;
         tracing::info!(records = n, "left the cluster");
         Ok(())
+    }
+}
+
+impl RedisEngine {
+    /// A group publish: one `sh_publish` per bucket that may hold members. The node
+    /// count is the sum over buckets (a node reached from two buckets counts twice).
+    async fn publish_group(&self, group: &GroupName, frame: &str) -> Result<Delivery, EngineError> {
+        let inner = &self.inner;
+        let buckets = inner.group_buckets(group).await?;
+        let replies = try_join_all(buckets.into_iter().map(|b| {
+            let key = inner.keys.group(b, group);
+            async move { inner.fcall::<(i64, i64)>("sh_publish", &[key], frame).await }
+        }))
+        .await?;
+        let (nodes, conns) = replies
+            .into_iter()
+            .fold((0, 0), |(n, c), (bn, bc)| (n + bn.max(0), c + bc.max(0)));
+        Ok(Delivery {
+            nodes: nodes as u64,
+            connections: Some(conns as u64),
+        })
+    }
+}
+
+impl Inner {
+    /// The buckets that may hold members of a group.
+    async fn group_buckets(&self, group: &GroupName) -> Result<Vec<Bucket>, EngineError> {
+        let key = self.keys.group_buckets(group);
+        let hex: Vec<String> = self
+            .run(|mut c| async move { redis::cmd("SMEMBERS").arg(key).query_async(&mut c).await })
+            .await?;
+        Ok(hex.iter().map(|h| Bucket::of(h)).collect())
+    }
+}
+
+/// The bucket a group member's entry lives in.
+fn member_bucket(member: &Member) -> Bucket {
+    match member {
+        Member::Connection(c) => Bucket::of(c.as_str()),
+        Member::User(u) => Bucket::of(&u.tag()),
     }
 }
 

@@ -1,82 +1,110 @@
 //! The node's pub/sub subscriber, under supervision.
 //!
-//! It owns one dedicated connection (a pooled connection must never switch into
-//! subscribe mode), pings Redis over that link so a dead peer is noticed even without
-//! an EOF, reconnects with capped backoff when the link drops, and after every
-//! resubscription tells the node to resync ([`NodeEvent::Resync`]): events published
-//! while it was away are lost, because Redis pub/sub is at-most-once.
+//! It owns dedicated connections (a command connection must never switch into
+//! subscribe mode), subscribes to this node's channel of every bucket and to the
+//! `all` channel, pings Redis over its own link so a dead peer is noticed even
+//! without an EOF, and reconnects with capped backoff when the link drops. After
+//! every resubscription it tells the node to resync ([`NodeEvent::Resync`]): events
+//! published while it was away are lost, because Redis pub/sub is at-most-once.
+//!
+//! On one Redis it holds one classic connection. On Redis Cluster it holds a cluster
+//! connection (RESP3) with a sharded subscription (SSUBSCRIBE) per bucket channel,
+//! each on the master that owns the bucket's slot. A failover or a slot migration
+//! shows up as a dropped link or a server-sent SUNSUBSCRIBE; either is handled like
+//! a Redis restart: subscribe afresh (the slot map is read again) and resync. A
+//! bucket whose probe stops coming back is a lost subscription too.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use redis::{PushInfo, PushKind, Value};
 use sessionhub_core::{EventSender, NodeEvent};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
-use crate::Inner;
+use crate::keys::Bucket;
 use crate::wire::Incoming;
+use crate::{Inner, redact_url};
 
 /// First delay before reconnecting.
 const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(100);
 /// Longest delay between reconnection attempts.
 const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(2);
 /// Bound on connecting and subscribing once.
-const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(3);
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the subscriber pings Redis over its own link.
 const LINK_PING_INTERVAL: Duration = Duration::from_secs(2);
 /// A ping unanswered for this long means the link is dead.
 const LINK_PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pushes buffered between the cluster connection and this task. Past it the
+/// subscription counts as lost (resubscribe and resync), never silently short.
+const PUSH_QUEUE: usize = 4096;
 
-/// Starts the subscriber task for `channels`. The returned receiver fires once the
-/// first subscription is in place.
+/// Where to subscribe.
+pub(crate) enum Source {
+    /// One Redis.
+    Single(redis::Client),
+    /// A Redis Cluster, through these seed URLs.
+    Cluster(Vec<String>),
+}
+
+/// Starts the subscriber task. The returned receiver fires once the first
+/// subscription is in place.
 pub(crate) fn spawn(
-    client: redis::Client,
-    channels: Vec<String>,
+    source: Source,
     events: EventSender,
     inner: Arc<Inner>,
 ) -> oneshot::Receiver<()> {
     let (ready_tx, ready_rx) = oneshot::channel();
-    tokio::spawn(run(client, channels, events, inner, ready_tx));
+    tokio::spawn(run(source, events, inner, ready_tx));
     ready_rx
 }
 
-async fn subscribe(
-    client: &redis::Client,
-    channels: &[String],
-) -> redis::RedisResult<redis::aio::PubSub> {
-    let mut pubsub = client.get_async_pubsub().await?;
-    pubsub.subscribe(channels).await?;
-    Ok(pubsub)
+/// The bucket channels of this node.
+fn bucket_channels(inner: &Inner) -> Vec<String> {
+    Bucket::all()
+        .map(|b| inner.keys.node_channel(b, &inner.node_id))
+        .collect()
 }
 
-async fn run(
-    client: redis::Client,
-    channels: Vec<String>,
-    events: EventSender,
-    inner: Arc<Inner>,
-    ready: oneshot::Sender<()>,
-) {
+/// Why a subscribed session ended.
+enum Ended {
+    /// The node is stopping.
+    Stop,
+    /// The link or a subscription was lost: subscribe again.
+    Lost,
+}
+
+async fn run(source: Source, events: EventSender, inner: Arc<Inner>, ready: oneshot::Sender<()>) {
     let stop = inner.stop.clone();
-    let shown = channels.join(",");
+    let shown = match &source {
+        Source::Single(c) => redact_url(&c.get_connection_info().addr().to_string()),
+        Source::Cluster(seeds) => seeds
+            .iter()
+            .map(|s| redact_url(s))
+            .collect::<Vec<_>>()
+            .join(","),
+    };
     let mut ready = Some(ready);
     let mut delay = RECONNECT_MIN_DELAY;
     loop {
-        let attempt = tokio::time::timeout(SUBSCRIBE_TIMEOUT, subscribe(&client, &channels));
-        let pubsub = tokio::select! {
+        let attempt = tokio::time::timeout(SUBSCRIBE_TIMEOUT, connect(&source, &inner));
+        let link = tokio::select! {
             _ = stop.cancelled() => return,
             res = attempt => match res {
-                Ok(Ok(p)) => Some(p),
+                Ok(Ok(link)) => Some(link),
                 Ok(Err(e)) => {
-                    tracing::warn!(channels = %shown, error = %e, "pub/sub subscribe failed");
+                    tracing::warn!(redis = %shown, error = %e, "pub/sub subscribe failed");
                     None
                 }
                 Err(_) => {
-                    tracing::warn!(channels = %shown, "pub/sub subscribe timed out");
+                    tracing::warn!(redis = %shown, "pub/sub subscribe timed out");
                     None
                 }
             },
         };
-        let Some(pubsub) = pubsub else {
+        let Some(link) = link else {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
@@ -91,49 +119,193 @@ async fn run(
         inner.set_subscribed(true);
         match ready.take() {
             Some(tx) => {
-                tracing::info!(channels = %shown, "subscribed");
+                tracing::info!(redis = %shown, "subscribed");
                 let _ = tx.send(());
             }
             None => {
                 inner.count_reconnect();
-                tracing::info!(channels = %shown, "resubscribed; resyncing");
+                tracing::info!(redis = %shown, "resubscribed; resyncing");
                 if events.send(NodeEvent::Resync).await.is_err() {
                     return;
                 }
             }
         }
-        let (mut sink, mut stream) = pubsub.split();
-        let mut ping = tokio::time::interval(LINK_PING_INTERVAL);
-        ping.tick().await;
-        loop {
-            let msg = tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = ping.tick() => {
-                    let pong = tokio::time::timeout(LINK_PING_TIMEOUT, sink.ping::<()>()).await;
-                    if !matches!(pong, Ok(Ok(()))) {
-                        tracing::warn!(channels = %shown, "pub/sub link did not answer a ping");
-                        break;
-                    }
-                    continue;
+        let ended = match link {
+            Link::Single(pubsub) => listen_single(pubsub, &events, &inner).await,
+            Link::Cluster(conn, pushes, overflow) => {
+                listen_cluster(conn, pushes, overflow, &events, &inner).await
+            }
+        };
+        inner.set_subscribed(false);
+        if matches!(ended, Ended::Stop) {
+            return;
+        }
+        tracing::warn!(redis = %shown, "pub/sub link lost; subscribing again");
+    }
+}
+
+/// A subscribed link.
+enum Link {
+    Single(redis::aio::PubSub),
+    Cluster(
+        redis::cluster_async::ClusterConnection,
+        mpsc::Receiver<PushInfo>,
+        Arc<AtomicBool>,
+    ),
+}
+
+async fn connect(source: &Source, inner: &Inner) -> redis::RedisResult<Link> {
+    let mut channels = bucket_channels(inner);
+    match source {
+        Source::Single(client) => {
+            channels.push(inner.keys.all_channel());
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channels).await?;
+            Ok(Link::Single(pubsub))
+        }
+        Source::Cluster(seeds) => {
+            let (tx, rx) = mpsc::channel(PUSH_QUEUE);
+            let overflow = Arc::new(AtomicBool::new(false));
+            let flag = overflow.clone();
+            // Called by the cluster connection for every push; never blocks it.
+            let sender = move |push: PushInfo| {
+                if tx.try_send(push).is_err() {
+                    flag.store(true, Ordering::Relaxed);
                 }
-                msg = stream.next() => msg,
+                Ok::<(), std::convert::Infallible>(())
             };
-            let Some(msg) = msg else { break };
-            match crate::wire::decode(msg.get_payload_bytes()) {
-                Ok(Incoming::Probe) => inner.probe_received(),
-                // Awaiting here is the back-pressure: a slow dispatcher slows this
-                // reader, it never drops an event.
-                Ok(Incoming::Event(ev)) => {
-                    if events.send(ev).await.is_err() {
-                        return;
-                    }
+            let client = redis::cluster::ClusterClient::builder(seeds.iter().map(String::as_str))
+                .use_protocol(redis::ProtocolVersion::RESP3)
+                .push_sender(sender)
+                .connection_timeout(LINK_PING_TIMEOUT)
+                .response_timeout(LINK_PING_TIMEOUT)
+                .build()?;
+            let mut conn = client.get_async_connection().await?;
+            // One SSUBSCRIBE per bucket: a sharded subscription names channels of
+            // one slot, and goes to the master that owns it.
+            futures_util::future::try_join_all(channels.iter().map(|ch| {
+                let mut c = conn.clone();
+                async move { c.ssubscribe(ch).await }
+            }))
+            .await?;
+            conn.subscribe(inner.keys.all_channel()).await?;
+            Ok(Link::Cluster(conn, rx, overflow))
+        }
+    }
+}
+
+/// Hands one payload to the node. Awaiting the send is the back-pressure: a slow
+/// dispatcher slows this reader, it never drops an event. False: the node stopped.
+async fn deliver(channel: &[u8], payload: &[u8], events: &EventSender, inner: &Inner) -> bool {
+    match crate::wire::decode(payload) {
+        Ok(Incoming::Probe) => {
+            let channel = String::from_utf8_lossy(channel);
+            if let Some(b) = inner.keys.bucket_of_key(&channel) {
+                inner.probe_received(b);
+            }
+            true
+        }
+        Ok(Incoming::Event(ev)) => events.send(ev).await.is_ok(),
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring undecodable event");
+            true
+        }
+    }
+}
+
+/// Whether a bucket's probe has stopped coming back although the subscription is
+/// old enough to have carried several: the subscription was lost without notice.
+fn probes_stale(inner: &Inner) -> bool {
+    let max_age = inner.lease.probe_max_age().as_millis() as i64;
+    inner.subscribed_for() > max_age && inner.probe_age() > max_age
+}
+
+async fn listen_single(pubsub: redis::aio::PubSub, events: &EventSender, inner: &Inner) -> Ended {
+    let (mut sink, mut stream) = pubsub.split();
+    let mut ping = tokio::time::interval(LINK_PING_INTERVAL);
+    ping.tick().await;
+    loop {
+        let msg = tokio::select! {
+            _ = inner.stop.cancelled() => return Ended::Stop,
+            _ = ping.tick() => {
+                let pong = tokio::time::timeout(LINK_PING_TIMEOUT, sink.ping::<()>()).await;
+                if !matches!(pong, Ok(Ok(()))) {
+                    tracing::warn!("pub/sub link did not answer a ping");
+                    return Ended::Lost;
                 }
-                Err(e) => {
-                    tracing::warn!(channels = %shown, error = %e, "ignoring undecodable event")
+                continue;
+            }
+            msg = stream.next() => msg,
+        };
+        let Some(msg) = msg else { return Ended::Lost };
+        if !deliver(
+            msg.get_channel_name().as_bytes(),
+            msg.get_payload_bytes(),
+            events,
+            inner,
+        )
+        .await
+        {
+            return Ended::Stop;
+        }
+    }
+}
+
+async fn listen_cluster(
+    mut conn: redis::cluster_async::ClusterConnection,
+    mut pushes: mpsc::Receiver<PushInfo>,
+    overflow: Arc<AtomicBool>,
+    events: &EventSender,
+    inner: &Inner,
+) -> Ended {
+    let mut ping = tokio::time::interval(LINK_PING_INTERVAL);
+    ping.tick().await;
+    loop {
+        let push = tokio::select! {
+            _ = inner.stop.cancelled() => return Ended::Stop,
+            _ = ping.tick() => {
+                // PING goes to every master: one that stopped answering takes its
+                // buckets' subscriptions with it.
+                let pong = tokio::time::timeout(
+                    LINK_PING_TIMEOUT,
+                    redis::cmd("PING").query_async::<Value>(&mut conn),
+                )
+                .await;
+                if !matches!(pong, Ok(Ok(_))) {
+                    tracing::warn!("a Redis Cluster master did not answer the subscriber's ping");
+                    return Ended::Lost;
+                }
+                if probes_stale(inner) {
+                    tracing::warn!("a bucket channel stopped carrying this node's probe");
+                    return Ended::Lost;
+                }
+                continue;
+            }
+            push = pushes.recv() => push,
+        };
+        if overflow.load(Ordering::Relaxed) {
+            tracing::warn!("pub/sub push queue overflowed");
+            return Ended::Lost;
+        }
+        let Some(push) = push else { return Ended::Lost };
+        match push.kind {
+            PushKind::Message | PushKind::SMessage => {
+                let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) =
+                    (push.data.first(), push.data.get(1))
+                else {
+                    continue;
+                };
+                if !deliver(channel, payload, events, inner).await {
+                    return Ended::Stop;
                 }
             }
+            // A link to a master dropped, or a slot moved away from the master we
+            // subscribed on (it sends SUNSUBSCRIBE): events may have been missed.
+            PushKind::Disconnection | PushKind::SUnsubscribe | PushKind::Unsubscribe => {
+                tracing::warn!(kind = ?push.kind, "a sharded subscription was lost");
+                return Ended::Lost;
+            }
+            _ => {}
         }
-        inner.set_subscribed(false);
-        tracing::warn!(channels = %shown, "pub/sub link lost; reconnecting");
     }
 }

@@ -55,14 +55,14 @@ impl Application {
     pub async fn build(config: Config) -> Result<Self, StartError> {
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE_CAPACITY);
         let node_id = config.node_id.clone();
-        let engine: Arc<dyn Engine> = match &config.redis_url {
-            Some(url) => {
+        let engine: Arc<dyn Engine> = match &config.redis {
+            Some(topology) => {
                 let rc = RedisConfig {
                     key_prefix: config.key_prefix.clone(),
                     connect_timeout: config.redis_connect_timeout,
                     lease: config.lease,
                     limits: config.conn_limits,
-                    ..RedisConfig::new(url.clone())
+                    ..RedisConfig::with_topology(topology.clone())
                 };
                 Arc::new(RedisEngine::connect(rc, node_id, events_tx).await?)
             }

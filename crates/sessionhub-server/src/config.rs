@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use sessionhub_core::model::MAX_SESSION_TTL;
 use sessionhub_core::{ConnLimits, NodeId};
-use sessionhub_redis::LeaseConfig;
+use sessionhub_redis::{LeaseConfig, Topology};
 
 /// Shortest service API key accepted: a guessable key is worse than none.
 pub const MIN_API_KEY_LEN: usize = 16;
@@ -29,6 +29,12 @@ pub struct Cli {
     /// (single node only).
     #[arg(long, env = "SESSIONHUB_REDIS_URL")]
     pub redis_url: Option<String>,
+
+    /// Redis Cluster seed URLs, comma-separated (`redis://host:port,...`; any
+    /// masters or replicas of the cluster, the rest is discovered). Exclusive with
+    /// SESSIONHUB_REDIS_URL.
+    #[arg(long, env = "SESSIONHUB_REDIS_CLUSTER", value_delimiter = ',')]
+    pub redis_cluster: Vec<String>,
 
     /// This node's id (letters, digits, . _ -). Default: random.
     #[arg(long, env = "SESSIONHUB_NODE_ID")]
@@ -155,8 +161,9 @@ pub struct Cli {
 pub struct Config {
     /// Listen address.
     pub listen: SocketAddr,
-    /// Redis URL, if any.
-    pub redis_url: Option<String>,
+    /// Where the shared state lives: one Redis or a Redis Cluster; `None` for the
+    /// embedded engine.
+    pub redis: Option<Topology>,
     /// This node.
     pub node_id: NodeId,
     /// Service API key, if enabled.
@@ -225,10 +232,7 @@ impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
             .field("listen", &self.listen)
-            .field(
-                "redis_url",
-                &self.redis_url.as_deref().map(sessionhub_redis::redact_url),
-            )
+            .field("redis", &self.redis.as_ref().map(Topology::shown))
             .field("node_id", &self.node_id)
             .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
             .field("allowed_origins", &self.allowed_origins)
@@ -285,26 +289,33 @@ impl Config {
                 .map_err(|e| bad("SESSIONHUB_NODE_ID (--node-id)", e.to_string()))?,
         };
         let redis_url = cli.redis_url.filter(|u| !u.is_empty());
-        if let Some(url) = &redis_url
-            && !["redis://", "unix://", "redis+unix://"]
-                .iter()
-                .any(|s| url.starts_with(s))
-        {
-            let tls = url.starts_with("rediss://");
-            return Err(bad(
-                "SESSIONHUB_REDIS_URL (--redis-url)",
-                if tls {
-                    "TLS to Redis (rediss://) is not built into this binary; use redis:// on a \
-                     private network, unix://, or a local TLS tunnel"
-                        .to_owned()
-                } else {
-                    format!(
-                        "{:?} must start with redis:// or unix://",
-                        sessionhub_redis::redact_url(url)
-                    )
-                },
-            ));
-        }
+        let seeds: Vec<String> = cli
+            .redis_cluster
+            .into_iter()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let redis = match (redis_url, seeds.is_empty()) {
+            (Some(_), false) => {
+                return Err(bad(
+                    "SESSIONHUB_REDIS_CLUSTER (--redis-cluster)",
+                    "set either SESSIONHUB_REDIS_URL (one Redis) or SESSIONHUB_REDIS_CLUSTER \
+                     (Redis Cluster), not both"
+                        .to_owned(),
+                ));
+            }
+            (Some(url), true) => {
+                check_redis_url("SESSIONHUB_REDIS_URL (--redis-url)", &url, true)?;
+                Some(Topology::Single(url))
+            }
+            (None, false) => {
+                for url in &seeds {
+                    check_redis_url("SESSIONHUB_REDIS_CLUSTER (--redis-cluster)", url, false)?;
+                }
+                Some(Topology::Cluster(seeds))
+            }
+            (None, true) => None,
+        };
         let api_key = cli.api_key.filter(|k| !k.is_empty());
         if let Some(k) = &api_key
             && k.len() < MIN_API_KEY_LEN
@@ -408,7 +419,7 @@ impl Config {
                 "must be positive, with the pong timeout longer than the ping interval",
             ));
         }
-        let embedded = redis_url.is_none();
+        let embedded = redis.is_none();
         Ok(Config {
             sessions: SessionPolicy {
                 ttl: Duration::from_secs(cli.session_ttl_secs),
@@ -445,7 +456,7 @@ impl Config {
                 None => std::thread::available_parallelism().map_or(1, usize::from),
             },
             listen: cli.listen,
-            redis_url,
+            redis,
             node_id,
             api_key,
             allowed_origins,
@@ -455,6 +466,35 @@ impl Config {
             json_logs: cli.log_format == "json",
         })
     }
+}
+
+/// Checks one Redis URL: `redis://` (or, for one Redis, `unix://`); TLS is refused
+/// with a clear reason.
+fn check_redis_url(setting: &'static str, url: &str, unix_ok: bool) -> Result<(), ConfigError> {
+    let schemes: &[&str] = if unix_ok {
+        &["redis://", "unix://", "redis+unix://"]
+    } else {
+        &["redis://"]
+    };
+    if schemes.iter().any(|s| url.starts_with(s)) {
+        return Ok(());
+    }
+    let reason = if url.starts_with("rediss://") {
+        "TLS to Redis (rediss://) is not built into this binary; use redis:// on a private \
+         network, unix://, or a local TLS tunnel"
+            .to_owned()
+    } else {
+        format!(
+            "{:?} must start with {}",
+            sessionhub_redis::redact_url(url),
+            if unix_ok {
+                "redis:// or unix://"
+            } else {
+                "redis://"
+            }
+        )
+    };
+    Err(bad(setting, reason))
 }
 
 #[cfg(test)]
@@ -473,7 +513,7 @@ mod tests {
         let c = parse(&[]).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.key_prefix, "sh:");
-        assert!(c.redis_url.is_none() && c.api_key.is_none());
+        assert!(c.redis.is_none() && c.api_key.is_none());
     }
 
     #[test]

@@ -1,0 +1,71 @@
+//! One command connection for either topology: a single Redis (one multiplexed
+//! connection, re-established on failure) or Redis Cluster (the `redis` crate's
+//! cluster connection, which routes each command to the master owning its key's
+//! slot, follows MOVED/ASK redirections and refreshes the slot map after a failover).
+
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
+
+/// Where the nodes' shared state lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Topology {
+    /// One Redis server (`redis://` or `unix://` URL).
+    Single(String),
+    /// A Redis Cluster, reached through any of these seed URLs.
+    Cluster(Vec<String>),
+}
+
+impl Topology {
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Topology::Cluster(_))
+    }
+
+    /// The URLs with passwords hidden, for logs and errors.
+    pub fn shown(&self) -> String {
+        match self {
+            Topology::Single(url) => crate::redact_url(url),
+            Topology::Cluster(seeds) => seeds
+                .iter()
+                .map(|s| crate::redact_url(s))
+                .collect::<Vec<_>>()
+                .join(","),
+        }
+    }
+}
+
+/// A command connection; cheap to clone (clones share the link).
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
