@@ -8,10 +8,12 @@
 pub mod client;
 pub mod process;
 pub mod proxy;
+pub mod redis_cluster;
 pub mod secrets;
 
 pub use client::{Api, Created, WsClient, WsError};
 pub use process::{FAST_LEASE, FAST_REAP_BOUND, Node, NodeOptions, RedisServer, TestCluster};
+pub use redis_cluster::RedisCluster;
 
 use std::time::Duration;
 
