@@ -6,12 +6,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 pub mod client;
+pub mod deployment;
 pub mod process;
 pub mod proxy;
 pub mod redis_cluster;
 pub mod secrets;
 
 pub use client::{Api, Created, WsClient, WsError};
+pub use deployment::{Deployment, Store, Topology};
 pub use process::{FAST_LEASE, FAST_REAP_BOUND, Node, NodeOptions, RedisServer, TestCluster};
 pub use redis_cluster::RedisCluster;
 

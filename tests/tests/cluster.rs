@@ -3,11 +3,11 @@
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use sessionhub_tests::{Api, Created, TestCluster, WsClient, WsError};
+use sessionhub_tests::{Api, Created, Deployment, Topology, WsClient, WsError};
 
 /// alice: s1 with sockets on A and B; s2 created through C, with a socket on C.
 struct Alice {
-    cluster: TestCluster,
+    cluster: Deployment,
     s1: Created,
     s2: Created,
     s1_on_a: WsClient,
@@ -36,8 +36,8 @@ fn assert_session_created(frame: &Value, new: &Created) {
     assert!(frame["session"].get("token").is_none());
 }
 
-async fn alice() -> Alice {
-    let cluster = TestCluster::start(3).await;
+async fn alice(topology: Topology) -> Alice {
+    let cluster = Deployment::start(topology, 3).await;
     let [a, b, c] = [0, 1, 2].map(|i| Api::new(&cluster.nodes[i]));
     let s1 = a.create_session("alice", "Firefox on laptop").await;
     let mut s1_on_a = WsClient::connect(&cluster.nodes[0], &s1.token)
@@ -126,9 +126,8 @@ async fn assert_s1_killed(mut t: Alice) {
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn new_session_notifies_every_connection_of_the_other_sessions() {
-    let mut t = alice().await;
+async fn new_session_notifies_every_connection_of_the_other_sessions(topology: Topology) {
+    let mut t = alice(topology).await;
     // s2's own socket heard nothing about itself; s1's sockets nothing more.
     t.s2_on_c.assert_alive().await;
     t.s1_on_a.assert_alive().await;
@@ -148,9 +147,8 @@ async fn new_session_notifies_every_connection_of_the_other_sessions() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_through_the_service_api_on_another_node() {
-    let t = alice().await;
+async fn kill_through_the_service_api_on_another_node(topology: Topology) {
+    let t = alice(topology).await;
     let res = t
         .api(2)
         .service(
@@ -163,27 +161,24 @@ async fn kill_through_the_service_api_on_another_node() {
     assert_s1_killed(t).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_through_the_self_service_api_with_the_other_sessions_cookie() {
-    let t = alice().await;
+async fn kill_through_the_self_service_api_with_the_other_sessions_cookie(topology: Topology) {
+    let t = alice(topology).await;
     let path = format!("/api/v1/me/sessions/{}", t.s1.session_id);
     let res = t.api(2).me(Method::DELETE, &path, &t.s2.token).await;
     assert_eq!(res.status(), StatusCode::NO_CONTENT);
     assert_s1_killed(t).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_through_the_other_sessions_socket() {
-    let mut t = alice().await;
+async fn kill_through_the_other_sessions_socket(topology: Topology) {
+    let mut t = alice(topology).await;
     t.s2_on_c
         .send(json!({ "type": "kill_session", "session_id": t.s1.session_id }))
         .await;
     assert_s1_killed(t).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bob_cannot_end_alices_sessions() {
-    let mut t = alice().await;
+async fn bob_cannot_end_alices_sessions(topology: Topology) {
+    let mut t = alice(topology).await;
     let bob = t.api(0).create_session("bob", "curl").await;
     let mut bob_ws = WsClient::connect(&t.cluster.nodes[0], &bob.token)
         .await
@@ -216,9 +211,8 @@ async fn bob_cannot_end_alices_sessions() {
     t.s1_on_a.assert_alive().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sign_out_all_other_sessions_and_kill_all_of_a_user() {
-    let mut t = alice().await;
+async fn sign_out_all_other_sessions_and_kill_all_of_a_user(topology: Topology) {
+    let mut t = alice(topology).await;
     let res = t
         .api(0)
         .me(Method::DELETE, "/api/v1/me/sessions", &t.s2.token)
@@ -254,9 +248,8 @@ async fn sign_out_all_other_sessions_and_kill_all_of_a_user() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn logout_ends_the_current_session() {
-    let mut t = alice().await;
+async fn logout_ends_the_current_session(topology: Topology) {
+    let mut t = alice(topology).await;
     let res = t
         .api(0)
         .me(Method::POST, "/api/v1/me/logout", &t.s1.token)
@@ -275,3 +268,13 @@ async fn logout_ends_the_current_session() {
     );
     t.s2_on_c.assert_alive().await;
 }
+
+sessionhub_tests::on_both_topologies!(
+    new_session_notifies_every_connection_of_the_other_sessions,
+    kill_through_the_service_api_on_another_node,
+    kill_through_the_self_service_api_with_the_other_sessions_cookie,
+    kill_through_the_other_sessions_socket,
+    bob_cannot_end_alices_sessions,
+    sign_out_all_other_sessions_and_kill_all_of_a_user,
+    logout_ends_the_current_session,
+);

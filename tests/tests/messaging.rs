@@ -4,7 +4,7 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use sessionhub_tests::{
-    Api, FAST_LEASE, FAST_REAP_BOUND, Node, TestCluster, WAIT, WsClient, wait_for,
+    Api, Deployment, FAST_LEASE, FAST_REAP_BOUND, Node, Topology, WAIT, WsClient, wait_for,
 };
 
 async fn publish(api: &Api, to: Value, event: &str, data: Value) -> Value {
@@ -51,9 +51,10 @@ async fn message_events(node: &Node) -> u64 {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_users_sockets_on_two_nodes_get_a_message_published_through_a_third_exactly_once() {
-    let cluster = TestCluster::start(3).await;
+async fn a_users_sockets_on_two_nodes_get_a_message_published_through_a_third_exactly_once(
+    topology: Topology,
+) {
+    let cluster = Deployment::start(topology, 3).await;
     let [a, b, c] = [&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]];
     let api_b = Api::new(b);
     let (_, mut alice) = user_on(&api_b, "alice", &[a, c]).await;
@@ -77,9 +78,10 @@ async fn a_users_sockets_on_two_nodes_get_a_message_published_through_a_third_ex
     assert_nothing_else(&api_b, &mut all).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn session_connection_group_and_all_publishes_reach_exactly_their_sockets() {
-    let cluster = TestCluster::start(3).await;
+async fn session_connection_group_and_all_publishes_reach_exactly_their_sockets(
+    topology: Topology,
+) {
+    let cluster = Deployment::start(topology, 3).await;
     let [a, b, c] = [&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]];
     let api = Api::new(a);
     // alice: s1 on A and B, s2 on C. bob: one socket on B.
@@ -145,9 +147,8 @@ async fn session_connection_group_and_all_publishes_reach_exactly_their_sockets(
     assert_nothing_else(&api, &mut every).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_targeted_publish_reaches_only_the_node_holding_the_user() {
-    let cluster = TestCluster::start(3).await;
+async fn a_targeted_publish_reaches_only_the_node_holding_the_user(topology: Topology) {
+    let cluster = Deployment::start(topology, 3).await;
     let [a, b, c] = [&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]];
     let api = Api::new(b);
     let (_, mut alice) = user_on(&api, "alice", &[a]).await;
@@ -178,24 +179,17 @@ async fn a_targeted_publish_reaches_only_the_node_holding_the_user() {
         "node C must not receive alice's messages"
     );
     // Redis agrees: each node listens on its own channels only.
-    let mut r = cluster.redis.conn().await;
     let b = &alice[0].connection_id()[..2];
     let channels: Vec<String> = ["a", "b", "c"]
         .iter()
         .map(|n| format!("sh:{{{b}}}:node:node-{n}"))
         .collect();
-    let numsub: Vec<(String, u64)> = redis::cmd("PUBSUB")
-        .arg("NUMSUB")
-        .arg(&channels)
-        .query_async(&mut r)
-        .await
-        .unwrap();
-    assert!(numsub.iter().all(|(_, n)| *n == 1), "{numsub:?}");
+    let numsub = cluster.numsub(&channels).await;
+    assert_eq!(numsub, [1, 1, 1], "{channels:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_messages_from_one_publisher_arrive_in_order() {
-    let cluster = TestCluster::start(3).await;
+async fn a_thousand_messages_from_one_publisher_arrive_in_order(topology: Topology) {
+    let cluster = Deployment::start(topology, 3).await;
     let api = Api::new(&cluster.nodes[1]);
     let (_, mut ws) = user_on(&api, "alice", &[&cluster.nodes[0]]).await;
     let cid = ws[0].connection_id().to_owned();
@@ -214,9 +208,8 @@ async fn a_thousand_messages_from_one_publisher_arrive_in_order() {
     reader.await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oversized_and_malformed_publishes_are_refused_clearly() {
-    let cluster = TestCluster::start(1).await;
+async fn oversized_and_malformed_publishes_are_refused_clearly(topology: Topology) {
+    let cluster = Deployment::start(topology, 1).await;
     let api = Api::new(&cluster.nodes[0]);
     let big = "x".repeat(64 * 1024);
     let res = api
@@ -294,9 +287,8 @@ async fn presence(api: &Api) -> Value {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn presence_follows_connects_disconnects_and_a_killed_node() {
-    let cluster = TestCluster::start_with(3, FAST_LEASE).await;
+async fn presence_follows_connects_disconnects_and_a_killed_node(topology: Topology) {
+    let cluster = Deployment::start_with(topology, 3, FAST_LEASE).await;
     let api = Api::new(&cluster.nodes[0]);
     let (_, alice) = user_on(&api, "alice", &[&cluster.nodes[0], &cluster.nodes[1]]).await;
     let (_, bob) = user_on(&api, "bob", &[&cluster.nodes[2]]).await;
@@ -345,9 +337,8 @@ async fn presence_follows_connects_disconnects_and_a_killed_node() {
     drop((alice, bob));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pagination_walks_2500_online_users_exactly_once() {
-    let cluster = TestCluster::start(3).await;
+async fn pagination_walks_2500_online_users_exactly_once(topology: Topology) {
+    let cluster = Deployment::start(topology, 3).await;
     let apis: Vec<Api> = cluster.nodes.iter().map(Api::new).collect();
     let mut sockets = Vec::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -393,9 +384,10 @@ async fn pagination_walks_2500_online_users_exactly_once() {
     assert_eq!(presence(&apis[0]).await["online_users"], 2500);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn group_membership_follows_new_connections_and_vanishes_with_closed_ones() {
-    let cluster = TestCluster::start(3).await;
+async fn group_membership_follows_new_connections_and_vanishes_with_closed_ones(
+    topology: Topology,
+) {
+    let cluster = Deployment::start(topology, 3).await;
     let [a, b, c] = [&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]];
     let api = Api::new(a);
     let g = "/api/v1/groups/ops/members";
@@ -473,3 +465,14 @@ async fn group_membership_follows_new_connections_and_vanishes_with_closed_ones(
     expect_message(&mut alice_c, "g2").await;
     assert_nothing_else(&api, &mut [&mut alice[0], &mut alice_c]).await;
 }
+
+sessionhub_tests::on_both_topologies!(
+    a_users_sockets_on_two_nodes_get_a_message_published_through_a_third_exactly_once,
+    session_connection_group_and_all_publishes_reach_exactly_their_sockets,
+    a_targeted_publish_reaches_only_the_node_holding_the_user,
+    a_thousand_messages_from_one_publisher_arrive_in_order,
+    oversized_and_malformed_publishes_are_refused_clearly,
+    presence_follows_connects_disconnects_and_a_killed_node,
+    pagination_walks_2500_online_users_exactly_once,
+    group_membership_follows_new_connections_and_vanishes_with_closed_ones,
+);
