@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Benchmarks a local cluster: builds in release, starts its own redis-server and
-# sessionhub nodes on free loopback ports (in a temp dir), runs sessionhub-bench
-# (every workload), prints one line per figure (`name: value unit`) on stdout, and
-# stops exactly what it started.
+# Benchmarks a local cluster: builds in release, starts its own Redis (one
+# redis-server, or a Redis Cluster with --cluster) and sessionhub nodes on free
+# loopback ports (in a temp dir), runs sessionhub-bench, prints one line per figure
+# (`name: value unit`) on stdout, and stops exactly what it started.
 #
 #   scripts/bench.sh                  # full run: 10,000 background sockets
 #   scripts/bench.sh --small          # every workload at a small N, well under a minute
@@ -10,16 +10,28 @@
 #   scripts/bench.sh --holders 2 --hold-sockets 15000   # extra load processes that
 #                                     # only hold sockets (one process holds <= 16,000)
 #   scripts/bench.sh --nodes 5        # more nodes (each holds < 20,000 open files)
-#   scripts/bench.sh -- --kills 500   # anything after -- goes to `sessionhub-bench all`
+#   scripts/bench.sh --deliver        # only the targeted-delivery workload
+#   scripts/bench.sh --cluster        # on a 3-master Redis Cluster (SESSIONHUB_REDIS_CLUSTER)
+#   scripts/bench.sh --cluster --shards 5   # ... with 5 masters (no replicas)
+#   scripts/bench.sh -- --kills 500   # anything after -- goes to `sessionhub-bench`
 #
-# Environment: BENCH_SMALL=1 is --small; BENCH_AOF=no runs Redis without AOF (the
-# default is the README's setup: appendonly yes, appendfsync everysec);
-# RUST_LOG is passed to the nodes (default info).
+# After the workload it prints, for each Redis server, the calls of FCALL, PUBLISH
+# and SPUBLISH it ran during the workload (`redis_shard<i>_<command>`; counters reset
+# just before): on a Redis Cluster that is how the load spread over the shards.
+# With --cluster the Redis cost workload is skipped (it counts commands with MONITOR,
+# which sees one server only); every other workload runs as on one Redis.
+#
+# Environment: BENCH_SMALL=1 is --small; BENCH_AOF=no runs Redis without AOF, =yes
+# with (defaults: one Redis has AOF on, appendfsync everysec, the README's setup; a
+# Redis Cluster has it off); RUST_LOG is passed to the nodes (default info).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 small=${BENCH_SMALL:-0}
 nodes=3
+cluster=0
+shards=3
+deliver_only=0
 sockets=""
 holders=0
 hold_sockets=10000
@@ -28,11 +40,14 @@ while (($#)); do
   case "$1" in
     --small) small=1 ;;
     --nodes) nodes=$2; shift ;;
+    --cluster) cluster=1 ;;
+    --shards) cluster=1; shards=$2; shift ;;
+    --deliver) deliver_only=1 ;;
     --sockets) sockets=$2; shift ;;
     --holders) holders=$2; shift ;;
     --hold-sockets) hold_sockets=$2; shift ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -41,9 +56,15 @@ done
 if [ "$small" = 1 ]; then
   sockets=${sockets:-300}
   workload=(--kills 30 --users 100 --messages 3000 --cost-ops 20 --cost-idle-ms 1000)
+  deliver_workload=(--users 100 --messages 3000)
 else
   sockets=${sockets:-10000}
   workload=(--kills 300 --users 1000 --messages 30000 --cost-ops 100)
+  deliver_workload=(--users 1000 --messages 30000)
+fi
+if ((cluster)) && ! ((shards >= 3)); then
+  echo "bench.sh: a Redis Cluster needs at least 3 masters (--shards $shards)" >&2
+  exit 2
 fi
 
 command -v redis-server >/dev/null || {
@@ -96,30 +117,91 @@ wait_line() {
   exit 1
 }
 
-# Redis on its own port and directory.
-aof=(--appendonly yes --appendfsync everysec)
-[ "${BENCH_AOF:-yes}" = no ] && aof=(--appendonly no)
-for _ in 1 2 3 4 5; do
-  redis_port=$(free_port)
-  redis-server --port "$redis_port" --bind 127.0.0.1 --save "" "${aof[@]}" \
-    --dir "$work" --logfile redis.log --maxclients 10000 &
-  redis_pid=$!
-  end=$((SECONDS + 10))
-  while ((SECONDS < end)) && kill -0 "$redis_pid" 2>/dev/null &&
-    ! redis-cli -p "$redis_port" ping >/dev/null 2>&1; do sleep 0.05; done
-  if redis-cli -p "$redis_port" ping >/dev/null 2>&1; then pids+=("$redis_pid"); break; fi
-  kill "$redis_pid" 2>/dev/null || true
-  wait "$redis_pid" 2>/dev/null || true
-  redis_pid=""
-done
-[ -n "${redis_pid:-}" ] || { echo "bench.sh: redis-server did not start" >&2; cat "$work/redis.log" >&2; exit 1; }
-redis_url="redis://127.0.0.1:$redis_port"
+# Starts redis-server on a free port with its own directory $1 and extra arguments
+# (retrying on another port if the chosen one is taken before it binds); sets
+# $started_port and $started_pid, and adds the PID to $pids.
+start_redis() {
+  local dir=$1 port pid end
+  shift
+  mkdir -p "$dir"
+  for _ in 1 2 3 4 5; do
+    port=$(free_port)
+    redis-server --port "$port" --bind 127.0.0.1 --save "" --dir "$dir" \
+      --logfile redis.log --maxclients 10000 "$@" &
+    pid=$!
+    end=$((SECONDS + 10))
+    while ((SECONDS < end)) && kill -0 "$pid" 2>/dev/null &&
+      ! redis-cli -p "$port" ping >/dev/null 2>&1; do sleep 0.05; done
+    if redis-cli -p "$port" ping >/dev/null 2>&1; then
+      pids+=("$pid")
+      started_port=$port started_pid=$pid
+      return
+    fi
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  echo "bench.sh: redis-server did not start" >&2
+  cat "$dir/redis.log" >&2
+  exit 1
+}
+
+redis_ports=()
+redis_pids=()
+if ((cluster)); then
+  aof=(--appendonly no)
+  [ "${BENCH_AOF:-no}" = yes ] && aof=(--appendonly yes --appendfsync everysec)
+  # Masters only, no replicas; each with its own directory, nodes.conf and bus port
+  # (given explicitly: the default, port + 10000, may be past 65535).
+  for i in $(seq 0 $((shards - 1))); do
+    start_redis "$work/redis$i" "${aof[@]}" --cluster-enabled yes \
+      --cluster-config-file nodes.conf --cluster-port "$(free_port)"
+    redis_ports+=("$started_port")
+    redis_pids+=("$started_pid")
+  done
+  create=()
+  for p in "${redis_ports[@]}"; do create+=("127.0.0.1:$p"); done
+  redis-cli --cluster create "${create[@]}" --cluster-replicas 0 --cluster-yes \
+    >"$work/cluster-create.log" 2>&1 || {
+    echo "bench.sh: redis-cli --cluster create failed:" >&2
+    cat "$work/cluster-create.log" >&2
+    exit 1
+  }
+  # Until every master says the cluster is ok, knows every other master, and sees
+  # all 16384 slots assigned (bounded; polled).
+  end=$((SECONDS + 30))
+  for p in "${redis_ports[@]}"; do
+    until info=$(redis-cli -p "$p" cluster info 2>/dev/null | tr -d '\r') &&
+      grep -qx 'cluster_state:ok' <<<"$info" &&
+      grep -qx "cluster_known_nodes:$shards" <<<"$info" &&
+      grep -qx 'cluster_slots_assigned:16384' <<<"$info"; do
+      ((SECONDS < end)) || {
+        echo "bench.sh: the Redis Cluster did not become ok; CLUSTER INFO of :$p:" >&2
+        echo "$info" >&2
+        exit 1
+      }
+      sleep 0.05
+    done
+  done
+  seeds=()
+  for p in "${redis_ports[@]}"; do seeds+=("redis://127.0.0.1:$p"); done
+  redis_env=(SESSIONHUB_REDIS_CLUSTER="$(IFS=,; echo "${seeds[*]}")")
+  echo "bench.sh: Redis Cluster of $shards masters on ports ${redis_ports[*]} (pids ${redis_pids[*]})" >&2
+else
+  aof=(--appendonly yes --appendfsync everysec)
+  [ "${BENCH_AOF:-yes}" = no ] && aof=(--appendonly no)
+  start_redis "$work" "${aof[@]}"
+  redis_ports+=("$started_port")
+  redis_pids+=("$started_pid")
+  redis_url="redis://127.0.0.1:$started_port"
+  redis_env=(SESSIONHUB_REDIS_URL="$redis_url")
+  echo "bench.sh: Redis on port $started_port (pid $started_pid)" >&2
+fi
 
 api_key="bench-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
 node_args=()
 pid_args=()
 for i in $(seq 1 "$nodes"); do
-  SESSIONHUB_REDIS_URL=$redis_url SESSIONHUB_NODE_ID="bench-node-$i" \
+  env "${redis_env[@]}" SESSIONHUB_NODE_ID="bench-node-$i" \
     SESSIONHUB_API_KEY=$api_key SESSIONHUB_LISTEN=127.0.0.1:0 RUST_LOG=${RUST_LOG:-info} \
     "$bin/sessionhub" >"$work/node$i.out" 2>"$work/node$i.log" &
   pid=$!
@@ -146,8 +228,36 @@ for h in $(seq 1 "$holders"); do
   echo "bench.sh: holder $h (pid $pid) holds $hold_sockets sockets" >&2
 done
 
-cmd=("$bin/sessionhub-bench" "${node_args[@]}" all "${pid_args[@]}" --redis-pid "$redis_pid"
-  --redis-url "$redis_url"
-  --sockets "$sockets" "${workload[@]}" "${extra[@]}")
+redis_pid_args=()
+for pid in "${redis_pids[@]}"; do redis_pid_args+=(--redis-pid "$pid"); done
+if ((deliver_only)); then
+  cmd=("$bin/sessionhub-bench" "${node_args[@]}" deliver "${pid_args[@]}" "${redis_pid_args[@]}"
+    "${deliver_workload[@]}" "${extra[@]}")
+else
+  cost=()
+  if ((cluster)); then
+    echo "bench.sh: Redis Cluster: the Redis cost workload is skipped (MONITOR sees one server)" >&2
+  else
+    cost=(--redis-url "$redis_url")
+  fi
+  cmd=("$bin/sessionhub-bench" "${node_args[@]}" all "${pid_args[@]}" "${redis_pid_args[@]}"
+    "${cost[@]}" --sockets "$sockets" "${workload[@]}" "${extra[@]}")
+fi
+
+# What each Redis server runs during the workload alone.
+for p in "${redis_ports[@]}"; do redis-cli -p "$p" config resetstat >/dev/null; done
 echo "bench.sh: ${cmd[*]}" >&2
 "${cmd[@]}"
+
+# Calls of `cmdstat_<name>` in `INFO commandstats` of the server on port $1.
+calls() {
+  redis-cli -p "$1" info commandstats | tr -d '\r' |
+    sed -n "s/^cmdstat_$2:calls=\([0-9]*\),.*/\1/p" | grep . || echo 0
+}
+for i in "${!redis_ports[@]}"; do
+  p=${redis_ports[$i]}
+  echo "bench.sh: Redis server $i is on port $p" >&2
+  for c in fcall publish spublish; do
+    echo "redis_shard${i}_$c: $(calls "$p" "$c") calls"
+  done
+done

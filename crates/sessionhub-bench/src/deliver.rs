@@ -188,7 +188,7 @@ pub async fn run(
         0,
         "deliveries/s",
     );
-    latency_figures("deliver_latency", latencies, &["p50", "p99", "max"]);
+    latency_figures("deliver_latency", latencies, &["p50", "p90", "p99", "max"]);
     figure("deliver_lost", lost, "msgs");
     figure("deliver_duplicated", dup, "msgs");
     figure("deliver_misrouted", misrouted, "msgs");

@@ -10,7 +10,9 @@
 //! - **kill** — with N background sockets open, kills fresh sessions holding one
 //!   socket per node and times DELETE → the last close 4001.
 //! - **deliver** — users with one socket per node; messages published to single
-//!   users at a fixed concurrency; deliveries/s, latency, lost and duplicated.
+//!   users at a fixed concurrency; deliveries/s, latency, lost and duplicated. The
+//!   cluster may run on one Redis or on a Redis Cluster (nothing here talks to
+//!   Redis; give one `--redis-pid` per server for CPU use).
 //! - **redis-cost** — Redis commands per connect, disconnect, kill and publish.
 //! - **all** — every workload above, in that order: redis-cost (on a quiet cluster),
 //!   connect + memory (the N sockets stay open), kill (with them as background),
@@ -103,6 +105,8 @@ enum Command {
     Deliver {
         #[command(flatten)]
         deliver: DeliverArgs,
+        #[command(flatten)]
+        procs: ProcArgs,
         /// Upgrades in flight while opening the sockets.
         #[arg(long, default_value_t = 128)]
         connect_concurrency: usize,
@@ -139,14 +143,21 @@ struct PoolArgs {
     connect_concurrency: usize,
 }
 
+/// The processes under test, for CPU use per workload (on stderr).
 #[derive(Debug, Args)]
-struct MemoryArgs {
-    /// PID of each node, in the order of --node (for resident memory).
+struct ProcArgs {
+    /// PID of each node, in the order of --node (also for resident memory).
     #[arg(long = "node-pid")]
     node_pids: Vec<u32>,
-    /// PID of the Redis server (for CPU use per workload, on stderr).
-    #[arg(long)]
-    redis_pid: Option<u32>,
+    /// PID of a Redis server (repeat for each server of a Redis Cluster).
+    #[arg(long = "redis-pid")]
+    redis_pids: Vec<u32>,
+}
+
+#[derive(Debug, Args)]
+struct MemoryArgs {
+    #[command(flatten)]
+    procs: ProcArgs,
     /// Wait this long after the sockets opened before reading memory again.
     #[arg(long, default_value_t = 1000)]
     settle_ms: u64,
@@ -236,14 +247,19 @@ async fn run(cli: Cli) -> Result<()> {
             cost,
         } => {
             pool::check_fd_budget(pool.sockets.max(deliver.users * n) + n, deliver.concurrency)?;
-            check_pids(&memory, n)?;
-            let cpu = memory.cpu_probe();
-            let t = cpu.mark();
+            check_pids(&memory.procs, n)?;
+            let cpu = memory.procs.cpu_probe();
             match cost.cost_params()? {
-                Some(p) => cost::run(&cluster, &sources, &format!("{tag}c"), &p).await?,
-                None => note!("no --redis-url: skipping the Redis cost"),
+                Some(p) => {
+                    let t = cpu.mark();
+                    cost::run(&cluster, &sources, &format!("{tag}c"), &p).await?;
+                    cpu.note_since("redis cost", &t);
+                }
+                None => note!(
+                    "no --redis-url: skipping the Redis cost (it watches one server with \
+                     MONITOR, so it is not run against a Redis Cluster)"
+                ),
             }
-            cpu.note_since("redis cost", &t);
             let background =
                 connect(&cluster, &sources, &format!("{tag}b"), &pool, &memory).await?;
             let t = cpu.mark();
@@ -265,15 +281,17 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Connect { pool, memory } => {
             pool::check_fd_budget(pool.sockets, 0)?;
-            check_pids(&memory, n)?;
+            check_pids(&memory.procs, n)?;
             let p = connect(&cluster, &sources, &tag, &pool, &memory).await?;
             close_background(p).await?;
         }
         Command::Kill { pool, kill } => {
             pool::check_fd_budget(pool.sockets + n, 0)?;
             let memory = MemoryArgs {
-                node_pids: Vec::new(),
-                redis_pid: None,
+                procs: ProcArgs {
+                    node_pids: Vec::new(),
+                    redis_pids: Vec::new(),
+                },
                 settle_ms: 0,
             };
             let background = connect(&cluster, &sources, &tag, &pool, &memory).await?;
@@ -282,15 +300,18 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Deliver {
             deliver,
+            procs,
             connect_concurrency,
         } => {
             pool::check_fd_budget(deliver.users * n, deliver.concurrency)?;
+            check_pids(&procs, n)?;
+            let cpu = procs.cpu_probe();
             deliver::run(
                 &cluster,
                 &sources,
                 &tag,
                 deliver.params(connect_concurrency),
-                None,
+                Some(&cpu),
             )
             .await?;
         }
@@ -350,8 +371,8 @@ impl DeliverArgs {
     }
 }
 
-impl MemoryArgs {
-    /// Watches the nodes, Redis and this process.
+impl ProcArgs {
+    /// Watches the nodes, the Redis servers and this process.
     fn cpu_probe(&self) -> CpuProbe {
         let mut pids: Vec<(String, u32)> = self
             .node_pids
@@ -359,7 +380,15 @@ impl MemoryArgs {
             .enumerate()
             .map(|(i, &p)| (format!("node{i}"), p))
             .collect();
-        pids.extend(self.redis_pid.map(|p| ("redis".to_owned(), p)));
+        let one = self.redis_pids.len() == 1;
+        pids.extend(self.redis_pids.iter().enumerate().map(|(i, &p)| {
+            let name = if one {
+                "redis".to_owned()
+            } else {
+                format!("redis{i}")
+            };
+            (name, p)
+        }));
         pids.push(("bench".to_owned(), std::process::id()));
         CpuProbe::new(pids)
     }
@@ -380,14 +409,14 @@ impl CostArgs {
     }
 }
 
-fn check_pids(memory: &MemoryArgs, nodes: usize) -> Result<()> {
-    if !memory.node_pids.is_empty() && memory.node_pids.len() != nodes {
+fn check_pids(procs: &ProcArgs, nodes: usize) -> Result<()> {
+    if !procs.node_pids.is_empty() && procs.node_pids.len() != nodes {
         bail!(
             "{} --node-pid for {nodes} --node: give one PID per node, in the same order",
-            memory.node_pids.len()
+            procs.node_pids.len()
         );
     }
-    for &pid in &memory.node_pids {
+    for &pid in procs.node_pids.iter().chain(&procs.redis_pids) {
         rss_kib(pid)?;
     }
     Ok(())
@@ -403,12 +432,13 @@ async fn connect(
 ) -> Result<Pool> {
     let n = cluster.nodes.len();
     let before = memory
+        .procs
         .node_pids
         .iter()
         .map(|&p| rss_kib(p))
         .collect::<Result<Vec<_>>>()?;
     note!("opening {} background sockets", args.sockets);
-    let cpu = memory.cpu_probe();
+    let cpu = memory.procs.cpu_probe();
     let (p, opened) = pool::open_with_cpu(
         cluster,
         sources,
@@ -430,7 +460,7 @@ async fn connect(
     if !before.is_empty() {
         tokio::time::sleep(Duration::from_millis(memory.settle_ms)).await;
         let mut total_delta = 0i64;
-        for (i, (&pid, &b)) in memory.node_pids.iter().zip(&before).enumerate() {
+        for (i, (&pid, &b)) in memory.procs.node_pids.iter().zip(&before).enumerate() {
             let a = rss_kib(pid)?;
             let delta = a as i64 - b as i64;
             total_delta += delta;
