@@ -53,6 +53,9 @@ pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 const NO_ARGS: &[&str] = &[];
 /// Sessions `sh_expire` ends per call, to keep each call short.
 const EXPIRE_BATCH: usize = 500;
+/// Commands failing in a row (Redis unavailable) after which a cluster connection
+/// is rebuilt from scratch.
+const REBUILD_AFTER_FAILURES: u64 = 3;
 /// Sockets re-asserted per function call, to keep each call short.
 const REASSERT_BATCH: usize = 1000;
 
@@ -145,7 +148,14 @@ pub(crate) struct Inner {
     /// (on Redis Cluster: one per master, routed by slot). Commands are pipelined on
     /// it, so no pool is needed, and unlike a pool it costs no health-check round
     /// trip per command.
-    conn: Conn,
+    conn: std::sync::RwLock<Conn>,
+    /// On Redis Cluster: the seeds and timeouts to build a fresh cluster connection
+    /// with, when the current one stops answering (see [`Inner::run`]).
+    rebuild_from: Option<(Vec<String>, RedisConfig)>,
+    /// Consecutive commands that found Redis unavailable.
+    failures_in_a_row: AtomicU64,
+    /// Whether a call is rebuilding the cluster connection right now.
+    rebuilding: AtomicBool,
     /// Whether the store is a Redis Cluster (sharded pub/sub).
     cluster: bool,
     /// The expiry of this node's lease as of its last successful renewal (Unix
@@ -229,8 +239,15 @@ impl RedisEngine {
                 )
             }
         };
+        let rebuild_from = match &config.topology {
+            Topology::Cluster(seeds) => Some((seeds.clone(), config.clone())),
+            Topology::Single(_) => None,
+        };
         let inner = Arc::new(Inner {
-            conn,
+            conn: std::sync::RwLock::new(conn),
+            rebuild_from,
+            failures_in_a_row: AtomicU64::new(0),
+            rebuilding: AtomicBool::new(false),
             cluster: config.topology.is_cluster(),
             lease_until: AtomicI64::new(0),
             keys: Keys::new(config.key_prefix),
@@ -425,15 +442,56 @@ impl Inner {
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
-        let work = async { op(self.conn.clone()).await.map_err(from_redis) };
+        let conn = match self.conn.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        let work = async { op(conn).await.map_err(from_redis) };
         let res = tokio::time::timeout(self.command_timeout, work)
             .await
             .map_err(|_| EngineError::Unavailable("Redis did not answer in time".into()))
             .and_then(|r| r);
         if matches!(res, Err(EngineError::Unavailable(_))) {
             self.errors.fetch_add(1, Ordering::Relaxed);
+            let n = self.failures_in_a_row.fetch_add(1, Ordering::AcqRel) + 1;
+            if n >= REBUILD_AFTER_FAILURES {
+                self.rebuild_cluster_connection().await;
+            }
+        } else {
+            self.failures_in_a_row.store(0, Ordering::Release);
         }
         res
+    }
+
+    /// Replaces the cluster connection with a fresh one (a new slot map, new links
+    /// to every master). The `redis` crate's cluster connection recovers from MOVED
+    /// and dropped links by itself, but after a failover it can stay stuck refreshing
+    /// its slot map; several failed commands in a row are the sign. One caller
+    /// rebuilds, the others keep failing fast meanwhile.
+    async fn rebuild_cluster_connection(&self) {
+        let Some((seeds, config)) = &self.rebuild_from else {
+            return;
+        };
+        if self.rebuilding.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let shown = Topology::Cluster(seeds.clone()).shown();
+        let quick = RedisConfig {
+            connect_timeout: config.command_timeout,
+            ..config.clone()
+        };
+        match cluster_connection(seeds, &quick, &shown).await {
+            Ok(fresh) => {
+                match self.conn.write() {
+                    Ok(mut c) => *c = Conn::Cluster(fresh),
+                    Err(poisoned) => *poisoned.into_inner() = Conn::Cluster(fresh),
+                }
+                self.failures_in_a_row.store(0, Ordering::Release);
+                tracing::warn!(redis = %shown, "Redis Cluster kept failing; reconnected afresh");
+            }
+            Err(e) => tracing::warn!(error = %e, "could not reconnect to Redis Cluster"),
+        }
+        self.rebuilding.store(false, Ordering::Release);
     }
 
     /// Calls a library function. If Redis lost the library (it restarted empty),
