@@ -14,6 +14,7 @@
 #   scripts/bench.sh --cluster        # on a 3-master Redis Cluster (SESSIONHUB_REDIS_CLUSTER)
 #   scripts/bench.sh --cluster --shards 5   # ... with 5 masters (no replicas)
 #   scripts/bench.sh -- --kills 500   # anything after -- goes to `sessionhub-bench`
+#                                     # (after the defaults above, so it overrides them)
 #
 # After the workload it prints, for each Redis server, the calls of FCALL, PUBLISH
 # and SPUBLISH it ran during the workload (`redis_shard<i>_<command>`; counters reset
@@ -47,7 +48,7 @@ while (($#)); do
     --holders) holders=$2; shift ;;
     --hold-sockets) hold_sockets=$2; shift ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift

@@ -41,7 +41,7 @@ use crate::stats::{CpuProbe, figure, figure_f, latency_figures, now_us, rss_kib}
 
 /// Load and benchmark tool for a sessionhub cluster (loopback only).
 #[derive(Debug, Parser)]
-#[command(name = "sessionhub-bench", version)]
+#[command(name = "sessionhub-bench", version, args_override_self = true)]
 struct Cli {
     #[command(flatten)]
     target: Target,
@@ -501,4 +501,40 @@ async fn close_background(p: Pool) -> Result<()> {
         note!("{by_server} background sockets had been closed by a node");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, Command};
+
+    /// `bench.sh` passes its defaults first and the caller's arguments after them:
+    /// a later value wins, and repeatable arguments still add up.
+    #[test]
+    fn a_later_argument_overrides_an_earlier_one() {
+        let cli = Cli::try_parse_from([
+            "sessionhub-bench",
+            "--node",
+            "http://127.0.0.1:1",
+            "--node",
+            "http://127.0.0.1:2",
+            "deliver",
+            "--redis-pid",
+            "7",
+            "--messages",
+            "30000",
+            "--redis-pid",
+            "8",
+            "--messages",
+            "90000",
+        ])
+        .expect("parses");
+        assert_eq!(cli.target.nodes.len(), 2);
+        let Command::Deliver { deliver, procs, .. } = cli.command else {
+            panic!("not deliver: {:?}", cli.command);
+        };
+        assert_eq!(deliver.messages, 90_000);
+        assert_eq!(procs.redis_pids, [7, 8]);
+    }
 }
