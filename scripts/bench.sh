@@ -161,7 +161,7 @@ if ((cluster)); then
   done
   create=()
   for p in "${redis_ports[@]}"; do create+=("127.0.0.1:$p"); done
-  redis-cli --cluster create "${create[@]}" --cluster-replicas 0 --cluster-yes \
+  timeout 60 redis-cli --cluster create "${create[@]}" --cluster-replicas 0 --cluster-yes \
     >"$work/cluster-create.log" 2>&1 || {
     echo "bench.sh: redis-cli --cluster create failed:" >&2
     cat "$work/cluster-create.log" >&2
