@@ -54,23 +54,14 @@ impl Deployment {
 
     /// Starts node number `i` (`node-a`, `node-b`, ...) on this store.
     pub async fn node(&self, i: usize, env: &[(&str, &str)]) -> Node {
-        let mut env: Vec<(String, String)> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let redis_url = match &self.store {
-            Store::Single(r) => Some(r.url()),
-            Store::Cluster(c) => {
-                env.push(("SESSIONHUB_REDIS_CLUSTER".into(), c.cluster_env()));
-                None
-            }
-        };
-        Node::start(NodeOptions {
-            node_id: format!("node-{}", (b'a' + i as u8) as char),
-            redis_url,
-            env,
-        })
-        .await
+        let mut opts = NodeOptions::numbered(i, env);
+        match &self.store {
+            Store::Single(r) => opts.redis_url = Some(r.url()),
+            Store::Cluster(c) => opts
+                .env
+                .push(("SESSIONHUB_REDIS_CLUSTER".into(), c.cluster_env())),
+        }
+        Node::start(opts).await
     }
 
     /// How many subscribers each channel has: `PUBSUB NUMSUB` on one Redis, `PUBSUB

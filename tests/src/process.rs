@@ -397,22 +397,41 @@ impl TestCluster {
 
     /// Starts node number `i` (`node-a`, `node-b`, ...) on `redis`.
     pub async fn node(redis: &RedisServer, i: usize, env: &[(&str, &str)]) -> Node {
-        Node::start(NodeOptions {
+        let mut opts = NodeOptions::numbered(i, env);
+        opts.redis_url = Some(redis.url());
+        Node::start(opts).await
+    }
+}
+
+impl NodeOptions {
+    /// Options for node number `i` (`node-a`, `node-b`, ...) with extra environment
+    /// and no store yet.
+    pub fn numbered(i: usize, env: &[(&str, &str)]) -> Self {
+        Self {
             node_id: format!("node-{}", (b'a' + i as u8) as char),
-            redis_url: Some(redis.url()),
+            redis_url: None,
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-        })
-        .await
+        }
     }
 }
 
 /// Waits until `node` answers `/healthz`.
 pub async fn wait_healthy(node: &Node) {
-    let url = format!("{}/healthz", node.base);
-    wait_for("healthz", WAIT, || {
+    wait_ok(node, "/healthz").await
+}
+
+/// Waits until `node` answers `/readyz` (connected, subscribed, resynced).
+pub async fn wait_ready(node: &Node) {
+    wait_ok(node, "/readyz").await
+}
+
+/// Waits until `node` answers 2xx on `path`.
+async fn wait_ok(node: &Node, path: &str) {
+    let url = format!("{}{path}", node.base);
+    wait_for(&format!("{} {path}", node.id), WAIT, || {
         let url = url.clone();
         async move {
             reqwest::get(&url)

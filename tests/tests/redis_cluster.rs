@@ -10,7 +10,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::json;
 use sessionhub_core::UserId;
 use sessionhub_tests::{
-    Api, Created, Deployment, FAST_LEASE, RedisCluster, Store, Topology, WAIT, WsClient, wait_for,
+    Api, Created, Deployment, FAST_LEASE, RedisCluster, Store, Topology, WsClient, process,
 };
 
 fn cluster(d: &Deployment) -> &RedisCluster {
@@ -57,18 +57,7 @@ async fn spublish_per_master(c: &RedisCluster) -> BTreeMap<u16, u64> {
 
 async fn wait_ready(d: &Deployment) {
     for node in &d.nodes {
-        let url = format!("{}/readyz", node.base);
-        wait_for(&format!("{} to be ready", node.id), WAIT, || {
-            let url = url.clone();
-            async move {
-                reqwest::get(&url)
-                    .await
-                    .ok()
-                    .filter(|r| r.status().is_success())
-                    .map(|_| ())
-            }
-        })
-        .await;
+        process::wait_ready(node).await;
     }
 }
 
