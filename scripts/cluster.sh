@@ -93,6 +93,8 @@ start() {
   echo "redis $redis_pid" >>"$run/pids"
 
   local urls=() upstreams=""
+  # nginx reaches the nodes from 127.0.0.1: they believe its X-Forwarded-For (the
+  # client's address) and X-Forwarded-Proto, and nobody else's.
   for i in $(seq 1 "${NODES:-3}"); do
     SESSIONHUB_LISTEN=127.0.0.1:0 SESSIONHUB_NODE_ID="node-$i" \
       SESSIONHUB_REDIS_URL="redis://127.0.0.1:$redis_port" SESSIONHUB_API_KEY="$key" \
@@ -107,7 +109,8 @@ start() {
   done
 
   printf '%s' "$upstreams" >"$run/sessionhub-upstreams.conf"
-  cp "$root/deploy/nginx/sessionhub.conf" "$run/sessionhub.conf"
+  # The shipped config as it is, with the header file it includes.
+  cp "$root/deploy/nginx/sessionhub.conf" "$root/deploy/nginx/sessionhub-proxy-headers.conf" "$run/"
   local user=""
   [ "$(id -u)" = 0 ] && user="user root;"
   cat >"$run/nginx.conf" <<CONF
