@@ -3,108 +3,12 @@
 //! documented, /metrics, and the docker-compose file's validation.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use reqwest::{Method, StatusCode};
-use sessionhub_tests::process::{node_binary, repo_root, require};
-use sessionhub_tests::{Api, WAIT, WsClient, secrets, wait_for};
-
-/// A cluster started by scripts/cluster.sh, stopped on drop.
-struct ScriptCluster {
-    run: tempfile::TempDir,
-    env: HashMap<String, String>,
-}
-
-impl ScriptCluster {
-    fn start() -> Self {
-        require("redis-server", "apt-get install -y redis-server");
-        require("nginx", "apt-get install -y nginx");
-        let run = tempfile::tempdir().unwrap();
-        let out = std::process::Command::new(repo_root().join("scripts/cluster.sh"))
-            .arg("start")
-            .arg(run.path())
-            .env("SESSIONHUB_BIN", node_binary())
-            .env("SESSIONHUB_API_KEY", sessionhub_tests::API_KEY)
-            .env(
-                "PATH",
-                format!("/usr/sbin:{}", std::env::var("PATH").unwrap_or_default()),
-            )
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "cluster.sh start failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let env = std::fs::read_to_string(run.path().join("env"))
-            .unwrap()
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
-            .collect();
-        Self { run, env }
-    }
-
-    fn nginx(&self) -> &str {
-        &self.env["NGINX_URL"]
-    }
-
-    fn node_urls(&self) -> Vec<String> {
-        self.env["NODE_URLS"]
-            .split_whitespace()
-            .map(str::to_owned)
-            .collect()
-    }
-
-    /// Runs a deploy/ops script as documented; returns its stdout.
-    fn ops(&self, script: &str, args: &[&str]) -> String {
-        let out = std::process::Command::new(repo_root().join("deploy/ops").join(script))
-            .args(args)
-            .env("REDIS_CLI_ARGS", format!("-p {}", self.env["REDIS_PORT"]))
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "{script} failed: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        stdout
-    }
-
-    fn logs(&self) -> String {
-        let mut all = String::new();
-        for i in 1..=3 {
-            all.push_str(
-                &std::fs::read_to_string(self.run.path().join(format!("node-{i}.log")))
-                    .unwrap_or_default(),
-            );
-        }
-        all
-    }
-}
-
-impl Drop for ScriptCluster {
-    fn drop(&mut self) {
-        let logs = self.logs();
-        let stopped = std::process::Command::new(repo_root().join("scripts/cluster.sh"))
-            .arg("stop")
-            .arg(self.run.path())
-            .status();
-        if std::thread::panicking() {
-            eprintln!("---- node logs ----\n{logs}");
-            return;
-        }
-        assert!(stopped.is_ok_and(|s| s.success()), "cluster.sh stop failed");
-        assert_eq!(
-            secrets::leaked_in(&logs),
-            None,
-            "a node log holds a raw token"
-        );
-    }
-}
+use sessionhub_tests::process::repo_root;
+use sessionhub_tests::{Api, ScriptCluster, WAIT, WsClient, wait_for};
 
 fn ws_url(base: &str) -> String {
     format!("{}/ws", base.replacen("http://", "ws://", 1))
