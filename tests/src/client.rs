@@ -155,7 +155,8 @@ impl WsClient {
         Self::connect_url_with(&node.ws_url(), headers).await
     }
 
-    async fn connect_url_with(url: &str, headers: &[(&str, String)]) -> Result<Self, WsError> {
+    /// Opens a `/ws` URL with the given headers and reads `hello`.
+    pub async fn connect_url_with(url: &str, headers: &[(&str, String)]) -> Result<Self, WsError> {
         let mut req = url.into_client_request().unwrap();
         for (k, v) in headers {
             req.headers_mut().insert(

@@ -1,6 +1,7 @@
 //! The deployment as users run it: scripts/cluster.sh brings up Redis, three nodes and
 //! nginx; everything here goes through nginx only, plus the deploy/ops scripts as
-//! documented, /metrics, and the docker-compose file's validation.
+//! documented, /metrics, browser-like `Origin` headers and forwarded headers through
+//! nginx (and not around it), and the docker-compose file's validation.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::collections::BTreeSet;
@@ -248,4 +249,196 @@ fn the_compose_file_is_valid_and_mounts_files_that_exist() {
     }
     // The nginx config the compose file mounts is the one the cluster test runs.
     assert!(compose.contains("./deploy/nginx/sessionhub.conf:/etc/nginx/sessionhub.conf"));
+}
+
+/// A session for `user` through the demo login, as a browser on `base` would make it
+/// (its Origin, JSON body), sent from address `from`, with extra or replaced
+/// headers; returns the response's status, the session id and the Set-Cookie header.
+async fn demo_login(
+    base: &str,
+    from: &str,
+    user: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, Option<String>, String) {
+    let http = reqwest::Client::builder()
+        .local_address(from.parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap();
+    let mut given = reqwest::header::HeaderMap::new();
+    given.insert("origin", base.parse().unwrap());
+    for (k, v) in headers {
+        given.insert(
+            reqwest::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    let req = http
+        .post(format!("{base}/demo/login"))
+        .headers(given)
+        .json(&serde_json::json!({ "user_id": user }));
+    let res = req.send().await.unwrap();
+    let status = res.status();
+    let cookie = res
+        .headers()
+        .get("set-cookie")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    if let Some(token) = cookie
+        .split(';')
+        .next()
+        .and_then(|c| c.split_once('='))
+        .map(|(_, t)| t)
+    {
+        sessionhub_tests::secrets::remember(token);
+    }
+    let sid = if status.is_success() {
+        let body: serde_json::Value = res.json().await.unwrap();
+        body["session_id"].as_str().map(str::to_owned)
+    } else {
+        None
+    };
+    (status, sid, cookie)
+}
+
+/// The client address a session was recorded with.
+async fn recorded_ip(api: &Api, session_id: &str) -> String {
+    let res = api
+        .service(Method::GET, &format!("/api/v1/sessions/{session_id}"), None)
+        .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let s: serde_json::Value = res.json().await.unwrap();
+    s["ip"].as_str().unwrap().to_owned()
+}
+
+/// Browsers send `Origin` on every /ws upgrade and cookie call: through the shipped
+/// nginx, the nginx URL's own origin is allowed (nginx passes the Host the browser
+/// used), any other is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_origins_through_nginx() {
+    let cluster = ScriptCluster::start_with(&[("SESSIONHUB_DEMO", "true")]);
+    let nginx = cluster.nginx().to_owned();
+    let api = Api::at(&nginx);
+    let port = nginx.rsplit(':').next().unwrap();
+    let me = api.create_session("olive", "Firefox on laptop").await;
+    let other = api.create_session("olive", "Chrome on phone").await;
+    let cookie = format!("sh_session={}", me.token);
+
+    let ws = |origin: String| {
+        let url = ws_url(&nginx);
+        let cookie = cookie.clone();
+        async move { WsClient::connect_url_with(&url, &[("Cookie", cookie), ("Origin", origin)]).await }
+    };
+    let kill_other = |origin: String| {
+        let api = api.clone();
+        let cookie = cookie.clone();
+        let path = format!("/api/v1/me/sessions/{}", other.session_id);
+        async move {
+            api.request(Method::DELETE, &path)
+                .header("Cookie", cookie)
+                .header("Origin", origin)
+                .header("Sec-Fetch-Site", "same-origin")
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+
+    // Foreign origins first (they must change nothing), each refused by every node
+    // nginx picks: a few tries apiece.
+    let foreign = [
+        "http://evil.example".to_owned(),
+        format!("http://127.0.0.1:{}", port.parse::<u16>().unwrap() ^ 1),
+        format!("http://localhost:{port}"),
+        "null".to_owned(),
+    ];
+    for origin in &foreign {
+        for _ in 0..3 {
+            match ws(origin.clone()).await {
+                Err(sessionhub_tests::WsError::Http(403)) => {}
+                Err(e) => panic!("upgrade with Origin {origin}: {e:?}, not 403"),
+                Ok(_) => panic!("upgrade with Origin {origin} was accepted"),
+            }
+            assert_eq!(
+                kill_other(origin.clone()).await,
+                StatusCode::FORBIDDEN,
+                "cookie call with Origin {origin}"
+            );
+            let (status, _, _) =
+                demo_login(&nginx, "127.0.0.1", "mallory", &[("Origin", origin)]).await;
+            assert_eq!(
+                status,
+                StatusCode::FORBIDDEN,
+                "demo login with Origin {origin}"
+            );
+        }
+    }
+    assert_eq!(api.me_status(&other.token).await, StatusCode::OK);
+
+    // The nginx URL's own origin: the upgrade (101, then hello) on every node and the
+    // cookie call.
+    let mut nodes = BTreeSet::new();
+    let mut sockets = Vec::new();
+    for _ in 0..6 {
+        let mut s = ws(nginx.clone())
+            .await
+            .expect("same-origin upgrade through nginx");
+        s.assert_alive().await;
+        nodes.insert(s.hello["node_id"].as_str().unwrap().to_owned());
+        sockets.push(s);
+    }
+    assert!(nodes.len() >= 2, "nginx spread the upgrades: {nodes:?}");
+    assert_eq!(kill_other(nginx.clone()).await, StatusCode::NO_CONTENT);
+    assert_eq!(api.me_status(&other.token).await, StatusCode::UNAUTHORIZED);
+    let (status, sid, _) = demo_login(&nginx, "127.0.0.1", "olive", &[]).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "same-origin demo login through nginx"
+    );
+    for s in &mut sockets {
+        let f = s.expect("session_created").await;
+        assert_eq!(f["session"]["session_id"].as_str(), sid.as_deref());
+    }
+}
+
+/// `X-Forwarded-For` and `-Proto` are believed from nginx only: sent straight to a
+/// node from another address, they are ignored (the session records the real peer,
+/// the cookie is not made Secure); through nginx, whatever the client sent is
+/// replaced by what nginx saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_headers_are_believed_from_nginx_only() {
+    let cluster = ScriptCluster::start_with(&[("SESSIONHUB_DEMO", "true")]);
+    let nginx = cluster.nginx().to_owned();
+    let node = cluster.node_urls()[0].clone();
+    let api = Api::at(&nginx);
+    let spoof = [
+        ("X-Forwarded-For", "203.0.113.9"),
+        ("X-Forwarded-Proto", "https"),
+    ];
+
+    // 127.0.0.2 is loopback too, but not the trusted proxy (127.0.0.1).
+    for (base, from, want) in [
+        (&node, "127.0.0.2", "127.0.0.2"),
+        (&nginx, "127.0.0.1", "127.0.0.1"),
+        (&nginx, "127.0.0.2", "127.0.0.2"),
+    ] {
+        let (status, sid, cookie) = demo_login(base, from, "peggy", &spoof).await;
+        assert_eq!(status, StatusCode::OK, "demo login at {base} from {from}");
+        assert_eq!(
+            recorded_ip(&api, &sid.unwrap()).await,
+            want,
+            "the address recorded for a login at {base} from {from}"
+        );
+        assert!(
+            cookie.starts_with("sh_session=") && !cookie.contains("Secure"),
+            "a plain-http login at {base} from {from} got {cookie}"
+        );
+    }
+
+    // Without a spoofed header, nginx's own X-Forwarded-For reaches the node: the
+    // client's address, not nginx's.
+    let (status, sid, _) = demo_login(&nginx, "127.0.0.2", "peggy", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(recorded_ip(&api, &sid.unwrap()).await, "127.0.0.2");
 }
