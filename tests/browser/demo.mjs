@@ -3,9 +3,11 @@
 // browser is ever downloaded).
 //
 // Run by tests/tests/browser.rs, which starts Redis, two nodes with the demo on and
-// a TCP proxy in front of them, and passes:
+// a TCP proxy in front of them, and also the deployment of scripts/cluster.sh (Redis,
+// three nodes, the shipped nginx config), and passes:
 //   SESSIONHUB_NODE_A, SESSIONHUB_NODE_B   http://127.0.0.1:<port> of node-a, node-b
 //   SESSIONHUB_PROXY                       the proxy (node-a first, then node-b)
+//   SESSIONHUB_NGINX                       the nginx URL of the cluster.sh deployment
 //   SESSIONHUB_ARTIFACTS                   where screenshots go
 //   SESSIONHUB_CLOSED_PORT                 a loopback port nothing listens on
 //   SESSIONHUB_UPDATE_DOCS=1               also rewrite docs/demo-notification.png
@@ -29,6 +31,7 @@ const env = (name) => {
 const NODE_A = env('SESSIONHUB_NODE_A');
 const NODE_B = env('SESSIONHUB_NODE_B');
 const PROXY = env('SESSIONHUB_PROXY');
+const NGINX = env('SESSIONHUB_NGINX');
 const ARTIFACTS = env('SESSIONHUB_ARTIFACTS');
 const DOCS_PNG = process.env.SESSIONHUB_UPDATE_DOCS === '1'
   ? new URL('../../docs/demo-notification.png', import.meta.url).pathname
@@ -171,6 +174,9 @@ async function screenshot(page, file) {
   await page.mouse.move(0, 0); // no hover effect in the picture
   await page.screenshot({ path: join(ARTIFACTS, file), animations: 'disabled' });
 }
+
+/** The node a page's socket is on (from its connection status). */
+const nodeOf = (page) => byId(page, 'conn-status').getAttribute('data-node');
 
 // ---- scenarios ----------------------------------------------------------------------
 
@@ -391,6 +397,42 @@ async function nodeKilled() {
   await closeAll();
 }
 
+// 5. The seeds' flow through the shipped nginx config (scripts/cluster.sh: three
+//    nodes behind nginx, which picks them): both pages sign in at the nginx URL; the
+//    first is told, and its End Session signs the second out for good; the first
+//    stays signed in, also after a reload.
+async function seedsThroughNginx() {
+  const one = await newPage('5:ctx1', UA.linuxChrome);
+  await login(one, NGINX, 'frank');
+  await connected(one.page);
+  await sessionCount(one.page, 1);
+
+  const two = await newPage('5:ctx2', UA.macFirefox);
+  const s2 = await login(two, NGINX, 'frank');
+  const note = notification(one.page, s2);
+  await note.waitFor();
+  assert.equal(await byId(note, 'notification-message').textContent(), 'You logged in to another session');
+  assert.equal(await byId(note, 'notification-device').textContent(), 'Firefox on macOS');
+  // nginx passes the client's address on, and the nodes believe it from nginx only.
+  assert.equal(await byId(note, 'notification-address').textContent(), '127.0.0.1');
+  await connected(two.page);
+  await sessionCount(one.page, 2);
+  console.log(`  through nginx: first page on ${await nodeOf(one.page)}, second on ${await nodeOf(two.page)}`);
+  await screenshot(one.page, 'nginx-notification.png');
+
+  await byId(note, 'notification-end').click();
+  await signedOutForGood(two, 'killed', 'nginx-ended.png');
+  await note.waitFor({ state: 'detached' });
+  await sessionCount(one.page, 1);
+  await byId(one.page, 'status-message').filter({ hasText: 'Ended the session on Firefox on macOS' }).waitFor();
+  await connected(one.page);
+  await one.page.reload();
+  await view(one.page, 'app');
+  await connected(one.page);
+  await sessionCount(one.page, 1);
+  await closeAll();
+}
+
 // ---- run ---------------------------------------------------------------------------------
 
 const scenarios = [
@@ -399,6 +441,7 @@ const scenarios = [
   ['3. Sign out all other sessions, on both nodes', signOutOthers],
   ['client module: killSession, backoff ceilings, refused upgrade', clientModule],
   ['4. node killed under a page: reconnect through the proxy, still notified', nodeKilled],
+  ["5. the seeds' flow through the shipped nginx config (scripts/cluster.sh)", seedsThroughNginx],
 ];
 
 let passed = 0;

@@ -1,7 +1,10 @@
 //! The browser client and the demo app in a real headless Chromium: a real
 //! redis-server, a real 2-node cluster with the demo on, the harness's TCP proxy in
-//! front of both nodes, and `tests/browser/demo.mjs` driving Debian's Chromium with
-//! playwright-core. The scenarios are described in that script.
+//! front of both nodes (for the scenarios that pick a node or kill one), the
+//! deployment of scripts/cluster.sh (Redis, three nodes, the shipped nginx config)
+//! for the ones that go through nginx as users do, and `tests/browser/demo.mjs`
+//! driving Debian's Chromium with playwright-core. The scenarios are described in
+//! that script.
 //!
 //! Needs node, /usr/bin/chromium and the script's npm packages; without them this
 //! test fails with the command that installs them (`scripts/test.sh` runs them all).
@@ -14,7 +17,7 @@ use std::time::Duration;
 
 use sessionhub_tests::process::{free_port, repo_root, require};
 use sessionhub_tests::proxy::Proxy;
-use sessionhub_tests::{TestCluster, secrets};
+use sessionhub_tests::{ScriptCluster, TestCluster, secrets};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 
@@ -59,6 +62,7 @@ async fn demo_app_in_headless_chromium() {
 
     let mut cluster = TestCluster::start_with(2, &[("SESSIONHUB_DEMO", "true")]).await;
     let proxy = Proxy::for_bases(cluster.nodes.iter().map(|n| n.base.as_str())).await;
+    let deployment = ScriptCluster::start_with(&[("SESSIONHUB_DEMO", "true")]);
     let artifacts = repo_root().join("artifacts/browser");
 
     let mut child = Command::new(node_bin)
@@ -67,6 +71,7 @@ async fn demo_app_in_headless_chromium() {
         .env("SESSIONHUB_NODE_A", &cluster.nodes[0].base)
         .env("SESSIONHUB_NODE_B", &cluster.nodes[1].base)
         .env("SESSIONHUB_PROXY", proxy.base())
+        .env("SESSIONHUB_NGINX", deployment.nginx())
         .env("SESSIONHUB_ARTIFACTS", &artifacts)
         .env("SESSIONHUB_CLOSED_PORT", free_port().to_string())
         .env("CHROMIUM_PATH", CHROMIUM)
@@ -143,8 +148,9 @@ async fn demo_app_in_headless_chromium() {
         Some(_) => println!("{report}"),
     }
     assert!(
-        out.contains("5 passed, 0 failed"),
+        out.contains("6 passed, 0 failed"),
         "{SCRIPT} did not run every scenario\n{report}"
     );
     drop(proxy);
+    drop(deployment);
 }
