@@ -91,14 +91,18 @@ const problems = []; // page errors and CSP violations: each fails the run
 const consoleLog = []; // every page's console, printed on failure
 const open = []; // {name, ctx, page} of every context still open
 
+/** A phone: the viewport of an iPhone 12–15 (390 × 844 CSS px), touch, 3× pixels. */
+const PHONE = { viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true, deviceScaleFactor: 3 };
+
 /** A fresh browser context (its own cookie jar) with one page. */
-async function newPage(name, userAgent) {
+async function newPage(name, userAgent, device = {}) {
   const ctx = await browser.newContext({
     userAgent,
     viewport: { width: 1040, height: 700 },
     deviceScaleFactor: 1,
     locale: 'en-GB',
     timezoneId: 'UTC',
+    ...device,
   });
   ctx.setDefaultTimeout(WAIT);
   const page = await ctx.newPage();
@@ -170,9 +174,9 @@ async function signedOutForGood(p, reason, shot = null) {
   assert.equal(await byId(p.page, 'app-view').isVisible(), false, `${p.name}: signed in after reload`);
 }
 
-async function screenshot(page, file) {
+async function screenshot(page, file, fullPage = false) {
   await page.mouse.move(0, 0); // no hover effect in the picture
-  await page.screenshot({ path: join(ARTIFACTS, file), animations: 'disabled' });
+  await page.screenshot({ path: join(ARTIFACTS, file), animations: 'disabled', fullPage });
 }
 
 /** The node a page's socket is on (from its connection status). */
@@ -433,6 +437,98 @@ async function seedsThroughNginx() {
   await closeAll();
 }
 
+/**
+ * What does not fit a page: the document wider than the viewport, and every element
+ * with text (labels, device names, badges, buttons, notification lines) that is 0 px
+ * wide, cut short (ellipsis or overflow), outside the viewport or outside a clipping
+ * ancestor.
+ */
+async function layoutProblems(page) {
+  const width = page.viewportSize().width;
+  return page.evaluate((width) => {
+    const out = [];
+    const doc = document.documentElement;
+    // A phone browser zooms a page that is too wide out to fit it: no scrollbar then,
+    // but a wider layout viewport.
+    if (innerWidth !== width || visualViewport.scale !== 1) {
+      out.push(`the layout viewport is ${innerWidth} px at scale ${visualViewport.scale}, not ${width} px at 1`);
+    }
+    if (doc.scrollWidth > innerWidth) out.push(`the page is ${doc.scrollWidth} px wide in a ${innerWidth} px viewport`);
+    const sel = '[data-testid], dt, dd, label, h1, .btn, .badge, .brand-name, .demo-badge, .hint, p';
+    const name = (el) =>
+      `${el.tagName.toLowerCase()}${el.dataset.testid ? `[${el.dataset.testid}]` : el.className ? `.${el.className}` : ''}` +
+      ` "${el.textContent.trim().replace(/\s+/g, ' ').slice(0, 40)}"`;
+    for (const el of document.querySelectorAll(sel)) {
+      if (!el.textContent.trim() || el.getClientRects().length === 0) continue; // not shown
+      if (getComputedStyle(el).visibility === 'hidden') continue;
+      const r = el.getBoundingClientRect();
+      if (r.width < 1 || r.height < 1) {
+        out.push(`${name(el)} is ${r.width}×${r.height} px`);
+        continue;
+      }
+      if (el.clientWidth > 0 && el.scrollWidth > el.clientWidth + 1) {
+        out.push(`${name(el)} is cut: ${el.scrollWidth} px of text in ${el.clientWidth} px`);
+      }
+      if (r.left < -0.5 || r.right > innerWidth + 0.5) {
+        out.push(`${name(el)} spans x ${Math.round(r.left)}..${Math.round(r.right)} of ${innerWidth}`);
+      }
+      for (let a = el.parentElement; a && a !== document.body; a = a.parentElement) {
+        if (getComputedStyle(a).overflowX === 'visible') continue;
+        const b = a.getBoundingClientRect();
+        if (r.left < b.left - 0.5 || r.right > b.right + 0.5) {
+          out.push(`${name(el)} is clipped by ${name(a)}`);
+          break;
+        }
+      }
+    }
+    return out;
+  }, width);
+}
+
+// 6. At phone width (390 px) through nginx: the login page and the signed-in page
+//    with four sessions and their notifications fit, every label readable.
+async function phoneWidth() {
+  const phone = await newPage('6:phone', UA.iphoneSafari, PHONE);
+  await phone.page.goto(`${NGINX}/`);
+  await view(phone.page, 'login');
+  await byId(phone.page, 'login-user').fill('grace.hopper@example.com');
+  assert.deepEqual(await layoutProblems(phone.page), [], 'the login page at 390 px');
+  await screenshot(phone.page, 'phone-login.png', true);
+
+  await login(phone, NGINX, 'grace.hopper@example.com');
+  await connected(phone.page);
+  const others = [
+    ['6:edge', UA.windowsEdge],
+    ['6:firefox', UA.macFirefox],
+    // An agent the demo does not know is shown raw (up to 60 characters).
+    ['6:unknown', 'ExampleCorpIntranetKioskBrowser/12.4.1 (embedded; build 20260301-customer-x)'],
+  ];
+  const ids = [];
+  for (const [name, ua] of others) ids.push(await login(await newPage(name, ua), NGINX, 'grace.hopper@example.com'));
+  for (const id of ids) await notification(phone.page, id).waitFor();
+  await sessionCount(phone.page, 4);
+  for (const p of open.slice(1)) await connected(p.page);
+  await phone.page.waitForFunction(
+    () => document.querySelectorAll('[data-testid="session-connections"][data-count="1"]').length === 4,
+    null,
+    { timeout: WAIT },
+  );
+  const widths = await byId(phone.page, 'session-device').evaluateAll((els) =>
+    els.map((e) => Math.round(e.getBoundingClientRect().width)),
+  );
+  console.log(`  device names at 390 px: ${widths.join(', ')} px wide`);
+  assert.deepEqual(await layoutProblems(phone.page), [], 'the signed-in page at 390 px');
+  await screenshot(phone.page, 'phone-notifications.png', true);
+  await screenshot(phone.page, 'phone-top.png');
+
+  // The list alone, once the notifications are dismissed.
+  for (const b of (await byId(phone.page, 'notification-dismiss').all()).reverse()) await b.click();
+  await byId(phone.page, 'notification').first().waitFor({ state: 'detached' });
+  assert.deepEqual(await layoutProblems(phone.page), [], 'the session list at 390 px');
+  await screenshot(phone.page, 'phone-sessions.png', true);
+  await closeAll();
+}
+
 // ---- run ---------------------------------------------------------------------------------
 
 const scenarios = [
@@ -442,6 +538,7 @@ const scenarios = [
   ['client module: killSession, backoff ceilings, refused upgrade', clientModule],
   ['4. node killed under a page: reconnect through the proxy, still notified', nodeKilled],
   ["5. the seeds' flow through the shipped nginx config (scripts/cluster.sh)", seedsThroughNginx],
+  ['6. the demo at phone width (390 px), through nginx', phoneWidth],
 ];
 
 let passed = 0;
