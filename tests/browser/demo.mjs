@@ -410,6 +410,21 @@ async function seedsThroughNginx() {
   await login(one, NGINX, 'frank');
   await connected(one.page);
   await sessionCount(one.page, 1);
+  // The page's icon is served (an SVG the browser can draw), /favicon.ico is no 404.
+  const icon = await one.page.evaluate(async () => {
+    const href = document.querySelector('link[rel="icon"]')?.href;
+    const svg = await fetch(href);
+    const img = new Image();
+    img.src = href;
+    await img.decode();
+    return {
+      href: new URL(href).pathname,
+      svg: [svg.status, svg.headers.get('content-type')],
+      drawn: img.naturalWidth > 0,
+      ico: (await fetch('/favicon.ico')).status,
+    };
+  });
+  assert.deepEqual(icon, { href: '/favicon.svg', svg: [200, 'image/svg+xml'], drawn: true, ico: 204 });
 
   const two = await newPage('5:ctx2', UA.macFirefox);
   const s2 = await login(two, NGINX, 'frank');

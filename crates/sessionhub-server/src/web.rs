@@ -9,6 +9,7 @@ pub const CLIENT_JS: &str = include_str!("../../../web/sessionhub.js");
 const DEMO_HTML: &str = include_str!("../../../web/demo/index.html");
 const DEMO_CSS: &str = include_str!("../../../web/demo/demo.css");
 const DEMO_JS: &str = include_str!("../../../web/demo/demo.js");
+const FAVICON_SVG: &str = include_str!("../../../web/demo/favicon.svg");
 
 fn asset(content_type: &'static str, body: &'static str) -> HttpResponse {
     HttpResponse::Ok()
@@ -26,7 +27,9 @@ pub fn client_routes(cfg: &mut web::ServiceConfig) {
     );
 }
 
-/// The demo app's pages: `/`, `/demo/demo.css`, `/demo/demo.js`.
+/// The demo app's pages: `/`, `/demo/demo.css`, `/demo/demo.js`, its icon at
+/// `/favicon.svg`, and `/favicon.ico` answered 204 (browsers that ask for it anyway
+/// get no icon and no 404).
 pub fn demo_routes(cfg: &mut web::ServiceConfig) {
     cfg.route(
         "/",
@@ -48,5 +51,13 @@ pub fn demo_routes(cfg: &mut web::ServiceConfig) {
     .route(
         "/demo/demo.js",
         web::get().to(|| async { asset("text/javascript; charset=utf-8", DEMO_JS) }),
+    )
+    .route(
+        "/favicon.svg",
+        web::get().to(|| async { asset("image/svg+xml", FAVICON_SVG) }),
+    )
+    .route(
+        "/favicon.ico",
+        web::get().to(|| async { HttpResponse::NoContent().finish() }),
     );
 }
