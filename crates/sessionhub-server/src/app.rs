@@ -123,6 +123,11 @@ impl Application {
                 }))
         })
         .client_request_timeout(request_timeout)
+        // No lingering after a response: a WebSocket's TCP connection must close as
+        // soon as its closing handshake is done (the server closes first, RFC 6455
+        // §7.1.1), not a second later. The socket task holds its response open until
+        // the client's close frame is read (ws::HoldOpen), so nothing is left unread.
+        .client_disconnect_timeout(Duration::ZERO)
         .workers(workers)
         .disable_signals()
         .shutdown_timeout(SERVER_STOP_TIMEOUT.as_secs())
