@@ -229,6 +229,17 @@ async fn bad_configuration_is_one_clear_line() {
             vec![("SESSIONHUB_ALLOWED_ORIGINS", "evil".into())],
             "SESSIONHUB_ALLOWED_ORIGINS",
         ),
+        // A misspelt setting would leave the node alone on the embedded engine.
+        (
+            vec![],
+            vec![("SESSIONHUB_REDIS_ULR", "redis://127.0.0.1:1".into())],
+            "unknown setting SESSIONHUB_REDIS_ULR (did you mean SESSIONHUB_REDIS_URL?)",
+        ),
+        (
+            vec![],
+            vec![("SESSIONHUB_DEMO", "maybe".into())],
+            "SESSIONHUB_DEMO",
+        ),
     ];
     for (args, env, needle) in cases {
         let (code, stderr) = run_to_exit(&args, &env, Duration::from_secs(20)).await;
