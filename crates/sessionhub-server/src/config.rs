@@ -304,7 +304,7 @@ where
     let mut unknown: Vec<String> = vars
         .into_iter()
         .map(|(k, _)| k.to_string_lossy().into_owned())
-        .filter(|k| k.starts_with(ENV_PREFIX) && !known.contains(k))
+        .filter(|k| k.starts_with(ENV_PREFIX) && !known.contains(k) && !k8s_service_link(k))
         .collect();
     unknown.sort();
     let Some(name) = unknown.into_iter().next() else {
@@ -317,6 +317,14 @@ where
         .min()
         .map(|(_, k)| k.clone());
     Err(UnknownSetting { name, closest })
+}
+
+/// Whether `name` is one of the variables Kubernetes sets in every pod for a Service
+/// named `sessionhub` (`SESSIONHUB_SERVICE_HOST`, `SESSIONHUB_PORT_8080_TCP`, ...).
+fn k8s_service_link(name: &str) -> bool {
+    name == "SESSIONHUB_PORT"
+        || name.starts_with("SESSIONHUB_PORT_")
+        || name.starts_with("SESSIONHUB_SERVICE_")
 }
 
 /// Levenshtein distance, for suggesting the setting a typo meant.
@@ -582,6 +590,14 @@ mod tests {
             names.iter().map(|n| ((*n).into(), "x".into())).collect()
         };
         assert!(check_environment(vars(&["SESSIONHUB_REDIS_URL", "PATH", "HOME"])).is_ok());
+        // Kubernetes' service links for a Service named sessionhub.
+        let links = [
+            "SESSIONHUB_SERVICE_HOST",
+            "SESSIONHUB_SERVICE_PORT",
+            "SESSIONHUB_PORT",
+            "SESSIONHUB_PORT_80_TCP_ADDR",
+        ];
+        assert!(check_environment(vars(&links)).is_ok());
         let e = check_environment(vars(&["SESSIONHUB_REDIS_ULR"])).unwrap_err();
         assert_eq!(
             e.to_string(),
