@@ -44,6 +44,34 @@ async fn upgrades_need_an_allowed_origin() {
             other => panic!("origin {bad}: {:?}", other.map(|_| ())),
         }
     }
+    // Forwarding headers from a client that is no trusted proxy do not make a
+    // foreign origin the node's own.
+    for (name, value) in [
+        ("X-Forwarded-Host", "evil.example"),
+        ("Forwarded", "host=evil.example"),
+        ("Forwarded", "for=192.0.2.1;host=evil.example;proto=https"),
+    ] {
+        let mut headers = with_origin("https://evil.example");
+        headers.push((name, value.to_owned()));
+        match WsClient::connect_with(&node, &headers).await {
+            Err(WsError::Http(403)) => {}
+            other => panic!("{name}: {value}: {:?}", other.map(|_| ())),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_host_counts_from_a_trusted_proxy_only() {
+    let (_redis, node) = cluster_with(&[("SESSIONHUB_TRUSTED_PROXIES", "127.0.0.1")]).await;
+    let s = Api::new(&node).create_session("alice", "test").await;
+    let headers = vec![
+        cookie(&s.token),
+        ("Origin", "https://hub.example".to_owned()),
+        ("X-Forwarded-Host", "hub.example".to_owned()),
+    ];
+    // The test client is on 127.0.0.1, here a trusted proxy: its word counts.
+    let mut ws = WsClient::connect_with(&node, &headers).await.unwrap();
+    ws.assert_alive().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
