@@ -96,7 +96,9 @@ start() {
   # nginx reaches the nodes from 127.0.0.1: they believe its X-Forwarded-For (the
   # client's address) and X-Forwarded-Proto, and nobody else's.
   for i in $(seq 1 "${NODES:-3}"); do
-    SESSIONHUB_LISTEN=127.0.0.1:0 SESSIONHUB_NODE_ID="node-$i" \
+    # SESSIONHUB_BIN is this script's setting, not the node's (which refuses
+    # SESSIONHUB_* variables it does not know).
+    env -u SESSIONHUB_BIN SESSIONHUB_LISTEN=127.0.0.1:0 SESSIONHUB_NODE_ID="node-$i" \
       SESSIONHUB_REDIS_URL="redis://127.0.0.1:$redis_port" SESSIONHUB_API_KEY="$key" \
       SESSIONHUB_TRUSTED_PROXIES="${SESSIONHUB_TRUSTED_PROXIES:-127.0.0.1}" \
       "$bin" </dev/null >"$run/node-$i.out" 2>"$run/node-$i.log" &

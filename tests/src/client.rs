@@ -1,5 +1,7 @@
 //! Clients for the HTTP API and `/ws`.
 
+use std::time::{Duration, Instant};
+
 use futures_util::{SinkExt, StreamExt};
 use reqwest::{Method, Response, StatusCode};
 use serde::Deserialize;
@@ -132,6 +134,19 @@ pub enum WsError {
 
 type Stream = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// A socket's end as a standard client sees it.
+#[derive(Debug)]
+pub struct CloseEvent {
+    /// The close code.
+    pub code: u16,
+    /// The text frames read before the close frame.
+    pub frames: Vec<Value>,
+    /// From the last text frame (or from the call, if none) to the TCP close.
+    pub after_last_frame: Duration,
+    /// From the close frame to the TCP close.
+    pub after_close_frame: Duration,
+}
+
 /// A `/ws` client.
 pub struct WsClient {
     stream: Stream,
@@ -227,6 +242,75 @@ impl WsClient {
                 _ => {}
             }
         }
+    }
+
+    /// Reads until the close frame, then until the server has closed the TCP
+    /// connection: what a standard client reports as its close event.
+    pub async fn expect_close_event(&mut self) -> CloseEvent {
+        let mut frames = Vec::new();
+        let mut last_text = Instant::now();
+        let code = loop {
+            match self.next_message().await {
+                Message::Text(t) => {
+                    last_text = Instant::now();
+                    frames.push(serde_json::from_str(&t).unwrap());
+                }
+                Message::Close(Some(CloseFrame { code, .. })) => break code.into(),
+                Message::Close(None) => break 1005,
+                _ => {}
+            }
+        };
+        let close_frame = Instant::now();
+        self.wait_tcp_closed(close_frame).await;
+        CloseEvent {
+            code,
+            frames,
+            after_last_frame: last_text.elapsed(),
+            after_close_frame: close_frame.elapsed(),
+        }
+    }
+
+    /// Closes the socket (code 1000) the way a client does and returns the time
+    /// until the server has answered and closed the TCP connection.
+    pub async fn close_and_wait(&mut self) -> Duration {
+        let since = Instant::now();
+        self.stream.close(None).await.unwrap();
+        self.wait_tcp_closed(since).await
+    }
+
+    /// Waits for the end of the stream (the server closed TCP); the elapsed time
+    /// since `since`.
+    async fn wait_tcp_closed(&mut self, since: Instant) -> Duration {
+        loop {
+            match tokio::time::timeout(WAIT, self.stream.next()).await {
+                Err(_) => panic!("the server did not close the TCP connection within {WAIT:?}"),
+                Ok(None | Some(Err(_))) => return since.elapsed(),
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+
+    /// The next frame within the deadline; `None` on the end of the stream, an
+    /// error or the deadline.
+    pub async fn try_next(&mut self) -> Option<Message> {
+        match tokio::time::timeout(WAIT, self.stream.next()).await {
+            Ok(Some(Ok(m))) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// A frame that has already arrived, if any, without waiting.
+    pub fn try_next_now(&mut self) -> Option<Message> {
+        use futures_util::FutureExt;
+        match self.stream.next().now_or_never() {
+            Some(Some(Ok(m))) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// Sends any frame; an error once the connection is gone.
+    pub async fn try_send_raw(&mut self, m: Message) -> Result<(), tungstenite::Error> {
+        self.stream.send(m).await
     }
 
     /// Sends a JSON frame.

@@ -13,7 +13,7 @@ pub mod redis_cluster;
 pub mod script_cluster;
 pub mod secrets;
 
-pub use client::{Api, Created, WsClient, WsError};
+pub use client::{Api, CloseEvent, Created, WsClient, WsError};
 pub use deployment::{Deployment, Store, Topology};
 pub use process::{FAST_LEASE, FAST_REAP_BOUND, Node, NodeOptions, RedisServer, TestCluster};
 pub use redis_cluster::RedisCluster;

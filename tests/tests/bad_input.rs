@@ -229,6 +229,17 @@ async fn bad_configuration_is_one_clear_line() {
             vec![("SESSIONHUB_ALLOWED_ORIGINS", "evil".into())],
             "SESSIONHUB_ALLOWED_ORIGINS",
         ),
+        // A misspelt setting would leave the node alone on the embedded engine.
+        (
+            vec![],
+            vec![("SESSIONHUB_REDIS_ULR", "redis://127.0.0.1:1".into())],
+            "unknown setting SESSIONHUB_REDIS_ULR (did you mean SESSIONHUB_REDIS_URL?)",
+        ),
+        (
+            vec![],
+            vec![("SESSIONHUB_DEMO", "maybe".into())],
+            "SESSIONHUB_DEMO",
+        ),
     ];
     for (args, env, needle) in cases {
         let (code, stderr) = run_to_exit(&args, &env, Duration::from_secs(20)).await;
@@ -294,4 +305,77 @@ async fn a_clients_close_is_answered_and_its_record_removed() {
     assert!(started.elapsed() < Duration::from_secs(1));
     api.wait_no_connections(&s.session_id, "the record to go")
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_edges_get_the_documented_answers() {
+    let cluster = TestCluster::start(1).await;
+    let node = &cluster.nodes[0];
+    let api = Api::new(node);
+    let http = reqwest::Client::new();
+
+    // HEAD answers like GET, without a body.
+    for path in ["/healthz", "/sessionhub.js"] {
+        let res = http
+            .head(format!("{}{path}", node.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "HEAD {path}");
+        assert!(
+            res.bytes().await.unwrap().is_empty(),
+            "HEAD {path} has no body"
+        );
+    }
+    let res = http
+        .head(format!("{}/api/v1/me", node.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED, "HEAD /api/v1/me");
+
+    // One 64 KiB header: 431, and the node keeps serving.
+    let res = http
+        .get(format!("{}/healthz", node.base))
+        .header("X-Big", "a".repeat(64 * 1024))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    let ok = http
+        .get(format!("{}/healthz", node.base))
+        .header("X-Fine", "a".repeat(4 * 1024))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+
+    // data nested 10,000 levels deep is refused; 64 levels are delivered.
+    let s = api.create_session("alice", "test").await;
+    let mut ws = WsClient::connect(node, &s.token).await.unwrap();
+    let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+    let body = |n: usize| {
+        format!(
+            r#"{{"to":{{"user":"alice"}},"event":"e","data":{}}}"#,
+            nested(n)
+        )
+    };
+    let publish = |b: String| {
+        api.request(Method::POST, "/api/v1/publish")
+            .bearer_auth(sessionhub_tests::API_KEY)
+            .header("Content-Type", "application/json")
+            .body(b)
+            .send()
+    };
+    let res = publish(body(10_000)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    let err: Value = res.json().await.unwrap();
+    assert!(
+        err["message"].as_str().unwrap().contains("64 levels"),
+        "{err}"
+    );
+    let res = publish(body(64)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let frame = ws.expect("message").await;
+    assert_eq!(frame["data"].to_string(), nested(64));
 }

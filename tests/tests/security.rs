@@ -44,6 +44,34 @@ async fn upgrades_need_an_allowed_origin() {
             other => panic!("origin {bad}: {:?}", other.map(|_| ())),
         }
     }
+    // Forwarding headers from a client that is no trusted proxy do not make a
+    // foreign origin the node's own.
+    for (name, value) in [
+        ("X-Forwarded-Host", "evil.example"),
+        ("Forwarded", "host=evil.example"),
+        ("Forwarded", "for=192.0.2.1;host=evil.example;proto=https"),
+    ] {
+        let mut headers = with_origin("https://evil.example");
+        headers.push((name, value.to_owned()));
+        match WsClient::connect_with(&node, &headers).await {
+            Err(WsError::Http(403)) => {}
+            other => panic!("{name}: {value}: {:?}", other.map(|_| ())),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_host_counts_from_a_trusted_proxy_only() {
+    let (_redis, node) = cluster_with(&[("SESSIONHUB_TRUSTED_PROXIES", "127.0.0.1")]).await;
+    let s = Api::new(&node).create_session("alice", "test").await;
+    let headers = vec![
+        cookie(&s.token),
+        ("Origin", "https://hub.example".to_owned()),
+        ("X-Forwarded-Host", "hub.example".to_owned()),
+    ];
+    // The test client is on 127.0.0.1, here a trusted proxy: its word counts.
+    let mut ws = WsClient::connect_with(&node, &headers).await.unwrap();
+    ws.assert_alive().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -226,20 +254,89 @@ async fn a_flooding_socket_is_closed_with_1008() {
     let (_redis, node) =
         cluster_with(&[("SESSIONHUB_WS_RATE", "5"), ("SESSIONHUB_WS_BURST", "10")]).await;
     let s = Api::new(&node).create_session("alice", "test").await;
-    let mut flood = WsClient::connect(&node, &s.token).await.unwrap();
+    let mut flooder = WsClient::connect(&node, &s.token).await.unwrap();
     let mut calm = WsClient::connect(&node, &s.token).await.unwrap();
     for _ in 0..50 {
-        flood.send_raw(Message::text(r#"{"type":"ping"}"#)).await;
+        flooder.send_raw(Message::text(r#"{"type":"ping"}"#)).await;
     }
-    let (code, _) = flood.expect_close().await;
+    let (code, _) = flooder.expect_close().await;
     assert_eq!(code, 1008);
-    // Control-frame pings are answered, so they are rate-limited too.
-    let mut pinger = WsClient::connect(&node, &s.token).await.unwrap();
-    for _ in 0..50 {
-        pinger.send_raw(Message::Ping(vec![1, 2, 3].into())).await;
+    // Every frame counts: pings (answered), unsolicited pongs, binary frames and
+    // empty continuation fragments cost work too.
+    for kind in [
+        Flood::Ping,
+        Flood::Pong,
+        Flood::Binary,
+        Flood::EmptyContinuation,
+    ] {
+        let (code, sent) = flood(&node.ws_url(), &s.token, kind, u64::MAX).await;
+        assert_eq!(code, Some(1008), "{kind:?} flood closed with 1008");
+        assert!(sent < 10_000, "{kind:?} flood closed after {sent} frames");
     }
-    assert_eq!(pinger.expect_close().await.0, 1008);
     calm.assert_alive().await;
+}
+
+/// A kind of frame a hostile client repeats.
+#[derive(Debug, Clone, Copy)]
+enum Flood {
+    Text,
+    Ping,
+    Pong,
+    Binary,
+    /// A text message opened with one fragment, then empty continuations forever.
+    EmptyContinuation,
+}
+
+impl Flood {
+    fn frame(self, i: u64) -> Message {
+        match self {
+            Flood::Text => Message::text(if i.is_multiple_of(2) { "{" } else { "[[[[[[" }),
+            Flood::Ping => Message::Ping(vec![1, 2, 3].into()),
+            Flood::Pong => Message::Pong(vec![].into()),
+            Flood::Binary => Message::binary(vec![0u8; 4]),
+            Flood::EmptyContinuation if i == 0 => Message::Frame(Frame::message(
+                b"{".to_vec(),
+                OpCode::Data(Data::Text),
+                false,
+            )),
+            Flood::EmptyContinuation => Message::Frame(Frame::message(
+                Vec::new(),
+                OpCode::Data(Data::Continue),
+                false,
+            )),
+        }
+    }
+}
+
+/// Sends `kind` frames on a new socket as fast as it can, up to `max` of them or
+/// until the server closes it (frames that arrived are looked at between batches, so
+/// the close frame is read before the server gives up on the connection). Returns
+/// the close code, if one came, and the number of frames sent.
+async fn flood(url: &str, token: &str, kind: Flood, max: u64) -> (Option<u16>, u64) {
+    let mut ws = WsClient::connect_url(url, token).await.unwrap();
+    let mut sent = 0u64;
+    while sent < max {
+        if ws.try_send_raw(kind.frame(sent)).await.is_err() {
+            break;
+        }
+        sent += 1;
+        if sent.is_multiple_of(32) {
+            while let Some(m) = ws.try_next_now() {
+                if let Message::Close(f) = m {
+                    return (f.map(|f| f.code.into()), sent);
+                }
+            }
+        }
+    }
+    if sent == max {
+        return (None, sent);
+    }
+    while let Some(m) = ws.try_next().await {
+        if let Message::Close(f) = m {
+            return (f.map(|f| f.code.into()), sent);
+        }
+    }
+    (None, sent)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,6 +434,46 @@ async fn hostile_frames_get_a_clear_answer_for_that_socket_alone() {
     let (code, _) = bad.expect_close().await;
     assert_eq!(code, 1007, "bad UTF-8 closes with 1007");
 
+    // A message over the limit in fragments, each under it: 1009, as if whole.
+    let mut big = WsClient::connect(&node, &s.token).await.unwrap();
+    let part = vec![b' '; 40 * 1024];
+    big.send_raw(Message::Frame(Frame::message(
+        part.clone(),
+        OpCode::Data(Data::Text),
+        false,
+    )))
+    .await;
+    big.send_raw(Message::Frame(Frame::message(
+        part,
+        OpCode::Data(Data::Continue),
+        true,
+    )))
+    .await;
+    assert_eq!(
+        big.expect_close().await.0,
+        1009,
+        "fragmented oversize message"
+    );
+
+    // Reserved bits without an extension, a continuation with nothing to continue,
+    // a new message inside a fragmented one: protocol errors, 1002.
+    let mut rsv = Frame::message(b"{}".to_vec(), OpCode::Data(Data::Text), true);
+    rsv.header_mut().rsv1 = true;
+    let stray = Frame::message(b"x".to_vec(), OpCode::Data(Data::Continue), true);
+    let opened = Frame::message(b"{".to_vec(), OpCode::Data(Data::Text), false);
+    let interleaved = Frame::message(b"{}".to_vec(), OpCode::Data(Data::Text), true);
+    for (what, frames) in [
+        ("RSV1 set", vec![rsv]),
+        ("stray continuation", vec![stray]),
+        ("interleaved message", vec![opened, interleaved]),
+    ] {
+        let mut ws = WsClient::connect(&node, &s.token).await.unwrap();
+        for f in frames {
+            ws.send_raw(Message::Frame(f)).await;
+        }
+        assert_eq!(ws.expect_close().await.0, 1002, "{what}");
+    }
+
     // Deep nesting, truncated JSON, huge numbers: error frames, socket usable.
     let mut odd = WsClient::connect(&node, &s.token).await.unwrap();
     let deep = format!("{}{}", "{\"a\":".repeat(2000), "}".repeat(2000));
@@ -369,17 +506,26 @@ async fn a_hostile_socket_does_not_delay_a_well_behaved_one() {
     let token = hostile.token.clone();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stop.clone();
+    // One flooder at a time, of each kind in turn, for the whole measurement.
     let flooder = tokio::spawn(async move {
-        let mut ws = WsClient::connect_url(&url, &token).await.unwrap();
+        let kinds = [
+            Flood::Text,
+            Flood::Ping,
+            Flood::Pong,
+            Flood::Binary,
+            Flood::EmptyContinuation,
+        ];
         let mut sent = 0u64;
-        while !flag.load(std::sync::atomic::Ordering::Relaxed) && sent < 200_000 {
-            ws.send_raw(Message::text(if sent.is_multiple_of(2) {
-                "{"
-            } else {
-                "[[[[[["
-            }))
-            .await;
-            sent += 1;
+        for kind in kinds.iter().cycle() {
+            if flag.load(std::sync::atomic::Ordering::Relaxed) || sent >= 1_000_000 {
+                break;
+            }
+            let (code, n) = flood(&url, &token, *kind, 20_000).await;
+            assert_eq!(
+                code, None,
+                "{kind:?} flood under a generous limit stays open"
+            );
+            sent += n;
         }
         sent
     });

@@ -13,6 +13,8 @@ pub mod close_code {
     pub const SESSION_ENDED: u16 = 4001;
     /// The node is shutting down; reconnect (to another node).
     pub const GOING_AWAY: u16 = 1001;
+    /// A frame that breaks RFC 6455 (reserved bits set, a stray continuation, ...).
+    pub const PROTOCOL_ERROR: u16 = 1002;
     /// A text frame that is not valid UTF-8.
     pub const INVALID_DATA: u16 = 1007;
     /// Policy violation (for example frames of the wrong kind, or too many).

@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use actix_web::{App, HttpResponse, HttpServer, web};
+use actix_web::dev::Service;
+use actix_web::http::Method;
+use actix_web::{App, HttpResponse, HttpServer, ResponseError, web};
+use futures_util::FutureExt;
 use sessionhub_core::Engine;
 use sessionhub_core::engine::EVENT_QUEUE_CAPACITY;
 use sessionhub_core::memory::{MemoryEngine, MemoryStore};
@@ -20,6 +23,9 @@ use crate::error::ApiError;
 use crate::hub::Hub;
 use crate::state::AppState;
 
+/// Largest request head (request line and headers, in bytes): a larger one is
+/// answered 431 before any handler runs.
+pub const MAX_REQUEST_HEAD_BYTES: usize = 16 * 1024;
 /// Largest JSON request body.
 pub const MAX_JSON_BODY: usize = 64 * 1024;
 /// How long shutdown waits for sockets to close before stopping the server anyway.
@@ -95,6 +101,23 @@ impl Application {
         let demo = state.config.demo;
         let server = HttpServer::new(move || {
             App::new()
+                .wrap_fn(|mut req, srv| {
+                    if head_size(req.request().head()) > MAX_REQUEST_HEAD_BYTES {
+                        let res =
+                            ApiError::HeadersTooLarge(MAX_REQUEST_HEAD_BYTES).error_response();
+                        return futures_util::future::Either::Left(std::future::ready(Ok(req
+                            .into_response(res)
+                            .map_into_right_body())));
+                    }
+                    // HEAD is GET without the body (actix-http leaves the body out
+                    // of a HEAD request's response), so every GET route answers it.
+                    if req.method() == Method::HEAD {
+                        req.head_mut().method = Method::GET;
+                    }
+                    futures_util::future::Either::Right(
+                        srv.call(req).map(|res| res.map(|r| r.map_into_left_body())),
+                    )
+                })
                 .app_data(data.clone())
                 .app_data(
                     web::JsonConfig::default()
@@ -123,6 +146,11 @@ impl Application {
                 }))
         })
         .client_request_timeout(request_timeout)
+        // No lingering after a response: a WebSocket's TCP connection must close as
+        // soon as its closing handshake is done (the server closes first, RFC 6455
+        // §7.1.1), not a second later. The socket task holds its response open until
+        // the client's close frame is read (ws::HoldOpen), so nothing is left unread.
+        .client_disconnect_timeout(Duration::ZERO)
         .workers(workers)
         .disable_signals()
         .shutdown_timeout(SERVER_STOP_TIMEOUT.as_secs())
@@ -173,6 +201,16 @@ impl Application {
         tracing::info!("stopped");
         res
     }
+}
+
+/// The size of a request's target and headers as sent (`name: value\r\n` each).
+fn head_size(head: &actix_web::dev::RequestHead) -> usize {
+    head.uri.path_and_query().map_or(0, |p| p.as_str().len())
+        + head
+            .headers()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>()
 }
 
 async fn healthz(state: web::Data<AppState>) -> HttpResponse {

@@ -183,10 +183,33 @@ pub fn origin_allowed(req: &HttpRequest, config: &Config) -> bool {
     if config.allowed_origins.iter().any(|o| o == origin) {
         return true;
     }
-    let info = req.connection_info();
+    let Some(host) = request_host(req, config) else {
+        return false;
+    };
     origin
         .split_once("://")
-        .is_some_and(|(_, host)| host == info.host())
+        .is_some_and(|(_, origin_host)| origin_host.eq_ignore_ascii_case(host))
+}
+
+/// The host (with port) the client asked for: the `Host` header, or, from a trusted
+/// proxy only, its `X-Forwarded-Host`. `Forwarded` and `X-Forwarded-Host` from
+/// anyone else are ignored: believing them would let any client pass the
+/// same-origin check with a foreign `Origin`.
+pub fn request_host<'a>(req: &'a HttpRequest, config: &Config) -> Option<&'a str> {
+    let header = |name| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    };
+    if from_trusted_proxy(req, config)
+        && let Some(forwarded) = header("x-forwarded-host")
+    {
+        // A chain of proxies appends: the first is what the client asked for.
+        return forwarded.split(',').next().map(str::trim);
+    }
+    header(header::HOST.as_str()).or_else(|| req.uri().authority().map(|a| a.as_str()))
 }
 
 /// Refuses cross-site requests to state-changing cookie calls: the browser's

@@ -5,7 +5,8 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use clap::Parser;
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, CommandFactory, Parser};
 use sessionhub_core::model::MAX_SESSION_TTL;
 use sessionhub_core::{ConnLimits, NodeId};
 use sessionhub_redis::{LeaseConfig, Topology};
@@ -51,7 +52,8 @@ pub struct Cli {
 
     /// Serve the demo app (a login by bare user name: never in production). Default:
     /// on with the embedded engine (no Redis URL), off otherwise.
-    #[arg(long, env = "SESSIONHUB_DEMO", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, env = "SESSIONHUB_DEMO", num_args = 0..=1, default_missing_value = "true",
+          value_parser = BoolishValueParser::new())]
     pub demo: Option<bool>,
 
     /// Prefix of every Redis key and channel.
@@ -84,7 +86,9 @@ pub struct Cli {
 
     /// Issue the session cookie with `Secure` (named `__Host-sh_session`): set this
     /// when clients reach the node over TLS.
-    #[arg(long, env = "SESSIONHUB_COOKIE_SECURE", default_value_t = false)]
+    #[arg(long, env = "SESSIONHUB_COOKIE_SECURE", default_value_t = false,
+          action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_parser = BoolishValueParser::new())]
     pub cookie_secure: bool,
 
     /// Comma-separated IPs of proxies whose `X-Forwarded-Proto` and
@@ -147,6 +151,10 @@ pub struct Cli {
         long,
         env = "SESSIONHUB_TEST_DROP_KILL_EVENTS",
         default_value_t = false,
+        action = ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_parser = BoolishValueParser::new(),
         hide = true
     )]
     pub test_drop_kill_events: bool,
@@ -265,6 +273,74 @@ fn bad(setting: &'static str, reason: impl Into<String>) -> ConfigError {
         setting,
         reason: reason.into(),
     }
+}
+
+/// Prefix of every environment variable the node reads.
+pub const ENV_PREFIX: &str = "SESSIONHUB_";
+
+/// An environment variable named like a setting but not one: a misspelt
+/// `SESSIONHUB_REDIS_ULR` would otherwise leave a node running alone on the
+/// embedded engine (a split brain in a cluster), without a word.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown setting {name}{}", .closest.as_ref().map(|c| format!(" (did you mean {c}?)")).unwrap_or_default())]
+pub struct UnknownSetting {
+    /// The variable.
+    pub name: String,
+    /// The known variable nearest to it, if any is near.
+    pub closest: Option<String>,
+}
+
+/// Checks that every `SESSIONHUB_*` variable in `vars` is a setting of [`Cli`].
+pub fn check_environment<I>(vars: I) -> Result<(), UnknownSetting>
+where
+    I: IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+{
+    let cmd = Cli::command();
+    let known: Vec<String> = cmd
+        .get_arguments()
+        .filter_map(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned())
+        .collect();
+    let mut unknown: Vec<String> = vars
+        .into_iter()
+        .map(|(k, _)| k.to_string_lossy().into_owned())
+        .filter(|k| k.starts_with(ENV_PREFIX) && !known.contains(k) && !k8s_service_link(k))
+        .collect();
+    unknown.sort();
+    let Some(name) = unknown.into_iter().next() else {
+        return Ok(());
+    };
+    let closest = known
+        .iter()
+        .map(|k| (edit_distance(k, &name), k))
+        .filter(|(d, _)| *d <= 3)
+        .min()
+        .map(|(_, k)| k.clone());
+    Err(UnknownSetting { name, closest })
+}
+
+/// Whether `name` is one of the variables Kubernetes sets in every pod for a Service
+/// named `sessionhub` (`SESSIONHUB_SERVICE_HOST`, `SESSIONHUB_PORT_8080_TCP`, ...).
+fn k8s_service_link(name: &str) -> bool {
+    name == "SESSIONHUB_PORT"
+        || name.starts_with("SESSIONHUB_PORT_")
+        || name.starts_with("SESSIONHUB_SERVICE_")
+}
+
+/// Levenshtein distance, for suggesting the setting a typo meant.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 /// Checks an origin is exactly `scheme://host[:port]`.
@@ -506,6 +582,49 @@ mod tests {
         all.extend_from_slice(args);
         let cli = Cli::try_parse_from(all).map_err(|e| e.to_string())?;
         Config::from_cli(cli).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn unknown_settings_are_named_with_the_closest_known_one() {
+        let vars = |names: &[&str]| -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+            names.iter().map(|n| ((*n).into(), "x".into())).collect()
+        };
+        assert!(check_environment(vars(&["SESSIONHUB_REDIS_URL", "PATH", "HOME"])).is_ok());
+        // Kubernetes' service links for a Service named sessionhub.
+        let links = [
+            "SESSIONHUB_SERVICE_HOST",
+            "SESSIONHUB_SERVICE_PORT",
+            "SESSIONHUB_PORT",
+            "SESSIONHUB_PORT_80_TCP_ADDR",
+        ];
+        assert!(check_environment(vars(&links)).is_ok());
+        let e = check_environment(vars(&["SESSIONHUB_REDIS_ULR"])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unknown setting SESSIONHUB_REDIS_ULR (did you mean SESSIONHUB_REDIS_URL?)"
+        );
+        let e = check_environment(vars(&["SESSIONHUB_FLUX_CAPACITOR"])).unwrap_err();
+        assert_eq!(e.to_string(), "unknown setting SESSIONHUB_FLUX_CAPACITOR");
+    }
+
+    #[test]
+    fn booleans_take_the_usual_spellings() {
+        for (v, want) in [
+            ("1", true),
+            ("0", false),
+            ("yes", true),
+            ("no", false),
+            ("on", true),
+            ("off", false),
+            ("true", true),
+            ("false", false),
+        ] {
+            let c = parse(&[&format!("--demo={v}"), &format!("--cookie-secure={v}")]).unwrap();
+            assert_eq!((c.demo, c.sessions.cookie_secure), (want, want), "{v}");
+        }
+        assert!(parse(&["--demo=maybe"]).is_err());
+        let c = parse(&["--demo", "--cookie-secure"]).unwrap();
+        assert!(c.demo && c.sessions.cookie_secure);
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub enum ApiError {
     /// The request body or message is over a limit; the message says which.
     #[error("{0}")]
     TooLarge(String),
+    /// The request's headers are over the limit.
+    #[error("request headers are over {0} bytes")]
+    HeadersTooLarge(usize),
     /// A rate or count limit refused the request; the message says which.
     #[error("{0}")]
     TooMany(String),
@@ -65,6 +68,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound => "not_found",
             ApiError::TooLarge(_) => "too_large",
+            ApiError::HeadersTooLarge(_) => "headers_too_large",
             ApiError::TooMany(_) => "too_many",
             ApiError::Unavailable => "unavailable",
             ApiError::Internal => "internal",
@@ -80,6 +84,7 @@ impl ResponseError for ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,

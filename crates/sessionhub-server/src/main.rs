@@ -4,11 +4,16 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use clap::CommandFactory;
 use clap::Parser;
-use clap::error::ErrorKind;
+use clap::error::{ContextKind, ContextValue, ErrorKind};
 use sessionhub_server::{Application, Cli, Config};
 
 fn main() -> ExitCode {
+    if let Err(e) = sessionhub_server::config::check_environment(std::env::vars_os()) {
+        eprintln!("sessionhub: {e}");
+        return ExitCode::from(2);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
@@ -16,10 +21,15 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            // One clear line, not clap's usage block.
+            // One clear line, not clap's usage block, naming the variable too: most
+            // nodes are configured through the environment.
             let text = e.to_string();
             let first = text.lines().next().unwrap_or("invalid arguments");
             let first = first.strip_prefix("error: ").unwrap_or(first);
+            let first = match e.get(ContextKind::InvalidArg) {
+                Some(ContextValue::String(arg)) => name_env(first, arg),
+                _ => first.to_owned(),
+            };
             eprintln!("sessionhub: {first} (see sessionhub --help)");
             return ExitCode::from(2);
         }
@@ -38,6 +48,24 @@ fn main() -> ExitCode {
             eprintln!("sessionhub: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Rewrites clap's `'--demo [<DEMO>]'` in `line` as `SESSIONHUB_DEMO (--demo)`.
+fn name_env(line: &str, arg: &str) -> String {
+    let cmd = Cli::command();
+    let found = cmd.get_arguments().find_map(|a| {
+        let long = a.get_long()?;
+        let env = a.get_env()?;
+        let flag = format!("--{long}");
+        (arg == flag
+            || arg.starts_with(&format!("{flag} "))
+            || arg.starts_with(&format!("{flag}=")))
+        .then(|| format!("{} ({flag})", env.to_string_lossy()))
+    });
+    match found {
+        Some(named) => line.replace(&format!("'{arg}'"), &named),
+        None => line.to_owned(),
     }
 }
 

@@ -90,6 +90,37 @@ async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::Bytes
     Ok(body)
 }
 
+/// Deepest nesting of arrays and objects in a published `data`.
+pub const MAX_DATA_DEPTH: usize = 64;
+
+/// The deepest nesting of arrays and objects in a JSON text (which serde_json has
+/// already checked to be well-formed).
+fn json_depth(json: &[u8]) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in json {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
 async fn publish(
     _: ServiceAuth,
     state: web::Data<AppState>,
@@ -114,6 +145,12 @@ async fn publish(
     if data_len > max {
         return Err(ApiError::TooLarge(format!(
             "message data is {data_len} bytes; the limit is {max} (SESSIONHUB_MAX_MESSAGE_BYTES)"
+        )));
+    }
+    // Forwarded verbatim, so bound what every receiving client must parse.
+    if json_depth(data.get().as_bytes()) > MAX_DATA_DEPTH {
+        return Err(bad(format!(
+            "message data nests deeper than {MAX_DATA_DEPTH} levels"
         )));
     }
     // Serialised once here; every node and socket forwards these bytes as they are.
@@ -223,4 +260,18 @@ async fn online_users(
 
 async fn presence(_: ServiceAuth, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(state.engine.presence_counts().await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_depth;
+
+    #[test]
+    fn depth_counts_nesting_outside_strings() {
+        assert_eq!(json_depth(b"1"), 0);
+        assert_eq!(json_depth(br#"{"a":[1,{"b":[]}]}"#), 4);
+        assert_eq!(json_depth(br#"["[[[[", "\"{{"]"#), 1);
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert_eq!(json_depth(deep.as_bytes()), 10_000);
+    }
 }

@@ -1,15 +1,20 @@
 //! `GET /ws`: one task per socket, one `select!`.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use actix_web::body::{BodySize, BoxBody, MessageBody};
+use actix_web::web::Bytes;
 use actix_web::{HttpRequest, HttpResponse, web};
-use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
+use actix_ws::{CloseCode, CloseReason, Item, Message, ProtocolError};
 use bytestring::ByteString;
 use futures_util::StreamExt;
 use sessionhub_core::protocol::{ClientFrame, ServerFrame, close_code};
 use sessionhub_core::{ConnectionId, EndReason, Session};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use crate::auth::{cookie_token, origin_allowed};
@@ -21,6 +26,48 @@ use crate::state::AppState;
 
 /// How long a closing socket waits for the client to take its last frames.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long, after our close frame went out, the socket waits for the client's
+/// close frame before closing the TCP connection anyway.
+pub const CLOSE_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The WebSocket response body, held open until the closing handshake is done.
+///
+/// actix-ws ends the body right after our close frame. actix-http would then
+/// linger, reading and discarding the client's bytes until the client closes TCP
+/// or `client_disconnect_timeout` runs out (1 s by default). But a WebSocket client
+/// waits for the *server* to close TCP first (RFC 6455 §7.1.1), so every client
+/// saw its close event a second late. The node therefore runs with no disconnect
+/// timeout (TCP is closed as soon as a body ends), and this wrapper ends the body
+/// only when the socket task lets go of `release`: once the client's close frame
+/// has been read, so that nothing unread is left to turn our FIN into a reset.
+struct HoldOpen {
+    body: BoxBody,
+    body_done: bool,
+    release: oneshot::Receiver<()>,
+}
+
+impl MessageBody for HoldOpen {
+    type Error = Box<dyn std::error::Error>;
+
+    fn size(&self) -> BodySize {
+        BodySize::Stream
+    }
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, Self::Error>>> {
+        let this = &mut *self;
+        if !this.body_done {
+            match Pin::new(&mut this.body).poll_next(cx) {
+                Poll::Ready(None) => this.body_done = true,
+                other => return other,
+            }
+        }
+        // Released (or the socket task is gone): end the body, closing TCP.
+        Pin::new(&mut this.release).poll(cx).map(|_| None)
+    }
+}
 
 /// A token bucket: `burst` messages at once, refilled at `rate` per second.
 struct RateLimit {
@@ -83,6 +130,14 @@ async fn accept(
     }
     let (response, ws, stream) = actix_ws::handle(&req, body)
         .map_err(|e| ApiError::BadRequest(format!("not a WebSocket handshake: {e}")))?;
+    let (release, released) = oneshot::channel();
+    let response = response
+        .map_body(|_, body| HoldOpen {
+            body,
+            body_done: false,
+            release: released,
+        })
+        .map_into_boxed_body();
 
     // Known to the hub first, so a kill racing the registration finds the socket.
     let (conn, rx) = LocalConn::new(
@@ -105,11 +160,9 @@ async fn accept(
         .hub
         .bind_user(&conn, &session.user_id, session.expires_at);
 
-    let max = state.config.ws.max_frame;
-    let stream = stream
-        .max_frame_size(max)
-        .aggregate_continuations()
-        .max_continuation_size(max);
+    // Fragments are put together here, not by actix-ws, so that every frame,
+    // empty continuations included, counts against the rate limit.
+    let stream = stream.max_frame_size(state.config.ws.max_frame);
     let span = tracing::info_span!(
         "ws",
         connection_id = %conn.id,
@@ -122,11 +175,100 @@ async fn accept(
             conn,
             session,
             ws,
+            release,
         }
         .run(rx, stream)
         .instrument(span),
     );
     Ok(response)
+}
+
+/// A fragmented message being put together (RFC 6455 §5.4).
+#[derive(Default)]
+struct Fragments {
+    /// Whether it is text; `None` when no fragmented message is open.
+    text: Option<bool>,
+    buf: web::BytesMut,
+}
+
+impl Fragments {
+    /// Takes one frame: a whole message comes back as it is, a final fragment as the
+    /// message it completes, other fragments as `None`. Data frames interleaved with
+    /// a fragmented message are a protocol error; a message past `max` bytes in all
+    /// is too large.
+    fn push(&mut self, msg: Message, max: usize) -> Result<Option<Message>, ProtocolError> {
+        let (chunk, last) = match msg {
+            Message::Continuation(Item::FirstText(_) | Item::FirstBinary(_))
+                if self.text.is_some() =>
+            {
+                return Err(ProtocolError::ContinuationStarted);
+            }
+            Message::Continuation(Item::FirstText(b)) => {
+                self.text = Some(true);
+                (b, false)
+            }
+            Message::Continuation(Item::FirstBinary(b)) => {
+                self.text = Some(false);
+                (b, false)
+            }
+            Message::Continuation(Item::Continue(b)) => (b, false),
+            Message::Continuation(Item::Last(b)) => (b, true),
+            Message::Text(_) | Message::Binary(_) if self.text.is_some() => {
+                return Err(ProtocolError::ContinuationStarted);
+            }
+            other => return Ok(Some(other)),
+        };
+        let Some(text) = self.text else {
+            return Err(ProtocolError::ContinuationNotStarted);
+        };
+        if self.buf.len() + chunk.len() > max {
+            return Err(ProtocolError::Overflow);
+        }
+        self.buf.extend_from_slice(&chunk);
+        if !last {
+            return Ok(None);
+        }
+        self.text = None;
+        let whole = std::mem::take(&mut self.buf).freeze();
+        if !text {
+            return Ok(Some(Message::Binary(whole)));
+        }
+        ByteString::try_from(whole)
+            .map(|t| Some(Message::Text(t)))
+            .map_err(|e| ProtocolError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
+    }
+}
+
+/// The close for a frame that breaks the protocol or the limits.
+fn protocol_exit(e: ProtocolError) -> Exit {
+    match e {
+        ProtocolError::Overflow => Exit::Close(close_code::TOO_LARGE, "message too large", None),
+        // Text that is not UTF-8 (actix-ws and Fragments wrap the Utf8Error); other
+        // InvalidData errors are the codec's (reserved bits set, ...).
+        ProtocolError::Io(e)
+            if e.get_ref()
+                .is_some_and(|inner| inner.is::<std::str::Utf8Error>()) =>
+        {
+            Exit::Close(
+                close_code::INVALID_DATA,
+                "text frame is not valid UTF-8",
+                None,
+            )
+        }
+        e => {
+            tracing::debug!(error = %e, "protocol error");
+            Exit::Close(close_code::PROTOCOL_ERROR, "protocol error", None)
+        }
+    }
+}
+
+/// Reads (and drops) what the client still sends until its close frame, or the end.
+async fn close_reply(stream: &mut actix_ws::MessageStream) {
+    while let Some(msg) = stream.next().await {
+        if matches!(msg, Ok(Message::Close(_)) | Err(_)) {
+            return;
+        }
+    }
 }
 
 /// One socket's task state.
@@ -135,6 +277,8 @@ struct Socket {
     conn: Arc<LocalConn>,
     session: Session,
     ws: actix_ws::Session,
+    /// Dropped when the closing handshake is done: ends the response, closing TCP.
+    release: oneshot::Sender<()>,
 }
 
 /// How the loop ended.
@@ -161,7 +305,7 @@ impl Socket {
     async fn run(
         mut self,
         mut rx: mpsc::Receiver<ByteString>,
-        mut stream: actix_ws::AggregatedMessageStream,
+        mut stream: actix_ws::MessageStream,
     ) {
         tracing::debug!("connected");
         let hello = ServerFrame::Hello {
@@ -189,21 +333,25 @@ impl Socket {
         {
             tracing::warn!(error = %e, "could not remove the connection record");
         }
-        let (frame, reason) = match exit {
-            Exit::Gone => (None, None),
-            Exit::ClientClosed(reason) => (None, Some(reason)),
+        let Self {
+            ws, release, state, ..
+        } = self;
+        let (frame, reason, await_reply) = match exit {
+            Exit::Gone => (None, None, false),
+            // The client's close frame is read: ours answers it, then TCP closes.
+            Exit::ClientClosed(reason) => (None, Some(reason), false),
             Exit::Close(code, why, frame) => {
                 tracing::debug!(code, why, "closing");
                 let reason = CloseReason {
                     code: CloseCode::from(code),
                     description: Some(why.to_owned()),
                 };
-                (frame, Some(Some(reason)))
+                (frame, Some(Some(reason)), true)
             }
         };
         if let Some(reason) = reason {
-            let mut ws = self.ws;
-            let metrics = self.state.metrics.clone();
+            let mut ws = ws;
+            let metrics = state.metrics.clone();
             let close = async move {
                 if let Some(frame) = frame {
                     ws.text(frame).await?;
@@ -211,23 +359,36 @@ impl Socket {
                 }
                 ws.close(reason).await
             };
-            if tokio::time::timeout(CLOSE_TIMEOUT, close).await.is_err() {
-                tracing::debug!("the client did not take the close frame in time");
+            match tokio::time::timeout(CLOSE_TIMEOUT, close).await {
+                Ok(Ok(())) if await_reply => {
+                    // We closed first: the client answers with its close frame, and
+                    // then waits for us to close TCP.
+                    if tokio::time::timeout(CLOSE_REPLY_TIMEOUT, close_reply(&mut stream))
+                        .await
+                        .is_err()
+                    {
+                        tracing::debug!("the client did not answer the close frame in time");
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tracing::debug!("the client did not take the close frame in time"),
             }
         }
+        drop(release);
         tracing::debug!("disconnected");
     }
 
     async fn serve(
         &mut self,
         rx: &mut mpsc::Receiver<ByteString>,
-        stream: &mut actix_ws::AggregatedMessageStream,
+        stream: &mut actix_ws::MessageStream,
     ) -> Exit {
         let limits = self.state.config.ws;
         let mut ping = tokio::time::interval(limits.ping_interval);
         ping.tick().await;
         let mut last_pong = tokio::time::Instant::now();
         let mut rate = RateLimit::new(&limits);
+        let mut fragments = Fragments::default();
         let conn = self.conn.clone();
         let shutdown = self.state.shutdown.clone();
         loop {
@@ -248,47 +409,40 @@ impl Socket {
                         sent = self.send(frame) => if sent.is_err() { return Exit::Gone },
                     }
                 }
-                msg = stream.next() => match msg {
-                    None => return Exit::Gone,
-                    Some(Ok(AggregatedMessage::Close(reason))) => return Exit::ClientClosed(reason),
-                    Some(Ok(AggregatedMessage::Text(text))) => {
-                        Metrics::inc(&self.state.metrics.messages_in);
-                        if !rate.allow() {
-                            return Exit::Close(close_code::POLICY, "message rate limit exceeded", None);
+                msg = stream.next() => {
+                    let Some(msg) = msg else { return Exit::Gone };
+                    // Every frame counts, control frames and empty fragments too: each
+                    // costs this task work, and some are answered.
+                    if !matches!(msg, Ok(Message::Close(_)) | Ok(Message::Nop)) && !rate.allow() {
+                        return Exit::Close(close_code::POLICY, "message rate limit exceeded", None);
+                    }
+                    let msg = match msg.map(|m| fragments.push(m, limits.max_frame)) {
+                        Ok(Ok(Some(m))) => m,
+                        Ok(Ok(None)) => continue,
+                        Ok(Err(e)) | Err(e) => return protocol_exit(e),
+                    };
+                    match msg {
+                        Message::Close(reason) => return Exit::ClientClosed(reason),
+                        Message::Text(text) => {
+                            Metrics::inc(&self.state.metrics.messages_in);
+                            self.activity().await;
+                            if let Some(exit) = self.on_text(&text).await {
+                                return exit;
+                            }
                         }
-                        self.activity().await;
-                        if let Some(exit) = self.on_text(&text).await {
-                            return exit;
+                        Message::Binary(_) => {
+                            Metrics::inc(&self.state.metrics.messages_in);
+                            self.error("binary_unsupported", "only JSON text frames are accepted").await;
                         }
-                    }
-                    Some(Ok(AggregatedMessage::Binary(_))) => {
-                        Metrics::inc(&self.state.metrics.messages_in);
-                        if !rate.allow() {
-                            return Exit::Close(close_code::POLICY, "message rate limit exceeded", None);
+                        Message::Ping(data) => {
+                            if self.ws.pong(&data).await.is_err() {
+                                return Exit::Gone;
+                            }
                         }
-                        self.error("binary_unsupported", "only JSON text frames are accepted").await;
+                        Message::Pong(_) => last_pong = tokio::time::Instant::now(),
+                        Message::Continuation(_) | Message::Nop => {}
                     }
-                    Some(Ok(AggregatedMessage::Ping(data))) => {
-                        // Pings are answered, so they count against the rate too.
-                        if !rate.allow() {
-                            return Exit::Close(close_code::POLICY, "message rate limit exceeded", None);
-                        }
-                        if self.ws.pong(&data).await.is_err() {
-                            return Exit::Gone;
-                        }
-                    }
-                    Some(Ok(AggregatedMessage::Pong(_))) => last_pong = tokio::time::Instant::now(),
-                    Some(Err(ProtocolError::Overflow)) => {
-                        return Exit::Close(close_code::TOO_LARGE, "message too large", None);
-                    }
-                    Some(Err(ProtocolError::Io(e))) if e.kind() == std::io::ErrorKind::InvalidData => {
-                        return Exit::Close(close_code::INVALID_DATA, "text frame is not valid UTF-8", None);
-                    }
-                    Some(Err(e)) => {
-                        tracing::debug!(error = %e, "protocol error");
-                        return Exit::Close(close_code::POLICY, "protocol error", None);
-                    }
-                },
+                }
                 _ = ping.tick() => {
                     if last_pong.elapsed() > limits.pong_timeout {
                         return Exit::Close(close_code::POLICY, "ping timeout", None);
