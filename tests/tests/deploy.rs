@@ -323,10 +323,17 @@ async fn browser_origins_through_nginx() {
     let other = api.create_session("olive", "Chrome on phone").await;
     let cookie = format!("sh_session={}", me.token);
 
+    // Each request also carries an X-Forwarded-Host that matches its Origin: nginx
+    // must replace it (the nodes believe that header from nginx).
+    let forwarded_host = |origin: &str| origin.split_once("://").map_or("", |(_, h)| h).to_owned();
     let ws = |origin: String| {
         let url = ws_url(&nginx);
-        let cookie = cookie.clone();
-        async move { WsClient::connect_url_with(&url, &[("Cookie", cookie), ("Origin", origin)]).await }
+        let headers = [
+            ("Cookie", cookie.clone()),
+            ("X-Forwarded-Host", forwarded_host(&origin)),
+            ("Origin", origin),
+        ];
+        async move { WsClient::connect_url_with(&url, &headers).await }
     };
     let kill_other = |origin: String| {
         let api = api.clone();
@@ -335,6 +342,7 @@ async fn browser_origins_through_nginx() {
         async move {
             api.request(Method::DELETE, &path)
                 .header("Cookie", cookie)
+                .header("X-Forwarded-Host", forwarded_host(&origin))
                 .header("Origin", origin)
                 .header("Sec-Fetch-Site", "same-origin")
                 .send()
@@ -364,8 +372,16 @@ async fn browser_origins_through_nginx() {
                 StatusCode::FORBIDDEN,
                 "cookie call with Origin {origin}"
             );
-            let (status, _, _) =
-                demo_login(&nginx, "127.0.0.1", "mallory", &[("Origin", origin)]).await;
+            let (status, _, _) = demo_login(
+                &nginx,
+                "127.0.0.1",
+                "mallory",
+                &[
+                    ("Origin", origin),
+                    ("X-Forwarded-Host", &forwarded_host(origin)),
+                ],
+            )
+            .await;
             assert_eq!(
                 status,
                 StatusCode::FORBIDDEN,
