@@ -544,6 +544,117 @@ async function phoneWidth() {
   await closeAll();
 }
 
+/** The close event's bound: it follows the session_ended frame (or close()) within this. */
+const CLOSE_BOUND_MS = 50;
+
+// 7. What a page's own `new WebSocket` sees: after its session is killed through the
+//    API, `onclose` (code 4001) within 50 ms of the session_ended frame; after its own
+//    close(), `onclose` within 50 ms of the call. On a node, and through nginx.
+async function closeEventTiming() {
+  const measured = [];
+  // (Node A was killed in scenario 4.)
+  for (const [where, base] of [['node-b', NODE_B], ['nginx', NGINX]]) {
+    const p = await newPage(`7:${where}`, UA.linuxChrome);
+    // A same-origin page without the demo app (and its socket) in it.
+    await p.page.goto(`${base}/healthz`);
+    for (let round = 0; round < 3; round += 1) {
+      const status = await p.page.evaluate(async () => {
+        const res = await fetch('/demo/login', {
+          method: 'POST',
+          headers: { 'Content-Type': 'application/json' },
+          body: JSON.stringify({ user_id: 'judy' }),
+        });
+        return res.status;
+      });
+      assert.equal(status, 200, `${where}: POST /demo/login`);
+      await handOverToken(p);
+      const t = await p.page.evaluate(async () => {
+        const deadline = (what, ms, reject) => setTimeout(() => reject(new Error(`${what} within ${ms} ms`)), ms);
+        const open = () =>
+          new Promise((resolve, reject) => {
+            const ws = new WebSocket(`${location.origin.replace(/^http/, 'ws')}/ws`);
+            const timer = deadline('no hello', 5000, reject);
+            ws.onmessage = (m) => {
+              const f = JSON.parse(m.data);
+              if (f.type !== 'hello') return;
+              clearTimeout(timer);
+              ws.onmessage = null;
+              resolve({ ws, hello: f });
+            };
+            ws.onclose = (e) => reject(new Error(`closed (${e.code}) before hello`));
+          });
+
+        // Client-initiated: close() to onclose.
+        const own = await open();
+        const closed = await new Promise((resolve, reject) => {
+          const out = {};
+          const timer = deadline('no onclose after close()', 5000, reject);
+          own.ws.onclose = (e) => {
+            out.closeEvent = performance.now();
+            Object.assign(out, { code: e.code, wasClean: e.wasClean });
+            clearTimeout(timer);
+            resolve(out);
+          };
+          out.closeCalled = performance.now();
+          own.ws.close(1000, 'bye');
+        });
+
+        // Server-initiated: the session killed through the API.
+        const { ws, hello } = await open();
+        const killed = await new Promise((resolve, reject) => {
+          const out = {};
+          const timer = deadline('no onclose after the kill', 5000, reject);
+          ws.onmessage = (m) => {
+            const f = JSON.parse(m.data);
+            if (f.type === 'session_ended') Object.assign(out, { frame: performance.now(), reason: f.reason });
+          };
+          ws.onclose = (e) => {
+            out.closeEvent = performance.now();
+            Object.assign(out, { code: e.code, wasClean: e.wasClean });
+            clearTimeout(timer);
+            resolve(out);
+          };
+          out.kill = performance.now();
+          fetch(`/api/v1/me/sessions/${hello.session_id}`, { method: 'DELETE' }).then(
+            (r) => (out.status = r.status),
+            (e) => (out.status = String(e)),
+          );
+        });
+        return { closed, killed };
+      });
+      const { closed, killed } = t;
+      assert.deepEqual([closed.code, closed.wasClean], [1000, true], `${where}: own close ${JSON.stringify(closed)}`);
+      assert.deepEqual(
+        [killed.code, killed.reason, killed.wasClean],
+        [4001, 'killed', true],
+        `${where}: kill ${JSON.stringify(killed)}`,
+      );
+      assert.ok(killed.frame !== undefined, `${where}: no session_ended frame before the close event`);
+      measured.push({
+        where,
+        ownClose: closed.closeEvent - closed.closeCalled,
+        frameAfterKill: killed.frame - killed.kill,
+        killClose: killed.closeEvent - killed.frame,
+      });
+    }
+    await closeAll();
+  }
+  const ms = (v) => `${v.toFixed(1)} ms`;
+  for (const m of measured) {
+    console.log(
+      `  ${m.where}: close() → onclose ${ms(m.ownClose)}; kill → session_ended ${ms(m.frameAfterKill)}, ` +
+        `session_ended → onclose ${ms(m.killClose)}`,
+    );
+  }
+  for (const m of measured) {
+    assert.ok(m.ownClose <= CLOSE_BOUND_MS, `${m.where}: onclose ${ms(m.ownClose)} after close() (bound ${CLOSE_BOUND_MS} ms)`);
+    assert.ok(
+      m.killClose <= CLOSE_BOUND_MS,
+      `${m.where}: onclose ${ms(m.killClose)} after the session_ended frame (bound ${CLOSE_BOUND_MS} ms)`,
+    );
+  }
+}
+
 // ---- run ---------------------------------------------------------------------------------
 
 const scenarios = [
@@ -554,6 +665,7 @@ const scenarios = [
   ['4. node killed under a page: reconnect through the proxy, still notified', nodeKilled],
   ["5. the seeds' flow through the shipped nginx config (scripts/cluster.sh)", seedsThroughNginx],
   ['6. the demo at phone width (390 px), through nginx', phoneWidth],
+  ['7. close event within 50 ms of session_ended and of close(), on a node and through nginx', closeEventTiming],
 ];
 
 let passed = 0;
