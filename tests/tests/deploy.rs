@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use reqwest::{Method, StatusCode};
-use sessionhub_tests::process::repo_root;
+use sessionhub_tests::process::{free_port, repo_root, require};
 use sessionhub_tests::{Api, ScriptCluster, WAIT, WsClient, wait_for};
 
 fn ws_url(base: &str) -> String {
@@ -457,4 +457,180 @@ async fn forwarded_headers_are_believed_from_nginx_only() {
     let (status, sid, _) = demo_login(&nginx, "127.0.0.2", "peggy", &[]).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(recorded_ip(&api, &sid.unwrap()).await, "127.0.0.2");
+}
+
+/// An nginx master process, stopped on drop with SIGTERM (it stops its workers;
+/// SIGKILL would leave them running) and waited for.
+struct Nginx(std::process::Child);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let end = std::time::Instant::now() + WAIT;
+        while std::time::Instant::now() < end {
+            if self.0.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The nginx files docker-compose.yml mounts into the nginx container, as
+/// (repository path, path under /etc/nginx/).
+fn compose_nginx_mounts() -> Vec<(PathBuf, String)> {
+    let compose = std::fs::read_to_string(repo_root().join("docker-compose.yml")).unwrap();
+    compose
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- ./"))
+        .filter_map(|l| {
+            let mut parts = l.split(':');
+            let src = parts.next()?;
+            let dst = parts.next()?.strip_prefix("/etc/nginx/")?;
+            Some((repo_root().join(src), dst.to_owned()))
+        })
+        .collect()
+}
+
+/// The docker-compose load balancer, as far as it runs without Docker: the host's
+/// nginx with exactly the files the compose file mounts into /etc/nginx/, except
+/// the two that name the nodes and the port, in front of the cluster.sh nodes
+/// (which trust 127.0.0.1, where compose's trust nginx's fixed address). A browser's
+/// calls work through it, foreign origins are refused, and a spoofed
+/// X-Forwarded-For is replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_compose_nginx_config_serves_browsers() {
+    let cluster = ScriptCluster::start_with(&[("SESSIONHUB_DEMO", "true")]);
+    let mounts = compose_nginx_mounts();
+    let names: BTreeSet<&str> = mounts.iter().map(|(_, d)| d.as_str()).collect();
+    for want in [
+        "nginx.conf",
+        "sessionhub.conf",
+        "sessionhub-proxy-headers.conf",
+        "sessionhub-upstreams.conf",
+        "sessionhub-listen.conf",
+    ] {
+        assert!(
+            names.contains(want),
+            "compose does not mount {want}: {names:?}"
+        );
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("logs")).unwrap();
+    for (src, dst) in &mounts {
+        std::fs::copy(src, dir.path().join(dst)).unwrap();
+    }
+    let upstreams: String = cluster
+        .node_urls()
+        .iter()
+        .map(|u| {
+            format!(
+                "server {} max_fails=2 fail_timeout=5s;\n",
+                u.trim_start_matches("http://")
+            )
+        })
+        .collect();
+    std::fs::write(dir.path().join("sessionhub-upstreams.conf"), upstreams).unwrap();
+    let port = free_port();
+    std::fs::write(
+        dir.path().join("sessionhub-listen.conf"),
+        format!("listen 127.0.0.1:{port};\n"),
+    )
+    .unwrap();
+
+    let nginx_bin = require("nginx", "apt-get install -y nginx");
+    let prefix = dir.path().to_str().unwrap();
+    let mut globals = format!("daemon off; pid {prefix}/nginx.pid; worker_processes 1;");
+    if std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0) {
+        globals.push_str(" user root;"); // its workers write the temp files under prefix
+    }
+    // Two changes to the container's nginx.conf, neither in sessionhub's part: one
+    // worker (-g may not repeat `worker_processes auto`), and the access log in the
+    // temp dir rather than the host's /var/log/nginx/.
+    let conf = dir.path().join("nginx.conf");
+    let text = std::fs::read_to_string(&conf).unwrap();
+    assert!(text.contains("worker_processes auto;") && text.contains("http {"));
+    let text = text.replace("worker_processes auto;", "").replacen(
+        "http {",
+        &format!("http {{\n    access_log {prefix}/access.log;"),
+        1,
+    );
+    std::fs::write(&conf, text).unwrap();
+    let nginx = Nginx(
+        std::process::Command::new(nginx_bin)
+            .args(["-p", prefix, "-e", &format!("{prefix}/error.log"), "-c"])
+            .arg(&conf)
+            .args(["-g", &globals])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let health = format!("{base}/healthz");
+    wait_for("the compose nginx config to answer", WAIT, || {
+        let health = health.clone();
+        async move {
+            let res = reqwest::get(&health).await.ok()?;
+            let server = res.headers().get("server")?.to_str().ok()?.to_owned();
+            (res.status().is_success() && server.starts_with("nginx")).then_some(())
+        }
+    })
+    .await;
+
+    let api = Api::at(&base);
+    let (status, sid, _) = demo_login(
+        &base,
+        "127.0.0.1",
+        "quinn",
+        &[("X-Forwarded-For", "203.0.113.9")],
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "same-origin demo login through the compose nginx"
+    );
+    assert_eq!(recorded_ip(&api, &sid.unwrap()).await, "127.0.0.1");
+    let (status, _, _) = demo_login(
+        &base,
+        "127.0.0.1",
+        "quinn",
+        &[
+            ("Origin", "http://evil.example"),
+            ("X-Forwarded-Host", "evil.example"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "foreign origin through the compose nginx"
+    );
+
+    let s = api.create_session("quinn", "Firefox on laptop").await;
+    let cookie = format!("sh_session={}", s.token);
+    let mut ws = WsClient::connect_url_with(
+        &ws_url(&base),
+        &[("Cookie", cookie.clone()), ("Origin", base.clone())],
+    )
+    .await
+    .expect("same-origin upgrade through the compose nginx");
+    ws.assert_alive().await;
+    assert!(matches!(
+        WsClient::connect_url_with(
+            &ws_url(&base),
+            &[("Cookie", cookie), ("Origin", "http://evil.example".into())],
+        )
+        .await,
+        Err(sessionhub_tests::WsError::Http(403))
+    ));
+    drop(ws);
+    drop(nginx);
 }
