@@ -42,7 +42,10 @@
 --   P{B}:expiry                zset  session_id -> when it ends by itself (the earlier
 --                                    of expires_at and last_seen_at + idle_ms)
 --   Pnodes                     zset  node_id -> lease expiry (no hash tag)
---   Pgroup:<group>:buckets     set   buckets that may hold members (no hash tag)
+--   P{B}:groups:emptied        hash  group -> times its members in B were all gone (the
+--                                    sweep forgets B in Pgroup:<group>:in_buckets)
+--   Pgroup:<group>:in_buckets  hash  bucket -> adds it has seen: the buckets that may
+--                                    hold members (no hash tag)
 -- Channels: P{B}:node:<node> carries events for a node's sockets in bucket B (sharded
 -- pub/sub, SPUBLISH, on Redis Cluster; classic PUBLISH on one Redis); Pall reaches all.
 -- Event payloads are JSON with a stable tag "t"; "message" events are a JSON header
@@ -180,6 +183,14 @@ local function add_conn(P, cid, sid, uid, node, at)
   return true
 end
 
+-- Notes a group whose members in bucket B are all gone, so that the expiry sweep
+-- can forget B in the group's bucket index (another slot, so not from here).
+local function note_if_empty(P, B, group)
+  if redis.call('EXISTS', bkey(P, B, 'group:' .. group)) == 0 then
+    redis.call('HINCRBY', bkey(P, B, 'groups:emptied'), group, 1)
+  end
+end
+
 -- Removes every record of one connection. Returns its node, or nil if unknown.
 local function drop_conn(P, cid)
   local B = bucket_of(cid)
@@ -191,6 +202,7 @@ local function drop_conn(P, cid)
   redis.call('HDEL', node_index(P, B, node), cid)
   for _, group in ipairs(redis.call('SMEMBERS', ck .. ':groups')) do
     redis.call('HDEL', bkey(P, B, 'group:' .. group), 'conn:' .. cid)
+    note_if_empty(P, B, group)
   end
   redis.call('DEL', ck, ck .. ':groups')
   local un = user_nodes_key(P, B, uid)
@@ -356,8 +368,11 @@ end)
 -- sh_expire: end every session of a bucket whose lifetime ran out, like a kill with
 -- reason "expired" (session_ended to each node holding one of its sockets).
 --   KEYS[1] P{B}:expiry   ARGV now, most sessions to look at in this call,
---   [forget_after_ms: lease fields of P{B}:leases older than this are removed]
---   Returns the number of sessions ended.
+--   [forget_after_ms: lease fields of P{B}:leases older than this are removed],
+--   [groups: "1" to also return up to 100 entries of P{B}:groups:emptied]
+--   Returns the number of sessions ended; with groups "1", {ended, {group, count,
+--   ...}}: for each, the caller forgets B in the group's bucket index, then calls
+--   sh_group_emptied_done with the count.
 redis.register_function('sh_expire', function(keys, args)
   local P, B = split_key(keys[1])
   if not P or not string.match(keys[1], '}:expiry$') then return bad_key('P{B}:expiry') end
@@ -396,7 +411,34 @@ redis.register_function('sh_expire', function(keys, args)
       end
     end
   end
+  if args[4] == '1' then
+    return { ended, redis.call('HRANDFIELD', bkey(P, B, 'groups:emptied'), 100, 'WITHVALUES') }
+  end
   return ended
+end)
+
+-- sh_group_emptied_done: the sweep has dealt with a group's emptying in bucket B,
+-- as of `count`; a later emptying (a higher count) stays for the next sweep.
+--   KEYS[1] P{B}:groups:emptied   ARGV group, count
+--   Returns 1 if the entry went.
+redis.register_function('sh_group_emptied_done', function(keys, args)
+  if not string.match(keys[1], '}:groups:emptied$') then return bad_key('P{B}:groups:emptied') end
+  if redis.call('HGET', keys[1], args[1]) ~= args[2] then return 0 end
+  redis.call('HDEL', keys[1], args[1])
+  return 1
+end)
+
+-- sh_group_forget_bucket: forget bucket B in a group's bucket index, unless a member
+-- was added there since the caller read `adds` (before it saw the group's members in
+-- B gone). The adder bumps the counter after its sh_group_add, so an add racing the
+-- sweep either shows in the count, or comes after this call and puts B back.
+--   KEYS[1] Pgroup:<group>:in_buckets   ARGV B, adds
+--   Returns 1 if forgotten.
+redis.register_function('sh_group_forget_bucket', function(keys, args)
+  if not string.match(keys[1], 'group:.+:in_buckets$') then return bad_key('Pgroup:<group>:in_buckets') end
+  if redis.call('HGET', keys[1], args[1]) ~= args[2] then return 0 end
+  redis.call('HDEL', keys[1], args[1])
+  return 1
 end)
 
 -- sh_unregister_connection: remove a closed connection's records (and its groups).
@@ -550,8 +592,9 @@ redis.register_function('sh_publish', function(keys, args)
 end)
 
 -- sh_group_add: add a connection or a user (its current and future connections) to
--- the group's members in the member's bucket. The caller also adds B to
--- Pgroup:<group>:buckets, so that publishing to the group finds the bucket.
+-- the group's members in the member's bucket. The caller then bumps B's count in
+-- Pgroup:<group>:in_buckets (HINCRBY), so that publishing to the group finds the
+-- bucket.
 --   KEYS[1] P{B}:group:<group>
 --   ARGV "conn", connection_id, now   |   "user", user_id, now; then [deadline]
 --   Returns 1, or 0 if the connection is not live.
@@ -585,7 +628,9 @@ redis.register_function('sh_group_remove', function(keys, args)
   if args[1] == 'conn' and bucket_of(args[2]) == B then
     redis.call('SREM', conn_key(P, args[2]) .. ':groups', group)
   end
-  return redis.call('HDEL', keys[1], args[1] .. ':' .. args[2])
+  local n = redis.call('HDEL', keys[1], args[1] .. ':' .. args[2])
+  note_if_empty(P, B, group)
+  return n
 end)
 
 -- sh_drop_node: drop a node's records in one bucket and fence off its registrations

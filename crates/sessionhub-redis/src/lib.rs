@@ -1079,17 +1079,20 @@ impl Engine for RedisEngine {
                 }
             }
         };
-        // Both must hold before the add is acknowledged; a stale bucket entry (its
-        // members left) only costs a publish an empty call.
+        // Both must hold before the add is acknowledged, in this order: the sweep
+        // that forgets emptied buckets relies on the count moving after the add.
+        let n = add.await?;
         let buckets = inner.keys.group_buckets(group);
-        let index = inner.run(|mut c| async move {
-            redis::cmd("SADD")
-                .arg(buckets)
-                .arg(b.hex())
-                .query_async::<i64>(&mut c)
-                .await
-        });
-        let (n, _) = tokio::try_join!(add, index)?;
+        inner
+            .run(|mut c| async move {
+                redis::cmd("HINCRBY")
+                    .arg(buckets)
+                    .arg(b.hex())
+                    .arg(1)
+                    .query_async::<i64>(&mut c)
+                    .await
+            })
+            .await?;
         Ok(n > 0)
     }
 
@@ -1270,15 +1273,34 @@ impl Engine for RedisEngine {
         let ended = inner
             .each_bucket(|b| async move {
                 let key = [inner.keys.expiry(b)];
+                // The first call of a round also takes the groups emptied in b.
+                let reply: redis::Value = inner
+                    .fcall(
+                        "sh_expire",
+                        &key,
+                        (now_ms(), EXPIRE_BATCH, forget_after, "1"),
+                    )
+                    .await?;
+                let (mut n, emptied) = expire_reply(reply)?;
+                for (group, count) in emptied {
+                    inner.forget_group_bucket(&group, b).await?;
+                    inner
+                        .fcall::<i64>(
+                            "sh_group_emptied_done",
+                            &[inner.keys.groups_emptied(b)],
+                            (group.as_str(), count.as_str()),
+                        )
+                        .await?;
+                }
                 let mut total = 0;
                 loop {
-                    let n: i64 = inner
-                        .fcall("sh_expire", &key, (now_ms(), EXPIRE_BATCH, forget_after))
-                        .await?;
                     total += n.max(0) as u64;
                     if (n.max(0) as usize) < EXPIRE_BATCH {
                         return Ok(total);
                     }
+                    n = inner
+                        .fcall("sh_expire", &key, (now_ms(), EXPIRE_BATCH, forget_after))
+                        .await?;
                 }
             })
             .await?;
@@ -1327,14 +1349,70 @@ impl RedisEngine {
     }
 }
 
+/// `sh_expire`'s reply: the sessions ended and, when asked, the groups emptied with
+/// their counts (a library older than the node answers the number alone).
+fn expire_reply(v: redis::Value) -> Result<(i64, Vec<(String, String)>), EngineError> {
+    if let redis::Value::Int(n) = v {
+        return Ok((n, Vec::new()));
+    }
+    let (n, flat): (i64, Vec<String>) = redis::from_redis_value(v).map_err(corrupt)?;
+    let pairs = flat
+        .chunks_exact(2)
+        .map(|p| (p[0].clone(), p[1].clone()))
+        .collect();
+    Ok((n, pairs))
+}
+
 impl Inner {
-    /// The buckets that may hold members of a group.
+    /// The buckets that may hold members of a group (and those a 0.2.0 node wrote
+    /// in the older set).
     async fn group_buckets(&self, group: &GroupName) -> Result<Vec<Bucket>, EngineError> {
         let key = self.keys.group_buckets(group);
-        let hex: Vec<String> = self
-            .run(|mut c| async move { redis::cmd("SMEMBERS").arg(key).query_async(&mut c).await })
+        let legacy = self.keys.legacy_group_buckets(group);
+        let current =
+            self.run(|mut c| async move { redis::cmd("HKEYS").arg(key).query_async(&mut c).await });
+        let old = self.run(|mut c| async move {
+            redis::cmd("SMEMBERS").arg(legacy).query_async(&mut c).await
+        });
+        let (current, old): (Vec<String>, Vec<String>) = tokio::try_join!(current, old)?;
+        let mut buckets: Vec<Bucket> = current.iter().chain(&old).map(|h| Bucket::of(h)).collect();
+        buckets.sort_unstable();
+        buckets.dedup();
+        Ok(buckets)
+    }
+
+    /// Forgets bucket `b` in a group's bucket index if its members there are gone
+    /// and none was added meanwhile. The count is read before the members are
+    /// looked at: see `sh_group_forget_bucket`.
+    async fn forget_group_bucket(&self, group: &str, b: Bucket) -> Result<(), EngineError> {
+        let Ok(group) = GroupName::parse(group) else {
+            tracing::warn!(
+                group,
+                "ignoring a malformed group name in an emptied-groups set"
+            );
+            return Ok(());
+        };
+        let index = self.keys.group_buckets(&group);
+        let idx = index.clone();
+        let adds: Option<String> = self
+            .run(|mut c| async move {
+                redis::cmd("HGET")
+                    .arg(idx)
+                    .arg(b.hex())
+                    .query_async(&mut c)
+                    .await
+            })
             .await?;
-        Ok(hex.iter().map(|h| Bucket::of(h)).collect())
+        let Some(adds) = adds else { return Ok(()) };
+        let members = self.keys.group(b, &group);
+        let exists: i64 = self
+            .run(|mut c| async move { redis::cmd("EXISTS").arg(members).query_async(&mut c).await })
+            .await?;
+        if exists == 0 {
+            self.fcall::<i64>("sh_group_forget_bucket", &[index], (b.hex(), adds))
+                .await?;
+        }
+        Ok(())
     }
 }
 
