@@ -25,24 +25,38 @@
 --                                    expires_at + 60 s, a backstop: sh_expire ends it first
 --   P{B}:session:<sid>:conns   hash  connection_id -> "<node_id>|<connected_at>"
 --   P{B}:user:<uid>:sessions   hash  session_id -> expires_at
+--   P{B}:user:<uid>:by_age     zset  session_id, score created_at (the oldest ends
+--                                    first when a login passes the per-user cap)
+--   P{B}:user:<uid>:nodes      hash  node_id -> the user's live connections there (whom
+--                                    a login notifies, whatever the number of sessions)
 --   P{B}:conn:<cid>            hash  session_id user_id node_id connected_at
 --   P{B}:conn:<cid>:groups     set   the groups the connection was added to
 --   P{B}:group:<group>         hash  the bucket's members: "conn:<cid>" | "user:<uid>" -> added_at
 --   P{B}:node:<node>:conns     hash  connection_id -> session_id (a node's records in B)
 --   P{B}:leases                hash  node_id -> newest lease a registration in B used;
 --                                    "fenced:<node_id>" -> registrations under a lease
---                                    up to this one are refused (the node was reaped)
+--                                    up to this one are refused (the node was reaped);
+--                                    sh_expire forgets both once long past
 --   P{B}:online                zset  user_id, score 0 (lexical order, for paging)
 --   P{B}:online:conns          hash  user_id -> number of live connections
 --   P{B}:expiry                zset  session_id -> when it ends by itself (the earlier
 --                                    of expires_at and last_seen_at + idle_ms)
 --   Pnodes                     zset  node_id -> lease expiry (no hash tag)
---   Pgroup:<group>:buckets     set   buckets that may hold members (no hash tag)
+--   P{B}:groups:emptied        hash  group -> times its members in B were all gone (the
+--                                    sweep forgets B in Pgroup:<group>:in_buckets)
+--   Pgroup:<group>:in_buckets  hash  bucket -> adds it has seen: the buckets that may
+--                                    hold members (no hash tag)
 -- Channels: P{B}:node:<node> carries events for a node's sockets in bucket B (sharded
 -- pub/sub, SPUBLISH, on Redis Cluster; classic PUBLISH on one Redis); Pall reaches all.
 -- Event payloads are JSON with a stable tag "t"; "message" events are a JSON header
 -- line, a newline, then the client frame verbatim.
 -- Times are Unix milliseconds, passed in by the caller.
+--
+-- Deadlines: the functions a request waits for take an optional last argument, a
+-- deadline in Unix ms of this Redis's own clock (TIME). Past it, the function does
+-- nothing and answers DEADLINE: the node that sent it has already answered its
+-- client with an error (Redis was paused, say, and the call waited in the socket),
+-- and an error answer must have no later effect. Operators leave it out.
 
 -- The bucket of an id (session, connection or user tag).
 local function bucket_of(id)
@@ -72,6 +86,26 @@ end
 
 local function bkey(P, B, name)
   return P .. '{' .. B .. '}:' .. name
+end
+
+local function user_nodes_key(P, B, uid)
+  return P .. '{' .. B .. '}:user:' .. uid .. ':nodes'
+end
+
+local function user_age_key(P, B, uid)
+  return P .. '{' .. B .. '}:user:' .. uid .. ':by_age'
+end
+
+-- Whether the optional deadline `d` (Unix ms, this server's clock) has passed.
+local function past_deadline(d)
+  d = tonumber(d)
+  if not d or d <= 0 then return false end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > d
+end
+
+local function deadline_reply()
+  return redis.error_reply('DEADLINE the call arrived after its deadline; nothing was done')
 end
 
 -- Whether this Redis runs in cluster mode (asked once per library load).
@@ -143,9 +177,18 @@ local function add_conn(P, cid, sid, uid, node, at)
   redis.call('HSET', ck, 'session_id', sid, 'user_id', uid, 'node_id', node, 'connected_at', at)
   redis.call('HSET', session_key(P, sid) .. ':conns', cid, node .. '|' .. at)
   redis.call('HSET', node_index(P, B, node), cid, sid)
+  redis.call('HINCRBY', user_nodes_key(P, B, uid), node, 1)
   redis.call('HINCRBY', bkey(P, B, 'online:conns'), uid, 1)
   redis.call('ZADD', bkey(P, B, 'online'), 0, uid)
   return true
+end
+
+-- Notes a group whose members in bucket B are all gone, so that the expiry sweep
+-- can forget B in the group's bucket index (another slot, so not from here).
+local function note_if_empty(P, B, group)
+  if redis.call('EXISTS', bkey(P, B, 'group:' .. group)) == 0 then
+    redis.call('HINCRBY', bkey(P, B, 'groups:emptied'), group, 1)
+  end
 end
 
 -- Removes every record of one connection. Returns its node, or nil if unknown.
@@ -159,8 +202,11 @@ local function drop_conn(P, cid)
   redis.call('HDEL', node_index(P, B, node), cid)
   for _, group in ipairs(redis.call('SMEMBERS', ck .. ':groups')) do
     redis.call('HDEL', bkey(P, B, 'group:' .. group), 'conn:' .. cid)
+    note_if_empty(P, B, group)
   end
   redis.call('DEL', ck, ck .. ':groups')
+  local un = user_nodes_key(P, B, uid)
+  if redis.call('HINCRBY', un, node, -1) <= 0 then redis.call('HDEL', un, node) end
   local oc = bkey(P, B, 'online:conns')
   if redis.call('HINCRBY', oc, uid, -1) <= 0 then
     redis.call('HDEL', oc, uid)
@@ -179,8 +225,10 @@ local function end_session(P, sid, uid)
     if node then nodes[node] = true end
   end
   redis.call('DEL', sk, sk .. ':conns')
-  redis.call('HDEL', user_key(P, bucket_of(sid), uid), sid)
-  redis.call('ZREM', bkey(P, bucket_of(sid), 'expiry'), sid)
+  local B = bucket_of(sid)
+  redis.call('HDEL', user_key(P, B, uid), sid)
+  redis.call('ZREM', user_age_key(P, B, uid), sid)
+  redis.call('ZREM', bkey(P, B, 'expiry'), sid)
   return nodes
 end
 
@@ -198,59 +246,79 @@ end
 
 -- sh_create_session: create a session and tell the user's other sessions.
 --   KEYS[1] P{B}:session:<sid>   KEYS[2] P{B}:user:<uid>:sessions
---   ARGV user_id, secret_hash, user_agent, ip, now, expires_at, idle_ms
+--   ARGV user_id, secret_hash, user_agent, ip, now, expires_at, idle_ms,
+--        [most sessions of the user (0 or absent: no cap), [deadline]]
 --   Returns the number of nodes notified; error EXISTS if the id is taken.
---   Publishes {"t":"session_created","session":{...}} (times as strings) to each node
---   holding a socket of another live session of the user.
+--   Past the cap, the user's oldest sessions end first, like kills with reason
+--   "limit". Publishes {"t":"session_created","session":{...}} (times as strings) to
+--   each node holding a socket of the user. Its cost does not grow with the number
+--   of the user's sessions: whom to notify comes from P{B}:user:<uid>:nodes.
 redis.register_function('sh_create_session', function(keys, args)
   local sk, uk = keys[1], keys[2]
   local P, B, sid = parse_session_key(sk)
   if not P then return bad_key('P{B}:session:<id>') end
+  if past_deadline(args[9]) then return deadline_reply() end
   if redis.call('EXISTS', sk) == 1 then return redis.error_reply('EXISTS session id taken') end
   local uid, now, expires, idle = args[1], args[5], args[6], args[7]
+  local ak = user_age_key(P, B, uid)
+
+  -- Sessions made before the age index existed join it once.
+  if redis.call('ZCARD', ak) ~= redis.call('HLEN', uk) then
+    for _, other in ipairs(redis.call('HKEYS', uk)) do
+      local at = redis.call('HGET', session_key(P, other), 'created_at')
+      if at then redis.call('ZADD', ak, 'NX', at, other) else redis.call('HDEL', uk, other) end
+    end
+  end
+  local cap = tonumber(args[8] or '0') or 0
+  if cap > 0 then
+    local per_node = {}
+    while redis.call('ZCARD', ak) >= cap do
+      local oldest = redis.call('ZRANGE', ak, 0, 0)[1]
+      if redis.call('EXISTS', session_key(P, oldest)) == 1 then
+        for node in pairs(end_session(P, oldest, uid)) do
+          per_node[node] = per_node[node] or {}
+          table.insert(per_node[node], oldest)
+        end
+      else
+        redis.call('ZREM', ak, oldest) -- expired on its own: tidy the indexes
+        redis.call('HDEL', uk, oldest)
+      end
+    end
+    publish_ended(P, B, per_node, 'limit')
+  end
+
   redis.call('HSET', sk, 'user_id', uid, 'secret_hash', args[2], 'user_agent', args[3],
     'ip', args[4], 'created_at', now, 'last_seen_at', now, 'expires_at', expires,
     'idle_ms', idle)
   redis.call('PEXPIREAT', sk, tonumber(expires) + EXPIRY_GRACE_MS)
   redis.call('ZADD', bkey(P, B, 'expiry'), deadline(expires, now, idle), sid)
-
-  local nodes, count = {}, 0
-  for _, other in ipairs(redis.call('HKEYS', uk)) do
-    local ok = session_key(P, other)
-    if redis.call('EXISTS', ok) == 0 then
-      redis.call('HDEL', uk, other) -- expired on its own: tidy the index
-    else
-      for _, v in ipairs(redis.call('HVALS', ok .. ':conns')) do
-        local node = string.match(v, '^([^|]+)|')
-        if node and not nodes[node] then
-          nodes[node] = true
-          count = count + 1
-        end
-      end
+  redis.call('HSET', uk, sid, expires)
+  redis.call('ZADD', ak, now, sid)
+  -- The indexes live as long as their longest-lived session (-1: no expiry yet).
+  local keep_until = tonumber(expires) + EXPIRY_GRACE_MS
+  for _, k in ipairs({ uk, ak }) do
+    if redis.call('PEXPIRETIME', k) < keep_until then
+      redis.call('PEXPIREAT', k, keep_until)
     end
   end
-  redis.call('HSET', uk, sid, expires)
-  -- The index lives as long as its longest-lived session (-1: no expiry yet).
-  local keep_until = tonumber(expires) + EXPIRY_GRACE_MS
-  if redis.call('PEXPIRETIME', uk) < keep_until then
-    redis.call('PEXPIREAT', uk, keep_until)
-  end
-  if count > 0 then
+
+  local nodes = redis.call('HKEYS', user_nodes_key(P, B, uid))
+  if #nodes > 0 then
     local event = cjson.encode({ t = 'session_created', session = {
       session_id = sid, user_id = uid, user_agent = args[3], ip = args[4],
       created_at = now, last_seen_at = now, expires_at = expires, idle_ms = idle } })
-    for node in pairs(nodes) do
+    for _, node in ipairs(nodes) do
       publish(P, B, node, event)
     end
   end
-  return count
+  return #nodes
 end)
 
 -- sh_register_connection: check a token's secret and record a live connection, within
 -- the socket limits; counts as activity of the session.
 --   KEYS[1] P{B}:session:<sid>
 --   ARGV secret_hash, connection_id, node_id, now, max sockets per session,
---        max sockets per user, the node's lease expiry
+--        max sockets per user, the node's lease expiry, [deadline]
 --   Returns nil for no live session or a wrong secret, else {user_id, user_agent, ip,
 --   created_at, last_seen_at, expires_at, idle_ms}. Errors: FENCED if the node's lease
 --   has run out or was superseded, LIMIT if a socket limit is reached.
@@ -260,6 +328,7 @@ redis.register_function('sh_register_connection', function(keys, args)
   if not P then return bad_key('P{B}:session:<id>') end
   local cid, node, now = args[2], args[3], tonumber(args[4])
   if bucket_of(cid) ~= B then return redis.error_reply('BADARG connection id of another bucket') end
+  if past_deadline(args[8]) then return deadline_reply() end
   local f = redis.call('HMGET', sk, 'secret_hash', 'user_id', 'user_agent', 'ip',
     'created_at', 'expires_at', 'last_seen_at', 'idle_ms')
   if not f[1] or not ct_equal(f[1], args[1]) then return false end
@@ -281,12 +350,13 @@ redis.register_function('sh_register_connection', function(keys, args)
 end)
 
 -- sh_touch: record activity of a session (its idle expiry moves).
---   KEYS[1] P{B}:session:<sid>   ARGV now
+--   KEYS[1] P{B}:session:<sid>   ARGV now, [deadline]
 --   Returns 1, or 0 if there is no live session.
 redis.register_function('sh_touch', function(keys, args)
   local sk = keys[1]
   local P, B, sid = parse_session_key(sk)
   if not P then return bad_key('P{B}:session:<id>') end
+  if past_deadline(args[2]) then return deadline_reply() end
   local now = tonumber(args[1])
   local f = redis.call('HMGET', sk, 'expires_at', 'last_seen_at', 'idle_ms')
   if not f[1] or deadline(f[1], f[2], f[3]) <= now then return 0 end
@@ -297,8 +367,12 @@ end)
 
 -- sh_expire: end every session of a bucket whose lifetime ran out, like a kill with
 -- reason "expired" (session_ended to each node holding one of its sockets).
---   KEYS[1] P{B}:expiry   ARGV now, most sessions to look at in this call
---   Returns the number of sessions ended.
+--   KEYS[1] P{B}:expiry   ARGV now, most sessions to look at in this call,
+--   [forget_after_ms: lease fields of P{B}:leases older than this are removed],
+--   [groups: "1" to also return up to 100 entries of P{B}:groups:emptied]
+--   Returns the number of sessions ended; with groups "1", {ended, {group, count,
+--   ...}}: for each, the caller forgets B in the group's bucket index, then calls
+--   sh_group_emptied_done with the count.
 redis.register_function('sh_expire', function(keys, args)
   local P, B = split_key(keys[1])
   if not P or not string.match(keys[1], '}:expiry$') then return bad_key('P{B}:expiry') end
@@ -324,7 +398,47 @@ redis.register_function('sh_expire', function(keys, args)
     end
   end
   publish_ended(P, B, per_node, 'expired')
+  -- A lease field (a node's newest lease here, or a fence) long in the past refuses
+  -- nothing any more: a registration needs a current lease anyway. Forget it, so
+  -- that node ids that came and went do not pile up.
+  local forget = tonumber(args[3] or '0') or 0
+  if forget > 0 then
+    local lk = bkey(P, B, 'leases')
+    local fields = redis.call('HGETALL', lk)
+    for i = 1, #fields, 2 do
+      if tonumber(fields[i + 1]) and tonumber(fields[i + 1]) + forget < now then
+        redis.call('HDEL', lk, fields[i])
+      end
+    end
+  end
+  if args[4] == '1' then
+    return { ended, redis.call('HRANDFIELD', bkey(P, B, 'groups:emptied'), 100, 'WITHVALUES') }
+  end
   return ended
+end)
+
+-- sh_group_emptied_done: the sweep has dealt with a group's emptying in bucket B,
+-- as of `count`; a later emptying (a higher count) stays for the next sweep.
+--   KEYS[1] P{B}:groups:emptied   ARGV group, count
+--   Returns 1 if the entry went.
+redis.register_function('sh_group_emptied_done', function(keys, args)
+  if not string.match(keys[1], '}:groups:emptied$') then return bad_key('P{B}:groups:emptied') end
+  if redis.call('HGET', keys[1], args[1]) ~= args[2] then return 0 end
+  redis.call('HDEL', keys[1], args[1])
+  return 1
+end)
+
+-- sh_group_forget_bucket: forget bucket B in a group's bucket index, unless a member
+-- was added there since the caller read `adds` (before it saw the group's members in
+-- B gone). The adder bumps the counter after its sh_group_add, so an add racing the
+-- sweep either shows in the count, or comes after this call and puts B back.
+--   KEYS[1] Pgroup:<group>:in_buckets   ARGV B, adds
+--   Returns 1 if forgotten.
+redis.register_function('sh_group_forget_bucket', function(keys, args)
+  if not string.match(keys[1], 'group:.+:in_buckets$') then return bad_key('Pgroup:<group>:in_buckets') end
+  if redis.call('HGET', keys[1], args[1]) ~= args[2] then return 0 end
+  redis.call('HDEL', keys[1], args[1])
+  return 1
 end)
 
 -- sh_unregister_connection: remove a closed connection's records (and its groups).
@@ -341,7 +455,7 @@ end)
 -- sh_kill_session: end one session everywhere.
 --   KEYS[1] P{B}:session:<sid>
 --   ARGV reason (killed | logout | expired; default killed), owner user_id or ""
---   (a session of another user is treated exactly like an unknown one)
+--   (a session of another user is treated exactly like an unknown one), [deadline]
 --   Returns 1 if ended, 0 if there was none. Publishes
 --   {"t":"session_ended","session_ids":[sid],"reason":...} to each node holding one
 --   of its sockets.
@@ -349,6 +463,7 @@ redis.register_function('sh_kill_session', function(keys, args)
   local sk = keys[1]
   local P, B, sid = parse_session_key(sk)
   if not P then return bad_key('P{B}:session:<id>') end
+  if past_deadline(args[3]) then return deadline_reply() end
   local owner = args[2] or ''
   local uid = redis.call('HGET', sk, 'user_id')
   if not uid then return 0 end
@@ -361,13 +476,14 @@ end)
 
 -- sh_kill_user_sessions: end every session of a user but one.
 --   KEYS[1] P{B}:user:<uid>:sessions
---   ARGV reason (default killed), session_id to keep or ""
+--   ARGV reason (default killed), session_id to keep or "", [deadline]
 --   Returns the number of sessions ended; one session_ended event per node.
 redis.register_function('sh_kill_user_sessions', function(keys, args)
   local uk = keys[1]
   local P, B = split_key(uk)
   local uid = string.match(uk, '}:user:(.*):sessions$')
   if not P or not uid then return bad_key('P{B}:user:<uid>:sessions') end
+  if past_deadline(args[3]) then return deadline_reply() end
   local keep = args[2] or ''
   local per_node, killed = {}, 0
   for _, sid in ipairs(redis.call('HKEYS', uk)) do
@@ -380,6 +496,7 @@ redis.register_function('sh_kill_user_sessions', function(keys, args)
         end
       end
       redis.call('HDEL', uk, sid)
+      redis.call('ZREM', user_age_key(P, B, uid), sid)
     end
   end
   publish_ended(P, B, per_node, reason_arg(args[1]))
@@ -393,8 +510,9 @@ end)
 --   of sessions whose keys are gone are removed on the way.
 redis.register_function('sh_user_sessions', function(keys, args)
   local uk = keys[1]
-  local P = split_key(uk)
-  if not P or not string.match(uk, '}:user:.*:sessions$') then return bad_key('P{B}:user:<uid>:sessions') end
+  local P, B = split_key(uk)
+  local uid = string.match(uk, '}:user:(.*):sessions$')
+  if not P or not uid then return bad_key('P{B}:user:<uid>:sessions') end
   local out = {}
   for _, sid in ipairs(redis.call('HKEYS', uk)) do
     local sk = session_key(P, sid)
@@ -402,6 +520,7 @@ redis.register_function('sh_user_sessions', function(keys, args)
       'expires_at', 'idle_ms')
     if not f[3] then
       redis.call('HDEL', uk, sid)
+      redis.call('ZREM', user_age_key(P, B, uid), sid)
     else
       table.insert(out, { sid, f[1], f[2], f[3], f[4], f[5], f[6], redis.call('HGETALL', sk .. ':conns') })
     end
@@ -426,13 +545,14 @@ end
 -- sh_publish: send a client frame to every live socket of a target, on every node.
 --   KEYS[1] the target: P{B}:user:<uid>:sessions | P{B}:session:<sid> |
 --           P{B}:conn:<cid> | P{B}:group:<group> (the group's members in bucket B)
---   ARGV frame (the complete client text frame)
+--   ARGV frame (the complete client text frame), [deadline]
 --   Returns {nodes, connections} reached. Publishes to each node that holds a target
 --   socket: '{"t":"message","cids":[...]}' .. "\n" .. frame
 redis.register_function('sh_publish', function(keys, args)
   local key, frame = keys[1], args[1]
   local P, B = split_key(key)
   if not P then return bad_key('a user, session, connection or group key') end
+  if past_deadline(args[2]) then return deadline_reply() end
   local targets = {}
   local uid = string.match(key, '}:user:(.*):sessions$')
   if uid then
@@ -472,15 +592,17 @@ redis.register_function('sh_publish', function(keys, args)
 end)
 
 -- sh_group_add: add a connection or a user (its current and future connections) to
--- the group's members in the member's bucket. The caller also adds B to
--- Pgroup:<group>:buckets, so that publishing to the group finds the bucket.
+-- the group's members in the member's bucket. The caller then bumps B's count in
+-- Pgroup:<group>:in_buckets (HINCRBY), so that publishing to the group finds the
+-- bucket.
 --   KEYS[1] P{B}:group:<group>
---   ARGV "conn", connection_id, now   |   "user", user_id, now
+--   ARGV "conn", connection_id, now   |   "user", user_id, now; then [deadline]
 --   Returns 1, or 0 if the connection is not live.
 redis.register_function('sh_group_add', function(keys, args)
   local P, B = split_key(keys[1])
   local group = string.match(keys[1], '}:group:(.+)$')
   if not P or not group then return bad_key('P{B}:group:<group>') end
+  if past_deadline(args[4]) then return deadline_reply() end
   if args[1] == 'conn' then
     if bucket_of(args[2]) ~= B then return redis.error_reply('BADARG connection of another bucket') end
     local ck = conn_key(P, args[2])
@@ -496,16 +618,19 @@ redis.register_function('sh_group_add', function(keys, args)
 end)
 
 -- sh_group_remove: remove a member.
---   KEYS[1] P{B}:group:<group>   ARGV "conn"|"user", id
+--   KEYS[1] P{B}:group:<group>   ARGV "conn"|"user", id, [deadline]
 --   Returns 1 if it was a member, else 0.
 redis.register_function('sh_group_remove', function(keys, args)
   local P, B = split_key(keys[1])
   local group = string.match(keys[1], '}:group:(.+)$')
   if not P or not group then return bad_key('P{B}:group:<group>') end
+  if past_deadline(args[3]) then return deadline_reply() end
   if args[1] == 'conn' and bucket_of(args[2]) == B then
     redis.call('SREM', conn_key(P, args[2]) .. ':groups', group)
   end
-  return redis.call('HDEL', keys[1], args[1] .. ':' .. args[2])
+  local n = redis.call('HDEL', keys[1], args[1] .. ':' .. args[2])
+  note_if_empty(P, B, group)
+  return n
 end)
 
 -- sh_drop_node: drop a node's records in one bucket and fence off its registrations

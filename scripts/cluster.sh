@@ -2,7 +2,9 @@
 # A sessionhub cluster on one machine, without Docker: redis-server (AOF on), three
 # nodes and nginx as the load balancer, all on loopback, for development and tests.
 #
-#   scripts/cluster.sh start [RUN_DIR]   start everything; prints the nginx URL
+#   scripts/cluster.sh start [RUN_DIR]   start everything; prints the nginx URL and
+#                                        what it serves (the demo app only with
+#                                        SESSIONHUB_DEMO=true: it is off on Redis)
 #   scripts/cluster.sh stop RUN_DIR      stop exactly what `start` started there
 #
 # RUN_DIR (default: a new temp dir) holds the logs, the AOF, the generated nginx
@@ -36,6 +38,15 @@ nginx_answers() {
     printf 'GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&3
     head=$(timeout 2 head -c 400 <&3)
     [[ $head == *"Server: nginx"* ]]
+  ) 2>/dev/null
+}
+
+# The HTTP status code of GET $2 on port $1 (nginx's answer, through to the nodes).
+http_status() {
+  (
+    exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
+    printf 'GET %s HTTP/1.0\r\nHost: 127.0.0.1:%s\r\n\r\n' "$2" "$1" >&3
+    read -r -t 5 _ code _ <&3 && echo "$code"
   ) 2>/dev/null
 }
 
@@ -163,7 +174,11 @@ NODE_URLS="${urls[*]}"
 SESSIONHUB_API_KEY=$key
 ENV
   trap - EXIT
-  echo "sessionhub cluster up: http://127.0.0.1:$port (run dir $run)"
+  # Say what the URL serves: the demo app is off by default on Redis.
+  local serves="the demo app at /, the API under /api/v1/"
+  [ "$(http_status "$port" /)" = 200 ] ||
+    serves="the API under /api/v1/ only: / answers 404 (SESSIONHUB_DEMO=true serves the demo app)"
+  echo "sessionhub cluster up: http://127.0.0.1:$port: $serves (run dir $run)"
 }
 
 stop() {

@@ -119,6 +119,17 @@ impl RedisServer {
         self.dir.path()
     }
 
+    /// Sends it a signal (`STOP` pauses it, `CONT` resumes it).
+    pub fn signal(&self, sig: &str) {
+        if let Some(pid) = self.child.id() {
+            let ok = std::process::Command::new("kill")
+                .args(["-s", sig, &pid.to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "could not send SIG{sig} to redis-server");
+        }
+    }
+
     /// Stops it cleanly (SIGTERM: it flushes its AOF) and waits for the exit.
     pub async fn stop(&mut self) {
         if let Some(pid) = self.child.id() {

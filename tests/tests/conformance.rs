@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use sessionhub_core::memory::{MemoryEngine, MemoryStore};
 use sessionhub_core::{
-    ConnectionId, EndReason, Engine, GroupName, LocalRecord, Member, NewSession, NodeEvent, NodeId,
-    SessionId, Target, Token, UserId,
+    ConnLimits, ConnectionId, EndReason, Engine, GroupName, LocalRecord, Member, NewSession,
+    NodeEvent, NodeId, SessionId, Target, Token, UserId,
 };
 use sessionhub_redis::{RedisConfig, RedisEngine};
 use sessionhub_tests::{RedisServer, WAIT, wait_for};
@@ -32,14 +32,30 @@ struct TestNode {
 
 impl Backend {
     async fn node(&self, id: &str) -> TestNode {
+        self.node_with(id, ConnLimits::default()).await
+    }
+
+    async fn node_with(&self, id: &str, limits: ConnLimits) -> TestNode {
         let (tx, events) = mpsc::channel(64);
         let node_id = NodeId::parse(id).unwrap();
         let engine: Arc<dyn Engine> = match self {
-            Backend::Memory(store) => Arc::new(MemoryEngine::new(store.clone(), node_id, tx)),
+            Backend::Memory(store) => Arc::new(MemoryEngine::with_limits(
+                store.clone(),
+                node_id,
+                tx,
+                limits,
+            )),
             Backend::Redis(redis) => Arc::new(
-                RedisEngine::connect(RedisConfig::new(redis.url()), node_id, tx)
-                    .await
-                    .unwrap(),
+                RedisEngine::connect(
+                    RedisConfig {
+                        limits,
+                        ..RedisConfig::new(redis.url())
+                    },
+                    node_id,
+                    tx,
+                )
+                .await
+                .unwrap(),
             ),
         };
         TestNode { engine, events }
@@ -629,6 +645,72 @@ async fn reassert_restores_records_of_live_sessions_only(b: Backend) {
     assert_eq!(alive, [true, false]);
 }
 
+async fn a_login_past_the_session_cap_ends_the_oldest_session(b: Backend) {
+    let limits = ConnLimits {
+        sessions_per_user: 3,
+        ..ConnLimits::default()
+    };
+    let mut a = b.node_with("a", limits).await;
+    let mut made = Vec::new();
+    for _ in 0..3 {
+        made.push(a.engine.create_session(new_session("alice")).await.unwrap());
+        // Different creation times, so "oldest" is well defined.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for s in &made[..2] {
+        a.engine
+            .register_connection(&s.token, &cid(&s.token))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let s4 = a.engine.create_session(new_session("alice")).await.unwrap();
+    match a.next_event().await {
+        NodeEvent::SessionsEnded {
+            session_ids,
+            reason,
+        } => {
+            assert_eq!(session_ids, [made[0].session.session_id.clone()]);
+            assert_eq!(reason, EndReason::Limit);
+        }
+        other => panic!("expected the oldest session to end, got {other:?}"),
+    }
+    match a.next_event().await {
+        NodeEvent::SessionCreated { session } => {
+            assert_eq!(session.session_id, s4.session.session_id)
+        }
+        other => panic!("expected session_created, got {other:?}"),
+    }
+    assert!(
+        a.engine
+            .authenticate(&made[0].token)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let mut left: Vec<SessionId> = a
+        .engine
+        .user_sessions(&user("alice"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.session_id)
+        .collect();
+    left.sort();
+    let mut want: Vec<SessionId> = [&made[1], &made[2], &s4]
+        .iter()
+        .map(|c| c.session.session_id.clone())
+        .collect();
+    want.sort();
+    assert_eq!(left, want);
+    // Another user's sessions do not count.
+    a.engine.create_session(new_session("bob")).await.unwrap();
+    assert_eq!(
+        a.engine.user_sessions(&user("alice")).await.unwrap().len(),
+        3
+    );
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -662,4 +744,5 @@ conformance!(
     publish_routes_to_exactly_the_nodes_holding_targets,
     presence_counts_each_user_once_and_pages_in_order,
     reassert_restores_records_of_live_sessions_only,
+    a_login_past_the_session_cap_ends_the_oldest_session,
 );

@@ -458,3 +458,129 @@ async fn a_client_that_stops_reading_is_closed_with_1013_and_nobody_else_waits()
     assert!(!frames.is_empty());
     good.assert_alive().await;
 }
+
+/// Every key of the test Redis matching `pattern`.
+async fn redis_keys(redis: &RedisServer, pattern: &str) -> Vec<String> {
+    let mut c = redis.conn().await;
+    redis::cmd("KEYS")
+        .arg(pattern)
+        .query_async(&mut c)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_answered_503_during_a_redis_pause_have_no_later_effect() {
+    let env = [("SESSIONHUB_MAX_SOCKETS_PER_SESSION", "4")];
+    let cluster = TestCluster::start_on(RedisServer::start().await, 1, &env).await;
+    let node = &cluster.nodes[0];
+    let api = Api::new(node);
+    let s0 = api.create_session("alice", "laptop").await;
+    let s = api.create_session("alice", "phone").await;
+    let mut watcher = WsClient::connect(node, &s0.token).await.unwrap();
+
+    // Redis pauses longer than the command timeout (2 s) but shorter than a lease.
+    cluster.redis.signal("STOP");
+    let upgrades: Vec<_> = (0..12)
+        .map(|_| {
+            let url = node.ws_url();
+            let token = s.token.clone();
+            tokio::spawn(async move { WsClient::connect_url(&url, &token).await.map(drop) })
+        })
+        .collect();
+    let create = tokio::spawn({
+        let api = api.clone();
+        async move {
+            api.service(
+                Method::POST,
+                "/api/v1/sessions",
+                Some(json!({ "user_id": "alice", "user_agent": "ghost" })),
+            )
+            .await
+            .status()
+        }
+    });
+    let kill = tokio::spawn({
+        let api = api.clone();
+        let sid = s0.session_id.clone();
+        async move {
+            api.service(Method::DELETE, &format!("/api/v1/sessions/{sid}"), None)
+                .await
+                .status()
+        }
+    });
+    for u in upgrades {
+        match u.await.unwrap() {
+            Err(sessionhub_tests::WsError::Http(503)) => {}
+            other => panic!("an upgrade during the pause: {other:?}"),
+        }
+    }
+    assert_eq!(create.await.unwrap(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(kill.await.unwrap(), StatusCode::SERVICE_UNAVAILABLE);
+    let resumed = Instant::now();
+    cluster.redis.signal("CONT");
+
+    // No connection record of s survives the failed upgrades, within the stated
+    // bound; the refused kill did not happen later; no phantom session was made.
+    api.wait_no_connections(&s.session_id, "the failed upgrades' records to go")
+        .await;
+    assert!(
+        resumed.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        resumed.elapsed()
+    );
+    assert_eq!(redis_keys(&cluster.redis, "sh:{*}:conn:*").await.len(), 1);
+    let res = api
+        .service(Method::GET, "/api/v1/users/alice/sessions", None)
+        .await;
+    let sessions: Vec<Value> = res.json().await.unwrap();
+    let mut ids: Vec<&str> = sessions
+        .iter()
+        .map(|x| x["session_id"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    let mut want = vec![s0.session_id.as_str(), s.session_id.as_str()];
+    want.sort_unstable();
+    assert_eq!(ids, want, "no session from the refused login, none killed");
+    // The watcher saw no "You logged in to another session" for the refused login.
+    watcher.assert_alive().await;
+    // The session is not locked out by its socket cap.
+    for _ in 0..4 {
+        let mut ws = WsClient::connect(node, &s.token).await.unwrap();
+        ws.assert_alive().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_closed_while_redis_restarts_lose_their_records_when_it_is_back() {
+    let mut cluster =
+        TestCluster::start_on(RedisServer::start_with(true).await, 1, FAST_LEASE).await;
+    let node = &cluster.nodes[0];
+    let api = Api::new(node);
+    let s = api.create_session("alice", "test").await;
+    let mut sockets = Vec::new();
+    for _ in 0..3 {
+        sockets.push(WsClient::connect(node, &s.token).await.unwrap());
+    }
+    let mut keep = WsClient::connect(node, &s.token).await.unwrap();
+    cluster.redis.stop().await;
+    // Closed while Redis is down: their unregistrations fail.
+    for mut ws in sockets {
+        ws.close_and_wait().await;
+    }
+    cluster.redis.start_again(false).await;
+    // The AOF brought back their records; the node removes them again.
+    wait_for("the closed sockets' records to go", WAIT, || async {
+        let res = api
+            .service(
+                Method::GET,
+                &format!("/api/v1/sessions/{}", s.session_id),
+                None,
+            )
+            .await;
+        let v: Value = res.json().await.ok()?;
+        (v["connections"].as_array()?.len() == 1).then_some(())
+    })
+    .await;
+    keep.assert_alive().await;
+}

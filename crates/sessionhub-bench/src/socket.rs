@@ -25,8 +25,11 @@ pub struct Closed {
     /// The close code (1005 if the frame had none; `None` if the stream ended
     /// without a close frame).
     pub code: Option<u16>,
-    /// When the close frame (or the end) was read.
+    /// When the close event came: the server closed the connection after the close
+    /// frame (what a browser's `onclose` and every standard client wait for).
     pub at: Instant,
+    /// When the close frame was read (the end, if there was none).
+    pub frame_at: Instant,
 }
 
 /// What a socket task does with what it reads.
@@ -87,6 +90,7 @@ struct BenchData {
 pub async fn run(mut ws: Ws, role: Role, mut stop: watch::Receiver<bool>) -> Outcome {
     let mut out = Outcome::default();
     let mut stopping = false;
+    let mut frame_at = None;
     loop {
         let msg = if stopping {
             match tokio::time::timeout(CLOSE_WAIT, ws.next()).await {
@@ -112,32 +116,25 @@ pub async fn run(mut ws: Ws, role: Role, mut stop: watch::Receiver<bool>) -> Out
         match msg {
             Some(Ok(Message::Text(t))) => on_text(&role, t.as_str(), &mut out),
             Some(Ok(Message::Close(f))) => {
-                let at = Instant::now();
-                let code = Some(f.map_or(1005, |f| u16::from(f.code)));
                 if out.close_code.is_none() {
-                    out.close_code = code;
-                    if let Role::Probe { index, tx } = &role {
-                        let _ = tx.send(Closed {
-                            index: *index,
-                            code,
-                            at,
-                        });
-                    }
+                    out.close_code = Some(f.map_or(1005, |f| u16::from(f.code)));
+                    frame_at = Some(Instant::now());
                 }
-                // The library answers the close; keep polling until the stream ends.
+                // The library answers the close; keep polling until the stream ends:
+                // that is the close event.
                 stopping = true;
             }
             Some(Ok(_)) => {}
             Some(Err(_)) | None => break,
         }
     }
-    if out.close_code.is_none()
-        && let Role::Probe { index, tx } = &role
-    {
+    if let Role::Probe { index, tx } = &role {
+        let at = Instant::now();
         let _ = tx.send(Closed {
             index: *index,
-            code: None,
-            at: Instant::now(),
+            code: out.close_code,
+            at,
+            frame_at: frame_at.unwrap_or(at),
         });
     }
     // Best effort: make sure the peer sees the end.

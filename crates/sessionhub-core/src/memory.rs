@@ -327,6 +327,18 @@ impl Engine for MemoryEngine {
         };
         let outbox: Outbox = {
             let mut st = self.store.lock();
+            // Past the cap, the oldest sessions end first, like kills.
+            let mut live = st.live_sessions_of(&new.user_id, now);
+            live.sort_by_key(|sid| st.sessions.get(sid).map(|r| r.session.created_at));
+            let cap = self.limits.sessions_per_user.max(1) as usize;
+            let excess = (live.len() + 1).saturating_sub(cap);
+            let mut per_node: HashMap<NodeId, Vec<SessionId>> = HashMap::new();
+            for sid in live.iter().take(excess) {
+                for node in st.end_session(sid) {
+                    per_node.entry(node).or_default().push(sid.clone());
+                }
+            }
+            let mut outbox = ended_events(&st, per_node, EndReason::Limit);
             let mut nodes = HashSet::new();
             for sid in st.live_sessions_of(&new.user_id, now) {
                 if let Some(rec) = st.sessions.get(&sid) {
@@ -350,18 +362,15 @@ impl Engine for MemoryEngine {
                 .entry(new.user_id)
                 .or_default()
                 .insert(session.session_id.clone());
-            nodes
-                .iter()
-                .filter_map(|n| st.sender(n))
-                .map(|tx| {
-                    (
-                        tx,
-                        NodeEvent::SessionCreated {
-                            session: session.clone(),
-                        },
-                    )
-                })
-                .collect()
+            outbox.extend(nodes.iter().filter_map(|n| st.sender(n)).map(|tx| {
+                (
+                    tx,
+                    NodeEvent::SessionCreated {
+                        session: session.clone(),
+                    },
+                )
+            }));
+            outbox
         };
         deliver(outbox).await;
         Ok(CreatedSession { session, token })

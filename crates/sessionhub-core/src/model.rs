@@ -92,13 +92,17 @@ impl Session {
 }
 
 /// Limits on the sockets of one session and one user, enforced atomically when a
-/// connection registers.
+/// connection registers, and on the sessions of one user, enforced when one is
+/// created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnLimits {
     /// Most live sockets of one session.
     pub per_session: u32,
     /// Most live sockets of one user, across sessions and nodes.
     pub per_user: u32,
+    /// Most sessions of one user: a login past it ends the user's oldest session
+    /// (reason [`EndReason::Limit`]).
+    pub sessions_per_user: u32,
 }
 
 impl Default for ConnLimits {
@@ -106,9 +110,13 @@ impl Default for ConnLimits {
         Self {
             per_session: DEFAULT_MAX_SOCKETS_PER_SESSION,
             per_user: DEFAULT_MAX_SOCKETS_PER_USER,
+            sessions_per_user: DEFAULT_MAX_SESSIONS_PER_USER,
         }
     }
 }
+
+/// Default [`ConnLimits::sessions_per_user`].
+pub const DEFAULT_MAX_SESSIONS_PER_USER: u32 = 100;
 
 /// Default [`ConnLimits::per_session`].
 pub const DEFAULT_MAX_SOCKETS_PER_SESSION: u32 = 32;
@@ -134,6 +142,9 @@ pub enum EndReason {
     Logout,
     /// Its lifetime ran out.
     Expired,
+    /// The user logged in once more than the per-user session cap allows; this was
+    /// the oldest session.
+    Limit,
 }
 
 impl EndReason {
@@ -143,6 +154,7 @@ impl EndReason {
             EndReason::Killed => "killed",
             EndReason::Logout => "logout",
             EndReason::Expired => "expired",
+            EndReason::Limit => "limit",
         }
     }
 
@@ -152,6 +164,7 @@ impl EndReason {
             "killed" => Some(EndReason::Killed),
             "logout" => Some(EndReason::Logout),
             "expired" => Some(EndReason::Expired),
+            "limit" => Some(EndReason::Limit),
             _ => None,
         }
     }

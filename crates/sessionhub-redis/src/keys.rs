@@ -112,9 +112,21 @@ impl Keys {
         self.in_bucket(b, format_args!("group:{group}"))
     }
 
-    /// The buckets that may hold members of a group.
+    /// The buckets that may hold members of a group, each with the number of adds
+    /// it has seen (a hash; the counter lets a sweep forget a bucket whose members
+    /// left without racing a concurrent add).
     pub fn group_buckets(&self, group: &GroupName) -> String {
+        format!("{}group:{}:in_buckets", self.prefix, group)
+    }
+
+    /// The set of buckets of a group written by 0.2.0 (read, never written).
+    pub fn legacy_group_buckets(&self, group: &GroupName) -> String {
         format!("{}group:{}:buckets", self.prefix, group)
+    }
+
+    /// The groups whose members in bucket `b` were all gone, with a count each.
+    pub fn groups_emptied(&self, b: Bucket) -> String {
+        self.in_bucket(b, format_args!("groups:emptied"))
     }
 
     /// The online users of bucket `b`.

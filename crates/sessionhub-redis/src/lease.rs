@@ -81,8 +81,12 @@ pub(crate) async fn run(inner: Arc<Inner>, events: EventSender) {
     }
 }
 
-/// Renews the lease; false if the node was fenced.
+/// Renews the lease; false if the node was fenced. Also re-measures Redis's clock,
+/// which the functions' deadlines are in.
 async fn renew(inner: &Inner) -> bool {
+    if let Err(e) = inner.measure_clock().await {
+        tracing::debug!(error = %e, "could not read Redis's clock");
+    }
     let res: Result<i64, _> = inner
         .fcall(
             "sh_node_heartbeat",

@@ -14,6 +14,7 @@
 //! Each node also holds a lease in `<prefix>nodes`, renewed by [`lease`]; the records
 //! of a node whose lease expires are reaped by the others, bucket by bucket.
 
+mod cleanup;
 mod conn;
 pub mod keys;
 mod lease;
@@ -58,6 +59,12 @@ const EXPIRE_BATCH: usize = 500;
 const REBUILD_AFTER_FAILURES: u64 = 3;
 /// Sockets re-asserted per function call, to keep each call short.
 const REASSERT_BATCH: usize = 1000;
+/// How much earlier than its command timeout a call's deadline is: covers the
+/// error of the clock offset and the reply's way back.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(250);
+/// Lease fields of a bucket (`P{B}:leases`) are forgotten this many lease lifetimes
+/// after the lease they name ran out.
+const LEASE_FORGET_AFTER_TTLS: u32 = 10;
 
 /// The function library, loaded into Redis at start-up and after Redis lost it.
 pub const LIBRARY: &str = include_str!("../../../lua/sessionhub.lua");
@@ -184,6 +191,12 @@ pub(crate) struct Inner {
     reaped: AtomicU64,
     /// See [`Engine::generation`].
     generation: AtomicU64,
+    /// Redis's clock minus this node's (ms), as of the last lease renewal: the
+    /// functions check deadlines against Redis's clock.
+    clock_offset: AtomicI64,
+    /// Records whose fate is unknown (their call failed or timed out), to remove
+    /// until Redis confirms; see [`cleanup`].
+    pub(crate) cleanup: cleanup::Queue,
 }
 
 impl Drop for RedisEngine {
@@ -264,6 +277,8 @@ impl RedisEngine {
             reconnects: AtomicU64::new(0),
             reaped: AtomicU64::new(0),
             generation: AtomicU64::new(0),
+            clock_offset: AtomicI64::new(0),
+            cleanup: cleanup::Queue::default(),
         });
         let engine = Self { inner };
 
@@ -301,6 +316,7 @@ impl RedisEngine {
             }
         }
         tokio::spawn(lease::run(engine.inner.clone(), events));
+        tokio::spawn(cleanup::run(engine.inner.clone()));
         Ok(engine)
     }
 
@@ -355,6 +371,7 @@ impl Inner {
     /// fenced) and fencing off the old lease in every bucket.
     async fn startup(&self) -> Result<(), EngineError> {
         self.load_library().await?;
+        self.measure_clock().await?;
         let nodes = self.keys.nodes();
         let id = self.node_id.as_str();
         let old: Option<f64> = self
@@ -528,6 +545,11 @@ impl Inner {
                         detail.trim_start_matches([':', ' ']).to_owned(),
                     ));
                 }
+                Err(EngineError::Corrupt(msg)) if msg.contains("DEADLINE") => {
+                    return Err(EngineError::Unavailable(
+                        "Redis answered after the request's deadline; nothing was done".into(),
+                    ));
+                }
                 Err(EngineError::Corrupt(msg)) if msg.contains("FENCED") => {
                     self.rejoin.notify_one();
                     return Err(EngineError::Unavailable(
@@ -540,6 +562,46 @@ impl Inner {
         Err(EngineError::Unavailable(
             "function library could not be loaded".into(),
         ))
+    }
+
+    /// Removes a connection's records (idempotent).
+    pub(crate) async fn unregister(&self, cid: &ConnectionId) -> Result<(), EngineError> {
+        self.fcall::<i64>("sh_unregister_connection", &[self.keys.conn(cid)], NO_ARGS)
+            .await
+            .map(drop)
+    }
+
+    /// Ends a session whose creation was answered with an error (if it exists).
+    pub(crate) async fn end_unseen_session(&self, sid: &SessionId) -> Result<(), EngineError> {
+        self.fcall::<i64>(
+            "sh_kill_session",
+            &[self.keys.session(sid)],
+            (EndReason::Killed.as_str(), ""),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// The deadline to pass to a function called now, in Redis's clock: a little
+    /// before this call's own timeout, so that a call Redis runs after the node gave
+    /// up on it (and answered its client with an error) does nothing.
+    pub(crate) fn deadline(&self) -> i64 {
+        let timeout = self.command_timeout.saturating_sub(DEADLINE_MARGIN);
+        now_ms() + self.clock_offset.load(Ordering::Relaxed) + timeout.as_millis() as i64
+    }
+
+    /// Records Redis's clock against this node's (`TIME`, halfway through the round
+    /// trip).
+    pub(crate) async fn measure_clock(&self) -> Result<(), EngineError> {
+        let sent = now_ms();
+        let (secs, micros): (i64, i64) = self
+            .run(|mut c| async move { redis::cmd("TIME").query_async(&mut c).await })
+            .await?;
+        let received = now_ms();
+        let redis_ms = secs * 1000 + micros / 1000;
+        self.clock_offset
+            .store(redis_ms - (sent + received) / 2, Ordering::Relaxed);
+        Ok(())
     }
 
     pub(crate) fn probe_received(&self, bucket: Bucket) {
@@ -740,6 +802,8 @@ impl Engine for RedisEngine {
                         now,
                         expires_at,
                         idle_ms,
+                        self.inner.limits.sessions_per_user,
+                        self.inner.deadline(),
                     ),
                 )
                 .await;
@@ -759,6 +823,12 @@ impl Engine for RedisEngine {
                     return Ok(CreatedSession { session, token });
                 }
                 Err(EngineError::Corrupt(msg)) if msg.contains("EXISTS") => continue,
+                Err(e @ EngineError::Unavailable(_)) => {
+                    // The caller never gets this token: if the call ran after all
+                    // (its answer lost), end the session it made.
+                    self.inner.cleanup.push(cleanup::Item::Session(sid));
+                    return Err(e);
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -867,7 +937,7 @@ impl Engine for RedisEngine {
             .fcall(
                 "sh_kill_session",
                 &[self.inner.keys.session(session_id)],
-                (reason.as_str(), owner),
+                (reason.as_str(), owner, self.inner.deadline()),
             )
             .await?;
         Ok(n > 0)
@@ -885,7 +955,7 @@ impl Engine for RedisEngine {
             .fcall(
                 "sh_kill_user_sessions",
                 &[self.inner.keys.user_sessions(user_id)],
-                (reason.as_str(), keep),
+                (reason.as_str(), keep, self.inner.deadline()),
             )
             .await?;
         Ok(n.max(0) as u64)
@@ -899,7 +969,7 @@ impl Engine for RedisEngine {
         let sid = token.session_id();
         type Reply = Option<(String, String, String, String, String, String, String)>;
         let limits = self.inner.limits;
-        let reply: Reply = self
+        let reply: Result<Reply, _> = self
             .inner
             .fcall(
                 "sh_register_connection",
@@ -912,9 +982,21 @@ impl Engine for RedisEngine {
                     limits.per_session,
                     limits.per_user,
                     self.inner.lease_until.load(Ordering::Acquire),
+                    self.inner.deadline(),
                 ),
             )
-            .await?;
+            .await;
+        let reply = match reply {
+            Err(e @ EngineError::Unavailable(_)) => {
+                // It may still run (before its deadline) or have run with the
+                // answer lost: make sure no record outlives this failed upgrade.
+                self.inner
+                    .cleanup
+                    .push(cleanup::Item::Connection(connection_id.clone()));
+                return Err(e);
+            }
+            other => other?,
+        };
         let Some((user_id, user_agent, ip, created_at, last_seen_at, expires_at, idle_ms)) = reply
         else {
             return Ok(None);
@@ -932,14 +1014,15 @@ impl Engine for RedisEngine {
     }
 
     async fn unregister_connection(&self, connection_id: &ConnectionId) -> Result<(), EngineError> {
-        self.inner
-            .fcall::<i64>(
-                "sh_unregister_connection",
-                &[self.inner.keys.conn(connection_id)],
-                NO_ARGS,
-            )
-            .await
-            .map(drop)
+        let res = self.inner.unregister(connection_id).await;
+        if res.is_err() {
+            // Retried until Redis confirms: a record left behind would count
+            // against presence and the socket limits.
+            self.inner
+                .cleanup
+                .push(cleanup::Item::Connection(connection_id.clone()));
+        }
+        res
     }
 
     async fn publish(&self, target: &Target, frame: &str) -> Result<Delivery, EngineError> {
@@ -960,7 +1043,10 @@ impl Engine for RedisEngine {
                 });
             }
         };
-        let (nodes, conns): (i64, i64) = self.inner.fcall("sh_publish", &[key], frame).await?;
+        let (nodes, conns): (i64, i64) = self
+            .inner
+            .fcall("sh_publish", &[key], (frame, self.inner.deadline()))
+            .await?;
         Ok(Delivery {
             nodes: nodes.max(0) as u64,
             connections: Some(conns.max(0) as u64),
@@ -975,27 +1061,38 @@ impl Engine for RedisEngine {
             match member {
                 Member::Connection(c) => {
                     inner
-                        .fcall::<i64>("sh_group_add", &key, ("conn", c.as_str(), now_ms()))
+                        .fcall::<i64>(
+                            "sh_group_add",
+                            &key,
+                            ("conn", c.as_str(), now_ms(), inner.deadline()),
+                        )
                         .await
                 }
                 Member::User(u) => {
                     inner
-                        .fcall::<i64>("sh_group_add", &key, ("user", u.as_str(), now_ms()))
+                        .fcall::<i64>(
+                            "sh_group_add",
+                            &key,
+                            ("user", u.as_str(), now_ms(), inner.deadline()),
+                        )
                         .await
                 }
             }
         };
-        // Both must hold before the add is acknowledged; a stale bucket entry (its
-        // members left) only costs a publish an empty call.
+        // Both must hold before the add is acknowledged, in this order: the sweep
+        // that forgets emptied buckets relies on the count moving after the add.
+        let n = add.await?;
         let buckets = inner.keys.group_buckets(group);
-        let index = inner.run(|mut c| async move {
-            redis::cmd("SADD")
-                .arg(buckets)
-                .arg(b.hex())
-                .query_async::<i64>(&mut c)
-                .await
-        });
-        let (n, _) = tokio::try_join!(add, index)?;
+        inner
+            .run(|mut c| async move {
+                redis::cmd("HINCRBY")
+                    .arg(buckets)
+                    .arg(b.hex())
+                    .arg(1)
+                    .query_async::<i64>(&mut c)
+                    .await
+            })
+            .await?;
         Ok(n > 0)
     }
 
@@ -1004,7 +1101,7 @@ impl Engine for RedisEngine {
         let key = self.inner.keys.group(member_bucket(member), group);
         let n: i64 = self
             .inner
-            .fcall("sh_group_remove", &[key], (kind, id))
+            .fcall("sh_group_remove", &[key], (kind, id, self.inner.deadline()))
             .await?;
         Ok(n > 0)
     }
@@ -1161,25 +1258,49 @@ impl Engine for RedisEngine {
 
     async fn touch(&self, session_id: &SessionId) -> Result<(), EngineError> {
         self.inner
-            .fcall::<i64>("sh_touch", &[self.inner.keys.session(session_id)], now_ms())
+            .fcall::<i64>(
+                "sh_touch",
+                &[self.inner.keys.session(session_id)],
+                (now_ms(), self.inner.deadline()),
+            )
             .await
             .map(drop)
     }
 
     async fn expire_due(&self) -> Result<u64, EngineError> {
         let inner = &self.inner;
+        let forget_after = inner.lease.ttl_ms() * u64::from(LEASE_FORGET_AFTER_TTLS);
         let ended = inner
             .each_bucket(|b| async move {
                 let key = [inner.keys.expiry(b)];
+                // The first call of a round also takes the groups emptied in b.
+                let reply: redis::Value = inner
+                    .fcall(
+                        "sh_expire",
+                        &key,
+                        (now_ms(), EXPIRE_BATCH, forget_after, "1"),
+                    )
+                    .await?;
+                let (mut n, emptied) = expire_reply(reply)?;
+                for (group, count) in emptied {
+                    inner.forget_group_bucket(&group, b).await?;
+                    inner
+                        .fcall::<i64>(
+                            "sh_group_emptied_done",
+                            &[inner.keys.groups_emptied(b)],
+                            (group.as_str(), count.as_str()),
+                        )
+                        .await?;
+                }
                 let mut total = 0;
                 loop {
-                    let n: i64 = inner
-                        .fcall("sh_expire", &key, (now_ms(), EXPIRE_BATCH))
-                        .await?;
                     total += n.max(0) as u64;
                     if (n.max(0) as usize) < EXPIRE_BATCH {
                         return Ok(total);
                     }
+                    n = inner
+                        .fcall("sh_expire", &key, (now_ms(), EXPIRE_BATCH, forget_after))
+                        .await?;
                 }
             })
             .await?;
@@ -1211,7 +1332,11 @@ impl RedisEngine {
         let buckets = inner.group_buckets(group).await?;
         let replies = try_join_all(buckets.into_iter().map(|b| {
             let key = inner.keys.group(b, group);
-            async move { inner.fcall::<(i64, i64)>("sh_publish", &[key], frame).await }
+            async move {
+                inner
+                    .fcall::<(i64, i64)>("sh_publish", &[key], (frame, inner.deadline()))
+                    .await
+            }
         }))
         .await?;
         let (nodes, conns) = replies
@@ -1224,14 +1349,70 @@ impl RedisEngine {
     }
 }
 
+/// `sh_expire`'s reply: the sessions ended and, when asked, the groups emptied with
+/// their counts (a library older than the node answers the number alone).
+fn expire_reply(v: redis::Value) -> Result<(i64, Vec<(String, String)>), EngineError> {
+    if let redis::Value::Int(n) = v {
+        return Ok((n, Vec::new()));
+    }
+    let (n, flat): (i64, Vec<String>) = redis::from_redis_value(v).map_err(corrupt)?;
+    let pairs = flat
+        .chunks_exact(2)
+        .map(|p| (p[0].clone(), p[1].clone()))
+        .collect();
+    Ok((n, pairs))
+}
+
 impl Inner {
-    /// The buckets that may hold members of a group.
+    /// The buckets that may hold members of a group (and those a 0.2.0 node wrote
+    /// in the older set).
     async fn group_buckets(&self, group: &GroupName) -> Result<Vec<Bucket>, EngineError> {
         let key = self.keys.group_buckets(group);
-        let hex: Vec<String> = self
-            .run(|mut c| async move { redis::cmd("SMEMBERS").arg(key).query_async(&mut c).await })
+        let legacy = self.keys.legacy_group_buckets(group);
+        let current =
+            self.run(|mut c| async move { redis::cmd("HKEYS").arg(key).query_async(&mut c).await });
+        let old = self.run(|mut c| async move {
+            redis::cmd("SMEMBERS").arg(legacy).query_async(&mut c).await
+        });
+        let (current, old): (Vec<String>, Vec<String>) = tokio::try_join!(current, old)?;
+        let mut buckets: Vec<Bucket> = current.iter().chain(&old).map(|h| Bucket::of(h)).collect();
+        buckets.sort_unstable();
+        buckets.dedup();
+        Ok(buckets)
+    }
+
+    /// Forgets bucket `b` in a group's bucket index if its members there are gone
+    /// and none was added meanwhile. The count is read before the members are
+    /// looked at: see `sh_group_forget_bucket`.
+    async fn forget_group_bucket(&self, group: &str, b: Bucket) -> Result<(), EngineError> {
+        let Ok(group) = GroupName::parse(group) else {
+            tracing::warn!(
+                group,
+                "ignoring a malformed group name in an emptied-groups set"
+            );
+            return Ok(());
+        };
+        let index = self.keys.group_buckets(&group);
+        let idx = index.clone();
+        let adds: Option<String> = self
+            .run(|mut c| async move {
+                redis::cmd("HGET")
+                    .arg(idx)
+                    .arg(b.hex())
+                    .query_async(&mut c)
+                    .await
+            })
             .await?;
-        Ok(hex.iter().map(|h| Bucket::of(h)).collect())
+        let Some(adds) = adds else { return Ok(()) };
+        let members = self.keys.group(b, &group);
+        let exists: i64 = self
+            .run(|mut c| async move { redis::cmd("EXISTS").arg(members).query_async(&mut c).await })
+            .await?;
+        if exists == 0 {
+            self.fcall::<i64>("sh_group_forget_bucket", &[index], (b.hex(), adds))
+                .await?;
+        }
+        Ok(())
     }
 }
 

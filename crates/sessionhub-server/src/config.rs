@@ -11,6 +11,10 @@ use sessionhub_core::model::MAX_SESSION_TTL;
 use sessionhub_core::{ConnLimits, NodeId};
 use sessionhub_redis::{LeaseConfig, Topology};
 
+/// Highest accepted `SESSIONHUB_MAX_SESSIONS_PER_USER`: a login past the cap ends
+/// the oldest sessions in the same atomic call, so the cap bounds that call's work.
+pub const MAX_SESSIONS_CAP: u32 = 10_000;
+
 /// Shortest service API key accepted: a guessable key is worse than none.
 pub const MIN_API_KEY_LEN: usize = 16;
 
@@ -128,6 +132,11 @@ pub struct Cli {
     /// Most live sockets of one user.
     #[arg(long, env = "SESSIONHUB_MAX_SOCKETS_PER_USER", default_value_t = 128)]
     pub max_sockets_per_user: u32,
+
+    /// Most sessions of one user: a login past it ends the user's oldest session
+    /// (`session_ended` with reason `limit`).
+    #[arg(long, env = "SESSIONHUB_MAX_SESSIONS_PER_USER", default_value_t = 100)]
+    pub max_sessions_per_user: u32,
 
     /// Time in ms a client has to send a request head, upgrades included (slowloris).
     #[arg(long, env = "SESSIONHUB_REQUEST_TIMEOUT_MS", default_value_t = 5000)]
@@ -486,6 +495,12 @@ impl Config {
                 "must be positive",
             ));
         }
+        if cli.max_sessions_per_user == 0 || cli.max_sessions_per_user > MAX_SESSIONS_CAP {
+            return Err(bad(
+                "SESSIONHUB_MAX_SESSIONS_PER_USER (--max-sessions-per-user)",
+                format!("must be between 1 and {MAX_SESSIONS_CAP}"),
+            ));
+        }
         if cli.request_timeout_ms == 0
             || cli.ping_interval_ms == 0
             || cli.pong_timeout_ms <= cli.ping_interval_ms
@@ -514,6 +529,7 @@ impl Config {
             conn_limits: ConnLimits {
                 per_session: cli.max_sockets_per_session,
                 per_user: cli.max_sockets_per_user,
+                sessions_per_user: cli.max_sessions_per_user,
             },
             request_timeout: Duration::from_millis(cli.request_timeout_ms),
             max_message_bytes: cli.max_message_bytes,

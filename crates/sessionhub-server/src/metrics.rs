@@ -68,7 +68,9 @@ pub struct Metrics {
 
 fn reason_index(r: EndReason) -> usize {
     match r {
-        EndReason::Killed => 0,
+        // Sessions over the per-user cap end inside the login's own Redis call,
+        // which does not count them; were one counted here, it is a kill.
+        EndReason::Killed | EndReason::Limit => 0,
         EndReason::Logout => 1,
         EndReason::Expired => 2,
     }

@@ -262,6 +262,50 @@ fn protocol_exit(e: ProtocolError) -> Exit {
     }
 }
 
+/// Sends the close frame for `exit` (after its last text frame, if any) and, when
+/// the server closes first, waits for the client's close frame, each bounded.
+async fn close_socket(
+    mut ws: actix_ws::Session,
+    exit: Exit,
+    metrics: &Metrics,
+    stream: &mut actix_ws::MessageStream,
+) {
+    let (frame, reason, await_reply) = match exit {
+        Exit::Gone => return,
+        // The client's close frame is read: ours answers it, then TCP closes.
+        Exit::ClientClosed(reason) => (None, reason, false),
+        Exit::Close(code, why, frame) => {
+            tracing::debug!(code, why, "closing");
+            let reason = CloseReason {
+                code: CloseCode::from(code),
+                description: Some(why.to_owned()),
+            };
+            (frame, Some(reason), true)
+        }
+    };
+    let close = async move {
+        if let Some(frame) = frame {
+            ws.text(frame).await?;
+            Metrics::inc(&metrics.messages_out);
+        }
+        ws.close(reason).await
+    };
+    match tokio::time::timeout(CLOSE_TIMEOUT, close).await {
+        Ok(Ok(())) if await_reply => {
+            // We closed first: the client answers with its close frame, and then
+            // waits for us to close TCP.
+            if tokio::time::timeout(CLOSE_REPLY_TIMEOUT, close_reply(stream))
+                .await
+                .is_err()
+            {
+                tracing::debug!("the client did not answer the close frame in time");
+            }
+        }
+        Ok(_) => {}
+        Err(_) => tracing::debug!("the client did not take the close frame in time"),
+    }
+}
+
 /// Reads (and drops) what the client still sends until its close frame, or the end.
 async fn close_reply(stream: &mut actix_ws::MessageStream) {
     while let Some(msg) = stream.next().await {
@@ -321,7 +365,7 @@ impl Socket {
             self.serve(&mut rx, &mut stream).await
         };
 
-        // Bookkeeping first: a client that does not read must not hold it up.
+        // The hub forgets the socket at once, so nothing more is queued for it.
         self.state.hub.remove(&self.conn);
         // An ended session's records went with it, and a node shutting down removes
         // all of its records in one step.
@@ -329,52 +373,26 @@ impl Socket {
             exit,
             Exit::Close(close_code::SESSION_ENDED | close_code::GOING_AWAY, ..)
         );
-        if !keep_record && let Err(e) = self.state.engine.unregister_connection(&self.conn.id).await
-        {
-            tracing::warn!(error = %e, "could not remove the connection record");
-        }
         let Self {
-            ws, release, state, ..
+            ws,
+            release,
+            state,
+            conn,
+            ..
         } = self;
-        let (frame, reason, await_reply) = match exit {
-            Exit::Gone => (None, None, false),
-            // The client's close frame is read: ours answers it, then TCP closes.
-            Exit::ClientClosed(reason) => (None, Some(reason), false),
-            Exit::Close(code, why, frame) => {
-                tracing::debug!(code, why, "closing");
-                let reason = CloseReason {
-                    code: CloseCode::from(code),
-                    description: Some(why.to_owned()),
-                };
-                (frame, Some(Some(reason)), true)
+        // The record goes while the socket closes: neither a slow Redis nor a client
+        // that does not read holds up the other.
+        let unregister = async {
+            if !keep_record && let Err(e) = state.engine.unregister_connection(&conn.id).await {
+                tracing::warn!(error = %e, "could not remove the connection record; retrying");
             }
         };
-        if let Some(reason) = reason {
-            let mut ws = ws;
-            let metrics = state.metrics.clone();
-            let close = async move {
-                if let Some(frame) = frame {
-                    ws.text(frame).await?;
-                    Metrics::inc(&metrics.messages_out);
-                }
-                ws.close(reason).await
-            };
-            match tokio::time::timeout(CLOSE_TIMEOUT, close).await {
-                Ok(Ok(())) if await_reply => {
-                    // We closed first: the client answers with its close frame, and
-                    // then waits for us to close TCP.
-                    if tokio::time::timeout(CLOSE_REPLY_TIMEOUT, close_reply(&mut stream))
-                        .await
-                        .is_err()
-                    {
-                        tracing::debug!("the client did not answer the close frame in time");
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => tracing::debug!("the client did not take the close frame in time"),
-            }
-        }
-        drop(release);
+        let closing = async {
+            close_socket(ws, exit, &state.metrics, &mut stream).await;
+            // The closing handshake is done: the response ends and TCP closes.
+            drop(release);
+        };
+        tokio::join!(unregister, closing);
         tracing::debug!("disconnected");
     }
 

@@ -1,0 +1,228 @@
+//! Indexes shrink back: after any churn (logins, sockets, groups, nodes that came
+//! and went under fresh ids), an idle cluster's Redis holds a bounded set of keys,
+//! checked by scanning the whole keyspace.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+use sessionhub_tests::{Api, FAST_LEASE, RedisServer, TestCluster, WsClient};
+
+/// Lease fields are forgotten ten lease lifetimes (FAST_LEASE: 1.5 s) after they
+/// ran out; slack for a loaded machine on top.
+const SHRINK_BOUND: Duration = Duration::from_secs(15 + 25);
+
+async fn all_keys(redis: &RedisServer) -> Vec<String> {
+    let mut c = redis.conn().await;
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    keys.sort();
+    keys
+}
+
+async fn status(api: &Api, method: Method, path: &str) -> StatusCode {
+    api.service(method, path, None).await.status()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_cluster_returns_to_a_bounded_key_count_after_churn() {
+    let cluster = TestCluster::start_on(RedisServer::start().await, 2, FAST_LEASE).await;
+    let api = Api::new(&cluster.nodes[0]);
+
+    // Groups: members by connection and by user, added, published to, removed or
+    // gone with their sockets; users with several sessions and sockets on both nodes.
+    for i in 0..24 {
+        let user = format!("user{i}");
+        let s1 = api.create_session(&user, "a").await;
+        let s2 = api.create_session(&user, "b").await;
+        let mut ws1 = WsClient::connect(&cluster.nodes[0], &s1.token)
+            .await
+            .unwrap();
+        let mut ws2 = WsClient::connect(&cluster.nodes[1], &s2.token)
+            .await
+            .unwrap();
+        let (g, h) = (format!("room-{i}"), format!("team-{i}"));
+        let path = format!("/api/v1/groups/{g}/members/{}", ws1.connection_id());
+        assert_eq!(
+            status(&api, Method::PUT, &path).await,
+            StatusCode::NO_CONTENT
+        );
+        let upath = format!("/api/v1/groups/{h}/members/user:{user}");
+        assert_eq!(
+            status(&api, Method::PUT, &upath).await,
+            StatusCode::NO_CONTENT
+        );
+        for group in [&g, &h] {
+            let res = api
+                .service(
+                    Method::POST,
+                    "/api/v1/publish",
+                    Some(json!({ "to": { "group": group }, "event": "e" })),
+                )
+                .await;
+            assert_eq!(res.status(), StatusCode::ACCEPTED);
+        }
+        ws1.expect("message").await;
+        ws1.expect("message").await;
+        ws2.expect("message").await;
+        assert_eq!(
+            status(&api, Method::DELETE, &upath).await,
+            StatusCode::NO_CONTENT
+        );
+        // The connection member goes with its socket; the sessions with a kill.
+        ws1.close_and_wait().await;
+        api.wait_no_connections(&s1.session_id, "the closed socket's record")
+            .await;
+        let res = api
+            .service(
+                Method::DELETE,
+                &format!("/api/v1/users/{user}/sessions"),
+                None,
+            )
+            .await;
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(ws2.expect_close().await.0, 4001);
+    }
+
+    // Nodes that come and go under fresh ids, each after registering sockets.
+    for i in 0..3 {
+        let node = TestCluster::node(&cluster.redis, 10 + i, FAST_LEASE).await;
+        let s = Api::new(&node).create_session("visitor", "x").await;
+        let _ws = WsClient::connect(&node, &s.token).await.unwrap();
+        node.signal("KILL");
+        let res = api
+            .service(Method::DELETE, "/api/v1/users/visitor/sessions", None)
+            .await;
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+
+    // Idle: only the live nodes' lease set stays.
+    let mut last = Vec::new();
+    let settled = tokio::time::timeout(SHRINK_BOUND, async {
+        loop {
+            last = all_keys(&cluster.redis).await;
+            if last == ["sh:nodes"] {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    })
+    .await;
+    assert!(
+        settled.is_ok(),
+        "after {SHRINK_BOUND:?} idle, {} keys remain: {:?}",
+        last.len(),
+        &last[..last.len().min(40)]
+    );
+    let mut c = cluster.redis.conn().await;
+    let nodes: Vec<String> = redis::cmd("ZRANGE")
+        .arg("sh:nodes")
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(nodes, ["node-a", "node-b"], "dead nodes are forgotten");
+}
+
+/// Commands Redis ran (those inside functions included) for one call of `f`, from
+/// `INFO commandstats` around it. No node runs against this Redis, so nothing else
+/// is counted.
+async fn commands_for<F, Fut>(c: &mut redis::aio::MultiplexedConnection, f: F) -> u64
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async::<()>(c)
+        .await
+        .unwrap();
+    f().await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(c)
+        .await
+        .unwrap();
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_"))
+        .filter(|l| !l.starts_with("cmdstat_info:") && !l.starts_with("cmdstat_config"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logins_redis_cost_does_not_grow_with_the_users_sessions() {
+    let redis = RedisServer::start().await;
+    let mut c = redis.conn().await;
+    redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg("REPLACE")
+        .arg(sessionhub_redis::LIBRARY)
+        .query_async::<String>(&mut c)
+        .await
+        .unwrap();
+    const CAP: usize = 300;
+    let bucket = "3f";
+    let mut n = 0usize;
+    // One login of alice, as a node makes it (sh_create_session with the cap).
+    let login = |c: redis::aio::MultiplexedConnection, n: usize| async move {
+        let mut c = c;
+        let sid = format!("{bucket}{n:030x}");
+        let now = sessionhub_core::time::now_ms() + n as i64;
+        redis::cmd("FCALL")
+            .arg("sh_create_session")
+            .arg(2)
+            .arg(format!("sh:{{{bucket}}}:session:{sid}"))
+            .arg(format!("sh:{{{bucket}}}:user:alice:sessions"))
+            .arg((
+                "alice",
+                "hash",
+                "ua",
+                "192.0.2.1",
+                now,
+                now + 3_600_000,
+                1_800_000,
+            ))
+            .arg(CAP)
+            .query_async::<i64>(&mut c)
+            .await
+            .unwrap();
+    };
+    let mut figures = Vec::new();
+    for sessions in [1, 100, CAP] {
+        while n < sessions {
+            login(c.clone(), n).await;
+            n += 1;
+        }
+        let conn = c.clone();
+        let cost = commands_for(&mut c, || login(conn, n)).await;
+        n += 1;
+        figures.push((sessions, cost));
+    }
+    eprintln!("Redis commands for one login, by the user's sessions before it: {figures:?}");
+    let (_, base) = figures[0];
+    assert_eq!(
+        figures[1].1, base,
+        "100 sessions cost what 1 does: {figures:?}"
+    );
+    // At the cap the oldest session ends in the same call: a fixed extra.
+    assert!(figures[2].1 <= base + 16, "at the cap: {figures:?}");
+    let count: usize = redis::cmd("HLEN")
+        .arg(format!("sh:{{{bucket}}}:user:alice:sessions"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(count, CAP, "the cap holds");
+}
