@@ -721,6 +721,32 @@ redis.register_function('sh_reassert', function(keys, args)
   return gone
 end)
 
+-- sh_reconcile: remove a node's records in one bucket that it does not hold: the
+-- node passes the connections it holds in B; any other record of the node in B that
+-- is older than `before` goes (younger ones may belong to an upgrade in flight).
+--   KEYS[1] P{B}:node:<node>:conns   ARGV before (Unix ms), then connection ids
+--   Returns the number of records removed.
+redis.register_function('sh_reconcile', function(keys, args)
+  local P, B = split_key(keys[1])
+  local node = string.match(keys[1], '}:node:(.+):conns$')
+  if not P or not node then return bad_key('P{B}:node:<node>:conns') end
+  local before = tonumber(args[1])
+  if not before then return redis.error_reply('BADARG before must be a number') end
+  local held = {}
+  for i = 2, #args do held[args[i]] = true end
+  local n = 0
+  for _, cid in ipairs(redis.call('HKEYS', keys[1])) do
+    if not held[cid] then
+      local at = tonumber(redis.call('HGET', conn_key(P, cid), 'connected_at') or '0') or 0
+      if at < before then
+        if not drop_conn(P, cid) then redis.call('HDEL', keys[1], cid) end
+        n = n + 1
+      end
+    end
+  end
+  return n
+end)
+
 -- sh_online_users: one page of a bucket's online users, in lexical order (a full
 -- page merges the pages of all buckets).
 --   KEYS[1] P{B}:online   ARGV after (exclusive; "" for the first page), limit

@@ -584,3 +584,60 @@ async fn sockets_closed_while_redis_restarts_lose_their_records_when_it_is_back(
     .await;
     keep.assert_alive().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_a_node_does_not_hold_are_removed_by_reconciliation() {
+    let cluster = TestCluster::start_on(RedisServer::start().await, 1, FAST_LEASE).await;
+    let node = &cluster.nodes[0];
+    let api = Api::new(node);
+    let s = api.create_session("alice", "test").await;
+    let mut live = WsClient::connect(node, &s.token).await.unwrap();
+    // A record of node-a for a socket it does not hold, a minute old, put in as the
+    // node itself would (a late registration, or an AOF replay).
+    let bucket = &s.session_id[..2];
+    let ghost = format!("{}{}", &s.session_id[..8], "0123456789abcdef01234567");
+    let mut c = cluster.redis.conn().await;
+    let lease: f64 = redis::cmd("ZSCORE")
+        .arg("sh:nodes")
+        .arg("node-a")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let now = sessionhub_core::time::now_ms();
+    let gone: Vec<String> = redis::cmd("FCALL")
+        .arg("sh_reassert")
+        .arg(1)
+        .arg(format!("sh:{{{bucket}}}:node:node-a:conns"))
+        .arg(lease as i64)
+        .arg(now)
+        .arg(&ghost)
+        .arg(&s.session_id)
+        .arg("alice")
+        .arg(now - 60_000)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(gone.is_empty());
+    let conns = |api: Api, sid: String| async move {
+        let res = api
+            .service(Method::GET, &format!("/api/v1/sessions/{sid}"), None)
+            .await;
+        let v: Value = res.json().await.unwrap();
+        v["connections"].as_array().unwrap().len()
+    };
+    assert_eq!(conns(api.clone(), s.session_id.clone()).await, 2);
+    // Reconciliation runs every 2 revalidation intervals (FAST_LEASE: 1 s).
+    let started = Instant::now();
+    wait_for("the ghost record to go", WAIT, || {
+        let (api, sid) = (api.clone(), s.session_id.clone());
+        async move { (conns(api, sid).await == 1).then_some(()) }
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2 + 3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!redis_exists(&cluster.redis, &format!("sh:{{{bucket}}}:conn:{ghost}")).await);
+    live.assert_alive().await;
+}

@@ -186,6 +186,14 @@ pub trait Engine: Send + Sync + 'static {
     /// (after the store may have lost them); returns the sessions that are gone.
     async fn reassert(&self, records: &[LocalRecord]) -> Result<Vec<SessionId>, EngineError>;
 
+    /// Removes this node's records that `held` (the sockets it holds) does not list
+    /// and that are older than `before` (Unix ms): records left by calls whose fate
+    /// the node never learnt, or restored by the store. Returns how many went.
+    async fn reconcile(&self, held: &[LocalRecord], before: i64) -> Result<u64, EngineError> {
+        let _ = (held, before);
+        Ok(0)
+    }
+
     /// Removes every record of this node and its lease (graceful shutdown).
     async fn leave(&self) -> Result<(), EngineError>;
 

@@ -1187,6 +1187,49 @@ impl Engine for RedisEngine {
         })
     }
 
+    /// Cheap first: the number of this node's records in each bucket; only buckets
+    /// holding more records than sockets get a full look (`sh_reconcile`).
+    async fn reconcile(&self, held: &[LocalRecord], before: i64) -> Result<u64, EngineError> {
+        let inner = &self.inner;
+        let mut by_bucket: HashMap<Bucket, Vec<&str>> = HashMap::new();
+        for r in held {
+            by_bucket
+                .entry(Bucket::of(r.connection_id.as_str()))
+                .or_default()
+                .push(r.connection_id.as_str());
+        }
+        let by_bucket = &by_bucket;
+        let lens = inner
+            .each_bucket(|b| async move {
+                let key = inner.keys.node_conns(b, &inner.node_id);
+                let n: usize =
+                    inner
+                        .run(|mut c| async move {
+                            redis::cmd("HLEN").arg(key).query_async(&mut c).await
+                        })
+                        .await?;
+                Ok((b, n))
+            })
+            .await?;
+        let calls = lens
+            .into_iter()
+            .filter(|(b, n)| *n > by_bucket.get(b).map_or(0, Vec::len))
+            .map(|(b, _)| {
+                let mut args = vec![before.to_string()];
+                args.extend(
+                    by_bucket
+                        .get(&b)
+                        .into_iter()
+                        .flatten()
+                        .map(|c| c.to_string()),
+                );
+                let key = inner.keys.node_conns(b, &inner.node_id);
+                async move { inner.fcall::<i64>("sh_reconcile", &[key], args).await }
+            });
+        let removed: i64 = try_join_all(calls).await?.into_iter().sum();
+        Ok(removed.max(0) as u64)
+    }
+
     /// One pipeline per bucket (a pipeline must stay within one hash slot on Redis
     /// Cluster), all sent at once.
     async fn sessions_alive(&self, sessions: &[SessionId]) -> Result<Vec<bool>, EngineError> {

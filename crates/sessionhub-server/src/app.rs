@@ -26,6 +26,9 @@ use crate::state::AppState;
 /// Largest request head (request line and headers, in bytes): a larger one is
 /// answered 431 before any handler runs.
 pub const MAX_REQUEST_HEAD_BYTES: usize = 16 * 1024;
+/// Reconciliation of this node's records with its sockets runs once every this many
+/// revalidation intervals (10 s by default).
+pub const RECONCILE_EVERY_REVALIDATIONS: u32 = 2;
 /// Largest JSON request body.
 pub const MAX_JSON_BODY: usize = 64 * 1024;
 /// How long shutdown waits for sockets to close before stopping the server anyway.
@@ -93,6 +96,10 @@ impl Application {
             state.config.revalidate_interval,
         ));
         actix_web::rt::spawn(crate::sync::expire_forever(state.clone()));
+        actix_web::rt::spawn(crate::sync::reconcile_forever(
+            state.clone(),
+            state.config.revalidate_interval * RECONCILE_EVERY_REVALIDATIONS,
+        ));
 
         let data = web::Data::new(state.clone());
         let listen = state.config.listen;

@@ -129,6 +129,34 @@ fn end_gone(state: &AppState, gone: HashSet<SessionId>) {
     );
 }
 
+/// Records younger than this are left alone by reconciliation: a socket that
+/// registered after the list of held sockets was taken is not a ghost.
+pub const RECONCILE_GRACE: Duration = Duration::from_secs(5);
+
+/// Every `interval`, removes this node's connection records in the store that it
+/// holds no socket for (left by calls whose outcome it never learnt, or restored by
+/// an AOF replay), so presence and the socket limits count real sockets.
+pub async fn reconcile_forever(state: AppState, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let before = now_ms() - RECONCILE_GRACE.as_millis() as i64;
+        let held = state.hub.records();
+        match state.engine.reconcile(&held, before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                records = n,
+                "removed records of sockets this node does not hold"
+            ),
+            Err(e) => tracing::debug!(error = %e, "reconciliation skipped"),
+        }
+    }
+}
+
 /// Every `interval`, checks in one round trip that the sessions of this node's
 /// sockets still exist, so a lost kill message never keeps a socket open longer.
 pub async fn revalidate_forever(state: AppState, interval: Duration) {
