@@ -1,19 +1,13 @@
 //! The HTTP API: service calls (API key) and self-service calls (session cookie).
 
-use std::net::IpAddr;
-use std::time::Duration;
-
 use actix_web::{HttpRequest, HttpResponse, web};
-use serde::{Deserialize, Serialize};
-use sessionhub_core::model::{MAX_SESSION_TTL, MAX_USER_AGENT_LEN};
+use serde::Serialize;
 use sessionhub_core::time::rfc3339;
-use sessionhub_core::{
-    CreatedSession, EndReason, EngineError, NewSession, Session, SessionId, UserId,
-};
+use sessionhub_core::{EndReason, Session, SessionId, UserId};
 
 use crate::auth::{CookieSession, ServiceAuth, check_same_origin, removal_cookies};
 use crate::error::ApiError;
-use crate::metrics::Metrics;
+use crate::lifecycle::{self, CreateSession, create, kill, new_session};
 use crate::state::AppState;
 
 /// Registers every API route.
@@ -40,22 +34,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     );
 }
 
-/// Body of `POST /api/v1/sessions`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateSession {
-    /// Owner.
-    pub user_id: String,
-    /// Device user agent.
-    pub user_agent: Option<String>,
-    /// Device address.
-    pub ip: Option<String>,
-    /// Absolute lifetime (default `SESSIONHUB_SESSION_TTL_SECS`).
-    pub ttl_secs: Option<u64>,
-    /// Idle timeout (default `SESSIONHUB_IDLE_TIMEOUT_SECS`).
-    pub idle_timeout_secs: Option<u64>,
-}
-
 #[derive(Serialize)]
 struct Created<'a> {
     session_id: &'a SessionId,
@@ -76,71 +54,7 @@ fn parse_sid(s: &str) -> Result<SessionId, ApiError> {
 }
 
 fn parse_uid(s: &str) -> Result<UserId, ApiError> {
-    UserId::parse(s).map_err(|e| ApiError::BadRequest(e.to_string()))
-}
-
-/// Validates what a caller asks for and fills in the configured defaults.
-pub(crate) fn new_session(state: &AppState, req: CreateSession) -> Result<NewSession, ApiError> {
-    let user_id = parse_uid(&req.user_id)?;
-    let max = MAX_SESSION_TTL.as_secs();
-    let secs = |v: Option<u64>, default: Duration, name: &str| match v {
-        None => Ok(default),
-        Some(s) if (1..=max).contains(&s) => Ok(Duration::from_secs(s)),
-        Some(_) => Err(ApiError::BadRequest(format!(
-            "{name} must be between 1 and {max}"
-        ))),
-    };
-    let policy = &state.config.sessions;
-    let ttl = secs(req.ttl_secs, policy.ttl, "ttl_secs")?;
-    let idle = secs(req.idle_timeout_secs, policy.idle, "idle_timeout_secs")?;
-    let user_agent = req.user_agent.filter(|s| !s.is_empty());
-    if let Some(ua) = &user_agent
-        && (ua.len() > MAX_USER_AGENT_LEN || ua.chars().any(char::is_control))
-    {
-        return Err(ApiError::BadRequest(format!(
-            "user_agent must be at most {MAX_USER_AGENT_LEN} bytes without control characters"
-        )));
-    }
-    let ip = match req.ip.filter(|s| !s.is_empty()) {
-        None => None,
-        Some(ip) => Some(
-            ip.parse::<IpAddr>()
-                .map_err(|_| ApiError::BadRequest(format!("ip {ip:?} is not an IP address")))?
-                .to_string(),
-        ),
-    };
-    Ok(NewSession {
-        user_id,
-        user_agent,
-        ip,
-        ttl,
-        idle,
-    })
-}
-
-/// Kills a session, timing it and counting it.
-pub(crate) async fn kill(
-    state: &AppState,
-    sid: &SessionId,
-    owner: Option<&UserId>,
-    reason: EndReason,
-) -> Result<bool, EngineError> {
-    let started = std::time::Instant::now();
-    let killed = state.engine.kill_session(sid, owner, reason).await?;
-    state.metrics.kill_latency.observe(started.elapsed());
-    if killed {
-        state.metrics.ended(reason, 1);
-    }
-    Ok(killed)
-}
-
-/// Creates a session (which tells the user's other sessions) and logs it.
-pub(crate) async fn create(state: &AppState, new: NewSession) -> Result<CreatedSession, ApiError> {
-    let created = state.engine.create_session(new).await?;
-    Metrics::inc(&state.metrics.sessions_created);
-    let s = &created.session;
-    tracing::info!(session_id = %s.session_id, user_id = %s.user_id, "session created");
-    Ok(created)
+    lifecycle::parse_uid(s)
 }
 
 async fn create_session(
@@ -148,7 +62,7 @@ async fn create_session(
     state: web::Data<AppState>,
     body: web::Json<CreateSession>,
 ) -> Result<HttpResponse, ApiError> {
-    let new = new_session(&state, body.into_inner())?;
+    let new = new_session(&state.config, body.into_inner())?;
     let created = create(&state, new).await?;
     let s = &created.session;
     Ok(HttpResponse::Created().json(Created {
@@ -202,11 +116,7 @@ async fn kill_user_sessions(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let uid = parse_uid(&path)?;
-    let killed = state
-        .engine
-        .kill_user_sessions(&uid, None, EndReason::Killed)
-        .await?;
-    state.metrics.ended(EndReason::Killed, killed);
+    let killed = lifecycle::kill_user(&state, &uid, None, EndReason::Killed).await?;
     tracing::info!(user_id = %uid, killed, "user's sessions killed by the application");
     Ok(HttpResponse::Ok().json(Killed { killed }))
 }
@@ -280,11 +190,8 @@ async fn kill_my_other_sessions(
 ) -> Result<HttpResponse, ApiError> {
     check_same_origin(&req, &state.config)?;
     let s = &caller.session;
-    let killed = state
-        .engine
-        .kill_user_sessions(&s.user_id, Some(&s.session_id), EndReason::Killed)
-        .await?;
-    state.metrics.ended(EndReason::Killed, killed);
+    let killed =
+        lifecycle::kill_user(&state, &s.user_id, Some(&s.session_id), EndReason::Killed).await?;
     tracing::info!(by = %s.session_id, killed, "user signed out their other sessions");
     Ok(HttpResponse::Ok().json(Killed { killed }))
 }

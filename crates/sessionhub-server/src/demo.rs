@@ -6,9 +6,9 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 use sessionhub_core::model::MAX_USER_AGENT_LEN;
 
-use crate::api::{CreateSession, create, new_session};
 use crate::auth::{check_same_origin, client_ip, is_secure, session_cookie};
 use crate::error::ApiError;
+use crate::lifecycle::{CreateSession, create, new_session};
 use crate::state::AppState;
 
 /// Registers the demo routes.
@@ -48,7 +48,7 @@ async fn login(
         web::Either::Right(f) => (f.into_inner().user_id, true),
     };
     let new = new_session(
-        &state,
+        &state.config,
         CreateSession {
             user_id: user_id.trim().to_owned(),
             user_agent: user_agent(&req),

@@ -13,6 +13,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod hub;
+pub mod lifecycle;
 pub mod messaging;
 pub mod metrics;
 pub mod state;

@@ -28,13 +28,8 @@ pub async fn expire_forever(state: AppState) {
             _ = state.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match state.engine.expire_due().await {
-            Ok(0) => {}
-            Ok(n) => {
-                state.metrics.ended(EndReason::Expired, n);
-                tracing::info!(sessions = n, "expired sessions ended");
-            }
-            Err(e) => tracing::debug!(error = %e, "expiry sweep skipped"),
+        if let Err(e) = crate::lifecycle::expire_due(&state).await {
+            tracing::debug!(error = %e, "expiry sweep skipped");
         }
     }
 }

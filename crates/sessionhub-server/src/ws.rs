@@ -485,7 +485,8 @@ impl Socket {
             Ok(ClientFrame::KillSession { session_id }) => {
                 let owner = Some(&self.session.user_id);
                 let res =
-                    crate::api::kill(&self.state, &session_id, owner, EndReason::Killed).await;
+                    crate::lifecycle::kill(&self.state, &session_id, owner, EndReason::Killed)
+                        .await;
                 match res {
                     Ok(true) => tracing::info!(killed = %session_id, "session killed by its user"),
                     Ok(false) => self.error("not_found", "no such session").await,
