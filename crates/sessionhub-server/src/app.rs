@@ -17,6 +17,7 @@ use sessionhub_core::memory::{MemoryEngine, MemoryStore};
 use sessionhub_redis::{RedisConfig, RedisEngine};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::error::ApiError;
@@ -33,6 +34,8 @@ pub const RECONCILE_EVERY_REVALIDATIONS: u32 = 2;
 pub const MAX_JSON_BODY: usize = 64 * 1024;
 /// How long shutdown waits for sockets to close before stopping the server anyway.
 pub const SOCKET_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the background loops get to return once the server has stopped.
+pub const TASKS_STOP_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the HTTP server then gives in-flight requests.
 pub const SERVER_STOP_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -87,19 +90,22 @@ impl Application {
             hub: Arc::new(Hub::default()),
             config: Arc::new(config),
             shutdown: CancellationToken::new(),
+            sockets: TaskTracker::new(),
+            tasks: TaskTracker::new(),
             metrics: Arc::default(),
             synced: Arc::new(AtomicU64::new(0)),
         };
-        actix_web::rt::spawn(crate::sync::dispatch(events_rx, state.clone()));
-        actix_web::rt::spawn(crate::sync::revalidate_forever(
+        let tasks = &state.tasks;
+        actix_web::rt::spawn(tasks.track_future(crate::sync::dispatch(events_rx, state.clone())));
+        actix_web::rt::spawn(tasks.track_future(crate::sync::revalidate_forever(
             state.clone(),
             state.config.revalidate_interval,
-        ));
-        actix_web::rt::spawn(crate::sync::expire_forever(state.clone()));
-        actix_web::rt::spawn(crate::sync::reconcile_forever(
+        )));
+        actix_web::rt::spawn(tasks.track_future(crate::sync::expire_forever(state.clone())));
+        actix_web::rt::spawn(tasks.track_future(crate::sync::reconcile_forever(
             state.clone(),
             state.config.revalidate_interval * RECONCILE_EVERY_REVALIDATIONS,
-        ));
+        )));
 
         let data = web::Data::new(state.clone());
         let listen = state.config.listen;
@@ -195,16 +201,32 @@ impl Application {
             () = stop => {}
         }
         tracing::info!(sockets = state.hub.len(), "shutting down");
+        // In order: the sockets close (1001) and end their tasks; then the node's
+        // records and lease go in one step; then the HTTP server stops; then the
+        // background loops, which returned when shutdown was cancelled, are joined.
         state.shutdown.cancel();
-        let deadline = tokio::time::Instant::now() + SOCKET_DRAIN_TIMEOUT;
-        while !state.hub.is_empty() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        state.sockets.close();
+        if tokio::time::timeout(SOCKET_DRAIN_TIMEOUT, state.sockets.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = state.hub.len(),
+                "sockets still closing; leaving anyway"
+            );
         }
         if let Err(e) = state.engine.leave().await {
             tracing::warn!(error = %e, "could not remove this node's records");
         }
         let stopping = handle.stop(true);
         let (res, ()) = tokio::join!(server, stopping);
+        state.tasks.close();
+        if tokio::time::timeout(TASKS_STOP_TIMEOUT, state.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("background tasks did not stop in time");
+        }
         tracing::info!("stopped");
         res
     }

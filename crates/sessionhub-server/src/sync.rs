@@ -38,8 +38,19 @@ pub async fn expire_forever(state: AppState) {
 /// resync task; a request that arrives while it runs makes it run once more.
 pub async fn dispatch(mut events: mpsc::Receiver<NodeEvent>, state: AppState) {
     let wanted = Arc::new(Notify::new());
-    actix_web::rt::spawn(resync_forever(state.clone(), wanted.clone()));
-    while let Some(event) = events.recv().await {
+    actix_web::rt::spawn(
+        state
+            .tasks
+            .track_future(resync_forever(state.clone(), wanted.clone())),
+    );
+    loop {
+        let event = tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            event = events.recv() => match event {
+                Some(event) => event,
+                None => return,
+            },
+        };
         match event {
             NodeEvent::Resync | NodeEvent::Fenced => wanted.notify_one(),
             NodeEvent::SessionsEnded { .. } if state.config.test_drop_kill_events => {

@@ -169,16 +169,19 @@ async fn accept(
         session_id = %session.session_id,
         user_id = %session.user_id,
     );
+    let tracker = state.sockets.clone();
     actix_web::rt::spawn(
-        Socket {
-            state: state.into_inner(),
-            conn,
-            session,
-            ws,
-            release,
-        }
-        .run(rx, stream)
-        .instrument(span),
+        tracker.track_future(
+            Socket {
+                state: state.into_inner(),
+                conn,
+                session,
+                ws,
+                release,
+            }
+            .run(rx, stream)
+            .instrument(span),
+        ),
     );
     Ok(response)
 }
