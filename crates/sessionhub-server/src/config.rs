@@ -154,20 +154,6 @@ pub struct Cli {
     #[arg(long, env = "SESSIONHUB_WORKERS")]
     pub workers: Option<usize>,
 
-    /// Testing only: drop every `session_ended` event this node receives, to prove
-    /// that revalidation alone closes killed sessions' sockets.
-    #[arg(
-        long,
-        env = "SESSIONHUB_TEST_DROP_KILL_EVENTS",
-        default_value_t = false,
-        action = ArgAction::Set,
-        num_args = 0..=1,
-        default_missing_value = "true",
-        value_parser = BoolishValueParser::new(),
-        hide = true
-    )]
-    pub test_drop_kill_events: bool,
-
     /// Log format: `text` or `json`. Levels come from RUST_LOG (default info).
     #[arg(long, env = "SESSIONHUB_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -201,8 +187,6 @@ pub struct Config {
     pub lease: LeaseConfig,
     /// Session re-check interval.
     pub revalidate_interval: Duration,
-    /// Testing only: ignore `session_ended` events.
-    pub test_drop_kill_events: bool,
     /// HTTP worker threads.
     pub workers: usize,
     /// Session lifetimes and cookies.
@@ -539,7 +523,6 @@ impl Config {
                 reap_interval: Duration::from_millis(cli.reap_interval_ms),
             },
             revalidate_interval: Duration::from_millis(cli.revalidate_ms),
-            test_drop_kill_events: cli.test_drop_kill_events,
             workers: match cli.workers {
                 Some(0) => {
                     return Err(bad("SESSIONHUB_WORKERS (--workers)", "must be at least 1"));

@@ -53,9 +53,6 @@ pub async fn dispatch(mut events: mpsc::Receiver<NodeEvent>, state: AppState) {
         };
         match event {
             NodeEvent::Resync | NodeEvent::Fenced => wanted.notify_one(),
-            NodeEvent::SessionsEnded { .. } if state.config.test_drop_kill_events => {
-                tracing::warn!("test hook: dropping a session_ended event");
-            }
             other => state.hub.apply(&other),
         }
     }
