@@ -16,13 +16,18 @@ use sessionhub_core::{
     ConnLimits, ConnectionId, EndReason, Engine, GroupName, LocalRecord, Member, NewSession,
     NodeEvent, NodeId, SessionId, Target, Token, UserId,
 };
-use sessionhub_redis::{RedisConfig, RedisEngine};
+use sessionhub_redis::{RedisConfig, RedisEngine, Topology};
 use sessionhub_tests::{RedisServer, WAIT, wait_for};
 use tokio::sync::mpsc;
 
 enum Backend {
     Memory(MemoryStore),
     Redis(RedisServer),
+    /// A Redis Cluster shared by the scenarios, each under a key prefix of its own.
+    RedisCluster {
+        seeds: Vec<String>,
+        prefix: String,
+    },
 }
 
 struct TestNode {
@@ -50,6 +55,19 @@ impl Backend {
                     RedisConfig {
                         limits,
                         ..RedisConfig::new(redis.url())
+                    },
+                    node_id,
+                    tx,
+                )
+                .await
+                .unwrap(),
+            ),
+            Backend::RedisCluster { seeds, prefix } => Arc::new(
+                RedisEngine::connect(
+                    RedisConfig {
+                        limits,
+                        key_prefix: prefix.clone(),
+                        ..RedisConfig::with_topology(Topology::Cluster(seeds.clone()))
                     },
                     node_id,
                     tx,
@@ -728,6 +746,20 @@ macro_rules! conformance {
                     let redis = super::RedisServer::start().await;
                     super::$name(super::Backend::Redis(redis)).await
                 }
+            )*
+        }
+        /// Every scenario on one 3-master Redis Cluster (six servers are slow to
+        /// start), one after the other, each under its own key prefix.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn on_redis_cluster() {
+            let cluster = sessionhub_tests::RedisCluster::start().await;
+            $(
+                eprintln!("on Redis Cluster: {}", stringify!($name));
+                $name(Backend::RedisCluster {
+                    seeds: cluster.seeds(),
+                    prefix: format!("c-{}:", stringify!($name)),
+                })
+                .await;
             )*
         }
     };
