@@ -5,7 +5,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use clap::builder::BoolishValueParser;
+use clap::builder::{BoolishValueParser, RangedU64ValueParser};
 use clap::{ArgAction, CommandFactory, Parser};
 use sessionhub_core::model::MAX_SESSION_TTL;
 use sessionhub_core::{ConnLimits, NodeId};
@@ -65,11 +65,13 @@ pub struct Cli {
     pub key_prefix: String,
 
     /// Seconds to keep retrying an unreachable Redis at start-up before giving up.
-    #[arg(long, env = "SESSIONHUB_REDIS_CONNECT_TIMEOUT", default_value_t = 30)]
+    #[arg(long, env = "SESSIONHUB_REDIS_CONNECT_TIMEOUT", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub redis_connect_timeout: u64,
 
     /// Largest `data` of a published message, in bytes (larger: 413).
-    #[arg(long, env = "SESSIONHUB_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    #[arg(long, env = "SESSIONHUB_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024,
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..=16 * 1024 * 1024))]
     pub max_message_bytes: usize,
 
     /// Node lease lifetime in ms: a node silent this long is reaped.
@@ -77,15 +79,18 @@ pub struct Cli {
     pub lease_ttl_ms: u64,
 
     /// Lease renewal (heartbeat) interval in ms.
-    #[arg(long, env = "SESSIONHUB_HEARTBEAT_MS", default_value_t = 2000)]
+    #[arg(long, env = "SESSIONHUB_HEARTBEAT_MS", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub heartbeat_ms: u64,
 
     /// Interval in ms at which each node reaps the records of dead nodes.
-    #[arg(long, env = "SESSIONHUB_REAP_INTERVAL_MS", default_value_t = 2000)]
+    #[arg(long, env = "SESSIONHUB_REAP_INTERVAL_MS", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub reap_interval_ms: u64,
 
     /// Interval in ms at which a node re-checks the sessions of its sockets.
-    #[arg(long, env = "SESSIONHUB_REVALIDATE_MS", default_value_t = 5000)]
+    #[arg(long, env = "SESSIONHUB_REVALIDATE_MS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub revalidate_ms: u64,
 
     /// Issue the session cookie with `Secure` (named `__Host-sh_session`): set this
@@ -101,11 +106,13 @@ pub struct Cli {
     pub trusted_proxies: Vec<String>,
 
     /// Absolute session lifetime in seconds when the caller gives none.
-    #[arg(long, env = "SESSIONHUB_SESSION_TTL_SECS", default_value_t = 24 * 3600)]
+    #[arg(long, env = "SESSIONHUB_SESSION_TTL_SECS", default_value_t = 24 * 3600,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_SESSION_TTL.as_secs()))]
     pub session_ttl_secs: u64,
 
     /// Idle timeout in seconds: a session without activity this long ends.
-    #[arg(long, env = "SESSIONHUB_IDLE_TIMEOUT_SECS", default_value_t = 30 * 60)]
+    #[arg(long, env = "SESSIONHUB_IDLE_TIMEOUT_SECS", default_value_t = 30 * 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub idle_timeout_secs: u64,
 
     /// Activity refreshes the idle timeout at most this often (seconds), so Redis is
@@ -114,36 +121,44 @@ pub struct Cli {
     pub idle_refresh_secs: u64,
 
     /// Largest WebSocket frame or message a client may send, in bytes (close 1009).
-    #[arg(long, env = "SESSIONHUB_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
+    #[arg(long, env = "SESSIONHUB_MAX_FRAME_BYTES", default_value_t = 64 * 1024,
+          value_parser = RangedU64ValueParser::<usize>::new().range(1024..))]
     pub max_frame_bytes: usize,
 
     /// Client messages per second a socket may sustain (close 1008 past it).
-    #[arg(long, env = "SESSIONHUB_WS_RATE", default_value_t = 20)]
+    #[arg(long, env = "SESSIONHUB_WS_RATE", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub ws_rate: u32,
 
     /// Burst of client messages a socket may send at once.
-    #[arg(long, env = "SESSIONHUB_WS_BURST", default_value_t = 60)]
+    #[arg(long, env = "SESSIONHUB_WS_BURST", default_value_t = 60,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub ws_burst: u32,
 
     /// Most live sockets of one session.
-    #[arg(long, env = "SESSIONHUB_MAX_SOCKETS_PER_SESSION", default_value_t = 32)]
+    #[arg(long, env = "SESSIONHUB_MAX_SOCKETS_PER_SESSION", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub max_sockets_per_session: u32,
 
     /// Most live sockets of one user.
-    #[arg(long, env = "SESSIONHUB_MAX_SOCKETS_PER_USER", default_value_t = 128)]
+    #[arg(long, env = "SESSIONHUB_MAX_SOCKETS_PER_USER", default_value_t = 128,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub max_sockets_per_user: u32,
 
     /// Most sessions of one user: a login past it ends the user's oldest session
     /// (`session_ended` with reason `limit`).
-    #[arg(long, env = "SESSIONHUB_MAX_SESSIONS_PER_USER", default_value_t = 100)]
+    #[arg(long, env = "SESSIONHUB_MAX_SESSIONS_PER_USER", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_SESSIONS_CAP)))]
     pub max_sessions_per_user: u32,
 
     /// Time in ms a client has to send a request head, upgrades included (slowloris).
-    #[arg(long, env = "SESSIONHUB_REQUEST_TIMEOUT_MS", default_value_t = 5000)]
+    #[arg(long, env = "SESSIONHUB_REQUEST_TIMEOUT_MS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub request_timeout_ms: u64,
 
     /// Interval in ms between the server's pings on each socket.
-    #[arg(long, env = "SESSIONHUB_PING_INTERVAL_MS", default_value_t = 20_000)]
+    #[arg(long, env = "SESSIONHUB_PING_INTERVAL_MS", default_value_t = 20_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub ping_interval_ms: u64,
 
     /// A socket that answers no ping for this many ms is closed (half-open).
@@ -417,28 +432,12 @@ impl Config {
                 "at most 64 characters of letters, digits and : _ . -",
             ));
         }
-        if cli.redis_connect_timeout == 0 {
-            return Err(bad(
-                "SESSIONHUB_REDIS_CONNECT_TIMEOUT (--redis-connect-timeout)",
-                "must be at least 1 second",
-            ));
-        }
-        if cli.max_message_bytes == 0 || cli.max_message_bytes > 16 * 1024 * 1024 {
-            return Err(bad(
-                "SESSIONHUB_MAX_MESSAGE_BYTES (--max-message-bytes)",
-                "must be between 1 and 16777216",
-            ));
-        }
-        if cli.heartbeat_ms == 0 || cli.lease_ttl_ms < 2 * cli.heartbeat_ms {
+        // Ranges of single values are clap's (value_parser); what relates two
+        // settings is checked here.
+        if cli.lease_ttl_ms < 2 * cli.heartbeat_ms {
             return Err(bad(
                 "SESSIONHUB_LEASE_TTL_MS (--lease-ttl-ms)",
-                "must be at least twice SESSIONHUB_HEARTBEAT_MS, which must be positive",
-            ));
-        }
-        if cli.reap_interval_ms == 0 || cli.revalidate_ms == 0 {
-            return Err(bad(
-                "SESSIONHUB_REAP_INTERVAL_MS / SESSIONHUB_REVALIDATE_MS",
-                "must be positive",
+                "must be at least twice SESSIONHUB_HEARTBEAT_MS",
             ));
         }
         let trusted_proxies = cli
@@ -455,43 +454,16 @@ impl Config {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        if cli.session_ttl_secs == 0 || cli.session_ttl_secs > MAX_SESSION_TTL.as_secs() {
+        if cli.idle_refresh_secs > cli.idle_timeout_secs {
             return Err(bad(
-                "SESSIONHUB_SESSION_TTL_SECS (--session-ttl-secs)",
-                format!("must be between 1 and {}", MAX_SESSION_TTL.as_secs()),
+                "SESSIONHUB_IDLE_REFRESH_SECS (--idle-refresh-secs)",
+                "must be at most SESSIONHUB_IDLE_TIMEOUT_SECS",
             ));
         }
-        if cli.idle_timeout_secs == 0 || cli.idle_refresh_secs > cli.idle_timeout_secs {
+        if cli.pong_timeout_ms <= cli.ping_interval_ms {
             return Err(bad(
-                "SESSIONHUB_IDLE_TIMEOUT_SECS / SESSIONHUB_IDLE_REFRESH_SECS",
-                "the idle timeout must be positive and at least the refresh interval",
-            ));
-        }
-        if cli.max_frame_bytes < 1024 || cli.ws_rate == 0 || cli.ws_burst == 0 {
-            return Err(bad(
-                "SESSIONHUB_MAX_FRAME_BYTES / SESSIONHUB_WS_RATE / SESSIONHUB_WS_BURST",
-                "the frame limit must be at least 1024 and the rates positive",
-            ));
-        }
-        if cli.max_sockets_per_session == 0 || cli.max_sockets_per_user == 0 {
-            return Err(bad(
-                "SESSIONHUB_MAX_SOCKETS_PER_SESSION / SESSIONHUB_MAX_SOCKETS_PER_USER",
-                "must be positive",
-            ));
-        }
-        if cli.max_sessions_per_user == 0 || cli.max_sessions_per_user > MAX_SESSIONS_CAP {
-            return Err(bad(
-                "SESSIONHUB_MAX_SESSIONS_PER_USER (--max-sessions-per-user)",
-                format!("must be between 1 and {MAX_SESSIONS_CAP}"),
-            ));
-        }
-        if cli.request_timeout_ms == 0
-            || cli.ping_interval_ms == 0
-            || cli.pong_timeout_ms <= cli.ping_interval_ms
-        {
-            return Err(bad(
-                "SESSIONHUB_REQUEST_TIMEOUT_MS / SESSIONHUB_PING_INTERVAL_MS / SESSIONHUB_PONG_TIMEOUT_MS",
-                "must be positive, with the pong timeout longer than the ping interval",
+                "SESSIONHUB_PONG_TIMEOUT_MS (--pong-timeout-ms)",
+                "must be longer than SESSIONHUB_PING_INTERVAL_MS",
             ));
         }
         let embedded = redis.is_none();
