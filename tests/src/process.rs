@@ -429,11 +429,6 @@ impl NodeOptions {
     }
 }
 
-/// Waits until `node` answers `/healthz`.
-pub async fn wait_healthy(node: &Node) {
-    wait_ok(node, "/healthz").await
-}
-
 /// Waits until `node` answers `/readyz` (connected, subscribed, resynced).
 pub async fn wait_ready(node: &Node) {
     wait_ok(node, "/readyz").await
