@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use actix_web::dev::Service;
@@ -262,13 +262,6 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
 }
 
 async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    if state.shutdown.is_cancelled() {
-        return Err(ApiError::Unavailable);
-    }
-    if state.synced.load(Ordering::Acquire) != state.engine.generation() {
-        tracing::debug!("not ready: re-asserting this node's records");
-        return Err(ApiError::Unavailable);
-    }
-    state.engine.ping().await?;
+    state.check_ready().await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready" })))
 }

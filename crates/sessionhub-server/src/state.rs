@@ -1,13 +1,14 @@
 //! What every handler shares.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use sessionhub_core::Engine;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::error::ApiError;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 
@@ -35,4 +36,23 @@ pub struct AppState {
     /// the engine's (events may have been lost, records may be missing), the node
     /// is not ready.
     pub synced: Arc<AtomicU64>,
+}
+
+impl AppState {
+    /// Whether this node should get traffic (`/readyz`), all in one place: not
+    /// shutting down; resynced since the engine last asked for it (after a
+    /// resubscription or a new lease, records may be missing and events lost); and
+    /// the engine's own check (Redis answers, the subscriber holds its channels and
+    /// its probes come back).
+    pub async fn check_ready(&self) -> Result<(), ApiError> {
+        if self.shutdown.is_cancelled() {
+            return Err(ApiError::Unavailable);
+        }
+        if self.synced.load(Ordering::Acquire) != self.engine.generation() {
+            tracing::debug!("not ready: re-asserting this node's records");
+            return Err(ApiError::Unavailable);
+        }
+        self.engine.ping().await?;
+        Ok(())
+    }
 }
