@@ -16,7 +16,7 @@ use crate::LIBRARY;
 use crate::cleanup;
 use crate::config::{ConnectError, RedisConfig};
 use crate::conn::{Conn, Topology};
-use crate::error::from_redis;
+use crate::error::{CallError, FunctionError};
 use crate::keys::{BUCKETS, Bucket, Keys};
 use crate::lease::LeaseConfig;
 
@@ -191,8 +191,8 @@ impl Inner {
         try_join_all(Bucket::all().map(op)).await
     }
 
-    pub(crate) async fn load_library(&self) -> Result<(), EngineError> {
-        self.run(|mut c| async move {
+    pub(crate) async fn load_library(&self) -> Result<(), CallError> {
+        self.call(|mut c| async move {
             redis::cmd("FUNCTION")
                 .arg("LOAD")
                 .arg("REPLACE")
@@ -211,16 +211,24 @@ impl Inner {
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
+        self.call(op).await.map_err(EngineError::from)
+    }
+
+    /// As [`Inner::run`], with the failure as it is.
+    pub(crate) async fn call<T, F, Fut>(&self, op: F) -> Result<T, CallError>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
         let conn = match self.conn.read() {
             Ok(c) => c.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         };
-        let work = async { op(conn).await.map_err(from_redis) };
-        let res = tokio::time::timeout(self.command_timeout, work)
-            .await
-            .map_err(|_| EngineError::Unavailable("Redis did not answer in time".into()))
-            .and_then(|r| r);
-        if matches!(res, Err(EngineError::Unavailable(_))) {
+        let res = match tokio::time::timeout(self.command_timeout, op(conn)).await {
+            Ok(r) => r.map_err(CallError::Redis),
+            Err(_) => Err(CallError::TimedOut),
+        };
+        if res.as_ref().is_err_and(CallError::is_unavailable) {
             self.errors.fetch_add(1, Ordering::Relaxed);
             let n = self.failures_in_a_row.fetch_add(1, Ordering::AcqRel) + 1;
             if n >= REBUILD_AFTER_FAILURES {
@@ -271,10 +279,23 @@ impl Inner {
         keys: &[String],
         args: impl ToRedisArgs + Clone,
     ) -> Result<T, EngineError> {
-        for attempt in 0..2 {
+        self.try_fcall(name, keys, args)
+            .await
+            .map_err(EngineError::from)
+    }
+
+    /// As [`Inner::fcall`], with the function's refusal as it is.
+    pub(crate) async fn try_fcall<T: redis::FromRedisValue>(
+        &self,
+        name: &str,
+        keys: &[String],
+        args: impl ToRedisArgs + Clone,
+    ) -> Result<T, FunctionError> {
+        let mut reloaded = false;
+        loop {
             let args = args.clone();
             let res = self
-                .run(|mut c| async move {
+                .call(|mut c| async move {
                     redis::cmd("FCALL")
                         .arg(name)
                         .arg(keys.len())
@@ -284,36 +305,23 @@ impl Inner {
                         .await
                 })
                 .await;
-            match res {
-                Err(EngineError::Corrupt(msg))
-                    if attempt == 0 && msg.contains("Function not found") =>
-                {
+            let err = match res {
+                Ok(v) => return Ok(v),
+                Err(e) => FunctionError::parse(e),
+            };
+            match err {
+                FunctionError::NoSuchFunction if !reloaded => {
                     tracing::warn!("Redis lost the function library; loading it again");
-                    self.load_library().await?;
+                    self.load_library().await.map_err(FunctionError::Call)?;
+                    reloaded = true;
                 }
-                Err(EngineError::Corrupt(msg)) if msg.contains("LIMIT") => {
-                    let detail = msg.split("LIMIT").nth(1).unwrap_or("");
-                    return Err(EngineError::Limit(
-                        detail.trim_start_matches([':', ' ']).to_owned(),
-                    ));
-                }
-                Err(EngineError::Corrupt(msg)) if msg.contains("DEADLINE") => {
-                    return Err(EngineError::Unavailable(
-                        "Redis answered after the request's deadline; nothing was done".into(),
-                    ));
-                }
-                Err(EngineError::Corrupt(msg)) if msg.contains("FENCED") => {
+                FunctionError::Fenced => {
                     self.rejoin.notify_one();
-                    return Err(EngineError::Unavailable(
-                        "this node lost its lease; rejoining".into(),
-                    ));
+                    return Err(err);
                 }
-                other => return other,
+                _ => return Err(err),
             }
         }
-        Err(EngineError::Unavailable(
-            "function library could not be loaded".into(),
-        ))
     }
 
     /// The deadline to pass to a function called now, in Redis's clock: a little

@@ -14,7 +14,7 @@ use sessionhub_core::{
 };
 
 use crate::client::Inner;
-use crate::error::corrupt;
+use crate::error::{FunctionError, corrupt};
 use crate::keys::Bucket;
 use crate::reply::{expire_reply, parse_conns, session_from_fields, session_from_map};
 use crate::wire::{self, Fields};
@@ -96,7 +96,7 @@ impl Engine for RedisEngine {
             let sid = token.session_id().clone();
             let res: Result<i64, _> = self
                 .inner
-                .fcall(
+                .try_fcall(
                     "sh_create_session",
                     &[keys.session(&sid), keys.user_sessions(&new.user_id)],
                     (
@@ -127,14 +127,16 @@ impl Engine for RedisEngine {
                     };
                     return Ok(CreatedSession { session, token });
                 }
-                Err(EngineError::Corrupt(msg)) if msg.contains("EXISTS") => continue,
-                Err(e @ EngineError::Unavailable(_)) => {
-                    // The caller never gets this token: if the call ran after all
-                    // (its answer lost), end the session it made.
-                    self.inner.cleanup.push(cleanup::Item::Session(sid));
+                Err(FunctionError::Exists(_)) => continue,
+                Err(e) => {
+                    let e = EngineError::from(e);
+                    if matches!(e, EngineError::Unavailable(_)) {
+                        // The caller never gets this token: if the call ran after all
+                        // (its answer lost), end the session it made.
+                        self.inner.cleanup.push(cleanup::Item::Session(sid));
+                    }
                     return Err(e);
                 }
-                Err(e) => return Err(e),
             }
         }
         Err(EngineError::Corrupt(
