@@ -33,22 +33,22 @@ pub(crate) struct Inner {
     /// (on Redis Cluster: one per master, routed by slot). Commands are pipelined on
     /// it, so no pool is needed, and unlike a pool it costs no health-check round
     /// trip per command.
-    pub(crate) conn: std::sync::RwLock<Conn>,
+    conn: std::sync::RwLock<Conn>,
     /// On Redis Cluster: the seeds and timeouts to build a fresh cluster connection
     /// with, when the current one stops answering (see [`Inner::run`]).
-    pub(crate) rebuild_from: Option<(Vec<String>, RedisConfig)>,
+    rebuild_from: Option<(Vec<String>, RedisConfig)>,
     /// Consecutive commands that found Redis unavailable.
-    pub(crate) failures_in_a_row: AtomicU64,
+    failures_in_a_row: AtomicU64,
     /// Whether a call is rebuilding the cluster connection right now.
-    pub(crate) rebuilding: AtomicBool,
+    rebuilding: AtomicBool,
     /// Whether the store is a Redis Cluster (sharded pub/sub).
-    pub(crate) cluster: bool,
+    cluster: bool,
     /// The expiry of this node's lease as of its last successful renewal (Unix
     /// ms); registrations carry it, so that a fenced node's are refused.
     pub(crate) lease_until: AtomicI64,
     pub(crate) keys: Keys,
     pub(crate) node_id: NodeId,
-    pub(crate) command_timeout: Duration,
+    command_timeout: Duration,
     pub(crate) lease: LeaseConfig,
     pub(crate) limits: ConnLimits,
     pub(crate) stop: CancellationToken,
@@ -56,9 +56,9 @@ pub(crate) struct Inner {
     pub(crate) rejoin: Notify,
     /// When this node's own probe last came back through pub/sub, per bucket
     /// channel (Unix ms).
-    pub(crate) last_probe: Vec<AtomicI64>,
+    last_probe: Vec<AtomicI64>,
     /// When the subscriber last (re)subscribed (Unix ms).
-    pub(crate) subscribed_at: AtomicI64,
+    subscribed_at: AtomicI64,
     /// Whether the subscriber holds its subscriptions right now.
     pub(crate) subscribed: AtomicBool,
     /// Failed store operations.
@@ -71,13 +71,14 @@ pub(crate) struct Inner {
     pub(crate) generation: AtomicU64,
     /// Redis's clock minus this node's (ms), as of the last lease renewal: the
     /// functions check deadlines against Redis's clock.
-    pub(crate) clock_offset: AtomicI64,
+    clock_offset: AtomicI64,
     /// Records whose fate is unknown (their call failed or timed out), to remove
     /// until Redis confirms; see [`cleanup`].
     pub(crate) cleanup: cleanup::Queue,
 }
 
 impl Inner {
+    /// The shared state of a node that has not joined yet: no lease, no probe back.
     pub(crate) fn new(
         conn: Conn,
         rebuild_from: Option<(Vec<String>, RedisConfig)>,
