@@ -19,7 +19,7 @@ use std::time::Duration;
 use sessionhub_core::{ConnectionId, EngineError, SessionId};
 use tokio::sync::Notify;
 
-use crate::Inner;
+use crate::client::Inner;
 
 /// How often the queue is retried while Redis does not answer.
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);

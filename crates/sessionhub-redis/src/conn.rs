@@ -25,10 +25,10 @@ impl Topology {
     /// The URLs with passwords hidden, for logs and errors.
     pub fn shown(&self) -> String {
         match self {
-            Topology::Single(url) => crate::redact_url(url),
+            Topology::Single(url) => crate::config::redact_url(url),
             Topology::Cluster(seeds) => seeds
                 .iter()
-                .map(|s| crate::redact_url(s))
+                .map(|s| crate::config::redact_url(s))
                 .collect::<Vec<_>>()
                 .join(","),
         }

@@ -20,7 +20,7 @@ use sessionhub_core::time::now_ms;
 use sessionhub_core::{EngineError, EventSender, NodeEvent, NodeId};
 use tokio::time::MissedTickBehavior;
 
-use crate::Inner;
+use crate::client::Inner;
 
 /// Default lease lifetime.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(6);
@@ -180,4 +180,54 @@ async fn reap_once(inner: &Inner) -> Result<(u64, u64), EngineError> {
         nodes += forgot.max(0) as u64;
     }
     Ok((nodes, records))
+}
+
+impl Inner {
+    /// Loads the library and takes this node's lease, first dropping every record
+    /// left under its id (by a previous run, or by this process before it was
+    /// fenced) and fencing off the old lease in every bucket.
+    pub(crate) async fn startup(&self) -> Result<(), EngineError> {
+        self.load_library().await?;
+        self.measure_clock().await?;
+        let nodes = self.keys.nodes();
+        let id = self.node_id.as_str();
+        let old: Option<f64> = self
+            .run(|mut c| async move {
+                redis::cmd("ZSCORE")
+                    .arg(nodes)
+                    .arg(id)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        let now = now_ms();
+        let upto = (old.unwrap_or(0.0) as i64)
+            .max(self.lease_until.load(Ordering::Acquire))
+            .max(now);
+        let dropped = self.drop_node(&self.node_id, upto).await?;
+        if dropped > 0 {
+            tracing::info!(dropped, "dropped records left under this node's id");
+        }
+        let lease: i64 = self
+            .fcall(
+                "sh_node_join",
+                &[self.keys.nodes()],
+                (id, now, self.lease.ttl_ms(), upto),
+            )
+            .await?;
+        self.lease_until.fetch_max(lease, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Drops a node's records from every bucket and fences off its leases up to
+    /// `upto`. Returns the number of connection records dropped.
+    pub(crate) async fn drop_node(&self, node: &NodeId, upto: i64) -> Result<u64, EngineError> {
+        let counts = self
+            .each_bucket(|b| async move {
+                self.fcall::<i64>("sh_drop_node", &[self.keys.node_conns(b, node)], upto)
+                    .await
+            })
+            .await?;
+        Ok(counts.into_iter().map(|n| n.max(0) as u64).sum())
+    }
 }

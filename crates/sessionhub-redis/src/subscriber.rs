@@ -23,9 +23,10 @@ use redis::{PushInfo, PushKind, Value};
 use sessionhub_core::{EventSender, NodeEvent};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::client::{Backoff, Inner};
+use crate::config::redact_url;
 use crate::keys::Bucket;
 use crate::wire::Incoming;
-use crate::{Inner, redact_url};
 
 /// First delay before reconnecting.
 const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(100);
@@ -87,7 +88,7 @@ async fn run(source: Source, events: EventSender, inner: Arc<Inner>, ready: ones
             .join(","),
     };
     let mut ready = Some(ready);
-    let mut delay = RECONNECT_MIN_DELAY;
+    let mut backoff = Backoff::new(RECONNECT_MIN_DELAY, RECONNECT_MAX_DELAY);
     loop {
         let attempt = tokio::time::timeout(SUBSCRIBE_TIMEOUT, connect(&source, &inner));
         let link = tokio::select! {
@@ -107,12 +108,11 @@ async fn run(source: Source, events: EventSender, inner: Arc<Inner>, ready: ones
         let Some(link) = link else {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
-            delay = (delay * 2).min(RECONNECT_MAX_DELAY);
             continue;
         };
-        delay = RECONNECT_MIN_DELAY;
+        backoff.reset();
         if ready.is_none() {
             inner.bump_generation();
         }

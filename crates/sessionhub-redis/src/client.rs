@@ -1,0 +1,427 @@
+//! The command client: one shared connection, bounded calls, function calls,
+//! publishing, and Redis's clock.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::future::try_join_all;
+use redis::{RedisError, ToRedisArgs};
+use sessionhub_core::time::now_ms;
+use sessionhub_core::{ConnLimits, EngineError, NodeId};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::LIBRARY;
+use crate::cleanup;
+use crate::config::{ConnectError, RedisConfig};
+use crate::conn::{Conn, Topology};
+use crate::error::{CallError, FunctionError};
+use crate::keys::{BUCKETS, Bucket, Keys};
+use crate::lease::LeaseConfig;
+
+/// Commands failing in a row (Redis unavailable) after which a cluster connection
+/// is rebuilt from scratch.
+const REBUILD_AFTER_FAILURES: u64 = 3;
+/// How much earlier than its command timeout a call's deadline is: covers the
+/// error of the clock offset and the reply's way back.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(250);
+
+/// What the engine and its background tasks share.
+pub(crate) struct Inner {
+    /// One multiplexed connection for every command, re-established on failure
+    /// (on Redis Cluster: one per master, routed by slot). Commands are pipelined on
+    /// it, so no pool is needed, and unlike a pool it costs no health-check round
+    /// trip per command.
+    conn: std::sync::RwLock<Conn>,
+    /// On Redis Cluster: the seeds and timeouts to build a fresh cluster connection
+    /// with, when the current one stops answering (see [`Inner::run`]).
+    rebuild_from: Option<(Vec<String>, RedisConfig)>,
+    /// Consecutive commands that found Redis unavailable.
+    failures_in_a_row: AtomicU64,
+    /// Whether a call is rebuilding the cluster connection right now.
+    rebuilding: AtomicBool,
+    /// Whether the store is a Redis Cluster (sharded pub/sub).
+    cluster: bool,
+    /// The expiry of this node's lease as of its last successful renewal (Unix
+    /// ms); registrations carry it, so that a fenced node's are refused.
+    pub(crate) lease_until: AtomicI64,
+    pub(crate) keys: Keys,
+    pub(crate) node_id: NodeId,
+    command_timeout: Duration,
+    pub(crate) lease: LeaseConfig,
+    pub(crate) limits: ConnLimits,
+    pub(crate) stop: CancellationToken,
+    /// Wakes the lease task to rejoin at once (a call found the node fenced).
+    pub(crate) rejoin: Notify,
+    /// When this node's own probe last came back through pub/sub, per bucket
+    /// channel (Unix ms).
+    last_probe: Vec<AtomicI64>,
+    /// When the subscriber last (re)subscribed (Unix ms).
+    subscribed_at: AtomicI64,
+    /// Whether the subscriber holds its subscriptions right now.
+    pub(crate) subscribed: AtomicBool,
+    /// Failed store operations.
+    pub(crate) errors: AtomicU64,
+    /// Subscriber re-subscriptions.
+    pub(crate) reconnects: AtomicU64,
+    /// Records of dead nodes reaped by this node.
+    pub(crate) reaped: AtomicU64,
+    /// See [`sessionhub_core::Engine::generation`].
+    pub(crate) generation: AtomicU64,
+    /// Redis's clock minus this node's (ms), as of the last lease renewal: the
+    /// functions check deadlines against Redis's clock.
+    clock_offset: AtomicI64,
+    /// Records whose fate is unknown (their call failed or timed out), to remove
+    /// until Redis confirms; see [`cleanup`].
+    pub(crate) cleanup: cleanup::Queue,
+}
+
+impl Inner {
+    /// The shared state of a node that has not joined yet: no lease, no probe back.
+    pub(crate) fn new(
+        conn: Conn,
+        rebuild_from: Option<(Vec<String>, RedisConfig)>,
+        config: &RedisConfig,
+        node_id: NodeId,
+    ) -> Self {
+        Self {
+            conn: std::sync::RwLock::new(conn),
+            rebuild_from,
+            failures_in_a_row: AtomicU64::new(0),
+            rebuilding: AtomicBool::new(false),
+            cluster: config.topology.is_cluster(),
+            lease_until: AtomicI64::new(0),
+            keys: Keys::new(config.key_prefix.clone()),
+            node_id,
+            command_timeout: config.command_timeout,
+            lease: config.lease,
+            limits: config.limits,
+            stop: CancellationToken::new(),
+            rejoin: Notify::new(),
+            last_probe: (0..BUCKETS).map(|_| AtomicI64::new(0)).collect(),
+            subscribed_at: AtomicI64::new(0),
+            subscribed: AtomicBool::new(false),
+            errors: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            reaped: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
+            clock_offset: AtomicI64::new(0),
+            cleanup: cleanup::Queue::default(),
+        }
+    }
+}
+
+/// Capped exponential backoff between retries: each delay twice the last, up to
+/// `max`.
+pub(crate) struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min,
+            max,
+            next: min,
+        }
+    }
+
+    /// The delay to wait now; the next one is twice as long, up to the cap.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.max);
+        delay
+    }
+
+    /// Starts again from the shortest delay (after a success).
+    pub(crate) fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+/// Connects to a Redis Cluster, retrying until the connect timeout: the cluster
+/// client needs the slot map before it can route anything.
+pub(crate) async fn cluster_connection(
+    seeds: &[String],
+    config: &RedisConfig,
+    shown: &str,
+) -> Result<redis::cluster_async::ClusterConnection, ConnectError> {
+    let client = redis::cluster::ClusterClient::builder(seeds.iter().map(String::as_str))
+        .connection_timeout(config.command_timeout)
+        .response_timeout(config.command_timeout)
+        .retries(2)
+        .build()
+        .map_err(|e| ConnectError::InvalidUrl {
+            url: shown.to_owned(),
+            reason: e.to_string(),
+        })?;
+    let started = tokio::time::Instant::now();
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+    loop {
+        let err = match tokio::time::timeout(config.command_timeout, client.get_async_connection())
+            .await
+        {
+            Ok(Ok(conn)) => return Ok(conn),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "timed out".to_owned(),
+        };
+        if started.elapsed() >= config.connect_timeout {
+            return Err(ConnectError::Unreachable {
+                url: shown.to_owned(),
+                waited: started.elapsed(),
+                reason: err,
+            });
+        }
+        tracing::warn!(redis = %shown, error = %err, "Redis Cluster not reachable yet; retrying");
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+impl Inner {
+    /// Runs `op` for every bucket concurrently (the calls share the multiplexed
+    /// connection, so they go out pipelined), and collects the results in bucket
+    /// order. Fails if any call fails.
+    pub(crate) async fn each_bucket<'a, T, F, Fut>(&'a self, op: F) -> Result<Vec<T>, EngineError>
+    where
+        F: Fn(Bucket) -> Fut,
+        Fut: Future<Output = Result<T, EngineError>> + 'a,
+    {
+        try_join_all(Bucket::all().map(op)).await
+    }
+
+    pub(crate) async fn load_library(&self) -> Result<(), CallError> {
+        self.call(|mut c| async move {
+            redis::cmd("FUNCTION")
+                .arg("LOAD")
+                .arg("REPLACE")
+                .arg(LIBRARY)
+                .query_async::<String>(&mut c)
+                .await
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Runs one Redis operation on the shared connection, bounded by the command
+    /// timeout.
+    pub(crate) async fn run<T, F, Fut>(&self, op: F) -> Result<T, EngineError>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        self.call(op).await.map_err(EngineError::from)
+    }
+
+    /// As [`Inner::run`], with the failure as it is.
+    pub(crate) async fn call<T, F, Fut>(&self, op: F) -> Result<T, CallError>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        let conn = match self.conn.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        let res = match tokio::time::timeout(self.command_timeout, op(conn)).await {
+            Ok(r) => r.map_err(CallError::Redis),
+            Err(_) => Err(CallError::TimedOut),
+        };
+        if res.as_ref().is_err_and(CallError::is_unavailable) {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+            let n = self.failures_in_a_row.fetch_add(1, Ordering::AcqRel) + 1;
+            if n >= REBUILD_AFTER_FAILURES {
+                self.rebuild_cluster_connection().await;
+            }
+        } else {
+            self.failures_in_a_row.store(0, Ordering::Release);
+        }
+        res
+    }
+
+    /// Replaces the cluster connection with a fresh one (a new slot map, new links
+    /// to every master). The `redis` crate's cluster connection recovers from MOVED
+    /// and dropped links by itself, but after a failover it can stay stuck refreshing
+    /// its slot map; several failed commands in a row are the sign. One caller
+    /// rebuilds, the others keep failing fast meanwhile.
+    pub(crate) async fn rebuild_cluster_connection(&self) {
+        let Some((seeds, config)) = &self.rebuild_from else {
+            return;
+        };
+        if self.rebuilding.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let shown = Topology::Cluster(seeds.clone()).shown();
+        let quick = RedisConfig {
+            connect_timeout: config.command_timeout,
+            ..config.clone()
+        };
+        match cluster_connection(seeds, &quick, &shown).await {
+            Ok(fresh) => {
+                match self.conn.write() {
+                    Ok(mut c) => *c = Conn::Cluster(fresh),
+                    Err(poisoned) => *poisoned.into_inner() = Conn::Cluster(fresh),
+                }
+                self.failures_in_a_row.store(0, Ordering::Release);
+                tracing::warn!(redis = %shown, "Redis Cluster kept failing; reconnected afresh");
+            }
+            Err(e) => tracing::warn!(error = %e, "could not reconnect to Redis Cluster"),
+        }
+        self.rebuilding.store(false, Ordering::Release);
+    }
+
+    /// Calls a library function. If Redis lost the library (it restarted empty),
+    /// loads it again and retries once. A FENCED reply wakes the lease task.
+    pub(crate) async fn fcall<T: redis::FromRedisValue>(
+        &self,
+        name: &str,
+        keys: &[String],
+        args: impl ToRedisArgs + Clone,
+    ) -> Result<T, EngineError> {
+        self.try_fcall(name, keys, args)
+            .await
+            .map_err(EngineError::from)
+    }
+
+    /// As [`Inner::fcall`], with the function's refusal as it is.
+    pub(crate) async fn try_fcall<T: redis::FromRedisValue>(
+        &self,
+        name: &str,
+        keys: &[String],
+        args: impl ToRedisArgs + Clone,
+    ) -> Result<T, FunctionError> {
+        let mut reloaded = false;
+        loop {
+            let args = args.clone();
+            let res = self
+                .call(|mut c| async move {
+                    redis::cmd("FCALL")
+                        .arg(name)
+                        .arg(keys.len())
+                        .arg(keys)
+                        .arg(args)
+                        .query_async::<T>(&mut c)
+                        .await
+                })
+                .await;
+            let err = match res {
+                Ok(v) => return Ok(v),
+                Err(e) => FunctionError::parse(e),
+            };
+            match err {
+                FunctionError::NoSuchFunction if !reloaded => {
+                    tracing::warn!("Redis lost the function library; loading it again");
+                    self.load_library().await.map_err(FunctionError::Call)?;
+                    reloaded = true;
+                }
+                FunctionError::Fenced => {
+                    self.rejoin.notify_one();
+                    return Err(err);
+                }
+                _ => return Err(err),
+            }
+        }
+    }
+
+    /// The deadline to pass to a function called now, in Redis's clock: a little
+    /// before this call's own timeout, so that a call Redis runs after the node gave
+    /// up on it (and answered its client with an error) does nothing.
+    pub(crate) fn deadline(&self) -> i64 {
+        let timeout = self.command_timeout.saturating_sub(DEADLINE_MARGIN);
+        now_ms() + self.clock_offset.load(Ordering::Relaxed) + timeout.as_millis() as i64
+    }
+
+    /// Records Redis's clock against this node's (`TIME`, halfway through the round
+    /// trip).
+    pub(crate) async fn measure_clock(&self) -> Result<(), EngineError> {
+        let sent = now_ms();
+        let (secs, micros): (i64, i64) = self
+            .run(|mut c| async move { redis::cmd("TIME").query_async(&mut c).await })
+            .await?;
+        let received = now_ms();
+        let redis_ms = secs * 1000 + micros / 1000;
+        self.clock_offset
+            .store(redis_ms - (sent + received) / 2, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub(crate) fn probe_received(&self, bucket: Bucket) {
+        self.last_probe[bucket.index()].store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// How long ago the stalest bucket channel last carried this node's probe (ms).
+    pub(crate) fn probe_age(&self) -> i64 {
+        let oldest = self
+            .last_probe
+            .iter()
+            .map(|t| t.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0);
+        now_ms() - oldest
+    }
+
+    pub(crate) fn set_subscribed(&self, on: bool) {
+        if on {
+            self.subscribed_at.store(now_ms(), Ordering::Relaxed);
+        }
+        self.subscribed.store(on, Ordering::Relaxed);
+    }
+
+    /// How long ago the subscriber last (re)subscribed (ms).
+    pub(crate) fn subscribed_for(&self) -> i64 {
+        now_ms() - self.subscribed_at.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_reconnect(&self) {
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Marks that events may have been lost; see [`sessionhub_core::Engine::generation`].
+    pub(crate) fn bump_generation(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn count_reaped(&self, records: u64) {
+        self.reaped.fetch_add(records, Ordering::Relaxed);
+    }
+
+    /// Publishes on a classic channel (the `all` channel; on Redis Cluster it
+    /// reaches every shard).
+    pub(crate) async fn publish_raw(
+        &self,
+        channel: String,
+        payload: String,
+    ) -> Result<i64, EngineError> {
+        self.publish_with("PUBLISH", channel, payload).await
+    }
+
+    /// Publishes on one of this node's bucket channels, as the functions do:
+    /// SPUBLISH on Redis Cluster, PUBLISH on one Redis.
+    pub(crate) async fn publish_bucket(
+        &self,
+        channel: String,
+        payload: &str,
+    ) -> Result<i64, EngineError> {
+        let command = if self.cluster { "SPUBLISH" } else { "PUBLISH" };
+        self.publish_with(command, channel, payload.to_owned())
+            .await
+    }
+
+    pub(crate) async fn publish_with(
+        &self,
+        command: &'static str,
+        channel: String,
+        payload: String,
+    ) -> Result<i64, EngineError> {
+        self.run(|mut c| async move {
+            redis::cmd(command)
+                .arg(channel)
+                .arg(payload)
+                .query_async(&mut c)
+                .await
+        })
+        .await
+    }
+}

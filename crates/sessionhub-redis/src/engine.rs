@@ -1,0 +1,795 @@
+//! The [`Engine`] implementation: each call one function of the library, or a
+//! read, bucket by bucket where a call spans buckets.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+use async_trait::async_trait;
+use futures_util::future::try_join_all;
+use sessionhub_core::time::now_ms;
+use sessionhub_core::{
+    ConnectionId, CreatedSession, Delivery, EndReason, Engine, EngineError, EngineStats, GroupName,
+    LocalRecord, Member, NewSession, NodeId, OnlineUser, PresenceCounts, SecretHash, Session,
+    SessionId, Target, Token, UserId,
+};
+
+use crate::client::Inner;
+use crate::error::{FunctionError, corrupt};
+use crate::keys::Bucket;
+use crate::reply::{expire_reply, parse_conns, session_from_fields, session_from_map};
+use crate::wire::{self, Fields};
+use crate::{RedisEngine, cleanup};
+
+/// No arguments for a function call.
+const NO_ARGS: &[&str] = &[];
+/// Sessions `sh_expire` ends per call, to keep each call short.
+const EXPIRE_BATCH: usize = 500;
+/// Sockets re-asserted per function call, to keep each call short.
+const REASSERT_BATCH: usize = 1000;
+/// Lease fields of a bucket (`P{B}:leases`) are forgotten this many lease lifetimes
+/// after the lease they name ran out.
+const LEASE_FORGET_AFTER_TTLS: u32 = 10;
+
+fn member_key(member: &Member) -> (&'static str, &str) {
+    match member {
+        Member::Connection(c) => ("conn", c.as_str()),
+        Member::User(u) => ("user", u.as_str()),
+    }
+}
+
+#[async_trait]
+impl Engine for RedisEngine {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn node_id(&self) -> &NodeId {
+        &self.inner.node_id
+    }
+
+    fn generation(&self) -> u64 {
+        self.inner.generation.load(Ordering::Acquire)
+    }
+
+    fn stats(&self) -> EngineStats {
+        EngineStats {
+            store_errors: self.inner.errors.load(Ordering::Relaxed),
+            reconnects: self.inner.reconnects.load(Ordering::Relaxed),
+            reaped_records: self.inner.reaped.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Ready when Redis answers, the subscriber holds its subscriptions, and this
+    /// node's own probe came back through pub/sub recently: a node that is connected
+    /// but deaf is not ready.
+    async fn ping(&self) -> Result<(), EngineError> {
+        self.inner
+            .run(
+                |mut c| async move { redis::cmd("PING").query_async::<redis::Value>(&mut c).await },
+            )
+            .await?;
+        if !self.inner.subscribed.load(Ordering::Relaxed) {
+            return Err(EngineError::Unavailable(
+                "this node's pub/sub subscriber is reconnecting".into(),
+            ));
+        }
+        let age = self.inner.probe_age();
+        if age > self.inner.lease.probe_max_age().as_millis() as i64 {
+            return Err(EngineError::Unavailable(format!(
+                "this node's pub/sub probe has not come back on every bucket channel for {age} ms"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn create_session(&self, new: NewSession) -> Result<CreatedSession, EngineError> {
+        let now = now_ms();
+        let expires_at = now + new.ttl.as_millis() as i64;
+        let idle_ms = new.idle.as_millis() as i64;
+        let user_agent = new.user_agent.clone().unwrap_or_default();
+        let ip = new.ip.clone().unwrap_or_default();
+        let keys = &self.inner.keys;
+        // A session id is 96 random bits under the user's tag; a collision is
+        // astronomically unlikely, but the function refuses one rather than overwrite.
+        for _ in 0..3 {
+            let token = Token::generate(&new.user_id);
+            let sid = token.session_id().clone();
+            let res: Result<i64, _> = self
+                .inner
+                .try_fcall(
+                    "sh_create_session",
+                    &[keys.session(&sid), keys.user_sessions(&new.user_id)],
+                    (
+                        new.user_id.as_str(),
+                        token.secret_hash().as_str(),
+                        user_agent.as_str(),
+                        ip.as_str(),
+                        now,
+                        expires_at,
+                        idle_ms,
+                        self.inner.limits.sessions_per_user,
+                        self.inner.deadline(),
+                    ),
+                )
+                .await;
+            match res {
+                Ok(_) => {
+                    let session = Session {
+                        session_id: sid,
+                        user_id: new.user_id.clone(),
+                        user_agent: new.user_agent.clone(),
+                        ip: new.ip.clone(),
+                        created_at: now,
+                        last_seen_at: now,
+                        expires_at,
+                        idle_expires_at: now + idle_ms,
+                        connections: Vec::new(),
+                    };
+                    return Ok(CreatedSession { session, token });
+                }
+                Err(FunctionError::Exists(_)) => continue,
+                Err(e) => {
+                    let e = EngineError::from(e);
+                    if matches!(e, EngineError::Unavailable(_)) {
+                        // The caller never gets this token: if the call ran after all
+                        // (its answer lost), end the session it made.
+                        self.inner.cleanup.push(cleanup::Item::Session(sid));
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Err(EngineError::Corrupt(
+            "could not find a free session id".into(),
+        ))
+    }
+
+    async fn authenticate(&self, token: &Token) -> Result<Option<Session>, EngineError> {
+        let sid = token.session_id();
+        let key = self.inner.keys.session(sid);
+        let mut map: std::collections::HashMap<String, String> = self
+            .inner
+            .run(|mut c| async move { redis::cmd("HGETALL").arg(key).query_async(&mut c).await })
+            .await?;
+        let Some(stored) = map.remove("secret_hash") else {
+            return Ok(None);
+        };
+        if !SecretHash::from_stored(stored).ct_eq(&token.secret_hash()) {
+            return Ok(None);
+        }
+        let session = session_from_map(sid, map)?;
+        Ok((!session.expired_at(now_ms())).then_some(session))
+    }
+
+    async fn get_session(&self, session_id: &SessionId) -> Result<Option<Session>, EngineError> {
+        let keys = &self.inner.keys;
+        let (key, conns_key) = (keys.session(session_id), keys.conns(session_id));
+        type Reply = (
+            std::collections::HashMap<String, String>,
+            Vec<(String, String)>,
+        );
+        let (map, conns): Reply = self
+            .inner
+            .run(|mut c| async move {
+                redis::pipe()
+                    .hgetall(key)
+                    .hgetall(conns_key)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        if map.is_empty() {
+            return Ok(None);
+        }
+        let mut session = session_from_map(session_id, map)?;
+        if session.expired_at(now_ms()) {
+            return Ok(None);
+        }
+        session.connections = parse_conns(conns)?;
+        Ok(Some(session))
+    }
+
+    async fn user_sessions(&self, user_id: &UserId) -> Result<Vec<Session>, EngineError> {
+        type Row = (
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            Vec<(String, String)>,
+        );
+        let rows: Vec<Row> = self
+            .inner
+            .fcall(
+                "sh_user_sessions",
+                &[self.inner.keys.user_sessions(user_id)],
+                NO_ARGS,
+            )
+            .await?;
+        let now = now_ms();
+        let mut out = Vec::with_capacity(rows.len());
+        for (sid, user_agent, ip, created_at, last_seen_at, expires_at, idle_ms, conns) in rows {
+            let sid = SessionId::parse(&sid).map_err(corrupt)?;
+            let row = (
+                user_agent,
+                ip,
+                created_at,
+                last_seen_at,
+                expires_at,
+                idle_ms,
+            );
+            let fields = Fields::from_row(user_id.to_string(), row);
+            let mut s = session_from_fields(&sid, fields)?;
+            if s.expired_at(now) {
+                continue;
+            }
+            s.connections = parse_conns(conns)?;
+            out.push(s);
+        }
+        out.sort_by(|a, b| (a.created_at, &a.session_id).cmp(&(b.created_at, &b.session_id)));
+        Ok(out)
+    }
+
+    async fn kill_session(
+        &self,
+        session_id: &SessionId,
+        owner: Option<&UserId>,
+        reason: EndReason,
+    ) -> Result<bool, EngineError> {
+        let owner = owner.map(UserId::as_str).unwrap_or("");
+        let n: i64 = self
+            .inner
+            .fcall(
+                "sh_kill_session",
+                &[self.inner.keys.session(session_id)],
+                (reason.as_str(), owner, self.inner.deadline()),
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn kill_user_sessions(
+        &self,
+        user_id: &UserId,
+        except: Option<&SessionId>,
+        reason: EndReason,
+    ) -> Result<u64, EngineError> {
+        let keep = except.map(SessionId::as_str).unwrap_or("");
+        let n: i64 = self
+            .inner
+            .fcall(
+                "sh_kill_user_sessions",
+                &[self.inner.keys.user_sessions(user_id)],
+                (reason.as_str(), keep, self.inner.deadline()),
+            )
+            .await?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn register_connection(
+        &self,
+        token: &Token,
+        connection_id: &ConnectionId,
+    ) -> Result<Option<Session>, EngineError> {
+        let sid = token.session_id();
+        type Reply = Option<(String, String, String, String, String, String, String)>;
+        let limits = self.inner.limits;
+        let reply: Result<Reply, _> = self
+            .inner
+            .fcall(
+                "sh_register_connection",
+                &[self.inner.keys.session(sid)],
+                (
+                    token.secret_hash().as_str(),
+                    connection_id.as_str(),
+                    self.inner.node_id.as_str(),
+                    now_ms(),
+                    limits.per_session,
+                    limits.per_user,
+                    self.inner.lease_until.load(Ordering::Acquire),
+                    self.inner.deadline(),
+                ),
+            )
+            .await;
+        let reply = match reply {
+            Err(e @ EngineError::Unavailable(_)) => {
+                // It may still run (before its deadline) or have run with the
+                // answer lost: make sure no record outlives this failed upgrade.
+                self.inner
+                    .cleanup
+                    .push(cleanup::Item::Connection(connection_id.clone()));
+                return Err(e);
+            }
+            other => other?,
+        };
+        let Some((user_id, user_agent, ip, created_at, last_seen_at, expires_at, idle_ms)) = reply
+        else {
+            return Ok(None);
+        };
+        let row = (
+            user_agent,
+            ip,
+            created_at,
+            last_seen_at,
+            expires_at,
+            idle_ms,
+        );
+        let fields = Fields::from_row(user_id, row);
+        session_from_fields(sid, fields).map(Some)
+    }
+
+    async fn unregister_connection(&self, connection_id: &ConnectionId) -> Result<(), EngineError> {
+        let res = self.inner.unregister(connection_id).await;
+        if res.is_err() {
+            // Retried until Redis confirms: a record left behind would count
+            // against presence and the socket limits.
+            self.inner
+                .cleanup
+                .push(cleanup::Item::Connection(connection_id.clone()));
+        }
+        res
+    }
+
+    async fn publish(&self, target: &Target, frame: &str) -> Result<Delivery, EngineError> {
+        let keys = &self.inner.keys;
+        let key = match target {
+            Target::User(u) => keys.user_sessions(u),
+            Target::Session(s) => keys.session(s),
+            Target::Connection(c) => keys.conn(c),
+            Target::Group(g) => return self.publish_group(g, frame).await,
+            Target::All => {
+                let nodes = self
+                    .inner
+                    .publish_raw(keys.all_channel(), wire::broadcast_payload(frame))
+                    .await?;
+                return Ok(Delivery {
+                    nodes: nodes.max(0) as u64,
+                    connections: None,
+                });
+            }
+        };
+        let (nodes, conns): (i64, i64) = self
+            .inner
+            .fcall("sh_publish", &[key], (frame, self.inner.deadline()))
+            .await?;
+        Ok(Delivery {
+            nodes: nodes.max(0) as u64,
+            connections: Some(conns.max(0) as u64),
+        })
+    }
+
+    async fn group_add(&self, group: &GroupName, member: &Member) -> Result<bool, EngineError> {
+        let inner = &self.inner;
+        let b = member_bucket(member);
+        let key = [inner.keys.group(b, group)];
+        let add = async {
+            match member {
+                Member::Connection(c) => {
+                    inner
+                        .fcall::<i64>(
+                            "sh_group_add",
+                            &key,
+                            ("conn", c.as_str(), now_ms(), inner.deadline()),
+                        )
+                        .await
+                }
+                Member::User(u) => {
+                    inner
+                        .fcall::<i64>(
+                            "sh_group_add",
+                            &key,
+                            ("user", u.as_str(), now_ms(), inner.deadline()),
+                        )
+                        .await
+                }
+            }
+        };
+        // Both must hold before the add is acknowledged, in this order: the sweep
+        // that forgets emptied buckets relies on the count moving after the add.
+        let n = add.await?;
+        let buckets = inner.keys.group_buckets(group);
+        inner
+            .run(|mut c| async move {
+                redis::cmd("HINCRBY")
+                    .arg(buckets)
+                    .arg(b.hex())
+                    .arg(1)
+                    .query_async::<i64>(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn group_remove(&self, group: &GroupName, member: &Member) -> Result<bool, EngineError> {
+        let (kind, id) = member_key(member);
+        let key = self.inner.keys.group(member_bucket(member), group);
+        let n: i64 = self
+            .inner
+            .fcall("sh_group_remove", &[key], (kind, id, self.inner.deadline()))
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn group_members(&self, group: &GroupName) -> Result<Vec<Member>, EngineError> {
+        let inner = &self.inner;
+        let buckets = inner.group_buckets(group).await?;
+        let per_bucket = try_join_all(buckets.into_iter().map(|b| {
+            let key = inner.keys.group(b, group);
+            inner.run(|mut c| async move {
+                redis::cmd("HKEYS")
+                    .arg(key)
+                    .query_async::<Vec<String>>(&mut c)
+                    .await
+            })
+        }))
+        .await?;
+        let mut out = per_bucket
+            .iter()
+            .flatten()
+            .map(|f| match f.split_once(':') {
+                Some(("conn", id)) => ConnectionId::parse(id)
+                    .map(Member::Connection)
+                    .map_err(corrupt),
+                Some(("user", id)) => UserId::parse(id).map(Member::User).map_err(corrupt),
+                _ => Err(corrupt(format!("bad group member {f:?}"))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        out.sort();
+        Ok(out)
+    }
+
+    /// Merges one page from every bucket (each in lexical order) into one page.
+    async fn online_users(
+        &self,
+        after: Option<&UserId>,
+        limit: usize,
+    ) -> Result<Vec<OnlineUser>, EngineError> {
+        let inner = &self.inner;
+        let after = after.map(UserId::as_str).unwrap_or("");
+        let pages = inner
+            .each_bucket(|b| async move {
+                inner
+                    .fcall::<Vec<(String, u64)>>(
+                        "sh_online_users",
+                        &[inner.keys.online(b)],
+                        (after, limit),
+                    )
+                    .await
+            })
+            .await?;
+        let mut all: Vec<(String, u64)> = pages.into_iter().flatten().collect();
+        all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        all.truncate(limit);
+        all.into_iter()
+            .map(|(u, n)| {
+                Ok(OnlineUser {
+                    user_id: UserId::parse(&u).map_err(corrupt)?,
+                    connections: n,
+                })
+            })
+            .collect()
+    }
+
+    async fn presence_counts(&self) -> Result<PresenceCounts, EngineError> {
+        let inner = &self.inner;
+        let nodes = inner.node_ids().await?;
+        let nodes = &nodes;
+        let counts = inner
+            .each_bucket(|b| async move {
+                inner
+                    .fcall::<(u64, u64)>("sh_presence_counts", &[inner.keys.online(b)], nodes)
+                    .await
+            })
+            .await?;
+        let (online_users, connections) = counts
+            .into_iter()
+            .fold((0, 0), |(u, c), (bu, bc)| (u + bu, c + bc));
+        Ok(PresenceCounts {
+            online_users,
+            connections,
+            nodes: nodes.len() as u64,
+        })
+    }
+
+    /// Cheap first: the number of this node's records in each bucket; only buckets
+    /// holding more records than sockets get a full look (`sh_reconcile`).
+    async fn reconcile(&self, held: &[LocalRecord], before: i64) -> Result<u64, EngineError> {
+        let inner = &self.inner;
+        let mut by_bucket: HashMap<Bucket, Vec<&str>> = HashMap::new();
+        for r in held {
+            by_bucket
+                .entry(Bucket::of(r.connection_id.as_str()))
+                .or_default()
+                .push(r.connection_id.as_str());
+        }
+        let by_bucket = &by_bucket;
+        let lens = inner
+            .each_bucket(|b| async move {
+                let key = inner.keys.node_conns(b, &inner.node_id);
+                let n: usize =
+                    inner
+                        .run(|mut c| async move {
+                            redis::cmd("HLEN").arg(key).query_async(&mut c).await
+                        })
+                        .await?;
+                Ok((b, n))
+            })
+            .await?;
+        let calls = lens
+            .into_iter()
+            .filter(|(b, n)| *n > by_bucket.get(b).map_or(0, Vec::len))
+            .map(|(b, _)| {
+                let mut args = vec![before.to_string()];
+                args.extend(
+                    by_bucket
+                        .get(&b)
+                        .into_iter()
+                        .flatten()
+                        .map(|c| c.to_string()),
+                );
+                let key = inner.keys.node_conns(b, &inner.node_id);
+                async move { inner.fcall::<i64>("sh_reconcile", &[key], args).await }
+            });
+        let removed: i64 = try_join_all(calls).await?.into_iter().sum();
+        Ok(removed.max(0) as u64)
+    }
+
+    /// One pipeline per bucket (a pipeline must stay within one hash slot on Redis
+    /// Cluster), all sent at once.
+    async fn sessions_alive(&self, sessions: &[SessionId]) -> Result<Vec<bool>, EngineError> {
+        let inner = &self.inner;
+        let mut by_bucket: HashMap<Bucket, Vec<usize>> = HashMap::new();
+        for (i, sid) in sessions.iter().enumerate() {
+            by_bucket
+                .entry(Bucket::of(sid.as_str()))
+                .or_default()
+                .push(i);
+        }
+        let replies = try_join_all(by_bucket.into_values().map(|idx| {
+            let mut pipe = redis::pipe();
+            for &i in &idx {
+                pipe.exists(inner.keys.session(&sessions[i]));
+            }
+            async move {
+                let alive: Vec<bool> = inner
+                    .run(|mut c| async move { pipe.query_async(&mut c).await })
+                    .await?;
+                Ok::<_, EngineError>((idx, alive))
+            }
+        }))
+        .await?;
+        let mut out = vec![false; sessions.len()];
+        for (idx, alive) in replies {
+            for (i, a) in idx.into_iter().zip(alive) {
+                out[i] = a;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn reassert(&self, records: &[LocalRecord]) -> Result<Vec<SessionId>, EngineError> {
+        let inner = &self.inner;
+        let mut by_bucket: HashMap<Bucket, Vec<&LocalRecord>> = HashMap::new();
+        for r in records {
+            by_bucket
+                .entry(Bucket::of(r.connection_id.as_str()))
+                .or_default()
+                .push(r);
+        }
+        let lease = inner.lease_until.load(Ordering::Acquire);
+        let calls = by_bucket.iter().flat_map(|(b, recs)| {
+            recs.chunks(REASSERT_BATCH).map(move |chunk| {
+                let mut args: Vec<String> = Vec::with_capacity(2 + chunk.len() * 4);
+                args.push(lease.to_string());
+                args.push(now_ms().to_string());
+                for r in chunk {
+                    args.push(r.connection_id.to_string());
+                    args.push(r.session_id.to_string());
+                    args.push(r.user_id.to_string());
+                    args.push(r.connected_at.to_string());
+                }
+                let key = inner.keys.node_conns(*b, &inner.node_id);
+                async move {
+                    inner
+                        .fcall::<Vec<String>>("sh_reassert", &[key], args)
+                        .await
+                }
+            })
+        });
+        let mut gone = Vec::new();
+        for s in try_join_all(calls).await?.into_iter().flatten() {
+            gone.push(SessionId::parse(&s).map_err(corrupt)?);
+        }
+        Ok(gone)
+    }
+
+    async fn touch(&self, session_id: &SessionId) -> Result<(), EngineError> {
+        self.inner
+            .fcall::<i64>(
+                "sh_touch",
+                &[self.inner.keys.session(session_id)],
+                (now_ms(), self.inner.deadline()),
+            )
+            .await
+            .map(drop)
+    }
+
+    async fn expire_due(&self) -> Result<u64, EngineError> {
+        let inner = &self.inner;
+        let forget_after = inner.lease.ttl_ms() * u64::from(LEASE_FORGET_AFTER_TTLS);
+        let ended = inner
+            .each_bucket(|b| async move {
+                let key = [inner.keys.expiry(b)];
+                // The first call of a round also takes the groups emptied in b.
+                let reply: redis::Value = inner
+                    .fcall(
+                        "sh_expire",
+                        &key,
+                        (now_ms(), EXPIRE_BATCH, forget_after, "1"),
+                    )
+                    .await?;
+                let (mut n, emptied) = expire_reply(reply)?;
+                for (group, count) in emptied {
+                    inner.forget_group_bucket(&group, b).await?;
+                    inner
+                        .fcall::<i64>(
+                            "sh_group_emptied_done",
+                            &[inner.keys.groups_emptied(b)],
+                            (group.as_str(), count.as_str()),
+                        )
+                        .await?;
+                }
+                let mut total = 0;
+                loop {
+                    total += n.max(0) as u64;
+                    if (n.max(0) as usize) < EXPIRE_BATCH {
+                        return Ok(total);
+                    }
+                    n = inner
+                        .fcall("sh_expire", &key, (now_ms(), EXPIRE_BATCH, forget_after))
+                        .await?;
+                }
+            })
+            .await?;
+        Ok(ended.into_iter().sum())
+    }
+
+    async fn leave(&self) -> Result<(), EngineError> {
+        let inner = &self.inner;
+        inner.stop.cancel();
+        let upto = inner.lease_until.load(Ordering::Acquire).max(now_ms());
+        let n = inner.drop_node(&inner.node_id, upto).await?;
+        inner
+            .fcall::<i64>(
+                "sh_node_forget",
+                &[inner.keys.nodes()],
+                (inner.node_id.as_str(), upto),
+            )
+            .await?;
+        tracing::info!(records = n, "left the cluster");
+        Ok(())
+    }
+}
+
+impl RedisEngine {
+    /// A group publish: one `sh_publish` per bucket that may hold members. The node
+    /// count is the sum over buckets (a node reached from two buckets counts twice).
+    async fn publish_group(&self, group: &GroupName, frame: &str) -> Result<Delivery, EngineError> {
+        let inner = &self.inner;
+        let buckets = inner.group_buckets(group).await?;
+        let replies = try_join_all(buckets.into_iter().map(|b| {
+            let key = inner.keys.group(b, group);
+            async move {
+                inner
+                    .fcall::<(i64, i64)>("sh_publish", &[key], (frame, inner.deadline()))
+                    .await
+            }
+        }))
+        .await?;
+        let (nodes, conns) = replies
+            .into_iter()
+            .fold((0, 0), |(n, c), (bn, bc)| (n + bn.max(0), c + bc.max(0)));
+        Ok(Delivery {
+            nodes: nodes as u64,
+            connections: Some(conns as u64),
+        })
+    }
+}
+
+impl Inner {
+    /// The node ids holding a lease entry, live or not yet reaped.
+    async fn node_ids(&self) -> Result<Vec<String>, EngineError> {
+        let key = self.keys.nodes();
+        self.run(|mut c| async move {
+            redis::cmd("ZRANGE")
+                .arg(key)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut c)
+                .await
+        })
+        .await
+    }
+
+    /// Removes a connection's records (idempotent).
+    pub(crate) async fn unregister(&self, cid: &ConnectionId) -> Result<(), EngineError> {
+        self.fcall::<i64>("sh_unregister_connection", &[self.keys.conn(cid)], NO_ARGS)
+            .await
+            .map(drop)
+    }
+
+    /// Ends a session whose creation was answered with an error (if it exists).
+    pub(crate) async fn end_unseen_session(&self, sid: &SessionId) -> Result<(), EngineError> {
+        self.fcall::<i64>(
+            "sh_kill_session",
+            &[self.keys.session(sid)],
+            (EndReason::Killed.as_str(), ""),
+        )
+        .await
+        .map(drop)
+    }
+}
+
+impl Inner {
+    /// The buckets that may hold members of a group (and those a 0.2.0 node wrote
+    /// in the older set).
+    async fn group_buckets(&self, group: &GroupName) -> Result<Vec<Bucket>, EngineError> {
+        let key = self.keys.group_buckets(group);
+        let legacy = self.keys.legacy_group_buckets(group);
+        let current =
+            self.run(|mut c| async move { redis::cmd("HKEYS").arg(key).query_async(&mut c).await });
+        let old = self.run(|mut c| async move {
+            redis::cmd("SMEMBERS").arg(legacy).query_async(&mut c).await
+        });
+        let (current, old): (Vec<String>, Vec<String>) = tokio::try_join!(current, old)?;
+        let mut buckets: Vec<Bucket> = current.iter().chain(&old).map(|h| Bucket::of(h)).collect();
+        buckets.sort_unstable();
+        buckets.dedup();
+        Ok(buckets)
+    }
+
+    /// Forgets bucket `b` in a group's bucket index if its members there are gone
+    /// and none was added meanwhile. The count is read before the members are
+    /// looked at: see `sh_group_forget_bucket`.
+    async fn forget_group_bucket(&self, group: &str, b: Bucket) -> Result<(), EngineError> {
+        let Ok(group) = GroupName::parse(group) else {
+            tracing::warn!(
+                group,
+                "ignoring a malformed group name in an emptied-groups set"
+            );
+            return Ok(());
+        };
+        let index = self.keys.group_buckets(&group);
+        let idx = index.clone();
+        let adds: Option<String> = self
+            .run(|mut c| async move {
+                redis::cmd("HGET")
+                    .arg(idx)
+                    .arg(b.hex())
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        let Some(adds) = adds else { return Ok(()) };
+        let members = self.keys.group(b, &group);
+        let exists: i64 = self
+            .run(|mut c| async move { redis::cmd("EXISTS").arg(members).query_async(&mut c).await })
+            .await?;
+        if exists == 0 {
+            self.fcall::<i64>("sh_group_forget_bucket", &[index], (b.hex(), adds))
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// The bucket a group member's entry lives in.
+fn member_bucket(member: &Member) -> Bucket {
+    match member {
+        Member::Connection(c) => Bucket::of(c.as_str()),
+        Member::User(u) => Bucket::of(&u.tag()),
+    }
+}
