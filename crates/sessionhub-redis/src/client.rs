@@ -11,6 +11,7 @@ use sessionhub_core::time::now_ms;
 use sessionhub_core::{ConnLimits, EngineError, NodeId};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::LIBRARY;
 use crate::cleanup;
@@ -52,6 +53,10 @@ pub(crate) struct Inner {
     pub(crate) lease: LeaseConfig,
     pub(crate) limits: ConnLimits,
     pub(crate) stop: CancellationToken,
+    /// The engine's tasks (subscriber, lease and reaper, cleanup): they return when
+    /// `stop` is cancelled, and [`Engine::leave`](sessionhub_core::Engine::leave)
+    /// waits for them.
+    pub(crate) tasks: TaskTracker,
     /// Wakes the lease task to rejoin at once (a call found the node fenced).
     pub(crate) rejoin: Notify,
     /// When this node's own probe last came back through pub/sub, per bucket
@@ -98,6 +103,7 @@ impl Inner {
             lease: config.lease,
             limits: config.limits,
             stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
             rejoin: Notify::new(),
             last_probe: (0..BUCKETS).map(|_| AtomicI64::new(0)).collect(),
             subscribed_at: AtomicI64::new(0),

@@ -34,11 +34,6 @@ impl RedisConfig {
         Self::with_topology(Topology::Single(url.into()))
     }
 
-    /// A config for a Redis Cluster reached through `seeds`.
-    pub fn cluster(seeds: Vec<String>) -> Self {
-        Self::with_topology(Topology::Cluster(seeds))
-    }
-
     /// A config for `topology`, with defaults for everything else.
     pub fn with_topology(topology: Topology) -> Self {
         Self {

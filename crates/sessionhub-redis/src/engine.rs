@@ -670,9 +670,20 @@ impl Engine for RedisEngine {
             )
             .await?;
         tracing::info!(records = n, "left the cluster");
+        inner.tasks.close();
+        if tokio::time::timeout(TASKS_STOP_TIMEOUT, inner.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the engine's tasks did not stop in time");
+        }
         Ok(())
     }
 }
+
+/// How long leaving waits for the engine's tasks (subscriber, lease, cleanup) to
+/// return once stopped.
+const TASKS_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl RedisEngine {
     /// A group publish: one `sh_publish` per bucket that may hold members. The node

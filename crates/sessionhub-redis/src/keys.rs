@@ -65,11 +65,6 @@ impl Keys {
         }
     }
 
-    /// The prefix.
-    pub fn prefix(&self) -> &str {
-        &self.prefix
-    }
-
     fn in_bucket(&self, b: Bucket, rest: std::fmt::Arguments<'_>) -> String {
         format!("{}{{{b}}}:{rest}", self.prefix)
     }

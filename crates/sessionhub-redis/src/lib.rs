@@ -131,13 +131,9 @@ impl RedisEngine {
                 ));
             }
         }
-        tokio::spawn(lease::run(engine.inner.clone(), events));
-        tokio::spawn(cleanup::run(engine.inner.clone()));
+        let tasks = &engine.inner.tasks;
+        tasks.spawn(lease::run(engine.inner.clone(), events));
+        tasks.spawn(cleanup::run(engine.inner.clone()));
         Ok(engine)
-    }
-
-    /// The key layout in use.
-    pub fn keys(&self) -> &Keys {
-        &self.inner.keys
     }
 }

@@ -58,7 +58,8 @@ pub(crate) fn spawn(
     inner: Arc<Inner>,
 ) -> oneshot::Receiver<()> {
     let (ready_tx, ready_rx) = oneshot::channel();
-    tokio::spawn(run(source, events, inner, ready_tx));
+    let tasks = inner.tasks.clone();
+    tasks.spawn(run(source, events, inner, ready_tx));
     ready_rx
 }
 
