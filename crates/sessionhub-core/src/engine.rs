@@ -24,14 +24,62 @@ pub const EVENT_QUEUE_CAPACITY: usize = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     /// The backing store cannot be reached or did not answer in time. Retry later.
-    #[error("session store unavailable: {0}")]
-    Unavailable(String),
+    #[error("session store unavailable: {message}")]
+    Unavailable {
+        /// What happened.
+        message: String,
+        /// The store client's own error, if there was one.
+        #[source]
+        cause: Option<Cause>,
+    },
     /// The store answered with something this version cannot read.
-    #[error("session store returned an unexpected reply: {0}")]
-    Corrupt(String),
+    #[error("session store returned an unexpected reply: {message}")]
+    Corrupt {
+        /// What was wrong.
+        message: String,
+        /// The store client's own error, if there was one.
+        #[source]
+        cause: Option<Cause>,
+    },
     /// A configured limit refused the operation; the message says which.
     #[error("{0}")]
     Limit(String),
+}
+
+/// The underlying error behind an [`EngineError`], kept for logs.
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+impl EngineError {
+    /// The store is unreachable, for the reason given.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        EngineError::Unavailable {
+            message: message.into(),
+            cause: None,
+        }
+    }
+
+    /// The store's reply cannot be read, for the reason given.
+    pub fn corrupt(message: impl Into<String>) -> Self {
+        EngineError::Corrupt {
+            message: message.into(),
+            cause: None,
+        }
+    }
+
+    /// The same error, caused by `cause`.
+    pub fn caused_by(self, cause: impl Into<Cause>) -> Self {
+        match self {
+            EngineError::Unavailable { message, .. } => EngineError::Unavailable {
+                message,
+                cause: Some(cause.into()),
+            },
+            EngineError::Corrupt { message, .. } => EngineError::Corrupt {
+                message,
+                cause: Some(cause.into()),
+            },
+            limit @ EngineError::Limit(_) => limit,
+        }
+    }
 }
 
 /// An event for the sockets held by one node.

@@ -495,7 +495,7 @@ impl Engine for MemoryEngine {
         let rec = st
             .sessions
             .get_mut(sid)
-            .ok_or_else(|| EngineError::Corrupt("session vanished".into()))?;
+            .ok_or_else(|| EngineError::corrupt("session vanished"))?;
         touch(&mut rec.session, now);
         Ok(Some(rec.session.clone()))
     }

@@ -69,13 +69,13 @@ impl Engine for RedisEngine {
             )
             .await?;
         if !self.inner.subscribed.load(Ordering::Relaxed) {
-            return Err(EngineError::Unavailable(
-                "this node's pub/sub subscriber is reconnecting".into(),
+            return Err(EngineError::unavailable(
+                "this node's pub/sub subscriber is reconnecting",
             ));
         }
         let age = self.inner.probe_age();
         if age > self.inner.lease.probe_max_age().as_millis() as i64 {
-            return Err(EngineError::Unavailable(format!(
+            return Err(EngineError::unavailable(format!(
                 "this node's pub/sub probe has not come back on every bucket channel for {age} ms"
             )));
         }
@@ -130,7 +130,7 @@ impl Engine for RedisEngine {
                 Err(FunctionError::Exists(_)) => continue,
                 Err(e) => {
                     let e = EngineError::from(e);
-                    if matches!(e, EngineError::Unavailable(_)) {
+                    if matches!(e, EngineError::Unavailable { .. }) {
                         // The caller never gets this token: if the call ran after all
                         // (its answer lost), end the session it made.
                         self.inner.cleanup.push(cleanup::Item::Session(sid));
@@ -139,9 +139,7 @@ impl Engine for RedisEngine {
                 }
             }
         }
-        Err(EngineError::Corrupt(
-            "could not find a free session id".into(),
-        ))
+        Err(EngineError::corrupt("could not find a free session id"))
     }
 
     async fn authenticate(&self, token: &Token) -> Result<Option<Session>, EngineError> {
@@ -294,7 +292,7 @@ impl Engine for RedisEngine {
             )
             .await;
         let reply = match reply {
-            Err(e @ EngineError::Unavailable(_)) => {
+            Err(e @ EngineError::Unavailable { .. }) => {
                 // It may still run (before its deadline) or have run with the
                 // answer lost: make sure no record outlives this failed upgrade.
                 self.inner

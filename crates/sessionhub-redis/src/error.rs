@@ -98,11 +98,13 @@ impl FunctionError {
 
 impl From<CallError> for EngineError {
     fn from(e: CallError) -> Self {
-        if e.is_unavailable() {
-            EngineError::Unavailable(e.to_string())
+        let message = e.to_string();
+        let kind = if e.is_unavailable() {
+            EngineError::unavailable(message)
         } else {
-            EngineError::Corrupt(e.to_string())
-        }
+            EngineError::corrupt(message)
+        };
+        kind.caused_by(e)
     }
 }
 
@@ -110,24 +112,24 @@ impl From<FunctionError> for EngineError {
     fn from(e: FunctionError) -> Self {
         match e {
             FunctionError::Limit(which) => EngineError::Limit(which),
-            FunctionError::Deadline => EngineError::Unavailable(
-                "Redis answered after the request's deadline; nothing was done".into(),
+            FunctionError::Deadline => EngineError::unavailable(
+                "Redis answered after the request's deadline; nothing was done",
             ),
             FunctionError::Fenced => {
-                EngineError::Unavailable("this node lost its lease; rejoining".into())
+                EngineError::unavailable("this node lost its lease; rejoining")
             }
             FunctionError::Call(e) => e.into(),
             e @ (FunctionError::Exists(_)
             | FunctionError::NoSuchFunction
             | FunctionError::BadKey(_)
-            | FunctionError::BadArg(_)) => EngineError::Corrupt(e.to_string()),
+            | FunctionError::BadArg(_)) => EngineError::corrupt(e.to_string()).caused_by(e),
         }
     }
 }
 
 /// A reply this version cannot read.
 pub(crate) fn corrupt(e: impl std::fmt::Display) -> EngineError {
-    EngineError::Corrupt(e.to_string())
+    EngineError::corrupt(e.to_string())
 }
 
 #[cfg(test)]
@@ -183,10 +185,13 @@ mod tests {
         // A code is the first word only: a message mentioning one is not it.
         let other = FunctionError::parse(reply("ERR LIMIT FENCED DEADLINE"));
         assert!(matches!(other, FunctionError::Call(_)), "{other:?}");
-        assert!(matches!(EngineError::from(other), EngineError::Corrupt(_)));
+        assert!(matches!(
+            EngineError::from(other),
+            EngineError::Corrupt { .. }
+        ));
         assert!(matches!(
             EngineError::from(FunctionError::parse(CallError::TimedOut)),
-            EngineError::Unavailable(_)
+            EngineError::Unavailable { .. }
         ));
     }
 
@@ -198,15 +203,15 @@ mod tests {
         ));
         assert!(matches!(
             EngineError::from(FunctionError::Fenced),
-            EngineError::Unavailable(_)
+            EngineError::Unavailable { .. }
         ));
         assert!(matches!(
             EngineError::from(FunctionError::Deadline),
-            EngineError::Unavailable(_)
+            EngineError::Unavailable { .. }
         ));
         assert!(matches!(
             EngineError::from(FunctionError::Exists(String::new())),
-            EngineError::Corrupt(_)
+            EngineError::Corrupt { .. }
         ));
     }
 }

@@ -46,13 +46,17 @@ pub enum ApiError {
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
-            EngineError::Unavailable(msg) => {
-                tracing::warn!(error = %msg, "session store unavailable");
+            EngineError::Unavailable { message, cause } => {
+                tracing::warn!(error = %message, cause = ?cause, "session store unavailable");
                 ApiError::Unavailable
             }
             EngineError::Limit(msg) => ApiError::TooMany(msg),
-            EngineError::Corrupt(msg) => {
-                tracing::error!(error = %msg, "session store returned an unexpected reply");
+            EngineError::Corrupt { message, cause } => {
+                tracing::error!(
+                    error = %message,
+                    cause = ?cause,
+                    "session store returned an unexpected reply"
+                );
                 ApiError::Internal
             }
         }
