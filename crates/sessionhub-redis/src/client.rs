@@ -57,6 +57,11 @@ pub(crate) struct Inner {
     /// `stop` is cancelled, and [`Engine::leave`](sessionhub_core::Engine::leave)
     /// waits for them.
     pub(crate) tasks: TaskTracker,
+    /// Expiry sweeps this node has run: every [`HOUSEKEEPING_EVERY`]th also forgets
+    /// old lease fields and emptied group buckets.
+    ///
+    /// [`HOUSEKEEPING_EVERY`]: crate::engine::HOUSEKEEPING_EVERY
+    pub(crate) sweeps: AtomicU64,
     /// Wakes the lease task to rejoin at once (a call found the node fenced).
     pub(crate) rejoin: Notify,
     /// When this node's own probe last came back through pub/sub, per bucket
@@ -104,6 +109,7 @@ impl Inner {
             limits: config.limits,
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            sweeps: AtomicU64::new(0),
             rejoin: Notify::new(),
             last_probe: (0..BUCKETS).map(|_| AtomicI64::new(0)).collect(),
             subscribed_at: AtomicI64::new(0),

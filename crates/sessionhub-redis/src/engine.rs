@@ -29,6 +29,9 @@ const REASSERT_BATCH: usize = 1000;
 /// Lease fields of a bucket (`P{B}:leases`) are forgotten this many lease lifetimes
 /// after the lease they name ran out.
 const LEASE_FORGET_AFTER_TTLS: u32 = 10;
+/// One expiry sweep in this many also does the housekeeping (10 s at one sweep a
+/// second).
+pub(crate) const HOUSEKEEPING_EVERY: u64 = 10;
 
 fn member_key(member: &Member) -> (&'static str, &str) {
     match member {
@@ -618,28 +621,40 @@ impl Engine for RedisEngine {
     async fn expire_due(&self) -> Result<u64, EngineError> {
         let inner = &self.inner;
         let forget_after = inner.lease.ttl_ms() * u64::from(LEASE_FORGET_AFTER_TTLS);
+        // Housekeeping (old lease fields, emptied group buckets) on every tenth
+        // sweep only: it costs Redis a few commands per bucket, and nothing waits on it.
+        let housekeeping = inner
+            .sweeps
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(HOUSEKEEPING_EVERY);
         let ended = inner
             .each_bucket(|b| async move {
                 let key = [inner.keys.expiry(b)];
-                // The first call of a round also takes the groups emptied in b.
-                let reply: redis::Value = inner
-                    .fcall(
-                        "sh_expire",
-                        &key,
-                        (now_ms(), EXPIRE_BATCH, forget_after, "1"),
-                    )
-                    .await?;
-                let (mut n, emptied) = expire_reply(reply)?;
-                for (group, count) in emptied {
-                    inner.forget_group_bucket(&group, b).await?;
-                    inner
-                        .fcall::<i64>(
-                            "sh_group_emptied_done",
-                            &[inner.keys.groups_emptied(b)],
-                            (group.as_str(), count.as_str()),
+                let mut n = if housekeeping {
+                    let reply: redis::Value = inner
+                        .fcall(
+                            "sh_expire",
+                            &key,
+                            (now_ms(), EXPIRE_BATCH, forget_after, "1"),
                         )
                         .await?;
-                }
+                    let (n, emptied) = expire_reply(reply)?;
+                    for (group, count) in emptied {
+                        inner.forget_group_bucket(&group, b).await?;
+                        inner
+                            .fcall::<i64>(
+                                "sh_group_emptied_done",
+                                &[inner.keys.groups_emptied(b)],
+                                (group.as_str(), count.as_str()),
+                            )
+                            .await?;
+                    }
+                    n
+                } else {
+                    inner
+                        .fcall("sh_expire", &key, (now_ms(), EXPIRE_BATCH))
+                        .await?
+                };
                 let mut total = 0;
                 loop {
                     total += n.max(0) as u64;
@@ -647,7 +662,7 @@ impl Engine for RedisEngine {
                         return Ok(total);
                     }
                     n = inner
-                        .fcall("sh_expire", &key, (now_ms(), EXPIRE_BATCH, forget_after))
+                        .fcall("sh_expire", &key, (now_ms(), EXPIRE_BATCH))
                         .await?;
                 }
             })
