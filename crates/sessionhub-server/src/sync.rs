@@ -18,20 +18,33 @@ const RESYNC_RETRY: Duration = Duration::from_millis(500);
 /// expiry works as long as any node runs; the work is idempotent.
 pub const EXPIRY_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Ends sessions past their absolute or idle lifetime, with `session_ended`
-/// (`expired`) to every node holding their sockets.
-pub async fn expire_forever(state: AppState) {
-    let mut tick = tokio::time::interval(EXPIRY_SWEEP_INTERVAL);
+/// Runs `round` every `interval` (a late round delays the next, none piles up)
+/// until the node shuts down.
+async fn every<F, Fut>(state: &AppState, interval: Duration, mut round: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = state.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
+        round().await;
+    }
+}
+
+/// Ends sessions past their absolute or idle lifetime, with `session_ended`
+/// (`expired`) to every node holding their sockets.
+pub async fn expire_forever(state: AppState) {
+    every(&state, EXPIRY_SWEEP_INTERVAL, || async {
         if let Err(e) = crate::lifecycle::expire_due(&state).await {
             tracing::debug!(error = %e, "expiry sweep skipped");
         }
-    }
+    })
+    .await
 }
 
 /// Applies engine events to this node's sockets, in order. Resync requests go to one
@@ -140,13 +153,7 @@ pub const RECONCILE_GRACE: Duration = Duration::from_secs(5);
 /// holds no socket for (left by calls whose outcome it never learnt, or restored by
 /// an AOF replay), so presence and the socket limits count real sockets.
 pub async fn reconcile_forever(state: AppState, interval: Duration) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = state.shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    every(&state, interval, || async {
         let before = now_ms() - RECONCILE_GRACE.as_millis() as i64;
         let held = state.hub.records();
         match state.engine.reconcile(&held, before).await {
@@ -157,22 +164,17 @@ pub async fn reconcile_forever(state: AppState, interval: Duration) {
             ),
             Err(e) => tracing::debug!(error = %e, "reconciliation skipped"),
         }
-    }
+    })
+    .await
 }
 
 /// Every `interval`, checks in one round trip that the sessions of this node's
 /// sockets still exist, so a lost kill message never keeps a socket open longer.
 pub async fn revalidate_forever(state: AppState, interval: Duration) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = state.shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    every(&state, interval, || async {
         let sessions = state.hub.sessions();
         if sessions.is_empty() {
-            continue;
+            return;
         }
         let sids: Vec<SessionId> = sessions.iter().map(|(s, _)| s.clone()).collect();
         match state.engine.sessions_alive(&sids).await {
@@ -187,5 +189,6 @@ pub async fn revalidate_forever(state: AppState, interval: Duration) {
             }
             Err(e) => tracing::debug!(error = %e, "revalidation skipped"),
         }
-    }
+    })
+    .await
 }
