@@ -671,9 +671,15 @@ async fn a_login_past_the_session_cap_ends_the_oldest_session(b: Backend) {
     let mut a = b.node_with("a", limits).await;
     let mut made = Vec::new();
     for _ in 0..3 {
-        made.push(a.engine.create_session(new_session("alice")).await.unwrap());
-        // Different creation times, so "oldest" is well defined.
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        let created = a.engine.create_session(new_session("alice")).await.unwrap();
+        // Different creation times (ms), so "oldest" is well defined: wait for the
+        // clock to pass this one's.
+        let at = created.session.created_at;
+        wait_for("the clock to tick", WAIT, || async {
+            (sessionhub_core::time::now_ms() > at).then_some(())
+        })
+        .await;
+        made.push(created);
     }
     for s in &made[..2] {
         a.engine
