@@ -46,6 +46,18 @@
 --                                    sweep forgets B in Pgroup:<group>:in_buckets)
 --   Pgroup:<group>:in_buckets  hash  bucket -> adds it has seen: the buckets that may
 --                                    hold members (no hash tag)
+--   P{B}:user:<uid>:history    stream the user's recoverable frames (messages to the
+--                                    user or one of its sessions, session_created): entry
+--                                    id <offset>-0, fields at (Unix ms), to (user |
+--                                    session:<sid> | others:<sid>: who may recover it),
+--                                    frame (the client frame, "offset" included); at most
+--                                    the history size entries, the key's TTL the history
+--                                    TTL from the last entry. Read it with
+--                                    XRANGE P{B}:user:<uid>:history - +
+--   P{B}:user:<uid>:history:meta hash epoch (changes when the numbering restarts: the
+--                                    history was lost), offset (the last one given out);
+--                                    kept 24 h (or the history TTL, if longer) from the
+--                                    last frame or socket registration
 -- Channels: P{B}:node:<node> carries events for a node's sockets in bucket B (sharded
 -- pub/sub, SPUBLISH, on Redis Cluster; classic PUBLISH on one Redis); Pall reaches all.
 -- Event payloads are JSON with a stable tag "t"; "message" events are a JSON header
@@ -244,15 +256,146 @@ local function reason_arg(r)
   return r
 end
 
+-- Message history (see the layout above). The callers pass the history size and
+-- TTL (ms); a size of 0, or none, keeps no history.
+local HISTORY_META_TTL_MS = 24 * 3600 * 1000
+
+local function redis_now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function history_key(P, B, uid)
+  return P .. '{' .. B .. '}:user:' .. uid .. ':history'
+end
+
+-- The history size and TTL from two arguments, or nil when history is off.
+local function history_cfg(size, ttl_ms)
+  size, ttl_ms = tonumber(size or '0') or 0, tonumber(ttl_ms or '0') or 0
+  if size <= 0 or ttl_ms <= 0 then return nil end
+  return { size = size, ttl_ms = ttl_ms }
+end
+
+-- A new epoch: Redis's clock in microseconds, in hex (alphanumeric, as clients
+-- must send it back).
+local function new_epoch()
+  local t = redis.call('TIME')
+  return string.format('%x%05x', tonumber(t[1]), tonumber(t[2]))
+end
+
+-- The user's epoch and last offset, starting a new numbering if there is none. The
+-- meta key's life is extended: a registered socket may come back for it.
+local function history_meta(P, B, uid, cfg)
+  local hk = history_key(P, B, uid)
+  local mk = hk .. ':meta'
+  local meta = redis.call('HMGET', mk, 'epoch', 'offset')
+  local epoch, top = meta[1], tonumber(meta[2] or '0') or 0
+  if not epoch then
+    epoch, top = new_epoch(), 0
+    redis.call('HSET', mk, 'epoch', epoch, 'offset', 0)
+    redis.call('DEL', hk) -- entries of an older numbering
+  end
+  redis.call('PEXPIRE', mk, math.max(cfg.ttl_ms, HISTORY_META_TTL_MS))
+  return epoch, top
+end
+
+-- Appends a client frame (a JSON object) to the user's history for audience `to`.
+-- Returns the frame with "offset" spliced in, and the offset.
+local function history_append(P, B, uid, cfg, to, frame)
+  local hk = history_key(P, B, uid)
+  local mk = hk .. ':meta'
+  local off = redis.call('HINCRBY', mk, 'offset', 1)
+  if off == 1 then
+    -- A new numbering (or one begun by history_meta): it needs an epoch, and no
+    -- entry of an older numbering may stay.
+    redis.call('HSETNX', mk, 'epoch', new_epoch())
+    redis.call('DEL', hk)
+  end
+  local o = string.format('%d', off)
+  if string.match(frame, '^{%s*}$') then
+    frame = '{"offset":"' .. o .. '"}'
+  elseif string.sub(frame, -1) == '}' then
+    frame = string.sub(frame, 1, -2) .. ',"offset":"' .. o .. '"}'
+  end
+  redis.call('XADD', hk, 'MAXLEN', cfg.size, o .. '-0', 'at', redis_now_ms(), 'to', to,
+    'frame', frame)
+  redis.call('PEXPIRE', hk, cfg.ttl_ms)
+  redis.call('PEXPIRE', mk, math.max(cfg.ttl_ms, HISTORY_META_TTL_MS))
+  return frame, off
+end
+
+-- What session `sid` may recover after offset `since` of history `epoch`: returns
+-- 1 and {offset, frame, ...} if every entry after `since` is still there (none
+-- trimmed or expired, same epoch), else 0 and {}.
+local function history_recover(P, B, uid, sid, cfg, epoch, top, since, asked_epoch)
+  since = tonumber(since)
+  if asked_epoch ~= epoch or not since or since < 0 or since > top then return 0, {} end
+  if since == top then return 1, {} end
+  local entries = redis.call('XRANGE', history_key(P, B, uid),
+    '(' .. string.format('%d', since) .. '-0', '+', 'COUNT', cfg.size)
+  local first = entries[1]
+  if not first or first[1] ~= string.format('%d', since + 1) .. '-0' then return 0, {} end
+  local oldest = redis_now_ms() - cfg.ttl_ms
+  local out = {}
+  for i, e in ipairs(entries) do
+    local f = {}
+    for j = 1, #e[2], 2 do f[e[2][j]] = e[2][j + 1] end
+    if i == 1 and (tonumber(f.at) or 0) < oldest then return 0, {} end
+    local to = f.to or ''
+    local who = string.match(to, '^%a+:(.*)$')
+    if to == 'user' or (string.match(to, '^session:') and who == sid)
+      or (string.match(to, '^others:') and who ~= sid) then
+      table.insert(out, string.match(e[1], '^(%d+)-'))
+      table.insert(out, f.frame)
+    end
+  end
+  return 1, out
+end
+
+-- Adds (cid -> node) pairs of a session's live connections to `targets`.
+local function session_targets(P, sid, targets)
+  local conns = redis.call('HGETALL', session_key(P, sid) .. ':conns')
+  for i = 1, #conns, 2 do
+    targets[conns[i]] = string.match(conns[i + 1], '^([^|]+)|')
+  end
+end
+
+local function user_targets(P, B, uid, targets)
+  for _, sid in ipairs(redis.call('HKEYS', user_key(P, B, uid))) do
+    session_targets(P, sid, targets)
+  end
+end
+
+-- Publishes one client frame to the given sockets ({cid -> node}), one event per
+-- node; `offset` (or nil) goes into the header. Returns {nodes, connections}.
+local function publish_frame(P, B, targets, frame, offset)
+  local per_node, nodes, conns = {}, 0, 0
+  for cid, node in pairs(targets) do
+    if not per_node[node] then
+      per_node[node] = {}
+      nodes = nodes + 1
+    end
+    table.insert(per_node[node], cid)
+    conns = conns + 1
+  end
+  for node, cids in pairs(per_node) do
+    publish(P, B, node, cjson.encode({ t = 'message', cids = cids, o = offset }) .. '\n' .. frame)
+  end
+  return nodes, conns
+end
+
 -- sh_create_session: create a session and tell the user's other sessions.
 --   KEYS[1] P{B}:session:<sid>   KEYS[2] P{B}:user:<uid>:sessions
 --   ARGV user_id, secret_hash, user_agent, ip, now, expires_at, idle_ms,
---        [most sessions of the user (0 or absent: no cap), [deadline]]
+--        [most sessions of the user (0 or absent: no cap), [deadline,
+--        [session_created client frame, [history size, history TTL ms]]]]
 --   Returns the number of nodes notified; error EXISTS if the id is taken.
 --   Past the cap, the user's oldest sessions end first, like kills with reason
---   "limit". Publishes {"t":"session_created","session":{...}} (times as strings) to
---   each node holding a socket of the user. Its cost does not grow with the number
---   of the user's sessions: whom to notify comes from P{B}:user:<uid>:nodes.
+--   "limit". With the client frame, it joins the user's history (audience
+--   others:<sid>, when history is on) and goes as a "message" event to the user's
+--   sockets, like sh_publish's; without it (an older caller), each node holding a
+--   socket of the user (P{B}:user:<uid>:nodes) gets
+--   {"t":"session_created","session":{...}} (times as strings).
 redis.register_function('sh_create_session', function(keys, args)
   local sk, uk = keys[1], keys[2]
   local P, B, sid = parse_session_key(sk)
@@ -302,6 +445,15 @@ redis.register_function('sh_create_session', function(keys, args)
     end
   end
 
+  local created_frame = args[10]
+  if created_frame and created_frame ~= '' then
+    local offset = nil
+    local cfg = history_cfg(args[11], args[12])
+    if cfg then created_frame, offset = history_append(P, B, uid, cfg, 'others:' .. sid, created_frame) end
+    local targets = {}
+    user_targets(P, B, uid, targets)
+    return (publish_frame(P, B, targets, created_frame, offset))
+  end
   local nodes = redis.call('HKEYS', user_nodes_key(P, B, uid))
   if #nodes > 0 then
     local event = cjson.encode({ t = 'session_created', session = {
@@ -318,10 +470,14 @@ end)
 -- the socket limits; counts as activity of the session.
 --   KEYS[1] P{B}:session:<sid>
 --   ARGV secret_hash, connection_id, node_id, now, max sockets per session,
---        max sockets per user, the node's lease expiry, [deadline]
+--        max sockets per user, the node's lease expiry, [deadline, [history size,
+--        history TTL ms, [since, epoch]]]
 --   Returns nil for no live session or a wrong secret, else {user_id, user_agent, ip,
---   created_at, last_seen_at, expires_at, idle_ms}. Errors: FENCED if the node's lease
---   has run out or was superseded, LIMIT if a socket limit is reached.
+--   created_at, last_seen_at, expires_at, idle_ms}, and with history on: epoch, the
+--   last offset (every recoverable frame sent to this socket live has a higher one),
+--   and when since was given: 1 or 0 (recovered or not), {offset, frame, ...} (the
+--   entries after since this session may recover, in order). Errors: FENCED if the
+--   node's lease has run out or was superseded, LIMIT if a socket limit is reached.
 redis.register_function('sh_register_connection', function(keys, args)
   local sk = keys[1]
   local P, B, sid = parse_session_key(sk)
@@ -346,7 +502,21 @@ redis.register_function('sh_register_connection', function(keys, args)
   redis.call('HSET', sk, 'last_seen_at', args[4])
   redis.call('ZADD', bkey(P, B, 'expiry'), deadline(f[6], now, f[8]), sid)
   redis.call('PEXPIREAT', sk .. ':conns', tonumber(f[6]) + EXPIRY_GRACE_MS)
-  return { f[2], f[3], f[4], f[5], args[4], f[6], f[8] }
+  local reply = { f[2], f[3], f[4], f[5], args[4], f[6], f[8] }
+  local cfg = history_cfg(args[9], args[10])
+  if cfg then
+    -- In the same step as the record: frames up to `top` are history, later ones
+    -- reach this socket live.
+    local epoch, top = history_meta(P, B, f[2], cfg)
+    table.insert(reply, epoch)
+    table.insert(reply, string.format('%d', top))
+    if args[11] and args[11] ~= '' then
+      local ok, frames = history_recover(P, B, f[2], sid, cfg, epoch, top, args[11], args[12])
+      table.insert(reply, ok)
+      table.insert(reply, frames)
+    end
+  end
+  return reply
 end)
 
 -- sh_touch: record activity of a session (its idle expiry moves).
@@ -528,37 +698,32 @@ redis.register_function('sh_user_sessions', function(keys, args)
   return out
 end)
 
--- Adds (cid -> node) pairs of a session's live connections to `targets`.
-local function session_targets(P, sid, targets)
-  local conns = redis.call('HGETALL', session_key(P, sid) .. ':conns')
-  for i = 1, #conns, 2 do
-    targets[conns[i]] = string.match(conns[i + 1], '^([^|]+)|')
-  end
-end
-
-local function user_targets(P, B, uid, targets)
-  for _, sid in ipairs(redis.call('HKEYS', user_key(P, B, uid))) do
-    session_targets(P, sid, targets)
-  end
-end
-
 -- sh_publish: send a client frame to every live socket of a target, on every node.
 --   KEYS[1] the target: P{B}:user:<uid>:sessions | P{B}:session:<sid> |
 --           P{B}:conn:<cid> | P{B}:group:<group> (the group's members in bucket B)
---   ARGV frame (the complete client text frame), [deadline]
---   Returns {nodes, connections} reached. Publishes to each node that holds a target
---   socket: '{"t":"message","cids":[...]}' .. "\n" .. frame
+--   ARGV frame (the complete client text frame), [deadline, [history size, history
+--        TTL ms]]
+--   Returns {nodes, connections} reached, and the frame's offset when it joined the
+--   history (a message to a user or a session, with history on). Publishes to each
+--   node that holds a target socket: '{"t":"message","cids":[...],"o":offset}' ..
+--   "\n" .. frame (o only for a recoverable frame, which carries "offset" too)
 redis.register_function('sh_publish', function(keys, args)
   local key, frame = keys[1], args[1]
   local P, B = split_key(key)
   if not P then return bad_key('a user, session, connection or group key') end
   if past_deadline(args[2]) then return deadline_reply() end
   local targets = {}
+  local offset = nil
+  local cfg = history_cfg(args[3], args[4])
   local uid = string.match(key, '}:user:(.*):sessions$')
   if uid then
+    if cfg then frame, offset = history_append(P, B, uid, cfg, 'user', frame) end
     user_targets(P, B, uid, targets)
   elseif string.match(key, '}:session:[0-9a-f]+$') then
-    session_targets(P, string.match(key, 'session:([0-9a-f]+)$'), targets)
+    local sid = string.match(key, 'session:([0-9a-f]+)$')
+    local owner = cfg and redis.call('HGET', key, 'user_id')
+    if owner then frame, offset = history_append(P, B, owner, cfg, 'session:' .. sid, frame) end
+    session_targets(P, sid, targets)
   elseif string.match(key, '}:conn:[0-9a-f]+$') then
     local node = redis.call('HGET', key, 'node_id')
     if node then targets[string.match(key, ':conn:([0-9a-f]+)$')] = node end
@@ -576,18 +741,8 @@ redis.register_function('sh_publish', function(keys, args)
   else
     return bad_key('a user, session, connection or group key')
   end
-  local per_node, nodes, conns = {}, 0, 0
-  for cid, node in pairs(targets) do
-    if not per_node[node] then
-      per_node[node] = {}
-      nodes = nodes + 1
-    end
-    table.insert(per_node[node], cid)
-    conns = conns + 1
-  end
-  for node, cids in pairs(per_node) do
-    publish(P, B, node, cjson.encode({ t = 'message', cids = cids }) .. '\n' .. frame)
-  end
+  local nodes, conns = publish_frame(P, B, targets, frame, offset)
+  if offset then return { nodes, conns, offset } end
   return { nodes, conns }
 end)
 

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use sessionhub_core::memory::{MemoryEngine, MemoryStore};
 use sessionhub_core::{
-    ConnLimits, ConnectionId, EndReason, Engine, GroupName, LocalRecord, Member, NewSession,
-    NodeEvent, NodeId, SessionId, Target, Token, UserId,
+    ConnLimits, ConnectionId, EndReason, Engine, GroupName, HistoryConfig, HistoryState,
+    LocalRecord, Member, NewSession, NodeEvent, NodeId, Recovery, SessionId, Target, Token, UserId,
 };
 use sessionhub_redis::{RedisConfig, RedisEngine, Topology};
 use sessionhub_tests::{RedisServer, WAIT, wait_for};
@@ -41,19 +41,25 @@ impl Backend {
     }
 
     async fn node_with(&self, id: &str, limits: ConnLimits) -> TestNode {
+        self.node_full(id, limits, HistoryConfig::default()).await
+    }
+
+    async fn node_history(&self, id: &str, history: HistoryConfig) -> TestNode {
+        self.node_full(id, ConnLimits::default(), history).await
+    }
+
+    async fn node_full(&self, id: &str, limits: ConnLimits, history: HistoryConfig) -> TestNode {
         let (tx, events) = mpsc::channel(64);
         let node_id = NodeId::parse(id).unwrap();
         let engine: Arc<dyn Engine> = match self {
-            Backend::Memory(store) => Arc::new(MemoryEngine::with_limits(
-                store.clone(),
-                node_id,
-                tx,
-                limits,
-            )),
+            Backend::Memory(store) => Arc::new(
+                MemoryEngine::with_limits(store.clone(), node_id, tx, limits).with_history(history),
+            ),
             Backend::Redis(redis) => Arc::new(
                 RedisEngine::connect(
                     RedisConfig {
                         limits,
+                        history,
                         ..RedisConfig::new(redis.url())
                     },
                     node_id,
@@ -66,6 +72,7 @@ impl Backend {
                 RedisEngine::connect(
                     RedisConfig {
                         limits,
+                        history,
                         key_prefix: prefix.clone(),
                         ..RedisConfig::with_topology(Topology::Cluster(seeds.clone()))
                     },
@@ -220,13 +227,14 @@ async fn session_created_reaches_exactly_the_nodes_holding_other_sessions(b: Bac
     let mut bn = b.node("b").await;
     let mut c = b.node("c").await;
     let s1 = a.engine.create_session(new_session("alice")).await.unwrap();
+    let (on_a, on_b) = (cid(&s1.token), cid(&s1.token));
     a.engine
-        .register_connection(&s1.token, &cid(&s1.token))
+        .register_connection(&s1.token, &on_a)
         .await
         .unwrap()
         .unwrap();
     bn.engine
-        .register_connection(&s1.token, &cid(&s1.token))
+        .register_connection(&s1.token, &on_b)
         .await
         .unwrap()
         .unwrap();
@@ -239,14 +247,15 @@ async fn session_created_reaches_exactly_the_nodes_holding_other_sessions(b: Bac
         .unwrap();
 
     let s2 = c.engine.create_session(new_session("alice")).await.unwrap();
-    for node in [&mut a, &mut bn] {
-        match node.next_event().await {
-            NodeEvent::SessionCreated { session } => {
-                assert_eq!(session.session_id, s2.session.session_id);
-                assert_eq!(session.user_agent.as_deref(), Some("Firefox on laptop"));
-            }
-            other => panic!("expected session_created, got {other:?}"),
-        }
+    for (node, held) in [(&mut a, on_a), (&mut bn, on_b)] {
+        let (cids, frame) = session_created_of(node.next_event().await);
+        assert_eq!(cids, [held]);
+        assert_eq!(
+            frame["session"]["session_id"],
+            s2.session.session_id.as_str()
+        );
+        assert_eq!(frame["session"]["user_agent"], "Firefox on laptop");
+        assert_eq!(frame["message"], "You logged in to another session");
     }
     // The first event c gets is the end of bob's session, not alice's news.
     c.engine
@@ -441,9 +450,227 @@ async fn sessions_expire(b: Backend) {
     );
 }
 
+/// Registers a socket of `token` on `node`, asking to recover after `since`.
+async fn register_since(
+    node: &TestNode,
+    token: &Token,
+    since: Option<(u64, &str)>,
+) -> (ConnectionId, HistoryState) {
+    let c = cid(token);
+    let ask = since.map(|(since, epoch)| Recovery {
+        since,
+        epoch: epoch.to_owned(),
+    });
+    let reg = node
+        .engine
+        .register_recovering(token, &c, ask.as_ref())
+        .await
+        .unwrap()
+        .expect("live session");
+    (c, reg.history.expect("history is on"))
+}
+
+/// The offsets and `data` of recovered frames, checking each frame's own offset.
+fn recovered(h: &HistoryState) -> (bool, Vec<(u64, String)>) {
+    let r = h.recovery.as_ref().expect("recovery was asked");
+    let frames = r
+        .frames
+        .iter()
+        .map(|f| {
+            let v: serde_json::Value = serde_json::from_str(&f.frame).unwrap();
+            assert_eq!(v["offset"], f.offset.to_string(), "{v}");
+            let label = match v["type"].as_str() {
+                Some("session_created") => format!("created:{}", v["session"]["session_id"]),
+                _ => v["data"].as_str().unwrap_or_default().to_owned(),
+            };
+            (f.offset, label)
+        })
+        .collect();
+    (r.recovered, frames)
+}
+
+fn msg(data: &str) -> String {
+    format!(r#"{{"type":"message","event":"e","data":"{data}"}}"#)
+}
+
+async fn history_recovers_exactly_the_gap_for_each_session(b: Backend) {
+    let mut a = b.node("a").await;
+    let mut bn = b.node("b").await;
+    let s1 = a.engine.create_session(new_session("alice")).await.unwrap();
+    let s2 = a.engine.create_session(new_session("alice")).await.unwrap();
+    let bob = a.engine.create_session(new_session("bob")).await.unwrap();
+    let (c1, h0) = register_since(&a, &s1.token, None).await;
+    let (epoch, t0) = (h0.epoch.clone(), h0.offset);
+    assert!(h0.recovery.is_none());
+
+    let engine = a.engine.clone();
+    let publish = |target: Target, data: &'static str| {
+        let engine = engine.clone();
+        async move { engine.publish(&target, &msg(data)).await.unwrap().offset }
+    };
+    assert_eq!(
+        publish(Target::User(user("alice")), "m1").await,
+        Some(t0 + 1)
+    );
+    assert_eq!(
+        publish(Target::Session(s2.session.session_id.clone()), "m2").await,
+        Some(t0 + 2)
+    );
+    assert_eq!(
+        publish(Target::Session(s1.session.session_id.clone()), "m3").await,
+        Some(t0 + 3)
+    );
+    // Another user's numbering is its own; groups and connections are live only.
+    publish(Target::User(user("bob")), "b1").await;
+    assert_eq!(publish(Target::Connection(c1.clone()), "live").await, None);
+    assert_eq!(
+        publish(Target::User(user("alice")), "m4").await,
+        Some(t0 + 4)
+    );
+    let s3 = bn
+        .engine
+        .create_session(new_session("alice"))
+        .await
+        .unwrap();
+    let created = format!("created:\"{}\"", s3.session.session_id);
+    // The socket on a got all of them live, each with its offset.
+    let mut live = Vec::new();
+    for _ in 0..5 {
+        match a.next_event().await {
+            NodeEvent::Message { offset, .. } => live.push(offset),
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        live,
+        [Some(t0 + 1), Some(t0 + 3), None, Some(t0 + 4), Some(t0 + 5)]
+    );
+
+    // A socket of s1 reconnecting on b gets the user's messages, its own session's
+    // and the news of s3, in order; never s2's message.
+    let (_, h) = register_since(&bn, &s1.token, Some((t0, &epoch))).await;
+    assert_eq!(h.offset, t0 + 5);
+    assert_eq!(
+        recovered(&h),
+        (
+            true,
+            vec![
+                (t0 + 1, "m1".into()),
+                (t0 + 3, "m3".into()),
+                (t0 + 4, "m4".into()),
+                (t0 + 5, created.clone()),
+            ]
+        )
+    );
+    let (_, h) = register_since(&bn, &s2.token, Some((t0, &epoch))).await;
+    assert_eq!(
+        recovered(&h).1,
+        [
+            (t0 + 1, "m1".into()),
+            (t0 + 2, "m2".into()),
+            (t0 + 4, "m4".into()),
+            (t0 + 5, created)
+        ]
+    );
+    // s3 does not recover its own creation, nor what was sent to other sessions.
+    let (_, h) = register_since(&bn, &s3.token, Some((t0 + 1, &epoch))).await;
+    assert_eq!(recovered(&h), (true, vec![(t0 + 4, "m4".into())]));
+    // Nothing missed; another epoch; an offset never given out.
+    let (_, h) = register_since(&a, &s1.token, Some((t0 + 5, &epoch))).await;
+    assert_eq!(recovered(&h), (true, vec![]));
+    let (_, h) = register_since(&a, &s1.token, Some((t0, "other"))).await;
+    assert_eq!(recovered(&h), (false, vec![]));
+    let (_, h) = register_since(&a, &s1.token, Some((t0 + 6, &epoch))).await;
+    assert_eq!(recovered(&h), (false, vec![]));
+    // bob's history has its own numbering: his login's news, then b1.
+    let (_, h) = register_since(&a, &bob.token, Some((0, &epoch))).await;
+    assert_eq!(h.offset, 2);
+
+    // After a registration, later frames reach the new socket live, above its offset.
+    let (c9, h) = register_since(&bn, &s2.token, None).await;
+    publish(Target::User(user("alice")), "m6").await;
+    let mut seen = false;
+    while !seen {
+        if let NodeEvent::Message {
+            connections: Some(cids),
+            offset,
+            ..
+        } = bn.next_event().await
+            && cids.contains(&c9)
+        {
+            assert_eq!(offset, Some(h.offset + 1));
+            seen = true;
+        }
+    }
+}
+
+async fn history_is_bounded_by_size_and_time(b: Backend) {
+    let cfg = HistoryConfig {
+        size: 3,
+        ttl: Duration::from_secs(1),
+    };
+    let a = b.node_history("a", cfg).await;
+    let s1 = a.engine.create_session(new_session("alice")).await.unwrap();
+    let (_, h0) = register_since(&a, &s1.token, None).await;
+    let (epoch, t0) = (h0.epoch.clone(), h0.offset);
+    for i in 1..=5 {
+        let d = a
+            .engine
+            .publish(&Target::User(user("alice")), &msg(&format!("m{i}")))
+            .await
+            .unwrap();
+        assert_eq!(d.offset, Some(t0 + i));
+    }
+    // Offsets t0+1 and t0+2 were trimmed: a client that has t0 missed them.
+    let (_, h) = register_since(&a, &s1.token, Some((t0, &epoch))).await;
+    assert_eq!(recovered(&h), (false, vec![]));
+    let (_, h) = register_since(&a, &s1.token, Some((t0 + 1, &epoch))).await;
+    assert_eq!(recovered(&h), (false, vec![]));
+    let (_, h) = register_since(&a, &s1.token, Some((t0 + 2, &epoch))).await;
+    assert_eq!(recovered(&h).1.len(), 3);
+    // Once they expire, the gap is gone too; a client that missed nothing is fine.
+    wait_for("history entries to expire", WAIT, || async {
+        let (c, h) = register_since(&a, &s1.token, Some((t0 + 2, &epoch))).await;
+        a.engine.unregister_connection(&c).await.unwrap();
+        (!h.recovery.unwrap().recovered).then_some(())
+    })
+    .await;
+    let (_, h) = register_since(&a, &s1.token, Some((t0 + 5, &epoch))).await;
+    assert_eq!(
+        (h.epoch.as_str(), recovered(&h)),
+        (epoch.as_str(), (true, vec![]))
+    );
+
+    // With history off nothing is numbered and nothing recovers.
+    let off = b.node_history("off", HistoryConfig::OFF).await;
+    let d = off
+        .engine
+        .publish(&Target::User(user("alice")), &msg("x"))
+        .await
+        .unwrap();
+    assert_eq!(d.offset, None);
+    let reg = off
+        .engine
+        .register_recovering(&s1.token, &cid(&s1.token), None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(reg.history.is_none());
+}
+
+/// The sockets and the `session_created` frame of an event that must be one.
+fn session_created_of(ev: NodeEvent) -> (Vec<ConnectionId>, serde_json::Value) {
+    let (cids, frame) = message_targets(ev);
+    let frame: serde_json::Value = serde_json::from_str(&frame).unwrap();
+    assert_eq!(frame["type"], "session_created", "{frame}");
+    (cids.expect("session_created goes to listed sockets"), frame)
+}
+
 fn message_targets(ev: NodeEvent) -> (Option<Vec<ConnectionId>>, String) {
     match ev {
-        NodeEvent::Message { connections, frame } => (
+        NodeEvent::Message {
+            connections, frame, ..
+        } => (
             connections.map(|mut c| {
                 c.sort();
                 c
@@ -699,12 +926,11 @@ async fn a_login_past_the_session_cap_ends_the_oldest_session(b: Backend) {
         }
         other => panic!("expected the oldest session to end, got {other:?}"),
     }
-    match a.next_event().await {
-        NodeEvent::SessionCreated { session } => {
-            assert_eq!(session.session_id, s4.session.session_id)
-        }
-        other => panic!("expected session_created, got {other:?}"),
-    }
+    let (_, frame) = session_created_of(a.next_event().await);
+    assert_eq!(
+        frame["session"]["session_id"],
+        s4.session.session_id.as_str()
+    );
     assert!(
         a.engine
             .authenticate(&made[0].token)
@@ -783,4 +1009,6 @@ conformance!(
     presence_counts_each_user_once_and_pages_in_order,
     reassert_restores_records_of_live_sessions_only,
     a_login_past_the_session_cap_ends_the_oldest_session,
+    history_recovers_exactly_the_gap_for_each_session,
+    history_is_bounded_by_size_and_time,
 );

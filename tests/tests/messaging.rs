@@ -12,11 +12,20 @@ async fn publish(api: &Api, to: Value, event: &str, data: Value) -> Value {
         .service(
             Method::POST,
             "/api/v1/publish",
-            Some(json!({ "to": to, "event": event, "data": data })),
+            Some(json!({ "to": &to, "event": event, "data": data })),
         )
         .await;
     assert_eq!(res.status(), StatusCode::ACCEPTED);
-    res.json().await.unwrap()
+    let mut res: Value = res.json().await.unwrap();
+    // Messages to a user or a session join the user's history and say their offset.
+    let recoverable = to.get("user").is_some() || to.get("session").is_some();
+    let offset = res.as_object_mut().unwrap().remove("offset");
+    match offset {
+        Some(Value::String(o)) if recoverable => assert!(o.parse::<u64>().is_ok(), "{o}"),
+        None if !recoverable => {}
+        other => panic!("publish to {to} answered offset {other:?}"),
+    }
+    res
 }
 
 /// A user with one session and a socket on each of `nodes`.

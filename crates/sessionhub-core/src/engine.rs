@@ -9,6 +9,7 @@
 use async_trait::async_trait;
 use bytestring::ByteString;
 
+use crate::history::{Recovery, Registered};
 use crate::ids::{ConnectionId, GroupName, NodeId, SessionId, UserId};
 use crate::model::{
     CreatedSession, Delivery, EndReason, LocalRecord, Member, NewSession, OnlineUser,
@@ -104,6 +105,8 @@ pub enum NodeEvent {
         connections: Option<Vec<ConnectionId>>,
         /// The complete text frame, serialised once by the publisher.
         frame: ByteString,
+        /// Its offset in the user's history, for a recoverable frame.
+        offset: Option<u64>,
     },
     /// The event stream was interrupted and may have lost events: the node must
     /// re-check the sessions of the sockets it holds and re-assert their records.
@@ -197,14 +200,34 @@ pub trait Engine: Send + Sync + 'static {
         &self,
         token: &Token,
         connection_id: &ConnectionId,
-    ) -> Result<Option<Session>, EngineError>;
+    ) -> Result<Option<Session>, EngineError> {
+        Ok(self
+            .register_recovering(token, connection_id, None)
+            .await?
+            .map(|r| r.session))
+    }
+
+    /// [`Engine::register_connection`], which also reads the user's history state
+    /// in the same atomic step and, with `recovery`, the entries after the client's
+    /// offset that its session may see (see [`crate::history`]). Every recoverable
+    /// frame published after this step reaches the new socket live, with an offset
+    /// above the returned one.
+    async fn register_recovering(
+        &self,
+        token: &Token,
+        connection_id: &ConnectionId,
+        recovery: Option<&Recovery>,
+    ) -> Result<Option<Registered>, EngineError>;
 
     /// Removes a connection's records, including its group memberships. Unknown ids
     /// are ignored.
     async fn unregister_connection(&self, connection_id: &ConnectionId) -> Result<(), EngineError>;
 
     /// Sends `frame` to every live socket of `target` on every node, reaching only
-    /// the nodes that hold such sockets (except for [`Target::All`]).
+    /// the nodes that hold such sockets (except for [`Target::All`]). Frames for a
+    /// user or a session are recoverable when the engine keeps history: they get
+    /// the user's next offset (spliced into the frame) and join the history in the
+    /// same atomic step.
     async fn publish(&self, target: &Target, frame: &str) -> Result<Delivery, EngineError>;
 
     /// Adds a member to a group. Returns false if the member is a connection that

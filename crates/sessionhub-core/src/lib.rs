@@ -12,6 +12,7 @@
 //! - [`memory`]: the embedded in-memory engine used when no Redis is configured.
 
 pub mod engine;
+pub mod history;
 pub mod ids;
 pub mod memory;
 pub mod model;
@@ -20,6 +21,7 @@ pub mod time;
 pub mod token;
 
 pub use engine::{Engine, EngineError, EngineStats, EventSender, NodeEvent};
+pub use history::{HistoryConfig, HistoryState, Recovered, Recovery, Registered};
 pub use ids::{ConnectionId, GroupName, IdError, NodeId, SessionId, UserId};
 pub use model::{
     ConnLimits, ConnectionInfo, CreatedSession, Delivery, EndReason, LocalRecord, Member,

@@ -13,11 +13,13 @@ use async_trait::async_trait;
 use bytestring::ByteString;
 
 use crate::engine::{Engine, EngineError, EventSender, NodeEvent};
+use crate::history::{Audience, HistoryConfig, Recovery, Registered, UserHistory};
 use crate::ids::{ConnectionId, GroupName, NodeId, SessionId, UserId};
 use crate::model::{
     ConnLimits, ConnectionInfo, CreatedSession, Delivery, EndReason, LocalRecord, Member,
     NewSession, OnlineUser, PresenceCounts, Session, Target,
 };
+use crate::protocol::{SESSION_CREATED_MESSAGE, ServerFrame};
 use crate::time::now_ms;
 use crate::token::{SecretHash, Token};
 
@@ -43,6 +45,7 @@ struct State {
     online: BTreeMap<UserId, u64>,
     groups: HashMap<GroupName, BTreeSet<Member>>,
     nodes: HashMap<NodeId, EventSender>,
+    histories: HashMap<UserId, UserHistory>,
 }
 
 /// Events to send once the lock is released.
@@ -212,6 +215,44 @@ impl State {
     fn sender(&self, node: &NodeId) -> Option<EventSender> {
         self.nodes.get(node).cloned()
     }
+
+    /// The user's history, started afresh (a new epoch) if it was forgotten.
+    fn history(&mut self, cfg: &HistoryConfig, user: &UserId, now: i64) -> &mut UserHistory {
+        if self
+            .histories
+            .get(user)
+            .is_some_and(|h| h.forgotten(cfg, now))
+        {
+            self.histories.remove(user);
+        }
+        self.histories
+            .entry(user.clone())
+            .or_insert_with(|| UserHistory::new(now))
+    }
+
+    /// Message events for `per_node`'s sockets, all with the same frame.
+    fn message_events(
+        &self,
+        per_node: HashMap<NodeId, Vec<ConnectionId>>,
+        frame: &ByteString,
+        offset: Option<u64>,
+    ) -> Outbox {
+        per_node
+            .into_iter()
+            .filter_map(|(node, cids)| {
+                self.sender(&node).map(|tx| {
+                    (
+                        tx,
+                        NodeEvent::Message {
+                            connections: Some(cids),
+                            frame: frame.clone(),
+                            offset,
+                        },
+                    )
+                })
+            })
+            .collect()
+    }
 }
 
 /// Shared in-memory state: sessions, connections, groups, and the event queues of
@@ -219,6 +260,9 @@ impl State {
 #[derive(Clone, Default)]
 pub struct MemoryStore {
     state: Arc<Mutex<State>>,
+    /// Held by calls that send recoverable frames, from assigning offsets until
+    /// their events are queued, so that every node gets them in offset order.
+    order: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl MemoryStore {
@@ -239,6 +283,7 @@ pub struct MemoryEngine {
     store: MemoryStore,
     node_id: NodeId,
     limits: ConnLimits,
+    history: HistoryConfig,
 }
 
 impl MemoryEngine {
@@ -259,7 +304,14 @@ impl MemoryEngine {
             store,
             node_id,
             limits,
+            history: HistoryConfig::default(),
         }
+    }
+
+    /// The same engine, keeping `history` per user.
+    pub fn with_history(mut self, history: HistoryConfig) -> Self {
+        self.history = history;
+        self
     }
 }
 
@@ -325,6 +377,7 @@ impl Engine for MemoryEngine {
             idle_expires_at: now + new.idle.as_millis() as i64,
             connections: Vec::new(),
         };
+        let _order = self.store.order.lock().await;
         let outbox: Outbox = {
             let mut st = self.store.lock();
             // Past the cap, the oldest sessions end first, like kills.
@@ -339,17 +392,25 @@ impl Engine for MemoryEngine {
                 }
             }
             let mut outbox = ended_events(&st, per_node, EndReason::Limit);
-            let mut nodes = HashSet::new();
-            for sid in st.live_sessions_of(&new.user_id, now) {
-                if let Some(rec) = st.sessions.get(&sid) {
-                    nodes.extend(
-                        rec.conns
-                            .iter()
-                            .filter_map(|c| st.conns.get(c))
-                            .map(|c| c.node.clone()),
-                    );
-                }
+            let targets = st.targets(&Target::User(new.user_id.clone()), now);
+            let frame = ServerFrame::SessionCreated {
+                session: &session,
+                message: SESSION_CREATED_MESSAGE,
             }
+            .to_json();
+            let (frame, offset) = if self.history.is_on() {
+                let to = Audience::Others(session.session_id.clone());
+                let (n, f) = st.history(&self.history, &new.user_id, now).append(
+                    &self.history,
+                    now,
+                    to,
+                    &frame,
+                );
+                (f, Some(n))
+            } else {
+                (ByteString::from(frame), None)
+            };
+            outbox.extend(st.message_events(targets, &frame, offset));
             st.sessions.insert(
                 session.session_id.clone(),
                 Record {
@@ -362,14 +423,6 @@ impl Engine for MemoryEngine {
                 .entry(new.user_id)
                 .or_default()
                 .insert(session.session_id.clone());
-            outbox.extend(nodes.iter().filter_map(|n| st.sender(n)).map(|tx| {
-                (
-                    tx,
-                    NodeEvent::SessionCreated {
-                        session: session.clone(),
-                    },
-                )
-            }));
             outbox
         };
         deliver(outbox).await;
@@ -462,11 +515,12 @@ impl Engine for MemoryEngine {
         Ok(n)
     }
 
-    async fn register_connection(
+    async fn register_recovering(
         &self,
         token: &Token,
         connection_id: &ConnectionId,
-    ) -> Result<Option<Session>, EngineError> {
+        recovery: Option<&Recovery>,
+    ) -> Result<Option<Registered>, EngineError> {
         let now = now_ms();
         let mut st = self.store.lock();
         let sid = token.session_id();
@@ -497,7 +551,12 @@ impl Engine for MemoryEngine {
             .get_mut(sid)
             .ok_or_else(|| EngineError::corrupt("session vanished"))?;
         touch(&mut rec.session, now);
-        Ok(Some(rec.session.clone()))
+        let session = rec.session.clone();
+        let history = self.history.is_on().then(|| {
+            st.history(&self.history, &user, now)
+                .state(&self.history, now, sid, recovery)
+        });
+        Ok(Some(Registered { session, history }))
     }
 
     async fn unregister_connection(&self, connection_id: &ConnectionId) -> Result<(), EngineError> {
@@ -506,9 +565,28 @@ impl Engine for MemoryEngine {
     }
 
     async fn publish(&self, target: &Target, frame: &str) -> Result<Delivery, EngineError> {
-        let frame = ByteString::from(frame);
+        let _order = self.store.order.lock().await;
         let (delivery, outbox) = {
             let mut st = self.store.lock();
+            let now = now_ms();
+            // Messages to a user or a session join the user's history.
+            let owner = match target {
+                Target::User(u) => Some((u.clone(), Audience::User)),
+                Target::Session(sid) if st.alive(sid, now) => st
+                    .sessions
+                    .get(sid)
+                    .map(|r| (r.session.user_id.clone(), Audience::Session(sid.clone()))),
+                _ => None,
+            };
+            let (frame, offset) = match owner {
+                Some((user, to)) if self.history.is_on() => {
+                    let (n, f) =
+                        st.history(&self.history, &user, now)
+                            .append(&self.history, now, to, frame);
+                    (f, Some(n))
+                }
+                _ => (ByteString::from(frame), None),
+            };
             if *target == Target::All {
                 let outbox: Outbox = st
                     .nodes
@@ -519,6 +597,7 @@ impl Engine for MemoryEngine {
                             NodeEvent::Message {
                                 connections: None,
                                 frame: frame.clone(),
+                                offset: None,
                             },
                         )
                     })
@@ -526,29 +605,17 @@ impl Engine for MemoryEngine {
                 let d = Delivery {
                     nodes: outbox.len() as u64,
                     connections: None,
+                    offset: None,
                 };
                 (d, outbox)
             } else {
-                let per_node = st.targets(target, now_ms());
+                let per_node = st.targets(target, now);
                 let d = Delivery {
                     nodes: per_node.len() as u64,
                     connections: Some(per_node.values().map(|v| v.len() as u64).sum()),
+                    offset,
                 };
-                let outbox = per_node
-                    .into_iter()
-                    .filter_map(|(node, cids)| {
-                        st.sender(&node).map(|tx| {
-                            (
-                                tx,
-                                NodeEvent::Message {
-                                    connections: Some(cids),
-                                    frame: frame.clone(),
-                                },
-                            )
-                        })
-                    })
-                    .collect();
-                (d, outbox)
+                (d, st.message_events(per_node, &frame, offset))
             }
         };
         deliver(outbox).await;
@@ -681,6 +748,9 @@ impl Engine for MemoryEngine {
                     per_node.entry(node).or_default().push(sid.clone());
                 }
             }
+            // Expired entries and forgotten histories go, as the Redis keys' TTLs do.
+            let cfg = self.history;
+            st.histories.retain(|_, h| h.prune(&cfg, now));
             (
                 due.len() as u64,
                 ended_events(&st, per_node, EndReason::Expired),

@@ -207,6 +207,17 @@ pub struct Delivery {
     pub nodes: u64,
     /// Sockets targeted, where known (not for `All`).
     pub connections: Option<u64>,
+    /// The message's offset in the user's history, for a recoverable message (a
+    /// string on the wire, as in frames).
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "offset_str")]
+    pub offset: Option<u64>,
+}
+
+fn offset_str<S: serde::Serializer>(o: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+    match o {
+        Some(n) => s.collect_str(n),
+        None => s.serialize_none(),
+    }
 }
 
 /// Cluster-wide presence counts.

@@ -42,6 +42,21 @@ pub enum ServerFrame<'a> {
         user_id: &'a UserId,
         /// The node holding the socket.
         node_id: &'a NodeId,
+        /// The user's history epoch (absent when the hub keeps no history).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        epoch: Option<&'a str>,
+        /// The user's last offset when this socket registered: recoverable frames
+        /// sent on it live have higher ones. A client with nothing newer reconnects
+        /// with `since` set to this.
+        #[serde(skip_serializing_if = "Option::is_none", serialize_with = "offset_str")]
+        offset: Option<u64>,
+        /// Only when the socket asked to recover (`since` and `epoch`): whether
+        /// every message after `since` was still in history.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
+        /// With `recovered: true`: how many recovered frames follow.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        missed: Option<usize>,
     },
     /// Another session of the same user was created.
     SessionCreated {
@@ -73,6 +88,13 @@ pub enum ServerFrame<'a> {
     },
     /// Answer to the client's `ping`.
     Pong,
+}
+
+fn offset_str<S: serde::Serializer>(o: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+    match o {
+        Some(n) => s.collect_str(n),
+        None => s.serialize_none(),
+    }
 }
 
 impl ServerFrame<'_> {

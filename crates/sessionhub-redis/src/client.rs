@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::future::try_join_all;
 use redis::{RedisError, ToRedisArgs};
 use sessionhub_core::time::now_ms;
-use sessionhub_core::{ConnLimits, EngineError, NodeId};
+use sessionhub_core::{ConnLimits, EngineError, HistoryConfig, NodeId};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -52,6 +52,7 @@ pub(crate) struct Inner {
     command_timeout: Duration,
     pub(crate) lease: LeaseConfig,
     pub(crate) limits: ConnLimits,
+    pub(crate) history: HistoryConfig,
     pub(crate) stop: CancellationToken,
     /// The engine's tasks (subscriber, lease and reaper, cleanup): they return when
     /// `stop` is cancelled, and [`Engine::leave`](sessionhub_core::Engine::leave)
@@ -107,6 +108,7 @@ impl Inner {
             command_timeout: config.command_timeout,
             lease: config.lease,
             limits: config.limits,
+            history: config.history,
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
             sweeps: AtomicU64::new(0),

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use crate::conn::Topology;
 use crate::lease::LeaseConfig;
-use sessionhub_core::ConnLimits;
+use sessionhub_core::{ConnLimits, HistoryConfig};
 
 /// Default time a start-up waits for Redis before giving up.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -26,6 +26,8 @@ pub struct RedisConfig {
     pub lease: LeaseConfig,
     /// Socket limits per session and per user.
     pub limits: ConnLimits,
+    /// Message history kept per user (the same on every node).
+    pub history: HistoryConfig,
 }
 
 impl RedisConfig {
@@ -43,6 +45,7 @@ impl RedisConfig {
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
             lease: LeaseConfig::default(),
             limits: ConnLimits::default(),
+            history: HistoryConfig::default(),
         }
     }
 }

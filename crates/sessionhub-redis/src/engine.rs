@@ -6,17 +6,20 @@ use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
 use futures_util::future::try_join_all;
+use sessionhub_core::protocol::{SESSION_CREATED_MESSAGE, ServerFrame};
 use sessionhub_core::time::now_ms;
 use sessionhub_core::{
     ConnectionId, CreatedSession, Delivery, EndReason, Engine, EngineError, EngineStats, GroupName,
-    LocalRecord, Member, NewSession, NodeId, OnlineUser, PresenceCounts, SecretHash, Session,
-    SessionId, Target, Token, UserId,
+    LocalRecord, Member, NewSession, NodeId, OnlineUser, PresenceCounts, Recovery, Registered,
+    SecretHash, Session, SessionId, Target, Token, UserId,
 };
 
 use crate::client::Inner;
 use crate::error::{FunctionError, corrupt};
 use crate::keys::Bucket;
-use crate::reply::{expire_reply, parse_conns, session_from_fields, session_from_map};
+use crate::reply::{
+    expire_reply, history_state, parse_conns, session_from_fields, session_from_map,
+};
 use crate::wire::{self, Fields};
 use crate::{RedisEngine, cleanup};
 
@@ -94,42 +97,51 @@ impl Engine for RedisEngine {
         let keys = &self.inner.keys;
         // A session id is 96 random bits under the user's tag; a collision is
         // astronomically unlikely, but the function refuses one rather than overwrite.
+        let history = self.inner.history;
         for _ in 0..3 {
             let token = Token::generate(&new.user_id);
             let sid = token.session_id().clone();
+            let session = Session {
+                session_id: sid.clone(),
+                user_id: new.user_id.clone(),
+                user_agent: new.user_agent.clone(),
+                ip: new.ip.clone(),
+                created_at: now,
+                last_seen_at: now,
+                expires_at,
+                idle_expires_at: now + idle_ms,
+                connections: Vec::new(),
+            };
+            // The user's other sockets get this frame (with its offset, when it joins
+            // the history), routed by the function like a publish.
+            let created = ServerFrame::SessionCreated {
+                session: &session,
+                message: SESSION_CREATED_MESSAGE,
+            }
+            .to_json();
             let res: Result<i64, _> = self
                 .inner
                 .try_fcall(
                     "sh_create_session",
                     &[keys.session(&sid), keys.user_sessions(&new.user_id)],
                     (
-                        new.user_id.as_str(),
-                        token.secret_hash().as_str(),
-                        user_agent.as_str(),
-                        ip.as_str(),
-                        now,
-                        expires_at,
-                        idle_ms,
-                        self.inner.limits.sessions_per_user,
-                        self.inner.deadline(),
+                        (
+                            new.user_id.as_str(),
+                            token.secret_hash().as_str(),
+                            user_agent.as_str(),
+                            ip.as_str(),
+                            now,
+                            expires_at,
+                            idle_ms,
+                            self.inner.limits.sessions_per_user,
+                            self.inner.deadline(),
+                        ),
+                        (created.as_str(), history.size, history.ttl_ms()),
                     ),
                 )
                 .await;
             match res {
-                Ok(_) => {
-                    let session = Session {
-                        session_id: sid,
-                        user_id: new.user_id.clone(),
-                        user_agent: new.user_agent.clone(),
-                        ip: new.ip.clone(),
-                        created_at: now,
-                        last_seen_at: now,
-                        expires_at,
-                        idle_expires_at: now + idle_ms,
-                        connections: Vec::new(),
-                    };
-                    return Ok(CreatedSession { session, token });
-                }
+                Ok(_) => return Ok(CreatedSession { session, token }),
                 Err(FunctionError::Exists(_)) => continue,
                 Err(e) => {
                     let e = EngineError::from(e);
@@ -269,28 +281,36 @@ impl Engine for RedisEngine {
         Ok(n.max(0) as u64)
     }
 
-    async fn register_connection(
+    async fn register_recovering(
         &self,
         token: &Token,
         connection_id: &ConnectionId,
-    ) -> Result<Option<Session>, EngineError> {
+        recovery: Option<&Recovery>,
+    ) -> Result<Option<Registered>, EngineError> {
         let sid = token.session_id();
-        type Reply = Option<(String, String, String, String, String, String, String)>;
         let limits = self.inner.limits;
-        let reply: Result<Reply, _> = self
+        let history = self.inner.history;
+        let (since, epoch) = match recovery {
+            Some(r) => (r.since.to_string(), r.epoch.as_str()),
+            None => (String::new(), ""),
+        };
+        let reply: Result<Option<Vec<redis::Value>>, _> = self
             .inner
             .fcall(
                 "sh_register_connection",
                 &[self.inner.keys.session(sid)],
                 (
-                    token.secret_hash().as_str(),
-                    connection_id.as_str(),
-                    self.inner.node_id.as_str(),
-                    now_ms(),
-                    limits.per_session,
-                    limits.per_user,
-                    self.inner.lease_until.load(Ordering::Acquire),
-                    self.inner.deadline(),
+                    (
+                        token.secret_hash().as_str(),
+                        connection_id.as_str(),
+                        self.inner.node_id.as_str(),
+                        now_ms(),
+                        limits.per_session,
+                        limits.per_user,
+                        self.inner.lease_until.load(Ordering::Acquire),
+                        self.inner.deadline(),
+                    ),
+                    (history.size, history.ttl_ms(), since.as_str(), epoch),
                 ),
             )
             .await;
@@ -305,10 +325,19 @@ impl Engine for RedisEngine {
             }
             other => other?,
         };
-        let Some((user_id, user_agent, ip, created_at, last_seen_at, expires_at, idle_ms)) = reply
-        else {
+        let Some(mut reply) = reply else {
             return Ok(None);
         };
+        if reply.len() < 7 {
+            return Err(corrupt(format!(
+                "sh_register_connection answered {} fields, expected at least 7",
+                reply.len()
+            )));
+        }
+        let rest = reply.split_off(7);
+        let row: (String, String, String, String, String, String, String) =
+            redis::from_redis_value(redis::Value::Array(reply)).map_err(corrupt)?;
+        let (user_id, user_agent, ip, created_at, last_seen_at, expires_at, idle_ms) = row;
         let row = (
             user_agent,
             ip,
@@ -317,8 +346,9 @@ impl Engine for RedisEngine {
             expires_at,
             idle_ms,
         );
-        let fields = Fields::from_row(user_id, row);
-        session_from_fields(sid, fields).map(Some)
+        let session = session_from_fields(sid, Fields::from_row(user_id, row))?;
+        let history = history_state(rest)?;
+        Ok(Some(Registered { session, history }))
     }
 
     async fn unregister_connection(&self, connection_id: &ConnectionId) -> Result<(), EngineError> {
@@ -348,16 +378,27 @@ impl Engine for RedisEngine {
                 return Ok(Delivery {
                     nodes: nodes.max(0) as u64,
                     connections: None,
+                    offset: None,
                 });
             }
         };
-        let (nodes, conns): (i64, i64) = self
+        let history = self.inner.history;
+        let reply: Vec<i64> = self
             .inner
-            .fcall("sh_publish", &[key], (frame, self.inner.deadline()))
+            .fcall(
+                "sh_publish",
+                &[key],
+                (frame, self.inner.deadline(), history.size, history.ttl_ms()),
+            )
             .await?;
+        let (nodes, conns) = match reply[..] {
+            [n, c, ..] => (n, c),
+            _ => return Err(corrupt(format!("sh_publish answered {reply:?}"))),
+        };
         Ok(Delivery {
             nodes: nodes.max(0) as u64,
             connections: Some(conns.max(0) as u64),
+            offset: reply.get(2).map(|&o| o.max(0) as u64),
         })
     }
 
@@ -719,6 +760,7 @@ impl RedisEngine {
         Ok(Delivery {
             nodes: nodes as u64,
             connections: Some(conns as u64),
+            offset: None,
         })
     }
 }

@@ -1,6 +1,9 @@
 //! Parsing the replies of Redis commands and functions into the engine's types.
 
-use sessionhub_core::{ConnectionId, ConnectionInfo, EngineError, NodeId, Session, SessionId};
+use sessionhub_core::history::HistoryFrame;
+use sessionhub_core::{
+    ConnectionId, ConnectionInfo, EngineError, HistoryState, NodeId, Recovered, Session, SessionId,
+};
 
 use crate::error::corrupt;
 use crate::wire::{self, Fields};
@@ -51,6 +54,48 @@ pub(crate) fn session_from_map(
             idle_ms: field(&mut map, "idle_ms"),
         },
     )
+}
+
+/// The history part of `sh_register_connection`'s reply: nothing (history off),
+/// epoch and offset, or those and the recovery's outcome and frames.
+pub(crate) fn history_state(rest: Vec<redis::Value>) -> Result<Option<HistoryState>, EngineError> {
+    let mut it = rest.into_iter();
+    let (Some(epoch), Some(offset)) = (it.next(), it.next()) else {
+        return Ok(None);
+    };
+    let epoch: String = redis::from_redis_value(epoch).map_err(corrupt)?;
+    let offset: String = redis::from_redis_value(offset).map_err(corrupt)?;
+    let offset: u64 = offset
+        .parse()
+        .map_err(|_| corrupt(format!("bad history offset {offset:?}")))?;
+    let recovery = match (it.next(), it.next()) {
+        (Some(ok), Some(frames)) => {
+            let ok: i64 = redis::from_redis_value(ok).map_err(corrupt)?;
+            let flat: Vec<String> = redis::from_redis_value(frames).map_err(corrupt)?;
+            let frames = flat
+                .chunks_exact(2)
+                .map(|p| {
+                    let offset = p[0]
+                        .parse()
+                        .map_err(|_| corrupt(format!("bad history offset {:?}", p[0])))?;
+                    Ok(HistoryFrame {
+                        offset,
+                        frame: p[1].clone().into(),
+                    })
+                })
+                .collect::<Result<Vec<_>, EngineError>>()?;
+            Some(Recovered {
+                recovered: ok == 1,
+                frames,
+            })
+        }
+        _ => None,
+    };
+    Ok(Some(HistoryState {
+        epoch,
+        offset,
+        recovery,
+    }))
 }
 
 /// `sh_expire`'s reply: the sessions ended and, when asked, the groups emptied with

@@ -14,6 +14,8 @@ struct MessageHeader {
     t: String,
     /// Target sockets on the receiving node; absent: all of them.
     cids: Option<Vec<ConnectionId>>,
+    /// The frame's offset in its user's history, for a recoverable frame.
+    o: Option<u64>,
 }
 
 /// The payload a node publishes to itself to prove its pub/sub path works.
@@ -126,6 +128,7 @@ pub(crate) fn decode(payload: &[u8]) -> Result<Incoming, String> {
         return Ok(Incoming::Event(NodeEvent::Message {
             connections: header.cids,
             frame: ByteString::from(frame),
+            offset: header.o,
         }));
     }
     let ev: WireEvent = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
@@ -157,7 +160,10 @@ mod tests {
     #[test]
     fn decodes_messages_without_touching_the_frame() {
         let ev = event(b"{\"t\":\"message\",\"cids\":[\"2bd806c9aaaaaaaaaaaaaaaaaaaaaaaa\"]}\n{\"type\":\"message\",\"x\":\"a\\nb\"}");
-        let NodeEvent::Message { connections, frame } = ev else {
+        let NodeEvent::Message {
+            connections, frame, ..
+        } = ev
+        else {
             panic!()
         };
         assert_eq!(connections.unwrap().len(), 1);

@@ -74,16 +74,20 @@ impl Application {
                     connect_timeout: config.redis_connect_timeout,
                     lease: config.lease,
                     limits: config.conn_limits,
+                    history: config.history,
                     ..RedisConfig::with_topology(topology.clone())
                 };
                 Arc::new(RedisEngine::connect(rc, node_id, events_tx).await?)
             }
-            None => Arc::new(MemoryEngine::with_limits(
-                MemoryStore::new(),
-                node_id,
-                events_tx,
-                config.conn_limits,
-            )),
+            None => Arc::new(
+                MemoryEngine::with_limits(
+                    MemoryStore::new(),
+                    node_id,
+                    events_tx,
+                    config.conn_limits,
+                )
+                .with_history(config.history),
+            ),
         };
         let state = AppState {
             engine,

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use clap::builder::{BoolishValueParser, RangedU64ValueParser};
 use clap::{ArgAction, CommandFactory, Parser};
+use sessionhub_core::history::MAX_HISTORY_SIZE;
 use sessionhub_core::model::MAX_SESSION_TTL;
-use sessionhub_core::{ConnLimits, NodeId};
+use sessionhub_core::{ConnLimits, HistoryConfig, NodeId};
 use sessionhub_redis::{LeaseConfig, Topology};
 
 /// Highest accepted `SESSIONHUB_MAX_SESSIONS_PER_USER`: a login past the cap ends
@@ -151,6 +152,17 @@ pub struct Cli {
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_SESSIONS_CAP)))]
     pub max_sessions_per_user: u32,
 
+    /// Recoverable messages kept per user for sockets that reconnect with `since`
+    /// (messages to a user or a session, and `session_created`); 0 turns history off.
+    #[arg(long, env = "SESSIONHUB_HISTORY_SIZE", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_HISTORY_SIZE)))]
+    pub history_size: u32,
+
+    /// Seconds a message stays recoverable; 0 turns history off.
+    #[arg(long, env = "SESSIONHUB_HISTORY_TTL_SECS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(0..=30 * 24 * 3600))]
+    pub history_ttl_secs: u64,
+
     /// Time in ms a client has to send a request head, upgrades included (slowloris).
     #[arg(long, env = "SESSIONHUB_REQUEST_TIMEOUT_MS", default_value_t = 5000,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -210,6 +222,8 @@ pub struct Config {
     pub ws: WsLimits,
     /// Sockets per session and per user.
     pub conn_limits: ConnLimits,
+    /// Message history kept per user.
+    pub history: HistoryConfig,
     /// Time a client has to send its request head.
     pub request_timeout: Duration,
 }
@@ -261,6 +275,7 @@ impl fmt::Debug for Config {
             .field("sessions", &self.sessions)
             .field("ws", &self.ws)
             .field("conn_limits", &self.conn_limits)
+            .field("history", &self.history)
             .field("request_timeout", &self.request_timeout)
             .finish()
     }
@@ -487,6 +502,12 @@ impl Config {
                 per_user: cli.max_sockets_per_user,
                 sessions_per_user: cli.max_sessions_per_user,
             },
+            history: Some(HistoryConfig {
+                size: cli.history_size,
+                ttl: Duration::from_secs(cli.history_ttl_secs),
+            })
+            .filter(HistoryConfig::is_on)
+            .unwrap_or(HistoryConfig::OFF),
             request_timeout: Duration::from_millis(cli.request_timeout_ms),
             max_message_bytes: cli.max_message_bytes,
             lease: LeaseConfig {

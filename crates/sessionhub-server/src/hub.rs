@@ -19,6 +19,15 @@ use tokio::sync::{Notify, mpsc};
 /// Frames that may wait in one socket's outbound queue before it counts as too slow.
 pub const OUTBOUND_QUEUE_CAPACITY: usize = 256;
 
+/// A frame queued for one socket.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    /// The text frame.
+    pub frame: ByteString,
+    /// Its offset in the user's history; 0 for a frame that is not recoverable.
+    pub offset: u64,
+}
+
 /// Why the hub asks a socket task to close.
 #[derive(Debug, Clone)]
 pub enum CloseCmd {
@@ -38,14 +47,14 @@ pub struct LocalConn {
     pub connected_at: i64,
     /// Its user and session expiry, once known (after registration).
     bound: Mutex<Option<(UserId, i64)>>,
-    tx: mpsc::Sender<ByteString>,
+    tx: mpsc::Sender<Outbound>,
     close: Mutex<Option<CloseCmd>>,
     closing: Notify,
 }
 
 impl LocalConn {
     /// A handle and the receiving end of its outbound queue.
-    pub fn new(id: ConnectionId, session_id: SessionId) -> (Arc<Self>, mpsc::Receiver<ByteString>) {
+    pub fn new(id: ConnectionId, session_id: SessionId) -> (Arc<Self>, mpsc::Receiver<Outbound>) {
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE_CAPACITY);
         let conn = Arc::new(Self {
             id,
@@ -59,10 +68,10 @@ impl LocalConn {
         (conn, rx)
     }
 
-    /// Queues a frame; a full queue closes the socket as too slow (and returns
-    /// false).
-    pub fn send(&self, frame: ByteString) -> bool {
-        match self.tx.try_send(frame) {
+    /// Queues a frame (`offset` 0: not recoverable); a full queue closes the
+    /// socket as too slow (and returns false).
+    pub fn send(&self, frame: ByteString, offset: u64) -> bool {
+        match self.tx.try_send(Outbound { frame, offset }) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.request_close(CloseCmd::TooSlow);
@@ -238,8 +247,14 @@ impl Hub {
         }
     }
 
-    /// Delivers a published frame to some sockets (`None`: all of them).
-    pub fn deliver(&self, connections: Option<&[ConnectionId]>, frame: &ByteString) {
+    /// Delivers a published frame to some sockets (`None`: all of them), with its
+    /// history offset if it has one.
+    pub fn deliver(
+        &self,
+        connections: Option<&[ConnectionId]>,
+        frame: &ByteString,
+        offset: Option<u64>,
+    ) {
         self.message_events.fetch_add(1, Ordering::Relaxed);
         let targets: Vec<Arc<LocalConn>> = {
             let idx = lock(&self.index);
@@ -253,7 +268,7 @@ impl Hub {
             }
         };
         for c in targets {
-            if !c.send(frame.clone()) {
+            if !c.send(frame.clone(), offset.unwrap_or(0)) {
                 self.slow_closes.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -304,7 +319,7 @@ impl Hub {
         .to_json()
         .into();
         for c in targets {
-            if !c.send(frame.clone()) {
+            if !c.send(frame.clone(), 0) {
                 self.slow_closes.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -323,8 +338,12 @@ impl Hub {
                     self.end_session(sid, *reason);
                 }
             }
-            NodeEvent::Message { connections, frame } => {
-                self.deliver(connections.as_deref(), frame);
+            NodeEvent::Message {
+                connections,
+                frame,
+                offset,
+            } => {
+                self.deliver(connections.as_deref(), frame, *offset);
             }
             NodeEvent::Resync | NodeEvent::Fenced => {}
         }

@@ -60,6 +60,12 @@ pub struct Metrics {
     pub messages_out: AtomicU64,
     /// Upgrades refused (bad cookie, origin, limits, store down).
     pub upgrades_refused: AtomicU64,
+    /// Sockets that asked to recover and got every message they missed.
+    pub recoveries: AtomicU64,
+    /// Sockets that asked to recover and could not (`recovered: false`).
+    pub recoveries_failed: AtomicU64,
+    /// Frames sent from history to recovering sockets.
+    pub recovered_messages: AtomicU64,
     /// Time of `POST /api/v1/publish` calls into the store.
     pub publish_latency: Histogram,
     /// Time of session kills into the store.
@@ -92,6 +98,11 @@ impl Metrics {
     /// Adds one to a counter.
     pub fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
     }
 
     /// The text exposition.
@@ -151,6 +162,24 @@ impl Metrics {
             "sessionhub_upgrades_refused_total",
             "WebSocket upgrades refused.",
             load(&self.upgrades_refused),
+        );
+        counter(
+            &mut out,
+            "sessionhub_recoveries_total",
+            "Reconnected sockets that recovered every message they missed.",
+            load(&self.recoveries),
+        );
+        counter(
+            &mut out,
+            "sessionhub_recoveries_failed_total",
+            "Reconnected sockets told recovered: false (the gap was no longer in history).",
+            load(&self.recoveries_failed),
+        );
+        counter(
+            &mut out,
+            "sessionhub_recovered_messages_total",
+            "Frames sent from history to reconnected sockets.",
+            load(&self.recovered_messages),
         );
         counter(
             &mut out,

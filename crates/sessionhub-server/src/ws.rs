@@ -13,14 +13,14 @@ use actix_ws::{CloseCode, CloseReason, Item, Message, ProtocolError};
 use bytestring::ByteString;
 use futures_util::StreamExt;
 use sessionhub_core::protocol::{ClientFrame, ServerFrame, close_code};
-use sessionhub_core::{ConnectionId, EndReason, Session};
+use sessionhub_core::{ConnectionId, EndReason, HistoryState, Recovery, Session};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use crate::auth::{cookie_token, origin_allowed};
 use crate::config::WsLimits;
 use crate::error::ApiError;
-use crate::hub::{CloseCmd, LocalConn};
+use crate::hub::{CloseCmd, LocalConn, Outbound};
 use crate::metrics::Metrics;
 use crate::state::AppState;
 
@@ -67,6 +67,20 @@ impl MessageBody for HoldOpen {
         // Released (or the socket task is gone): end the body, closing TCP.
         Pin::new(&mut this.release).poll(cx).map(|_| None)
     }
+}
+
+/// The query of `GET /ws`: where a reconnecting client left off.
+#[derive(Debug, Default, serde::Deserialize)]
+struct WsQuery {
+    since: Option<String>,
+    epoch: Option<String>,
+}
+
+/// What the socket asked to recover, or why its request could not be read.
+fn recovery_request(req: &HttpRequest) -> Result<Option<Recovery>, String> {
+    let q = web::Query::<WsQuery>::from_query(req.query_string())
+        .map_err(|e| format!("the query string cannot be read: {e}"))?;
+    Recovery::from_query(q.since.as_deref(), q.epoch.as_deref())
 }
 
 /// A token bucket: `burst` messages at once, refilled at `rate` per second.
@@ -128,6 +142,12 @@ async fn accept(
     if !origin_allowed(&req, &state.config) {
         return Err(ApiError::Forbidden("origin not allowed"));
     }
+    // A malformed request is answered on the socket (recovered: false and an error
+    // frame), not by refusing it: the client still gets a working socket.
+    let (recovery, bad_recovery) = match recovery_request(&req) {
+        Ok(r) => (r, None),
+        Err(e) => (None, Some(e)),
+    };
     let (response, ws, stream) = actix_ws::handle(&req, body)
         .map_err(|e| ApiError::BadRequest(format!("not a WebSocket handshake: {e}")))?;
     let (release, released) = oneshot::channel();
@@ -145,8 +165,12 @@ async fn accept(
         token.session_id().clone(),
     );
     state.hub.insert(conn.clone());
-    let session = match state.engine.register_connection(&token, &conn.id).await {
-        Ok(Some(session)) => session,
+    let registered = state
+        .engine
+        .register_recovering(&token, &conn.id, recovery.as_ref())
+        .await;
+    let (session, history) = match registered {
+        Ok(Some(r)) => (r.session, r.history),
         Ok(None) => {
             state.hub.remove(&conn);
             return Err(ApiError::Unauthorized);
@@ -178,6 +202,9 @@ async fn accept(
                 session,
                 ws,
                 release,
+                history,
+                asked: recovery.is_some() || bad_recovery.is_some(),
+                bad_recovery,
             }
             .run(rx, stream)
             .instrument(span),
@@ -326,6 +353,13 @@ struct Socket {
     ws: actix_ws::Session,
     /// Dropped when the closing handshake is done: ends the response, closing TCP.
     release: oneshot::Sender<()>,
+    /// The user's history as the registration saw it (with the recovered frames
+    /// until they are sent).
+    history: Option<HistoryState>,
+    /// Whether the client asked to recover.
+    asked: bool,
+    /// Why its recovery request could not be read.
+    bad_recovery: Option<String>,
 }
 
 /// How the loop ended.
@@ -349,23 +383,11 @@ fn exit_for(cmd: CloseCmd) -> Exit {
 }
 
 impl Socket {
-    async fn run(
-        mut self,
-        mut rx: mpsc::Receiver<ByteString>,
-        mut stream: actix_ws::MessageStream,
-    ) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Outbound>, mut stream: actix_ws::MessageStream) {
         tracing::debug!("connected");
-        let hello = ServerFrame::Hello {
-            connection_id: &self.conn.id,
-            session_id: &self.session.session_id,
-            user_id: &self.session.user_id,
-            node_id: self.state.engine.node_id(),
-        }
-        .to_json();
-        let exit = if self.send(hello).await.is_err() {
-            Exit::Gone
-        } else {
-            self.serve(&mut rx, &mut stream).await
+        let exit = match self.greet().await {
+            Ok(top) => self.serve(&mut rx, &mut stream, top).await,
+            Err(actix_ws::Closed) => Exit::Gone,
         };
 
         // The hub forgets the socket at once, so nothing more is queued for it.
@@ -399,10 +421,58 @@ impl Socket {
         tracing::debug!("disconnected");
     }
 
+    /// Sends `hello`, then the recovered frames (and an `error` frame for a recovery
+    /// request that could not be read). Returns the offset up to which recoverable
+    /// frames have been accounted for: live ones up to it are not sent again.
+    async fn greet(&mut self) -> Result<u64, actix_ws::Closed> {
+        let mut history = self.history.take();
+        let recovery = history.as_mut().and_then(|h| h.recovery.take());
+        let recovered = match &recovery {
+            Some(r) => Some(r.recovered),
+            None => self.asked.then_some(false),
+        };
+        let hello = ServerFrame::Hello {
+            connection_id: &self.conn.id,
+            session_id: &self.session.session_id,
+            user_id: &self.session.user_id,
+            node_id: self.state.engine.node_id(),
+            epoch: history.as_ref().map(|h| h.epoch.as_str()),
+            offset: history.as_ref().map(|h| h.offset),
+            recovered,
+            missed: recovery
+                .as_ref()
+                .filter(|r| r.recovered)
+                .map(|r| r.frames.len()),
+        }
+        .to_json();
+        self.send(hello).await?;
+        if let Some(r) = recovery {
+            Metrics::add(
+                &self.state.metrics.recovered_messages,
+                r.frames.len() as u64,
+            );
+            Metrics::inc(if r.recovered {
+                &self.state.metrics.recoveries
+            } else {
+                &self.state.metrics.recoveries_failed
+            });
+            for f in r.frames {
+                self.send(f.frame).await?;
+            }
+        } else if self.asked {
+            Metrics::inc(&self.state.metrics.recoveries_failed);
+        }
+        if let Some(why) = self.bad_recovery.take() {
+            self.error("bad_recovery", &why).await;
+        }
+        Ok(history.map_or(0, |h| h.offset))
+    }
+
     async fn serve(
         &mut self,
-        rx: &mut mpsc::Receiver<ByteString>,
+        rx: &mut mpsc::Receiver<Outbound>,
         stream: &mut actix_ws::MessageStream,
+        recovered_upto: u64,
     ) -> Exit {
         let limits = self.state.config.ws;
         let mut ping = tokio::time::interval(limits.ping_interval);
@@ -420,8 +490,12 @@ impl Socket {
                 _ = shutdown.cancelled() => {
                     return Exit::Close(close_code::GOING_AWAY, "node shutting down", None);
                 }
-                frame = rx.recv() => {
-                    let Some(frame) = frame else { return Exit::Gone };
+                out = rx.recv() => {
+                    let Some(Outbound { frame, offset }) = out else { return Exit::Gone };
+                    // Queued while the socket registered, and already sent from history.
+                    if offset != 0 && offset <= recovered_upto {
+                        continue;
+                    }
                     // A client that stops reading blocks this send; a close request
                     // (too slow, session ended) must still get through.
                     tokio::select! {
