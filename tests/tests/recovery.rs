@@ -1,0 +1,221 @@
+//! Message history and recovery through real node processes: a socket that comes
+//! back with `since` and `epoch` gets exactly what it missed, in order, then live
+//! frames; never another session's; `recovered: false` when the gap is gone.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use sessionhub_tests::process::wait_ready;
+use sessionhub_tests::{
+    Api, Deployment, Node, NodeOptions, RedisServer, TestCluster, Topology, WsClient,
+};
+
+/// Publishes `data` to `to`; returns the offset the hub gave it.
+async fn publish(api: &Api, to: Value, data: &str) -> u64 {
+    let res = api
+        .service(
+            Method::POST,
+            "/api/v1/publish",
+            Some(json!({ "to": to, "event": "e", "data": data })),
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let body: Value = res.json().await.unwrap();
+    body["offset"].as_str().unwrap().parse().unwrap()
+}
+
+/// Opens `/ws` on `node` with `?<query>`.
+async fn connect_with_query(node: &Node, token: &str, query: &str) -> WsClient {
+    WsClient::connect_url(&format!("{}?{query}", node.ws_url()), token)
+        .await
+        .unwrap()
+}
+
+/// The next `n` frames' (data, offset), checking they are messages.
+async fn messages(ws: &mut WsClient, n: usize) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let f = ws.expect("message").await;
+        let offset = f["offset"].as_str().unwrap().parse().unwrap();
+        out.push((f["data"].as_str().unwrap().to_owned(), offset));
+    }
+    out
+}
+
+fn hello_point(ws: &WsClient) -> (u64, String) {
+    let h = &ws.hello;
+    (
+        h["offset"].as_str().unwrap().parse().unwrap(),
+        h["epoch"].as_str().unwrap().to_owned(),
+    )
+}
+
+async fn a_socket_that_reconnects_elsewhere_gets_exactly_what_it_missed_then_live_frames(
+    topology: Topology,
+) {
+    let cluster = Deployment::start(topology, 3).await;
+    let [a, b, c] = [&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]];
+    let api = Api::new(b);
+    let s1 = api.create_session("alice", "laptop").await;
+    let s2 = api.create_session("alice", "phone").await;
+    let mut ws1 = WsClient::connect(a, &s1.token).await.unwrap();
+    let mut ws2 = WsClient::connect(b, &s2.token).await.unwrap();
+    let (t, epoch) = hello_point(&ws1);
+    assert_eq!(hello_point(&ws2), (t, epoch.clone()));
+    ws1.close_and_wait().await;
+
+    // Missed by s1 (mixed user and session targets), and one for s2 alone.
+    let mut sent = Vec::new();
+    for (to, data) in [
+        (json!({ "user": "alice" }), "m1"),
+        (json!({ "session": s1.session_id }), "m2"),
+        (json!({ "session": s2.session_id }), "x"),
+        (json!({ "user": "alice" }), "m3"),
+        (json!({ "session": s1.session_id }), "m4"),
+        (json!({ "user": "alice" }), "m5"),
+    ] {
+        sent.push((data.to_owned(), publish(&api, to, data).await));
+    }
+    let offsets: Vec<u64> = sent.iter().map(|(_, o)| *o).collect();
+    assert_eq!(offsets, (t + 1..=t + 6).collect::<Vec<_>>());
+    let for_s1: Vec<(String, u64)> = sent.iter().filter(|(d, _)| d != "x").cloned().collect();
+
+    let mut back = connect_with_query(c, &s1.token, &format!("since={t}&epoch={epoch}")).await;
+    assert_eq!(back.hello["recovered"], true, "{}", back.hello);
+    assert_eq!(back.hello["missed"], 5);
+    assert_eq!(back.hello["offset"], (t + 6).to_string());
+    assert_eq!(messages(&mut back, 5).await, for_s1);
+    // Then live ones, right after.
+    let live = publish(&Api::new(a), json!({ "user": "alice" }), "m6").await;
+    assert_eq!(live, t + 7);
+    assert_eq!(messages(&mut back, 1).await, [("m6".to_owned(), t + 7)]);
+
+    // s2 never left: it got its own and the user's, live, with the same offsets.
+    let want: Vec<(String, u64)> = sent
+        .iter()
+        .filter(|(d, _)| !matches!(d.as_str(), "m2" | "m4"))
+        .cloned()
+        .chain([("m6".to_owned(), t + 7)])
+        .collect();
+    assert_eq!(messages(&mut ws2, 5).await, want);
+    // And a socket of s2 recovering from t sees none of s1's session messages.
+    let mut again = connect_with_query(a, &s2.token, &format!("since={t}&epoch={epoch}")).await;
+    assert_eq!(again.hello["missed"], 5);
+    assert_eq!(messages(&mut again, 5).await, want);
+}
+
+sessionhub_tests::on_both_topologies!(
+    a_socket_that_reconnects_elsewhere_gets_exactly_what_it_missed_then_live_frames,
+);
+
+#[tokio::test]
+async fn recovery_fails_cleanly_once_the_gap_is_trimmed_and_when_history_is_off() {
+    let cluster = TestCluster::start_with(2, &[("SESSIONHUB_HISTORY_SIZE", "2")]).await;
+    let api = Api::new(&cluster.nodes[0]);
+    let s = api.create_session("alice", "laptop").await;
+    let ws = WsClient::connect(&cluster.nodes[0], &s.token)
+        .await
+        .unwrap();
+    let (t, epoch) = hello_point(&ws);
+    for d in ["m1", "m2", "m3"] {
+        publish(&api, json!({ "user": "alice" }), d).await;
+    }
+    // m1 is trimmed: nothing old is sent, the client is told to reload.
+    let mut back = connect_with_query(
+        &cluster.nodes[1],
+        &s.token,
+        &format!("since={t}&epoch={epoch}"),
+    )
+    .await;
+    assert_eq!(back.hello["recovered"], false, "{}", back.hello);
+    assert!(back.hello.get("missed").is_none());
+    publish(&api, json!({ "user": "alice" }), "m4").await;
+    assert_eq!(messages(&mut back, 1).await[0].0, "m4");
+    // Two are kept (m3, m4): from t + 2 the gap is whole, from t + 1 it is not.
+    let mut back = connect_with_query(
+        &cluster.nodes[1],
+        &s.token,
+        &format!("since={}&epoch={epoch}", t + 2),
+    )
+    .await;
+    assert_eq!(back.hello["recovered"], true);
+    let got: Vec<String> = messages(&mut back, 2)
+        .await
+        .into_iter()
+        .map(|m| m.0)
+        .collect();
+    assert_eq!(got, ["m3", "m4"]);
+    let back = connect_with_query(
+        &cluster.nodes[1],
+        &s.token,
+        &format!("since={}&epoch={epoch}", t + 1),
+    )
+    .await;
+    assert_eq!(back.hello["recovered"], false);
+
+    // A node with history off numbers nothing and recovers nothing.
+    let mut opts = NodeOptions::numbered(2, &[("SESSIONHUB_HISTORY_SIZE", "0")]);
+    opts.redis_url = Some(cluster.redis.url());
+    let off = Node::start(opts).await;
+    wait_ready(&off).await;
+    let ws = connect_with_query(&off, &s.token, &format!("since={t}&epoch={epoch}")).await;
+    assert!(ws.hello.get("epoch").is_none(), "{}", ws.hello);
+    assert_eq!(ws.hello["recovered"], false);
+}
+
+#[tokio::test]
+async fn bad_recovery_parameters_get_an_error_frame_and_a_working_socket() {
+    let cluster = TestCluster::start(1).await;
+    let node = &cluster.nodes[0];
+    let api = Api::new(node);
+    let s = api.create_session("alice", "laptop").await;
+    let (_, epoch) = hello_point(&WsClient::connect(node, &s.token).await.unwrap());
+    for query in [
+        format!("since=abc&epoch={epoch}"),
+        format!("since=-1&epoch={epoch}"),
+        format!("since=99999999999999999999999&epoch={epoch}"),
+        "since=1".to_owned(),
+        format!("epoch={epoch}"),
+        format!("since=1&epoch={}", "e".repeat(65)),
+        "since=1&epoch=%00%ff".to_owned(),
+        "since=1&epoch=a&since=2".to_owned(),
+    ] {
+        let mut ws = connect_with_query(node, &s.token, &query).await;
+        assert_eq!(ws.hello["recovered"], false, "{query}: {}", ws.hello);
+        let err = ws.expect("error").await;
+        assert_eq!(err["code"], "bad_recovery", "{query}: {err}");
+        // The socket works: live messages arrive.
+        publish(&api, json!({ "user": "alice" }), "live").await;
+        assert_eq!(messages(&mut ws, 1).await[0].0, "live", "{query}");
+    }
+    // A well-formed request for an epoch the hub never gave: just not recovered.
+    let mut ws = connect_with_query(node, &s.token, "since=1&epoch=nope").await;
+    assert_eq!(ws.hello["recovered"], false);
+    publish(&api, json!({ "user": "alice" }), "live").await;
+    assert_eq!(ws.expect("message").await["data"], "live");
+    assert_eq!(node.health().await["status"], "ok");
+}
+
+#[tokio::test]
+async fn an_empty_redis_restart_starts_a_new_epoch() {
+    let mut redis = RedisServer::start().await;
+    let mut opts = NodeOptions::numbered(0, &[]);
+    opts.redis_url = Some(redis.url());
+    let node = Node::start(opts).await;
+    wait_ready(&node).await;
+    let api = Api::new(&node);
+    let s = api.create_session("alice", "laptop").await;
+    let ws = WsClient::connect(&node, &s.token).await.unwrap();
+    let (t, epoch) = hello_point(&ws);
+    publish(&api, json!({ "user": "alice" }), "m1").await;
+    drop(ws);
+
+    redis.stop().await;
+    redis.start_again(true).await;
+    wait_ready(&node).await;
+    // Everything was lost, the session too; the user logs in again.
+    let s = api.create_session("alice", "laptop").await;
+    let ws = connect_with_query(&node, &s.token, &format!("since={}&epoch={epoch}", t + 1)).await;
+    assert_eq!(ws.hello["recovered"], false, "{}", ws.hello);
+    assert_ne!(ws.hello["epoch"], epoch.as_str());
+}
