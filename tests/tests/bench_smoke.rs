@@ -153,3 +153,66 @@ async fn the_load_tool_runs_every_workload_once_at_a_small_n() {
     // Every published message reached the user's socket on each of the 3 nodes.
     assert_eq!(value("deliver_deliveries"), 900.0, "{stdout}");
 }
+
+/// A rolling restart of three nodes (SIGTERM, start again, next) while a publisher
+/// sends to users at a steady rate and every client reconnects with `since`: the
+/// load tool's `rolling` workload, which must count nothing lost, duplicated or out
+/// of order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_under_steady_publishing_loses_and_repeats_nothing() {
+    let redis = sessionhub_tests::RedisServer::start().await;
+    let mut cmd = tokio::process::Command::new(bench_binary());
+    cmd.arg("rolling")
+        .arg("--server-bin")
+        .arg(sessionhub_tests::process::node_binary())
+        .arg("--redis-url")
+        .arg(redis.url())
+        .args([
+            "--nodes",
+            "3",
+            "--users",
+            "60",
+            "--rate",
+            "200",
+            "--settle-ms",
+            "1000",
+        ])
+        .env("SESSIONHUB_API_KEY", API_KEY)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    // A bound on a hung tool, not a speed assertion.
+    let out = tokio::time::timeout(Duration::from_secs(180), cmd.output())
+        .await
+        .expect("sessionhub-bench rolling did not finish within 180 s")
+        .expect("sessionhub-bench could not be run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "sessionhub-bench rolling failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    let figs = figures(&stdout);
+    let value = |name: &str| {
+        figs.get(name)
+            .unwrap_or_else(|| panic!("no `{name}` figure in:\n{stdout}\n{stderr}"))
+            .0
+    };
+    assert_eq!(value("rolling_restarts"), 3.0, "{stdout}");
+    assert!(value("rolling_published") > 0.0, "{stdout}");
+    assert_eq!(value("rolling_lost"), 0.0, "{stdout}");
+    assert_eq!(value("rolling_duplicated"), 0.0, "{stdout}");
+    assert_eq!(value("rolling_out_of_order"), 0.0, "{stdout}");
+    assert_eq!(value("rolling_recovery_failed"), 0.0, "{stdout}");
+    // Every user's socket moved at least once (its node restarted), and came back
+    // with what it missed.
+    assert!(value("rolling_reconnects") >= 60.0, "{stdout}");
+    assert!(value("rolling_recovered") >= 60.0, "{stdout}");
+    assert!(
+        value("rolling_delivered") >= value("rolling_published"),
+        "{stdout}"
+    );
+    assert!(value("history_bytes_per_user") > 0.0, "{stdout}");
+}

@@ -18,15 +18,20 @@
 //!   connect + memory (the N sockets stay open), kill (with them as background),
 //!   then deliver (after closing them).
 //! - **hold** — opens N sockets and holds them, for load split over processes.
+//! - **rolling** — starts its own nodes, restarts each in turn (SIGTERM, start,
+//!   ready) while a publisher sends to users at a steady rate and the users'
+//!   clients reconnect with `since`: messages lost, duplicated, out of order.
 
 mod cluster;
 mod cost;
 mod deliver;
 mod kill;
 mod pool;
+mod rolling;
 mod socket;
 mod stats;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -115,6 +120,34 @@ enum Command {
     RedisCost {
         #[command(flatten)]
         cost: CostArgs,
+    },
+    /// A rolling restart of nodes this tool starts, under a steady publish rate,
+    /// with clients that recover what they missed.
+    Rolling {
+        /// The `sessionhub` binary to run the nodes from.
+        #[arg(long)]
+        server_bin: PathBuf,
+        /// The Redis the nodes share, `redis://127.x.y.z:PORT`.
+        #[arg(long)]
+        redis_url: String,
+        /// Nodes to start.
+        #[arg(long = "nodes", default_value_t = 3)]
+        node_count: usize,
+        /// Users, each with one session and one socket.
+        #[arg(long, default_value_t = 300)]
+        users: usize,
+        /// Publishes per second, each to one user.
+        #[arg(long, default_value_t = 500)]
+        rate: u32,
+        /// Steady time (ms) before, between and after the restarts.
+        #[arg(long, default_value_t = 2000)]
+        settle_ms: u64,
+        /// Passes over all nodes.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+        /// Extra environment for the nodes, `KEY=VALUE` (repeat).
+        #[arg(long = "node-env")]
+        node_env: Vec<String>,
     },
     /// Opens N sockets and holds them (to spread load over several processes).
     Hold {
@@ -231,6 +264,43 @@ async fn run(cli: Cli) -> Result<()> {
     let api_key = t
         .api_key
         .context("the service API key is needed: --api-key or SESSIONHUB_API_KEY")?;
+    if let Command::Rolling {
+        server_bin,
+        redis_url,
+        node_count,
+        users,
+        rate,
+        settle_ms,
+        rounds,
+        node_env,
+    } = cli.command
+    {
+        cluster::loopback_addr(&redis_url, "redis")?;
+        if node_count < 2 || users == 0 {
+            bail!("rolling needs --nodes 2 or more and --users 1 or more");
+        }
+        let node_env = node_env
+            .iter()
+            .map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .with_context(|| format!("--node-env {kv:?}: expected KEY=VALUE"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        return rolling::run(rolling::Params {
+            server_bin,
+            redis_url,
+            api_key,
+            nodes: node_count,
+            users,
+            rate,
+            settle: Duration::from_millis(settle_ms),
+            rounds,
+            node_env,
+            tag: format!("rl{:x}", now_us() % 0xffff_ffff),
+        })
+        .await;
+    }
     let cluster = Cluster::new(&t.nodes, api_key)?;
     let sources = Sources::new(t.source_octet, t.source_addrs)?;
     // Distinct user ids per run and per process.
@@ -321,6 +391,8 @@ async fn run(cli: Cli) -> Result<()> {
                 .context("redis-cost needs --redis-url redis://127.0.0.1:PORT")?;
             cost::run(&cluster, &sources, &tag, &p).await?;
         }
+        // Handled above: it runs nodes of its own.
+        Command::Rolling { .. } => {}
         Command::Hold { pool, hold_secs } => {
             pool::check_fd_budget(pool.sockets, 0)?;
             let (p, opened) = pool::open(
