@@ -16,15 +16,28 @@
 //   disconnected   {code, reason, wasClean, reconnectIn}  reconnectIn: ms, or null
 //                  when the client has stopped for good
 //   frame          every server frame, including types this version does not know
+//   recovered      {missed}   a reconnected socket got every message it missed
+//                             (they follow as ordinary events, in order)
+//   recovery_failed {since, epoch}  a reconnected socket could not get what it
+//                  missed (gone from the hub's history): reload the page's state
 //
 // Reconnects: exponential backoff with full jitter (a random delay between 0 and
-// min(maxDelay, minDelay * 2^attempt)), reset once a socket gets `hello`. Close 1001
+// min(maxDelay, minDelay * 2^attempt)), reset once a socket gets `hello`. The
+// browser's `offline` event drops the socket at once, and `online` reconnects at
+// once (a laptop waking up). Close 1001
 // (node shutting down) reconnects like any other drop; the load balancer sends the
 // new socket to a live node. It stops for good after `session_ended`, close 4001,
 // or close(). A refused upgrade (401: the session ended while the page was away)
 // looks to a browser like any failed connection, so after a socket that never
 // opened the client asks `sessionUrl` (GET /api/v1/me): a 401 there ends the
 // session too, with a `session_ended` event whose reason is "unauthorized".
+//
+// Recovery: messages to the user or to this session, and session_created, carry an
+// `offset`; hello carries the user's `epoch` and current offset. The client keeps
+// the last of each and reconnects with /ws?since=<offset>&epoch=<epoch>, so the
+// hub sends what was published meanwhile before anything live (nothing twice,
+// nothing lost), or says it cannot (`recovery_failed`). Messages to groups, to one
+// connection and to everyone are live only.
 
 /** Close code of an ended session: do not reconnect. */
 export const SESSION_ENDED = 4001;
@@ -62,6 +75,9 @@ export class SessionHub {
     this._pingTimer = null;
     this._pending = []; // FIFO of requests answered by the next pong
     this._ended = false;
+    /** Where to resume: {userId, epoch, offset} from the last hello and frames. */
+    this.position = null;
+    this._asked = null; // the position the current socket asked to resume from
   }
 
   // ---- events -------------------------------------------------------------
@@ -94,7 +110,24 @@ export class SessionHub {
 
   /** Opens the socket (and keeps it open). Returns this. */
   connect() {
-    if (this.state === 'idle') this._open();
+    if (this.state !== 'idle') return this;
+    // The browser knows before TCP does: going offline drops the socket (it would
+    // linger half-open until a ping timed out), coming back reconnects at once.
+    this._offline = () => {
+      const ws = this._ws;
+      if (this.state !== 'open' || !ws) return;
+      this._onClose({ code: 4000, reason: 'offline', wasClean: false }, true);
+      ws.close(4000, 'offline');
+    };
+    this._online = () => {
+      if (this.state !== 'connecting' || this._ws) return;
+      clearTimeout(this._timer);
+      this._attempt = 0;
+      this._open();
+    };
+    globalThis.addEventListener?.('offline', this._offline);
+    globalThis.addEventListener?.('online', this._online);
+    this._open();
     return this;
   }
 
@@ -102,15 +135,27 @@ export class SessionHub {
   close() {
     if (this.state === 'closed') return;
     this.state = 'closed';
+    globalThis.removeEventListener?.('offline', this._offline);
+    globalThis.removeEventListener?.('online', this._online);
     clearTimeout(this._timer);
     const ws = this._ws;
     this._drop();
     if (ws && ws.readyState <= 1) ws.close(1000, 'client closed');
   }
 
+  /** The socket URL, with where to resume from if there is anything to resume. */
+  _socketUrl() {
+    const p = this.position;
+    this._asked = p && p.epoch ? { ...p } : null;
+    if (!this._asked) return this.options.url;
+    const sep = this.options.url.includes('?') ? '&' : '?';
+    const q = `since=${encodeURIComponent(p.offset)}&epoch=${encodeURIComponent(p.epoch)}`;
+    return `${this.options.url}${sep}${q}`;
+  }
+
   _open() {
     this.state = 'connecting';
-    const ws = new this.options.WebSocket(this.options.url);
+    const ws = new this.options.WebSocket(this._socketUrl());
     this._ws = ws;
     let opened = false;
     ws.onopen = () => {
@@ -134,11 +179,28 @@ export class SessionHub {
     }
     if (!frame || typeof frame.type !== 'string') return;
     this._schedulePing(); // any frame shows the socket is alive
+    const followUp = [];
     switch (frame.type) {
-      case 'hello':
+      case 'hello': {
         this.hello = frame;
         this._attempt = 0; // a healthy connection resets the backoff
+        const asked = this._asked;
+        const sameUser = asked && asked.userId === frame.user_id;
+        if (frame.epoch === undefined) {
+          this.position = null; // the hub keeps no history
+        } else if (sameUser && frame.recovered === true) {
+          // Resume from what we had: the recovered frames follow, with their offsets.
+          this.position = { userId: frame.user_id, epoch: frame.epoch, offset: asked.offset };
+        } else {
+          this.position = { userId: frame.user_id, epoch: frame.epoch, offset: frame.offset };
+        }
+        if (sameUser && frame.recovered === true) {
+          followUp.push(['recovered', { missed: frame.missed ?? 0 }]);
+        } else if (sameUser && frame.recovered === false) {
+          followUp.push(['recovery_failed', { since: asked.offset, epoch: asked.epoch }]);
+        }
         break;
+      }
       case 'session_ended':
         this._ended = true;
         break;
@@ -152,8 +214,10 @@ export class SessionHub {
         }
         break;
     }
+    if (frame.offset !== undefined && this.position) this.position.offset = frame.offset;
     this._emit('frame', frame);
     this._emit(frame.type, frame);
+    for (const [type, detail] of followUp) this._emit(type, detail);
   }
 
   async _onClose(ev, opened) {

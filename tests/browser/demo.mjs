@@ -655,6 +655,94 @@ async function closeEventTiming() {
   }
 }
 
+// 8. Recovery. A page's socket drops while the user signs in elsewhere; when it is
+//    back it gets the missed "You logged in to another session" first (the demo shows
+//    the notification and says it caught up). The client module: it reconnects with
+//    since/epoch by itself, reports `recovered`, and `recovery_failed` when the hub
+//    cannot fill the gap.
+async function recovery() {
+  const p = await newPage('8:offline', UA.linuxChrome);
+  await login(p, NODE_B, 'frank');
+  await connected(p.page, 'node-b');
+  await p.ctx.setOffline(true);
+  await p.page.locator('[data-testid="conn-status"][data-state="connecting"]').waitFor();
+  const other = await newPage('8:other', UA.macFirefox);
+  const s2 = await login(other, NODE_B, 'frank');
+  await p.ctx.setOffline(false);
+  await notification(p.page, s2).waitFor({ timeout: 40000 });
+  await p.page
+    .locator('[data-testid="status-message"]', { hasText: 'Back online: 1 missed update shown.' })
+    .waitFor();
+  await connected(p.page);
+
+  const seen = await p.page.evaluate(async (closedPort) => {
+    const { SessionHub } = await import('/sessionhub.js');
+    const real = `ws://${location.host}/ws`;
+    let offline = false;
+    const urls = [];
+    // A WebSocket that cannot connect while "offline" (to a port nothing listens on).
+    class Flaky extends WebSocket {
+      constructor(url) {
+        urls.push(String(url));
+        super(offline ? `ws://127.0.0.1:${closedPort}/ws` : url);
+      }
+    }
+    const hub = new SessionHub({ url: real, WebSocket: Flaky, minDelay: 50, maxDelay: 100 });
+    const events = [];
+    const waitFor = (type, pred = () => true) =>
+      new Promise((resolve, reject) => {
+        const t = setTimeout(() => reject(new Error(`no ${type}: ${JSON.stringify(events)}`)), 15000);
+        const off = hub.on(type, (e) => {
+          if (!pred(e)) return;
+          clearTimeout(t);
+          off();
+          resolve(e);
+        });
+      });
+    for (const type of ['hello', 'recovered', 'recovery_failed', 'session_created']) {
+      hub.on(type, (e) => events.push([type, type === 'hello' ? e.recovered ?? null : e.missed ?? null]));
+    }
+    let hello = waitFor('hello');
+    hub.connect();
+    const first = await hello;
+    // Drop the socket and stay away while a login happens; then come back.
+    offline = true;
+    hub._ws.close();
+    const created = waitFor('session_created');
+    const recovered = waitFor('recovered');
+    const res = await fetch('/demo/login', {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ user_id: 'frank' }),
+      credentials: 'omit',
+    });
+    offline = false;
+    const got = await created;
+    const rec = await recovered;
+    // A position the hub cannot serve: another epoch.
+    hub.position.epoch = 'elsewhere';
+    const failed = waitFor('recovery_failed');
+    hub._ws.close();
+    const f = await failed;
+    hub.close();
+    return {
+      firstOffset: first.offset,
+      loginStatus: res.status,
+      createdOffset: got.offset,
+      missed: rec.missed,
+      failedEpoch: f.epoch,
+      resumed: urls.filter((u) => u.includes('since=')).length > 0,
+      events,
+    };
+  }, Number(env('SESSIONHUB_CLOSED_PORT')));
+  assert.equal(seen.loginStatus, 200, JSON.stringify(seen));
+  assert.ok(seen.resumed, `the client asked to resume: ${JSON.stringify(seen)}`);
+  assert.equal(seen.missed, 1, JSON.stringify(seen));
+  assert.ok(Number(seen.createdOffset) > Number(seen.firstOffset), JSON.stringify(seen));
+  assert.equal(seen.failedEpoch, 'elsewhere', JSON.stringify(seen));
+  await closeAll();
+}
+
 // ---- run ---------------------------------------------------------------------------------
 
 const scenarios = [
@@ -666,6 +754,7 @@ const scenarios = [
   ["5. the seeds' flow through the shipped nginx config (scripts/cluster.sh)", seedsThroughNginx],
   ['6. the demo at phone width (390 px), through nginx', phoneWidth],
   ['7. close event within 50 ms of session_ended and of close(), on a node and through nginx', closeEventTiming],
+  ['8. recovery after a drop: missed notifications, recovered and recovery_failed events', recovery],
 ];
 
 let passed = 0;

@@ -153,6 +153,16 @@ function signedIn(who) {
     setTimeout(() => me && refresh(), FOLLOW_UP_MS);
   });
   hub.on('session_ended', (f) => signedOut(f.reason));
+  // After a reconnect the hub sends what this page missed (the notifications
+  // above arrive as usual), or says it could not: then the page reloads its state.
+  hub.on('recovered', ({ missed }) => {
+    if (missed > 0) flash(`Back online: ${missed} missed update${missed === 1 ? '' : 's'} shown.`);
+  });
+  hub.on('recovery_failed', () => {
+    flash('Back online. Some updates from while you were away could not be recovered; the list below is current.');
+    document.body.dataset.recovery = 'failed';
+    refresh();
+  });
   hub.connect();
 
   refresh();
