@@ -87,6 +87,37 @@ async fn the_readmes_redis_cli_commands_list_and_kill() {
         );
     }
 
+    // A message to alice joins her history, which the block shows.
+    let res = api
+        .service(
+            reqwest::Method::POST,
+            "/api/v1/publish",
+            Some(serde_json::json!({
+                "to": { "user": "alice" }, "event": "note", "data": "from-ops-test"
+            })),
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let offset = res.json::<serde_json::Value>().await.unwrap()["offset"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for ws in [&mut on_a, &mut on_b, &mut s2_on_c] {
+        assert_eq!(ws.expect("message").await["offset"], offset.as_str());
+    }
+    let history = run_block("ops:history", port, "").await;
+    for needle in [
+        "epoch".to_owned(),
+        format!("{offset}-0"),
+        format!(r#""data":"from-ops-test","offset":"{offset}""#),
+        "session_created".to_owned(),
+    ] {
+        assert!(
+            history.contains(&needle),
+            "{needle} missing from:\n{history}"
+        );
+    }
+
     let online = run_block("ops:online", port, "").await;
     assert!(online.contains("alice\t3"), "{online}");
     assert!(online.contains("users 1 connections 3"), "{online}");

@@ -169,6 +169,7 @@ for u in $NGINX_URL $NODE_URLS; do p=${u##*:}; ! (exec 3<>/dev/tcp/127.0.0.1/$p)
     ),
     ("ops:list-sessions", Role::Ops),
     ("ops:list-connections", Role::Ops),
+    ("ops:history", Role::Ops),
     ("ops:kill-session", Role::Ops),
     ("ops:kill-user", Role::Ops),
     ("ops:online", Role::Ops),
