@@ -27,8 +27,10 @@
 --   P{B}:user:<uid>:sessions   hash  session_id -> expires_at
 --   P{B}:user:<uid>:by_age     zset  session_id, score created_at (the oldest ends
 --                                    first when a login passes the per-user cap)
---   P{B}:user:<uid>:nodes      hash  node_id -> the user's live connections there (whom
---                                    a login notifies, whatever the number of sessions)
+--   P{B}:user:<uid>:nodes      hash  node_id -> the user's live connections there
+--   P{B}:user:<uid>:conns      hash  connection_id -> node_id: the user's live
+--                                    connections (whom a login notifies, whatever the
+--                                    number of sessions)
 --   P{B}:conn:<cid>            hash  session_id user_id node_id connected_at
 --   P{B}:conn:<cid>:groups     set   the groups the connection was added to
 --   P{B}:group:<group>         hash  the bucket's members: "conn:<cid>" | "user:<uid>" -> added_at
@@ -56,8 +58,8 @@
 --                                    XRANGE P{B}:user:<uid>:history - +
 --   P{B}:user:<uid>:history:meta hash epoch (changes when the numbering restarts: the
 --                                    history was lost), offset (the last one given out);
---                                    kept 24 h (or the history TTL, if longer) from the
---                                    last frame or socket registration
+--                                    kept the meta TTL (default 24 h, at least the
+--                                    history TTL) from the last frame or registration
 -- Channels: P{B}:node:<node> carries events for a node's sockets in bucket B (sharded
 -- pub/sub, SPUBLISH, on Redis Cluster; classic PUBLISH on one Redis); Pall reaches all.
 -- Event payloads are JSON with a stable tag "t"; "message" events are a JSON header
@@ -106,6 +108,10 @@ end
 
 local function user_age_key(P, B, uid)
   return P .. '{' .. B .. '}:user:' .. uid .. ':by_age'
+end
+
+local function user_conns_key(P, B, uid)
+  return P .. '{' .. B .. '}:user:' .. uid .. ':conns'
 end
 
 -- Whether the optional deadline `d` (Unix ms, this server's clock) has passed.
@@ -190,6 +196,7 @@ local function add_conn(P, cid, sid, uid, node, at)
   redis.call('HSET', session_key(P, sid) .. ':conns', cid, node .. '|' .. at)
   redis.call('HSET', node_index(P, B, node), cid, sid)
   redis.call('HINCRBY', user_nodes_key(P, B, uid), node, 1)
+  redis.call('HSET', user_conns_key(P, B, uid), cid, node)
   redis.call('HINCRBY', bkey(P, B, 'online:conns'), uid, 1)
   redis.call('ZADD', bkey(P, B, 'online'), 0, uid)
   return true
@@ -219,6 +226,7 @@ local function drop_conn(P, cid)
   redis.call('DEL', ck, ck .. ':groups')
   local un = user_nodes_key(P, B, uid)
   if redis.call('HINCRBY', un, node, -1) <= 0 then redis.call('HDEL', un, node) end
+  redis.call('HDEL', user_conns_key(P, B, uid), cid)
   local oc = bkey(P, B, 'online:conns')
   if redis.call('HINCRBY', oc, uid, -1) <= 0 then
     redis.call('HDEL', oc, uid)
@@ -256,9 +264,9 @@ local function reason_arg(r)
   return r
 end
 
--- Message history (see the layout above). The callers pass the history size and
--- TTL (ms); a size of 0, or none, keeps no history.
-local HISTORY_META_TTL_MS = 24 * 3600 * 1000
+-- Message history (see the layout above). The callers pass the history size, its
+-- TTL and the meta key's TTL (ms); a size of 0, or none, keeps no history.
+local HISTORY_META_TTL_MS = 24 * 3600 * 1000 -- when the caller gives none
 
 local function redis_now_ms()
   local t = redis.call('TIME')
@@ -269,11 +277,12 @@ local function history_key(P, B, uid)
   return P .. '{' .. B .. '}:user:' .. uid .. ':history'
 end
 
--- The history size and TTL from two arguments, or nil when history is off.
-local function history_cfg(size, ttl_ms)
+-- The history size and TTLs from three arguments, or nil when history is off.
+local function history_cfg(size, ttl_ms, meta_ms)
   size, ttl_ms = tonumber(size or '0') or 0, tonumber(ttl_ms or '0') or 0
   if size <= 0 or ttl_ms <= 0 then return nil end
-  return { size = size, ttl_ms = ttl_ms }
+  meta_ms = tonumber(meta_ms or '') or HISTORY_META_TTL_MS
+  return { size = size, ttl_ms = ttl_ms, meta_ms = math.max(ttl_ms, meta_ms) }
 end
 
 -- A new epoch: Redis's clock in microseconds, in hex (alphanumeric, as clients
@@ -295,7 +304,7 @@ local function history_meta(P, B, uid, cfg)
     redis.call('HSET', mk, 'epoch', epoch, 'offset', 0)
     redis.call('DEL', hk) -- entries of an older numbering
   end
-  redis.call('PEXPIRE', mk, math.max(cfg.ttl_ms, HISTORY_META_TTL_MS))
+  redis.call('PEXPIRE', mk, cfg.meta_ms)
   return epoch, top
 end
 
@@ -320,7 +329,7 @@ local function history_append(P, B, uid, cfg, to, frame)
   redis.call('XADD', hk, 'MAXLEN', cfg.size, o .. '-0', 'at', redis_now_ms(), 'to', to,
     'frame', frame)
   redis.call('PEXPIRE', hk, cfg.ttl_ms)
-  redis.call('PEXPIRE', mk, math.max(cfg.ttl_ms, HISTORY_META_TTL_MS))
+  redis.call('PEXPIRE', mk, cfg.meta_ms)
   return frame, off
 end
 
@@ -366,6 +375,25 @@ local function user_targets(P, B, uid, targets)
   end
 end
 
+-- The user's live connections {cid -> node}, from P{B}:user:<uid>:conns: its cost
+-- grows with the user's sockets, not its sessions. Connections recorded before that
+-- index existed are missing from it (it then holds fewer than P{B}:user:<uid>:nodes
+-- counts): the user's sessions are walked instead.
+local function user_conn_targets(P, B, uid)
+  local flat = redis.call('HGETALL', user_conns_key(P, B, uid))
+  local counted = 0
+  for _, n in ipairs(redis.call('HVALS', user_nodes_key(P, B, uid))) do
+    counted = counted + (tonumber(n) or 0)
+  end
+  local targets = {}
+  if counted > #flat / 2 then
+    user_targets(P, B, uid, targets)
+    return targets
+  end
+  for i = 1, #flat, 2 do targets[flat[i]] = flat[i + 1] end
+  return targets
+end
+
 -- Publishes one client frame to the given sockets ({cid -> node}), one event per
 -- node; `offset` (or nil) goes into the header. Returns {nodes, connections}.
 local function publish_frame(P, B, targets, frame, offset)
@@ -388,12 +416,14 @@ end
 --   KEYS[1] P{B}:session:<sid>   KEYS[2] P{B}:user:<uid>:sessions
 --   ARGV user_id, secret_hash, user_agent, ip, now, expires_at, idle_ms,
 --        [most sessions of the user (0 or absent: no cap), [deadline,
---        [session_created client frame, [history size, history TTL ms]]]]
+--        [session_created client frame, [history size, history TTL ms, meta TTL
+--        ms]]]]
 --   Returns the number of nodes notified; error EXISTS if the id is taken.
 --   Past the cap, the user's oldest sessions end first, like kills with reason
 --   "limit". With the client frame, it joins the user's history (audience
 --   others:<sid>, when history is on) and goes as a "message" event to the user's
---   sockets, like sh_publish's; without it (an older caller), each node holding a
+--   sockets (from P{B}:user:<uid>:conns, so the cost does not grow with the user's
+--   sessions), like sh_publish's; without it (an older caller), each node holding a
 --   socket of the user (P{B}:user:<uid>:nodes) gets
 --   {"t":"session_created","session":{...}} (times as strings).
 redis.register_function('sh_create_session', function(keys, args)
@@ -448,11 +478,9 @@ redis.register_function('sh_create_session', function(keys, args)
   local created_frame = args[10]
   if created_frame and created_frame ~= '' then
     local offset = nil
-    local cfg = history_cfg(args[11], args[12])
+    local cfg = history_cfg(args[11], args[12], args[13])
     if cfg then created_frame, offset = history_append(P, B, uid, cfg, 'others:' .. sid, created_frame) end
-    local targets = {}
-    user_targets(P, B, uid, targets)
-    return (publish_frame(P, B, targets, created_frame, offset))
+    return (publish_frame(P, B, user_conn_targets(P, B, uid), created_frame, offset))
   end
   local nodes = redis.call('HKEYS', user_nodes_key(P, B, uid))
   if #nodes > 0 then
@@ -471,7 +499,7 @@ end)
 --   KEYS[1] P{B}:session:<sid>
 --   ARGV secret_hash, connection_id, node_id, now, max sockets per session,
 --        max sockets per user, the node's lease expiry, [deadline, [history size,
---        history TTL ms, [since, epoch]]]
+--        history TTL ms, meta TTL ms, [since, epoch]]]
 --   Returns nil for no live session or a wrong secret, else {user_id, user_agent, ip,
 --   created_at, last_seen_at, expires_at, idle_ms}, and with history on: epoch, the
 --   last offset (every recoverable frame sent to this socket live has a higher one),
@@ -503,15 +531,15 @@ redis.register_function('sh_register_connection', function(keys, args)
   redis.call('ZADD', bkey(P, B, 'expiry'), deadline(f[6], now, f[8]), sid)
   redis.call('PEXPIREAT', sk .. ':conns', tonumber(f[6]) + EXPIRY_GRACE_MS)
   local reply = { f[2], f[3], f[4], f[5], args[4], f[6], f[8] }
-  local cfg = history_cfg(args[9], args[10])
+  local cfg = history_cfg(args[9], args[10], args[11])
   if cfg then
     -- In the same step as the record: frames up to `top` are history, later ones
     -- reach this socket live.
     local epoch, top = history_meta(P, B, f[2], cfg)
     table.insert(reply, epoch)
     table.insert(reply, string.format('%d', top))
-    if args[11] and args[11] ~= '' then
-      local ok, frames = history_recover(P, B, f[2], sid, cfg, epoch, top, args[11], args[12])
+    if args[12] and args[12] ~= '' then
+      local ok, frames = history_recover(P, B, f[2], sid, cfg, epoch, top, args[12], args[13])
       table.insert(reply, ok)
       table.insert(reply, frames)
     end
@@ -702,7 +730,7 @@ end)
 --   KEYS[1] the target: P{B}:user:<uid>:sessions | P{B}:session:<sid> |
 --           P{B}:conn:<cid> | P{B}:group:<group> (the group's members in bucket B)
 --   ARGV frame (the complete client text frame), [deadline, [history size, history
---        TTL ms]]
+--        TTL ms, meta TTL ms]]
 --   Returns {nodes, connections} reached, and the frame's offset when it joined the
 --   history (a message to a user or a session, with history on). Publishes to each
 --   node that holds a target socket: '{"t":"message","cids":[...],"o":offset}' ..
@@ -714,7 +742,7 @@ redis.register_function('sh_publish', function(keys, args)
   if past_deadline(args[2]) then return deadline_reply() end
   local targets = {}
   local offset = nil
-  local cfg = history_cfg(args[3], args[4])
+  local cfg = history_cfg(args[3], args[4], args[5])
   local uid = string.match(key, '}:user:(.*):sessions$')
   if uid then
     if cfg then frame, offset = history_append(P, B, uid, cfg, 'user', frame) end

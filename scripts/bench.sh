@@ -11,6 +11,8 @@
 #                                     # only hold sockets (one process holds <= 16,000)
 #   scripts/bench.sh --nodes 5        # more nodes (each holds < 20,000 open files)
 #   scripts/bench.sh --deliver        # only the targeted-delivery workload
+#   scripts/bench.sh --rolling        # only the rolling-restart workload (it starts
+#                                     # and restarts its own nodes on this Redis)
 #   scripts/bench.sh --cluster        # on a 3-master Redis Cluster (SESSIONHUB_REDIS_CLUSTER)
 #   scripts/bench.sh --cluster --shards 5   # ... with 5 masters (no replicas)
 #   scripts/bench.sh -- --kills 500   # anything after -- goes to `sessionhub-bench`
@@ -33,6 +35,7 @@ nodes=3
 cluster=0
 shards=3
 deliver_only=0
+rolling=0
 sockets=""
 holders=0
 hold_sockets=10000
@@ -44,11 +47,12 @@ while (($#)); do
     --cluster) cluster=1 ;;
     --shards) cluster=1; shards=$2; shift ;;
     --deliver) deliver_only=1 ;;
+    --rolling) rolling=1 ;;
     --sockets) sockets=$2; shift ;;
     --holders) holders=$2; shift ;;
     --hold-sockets) hold_sockets=$2; shift ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -199,6 +203,14 @@ else
 fi
 
 api_key="bench-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
+if ((rolling)); then
+  ((cluster)) && { echo "bench.sh: --rolling runs on one Redis" >&2; exit 2; }
+  cmd=("$bin/sessionhub-bench" rolling --server-bin "$bin/sessionhub" --redis-url "$redis_url"
+    --nodes "$nodes" "${extra[@]}")
+  echo "bench.sh: ${cmd[*]}" >&2
+  SESSIONHUB_API_KEY=$api_key "${cmd[@]}"
+  exit
+fi
 node_args=()
 pid_args=()
 for i in $(seq 1 "$nodes"); do

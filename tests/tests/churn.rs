@@ -30,7 +30,14 @@ async fn status(api: &Api, method: Method, path: &str) -> StatusCode {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_cluster_returns_to_a_bounded_key_count_after_churn() {
-    let cluster = TestCluster::start_on(RedisServer::start().await, 2, FAST_LEASE).await;
+    // Message history is data with a keep time: short here, so that the bound below
+    // covers it (its keys go when their TTLs run out).
+    let mut env = FAST_LEASE.to_vec();
+    env.extend([
+        ("SESSIONHUB_HISTORY_TTL_SECS", "5"),
+        ("SESSIONHUB_HISTORY_META_TTL_SECS", "10"),
+    ]);
+    let cluster = TestCluster::start_on(RedisServer::start().await, 2, &env).await;
     let api = Api::new(&cluster.nodes[0]);
 
     // Groups: members by connection and by user, added, published to, removed or
@@ -90,7 +97,7 @@ async fn an_idle_cluster_returns_to_a_bounded_key_count_after_churn() {
 
     // Nodes that come and go under fresh ids, each after registering sockets.
     for i in 0..3 {
-        let node = TestCluster::node(&cluster.redis, 10 + i, FAST_LEASE).await;
+        let node = TestCluster::node(&cluster.redis, 10 + i, &env).await;
         let s = Api::new(&node).create_session("visitor", "x").await;
         let _ws = WsClient::connect(&node, &s.token).await.unwrap();
         node.signal("KILL");
@@ -179,7 +186,8 @@ async fn a_logins_redis_cost_does_not_grow_with_the_users_sessions() {
     const CAP: usize = 300;
     let bucket = "3f";
     let mut n = 0usize;
-    // One login of alice, as a node makes it (sh_create_session with the cap).
+    // One login of alice, as a node makes it (sh_create_session with the cap, no
+    // deadline, the session_created frame and the default history).
     let login = |c: redis::aio::MultiplexedConnection, n: usize| async move {
         let mut c = c;
         let sid = format!("{bucket}{n:030x}");
@@ -199,6 +207,11 @@ async fn a_logins_redis_cost_does_not_grow_with_the_users_sessions() {
                 1_800_000,
             ))
             .arg(CAP)
+            .arg((
+                "",
+                r#"{"type":"session_created","session":{},"message":"m"}"#,
+            ))
+            .arg((100, 300_000, 86_400_000))
             .query_async::<i64>(&mut c)
             .await
             .unwrap();

@@ -608,6 +608,7 @@ async fn history_is_bounded_by_size_and_time(b: Backend) {
     let cfg = HistoryConfig {
         size: 3,
         ttl: Duration::from_secs(1),
+        ..HistoryConfig::default()
     };
     let a = b.node_history("a", cfg).await;
     let s1 = a.engine.create_session(new_session("alice")).await.unwrap();

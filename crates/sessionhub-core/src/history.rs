@@ -27,10 +27,8 @@ pub const DEFAULT_HISTORY_SIZE: u32 = 100;
 pub const DEFAULT_HISTORY_TTL: Duration = Duration::from_secs(300);
 /// Largest [`HistoryConfig::size`] accepted.
 pub const MAX_HISTORY_SIZE: u32 = 10_000;
-/// How long a user's epoch and last offset are kept after the last message or
-/// socket registration: a client that comes back within it with nothing missed is
-/// told `recovered: true` even when the entries themselves have expired.
-pub const HISTORY_META_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Default [`HistoryConfig::meta_ttl`].
+pub const DEFAULT_HISTORY_META_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Longest `epoch` a client may send back (ours are much shorter).
 pub const MAX_EPOCH_LEN: usize = 64;
 
@@ -41,6 +39,10 @@ pub struct HistoryConfig {
     pub size: u32,
     /// How long an entry stays recoverable.
     pub ttl: Duration,
+    /// How long a user's epoch and last offset are kept after the last message or
+    /// socket registration (at least `ttl`): a client that comes back within it with
+    /// nothing missed is told `recovered: true` even when the entries have expired.
+    pub meta_ttl: Duration,
 }
 
 impl Default for HistoryConfig {
@@ -48,6 +50,7 @@ impl Default for HistoryConfig {
         Self {
             size: DEFAULT_HISTORY_SIZE,
             ttl: DEFAULT_HISTORY_TTL,
+            meta_ttl: DEFAULT_HISTORY_META_TTL,
         }
     }
 }
@@ -57,6 +60,7 @@ impl HistoryConfig {
     pub const OFF: HistoryConfig = HistoryConfig {
         size: 0,
         ttl: Duration::ZERO,
+        meta_ttl: Duration::ZERO,
     };
 
     /// Whether history is kept at all.
@@ -67,6 +71,11 @@ impl HistoryConfig {
     /// The keep time in milliseconds.
     pub fn ttl_ms(&self) -> i64 {
         self.ttl.as_millis().min(i64::MAX as u128) as i64
+    }
+
+    /// The meta keep time in milliseconds (at least the keep time).
+    pub fn meta_ttl_ms(&self) -> i64 {
+        (self.meta_ttl.as_millis().min(i64::MAX as u128) as i64).max(self.ttl_ms())
     }
 }
 
@@ -249,8 +258,7 @@ impl UserHistory {
 
     /// Whether the history has lain unused so long that it is forgotten.
     pub fn forgotten(&self, cfg: &HistoryConfig, now: i64) -> bool {
-        let keep = (HISTORY_META_TTL.as_millis() as i64).max(cfg.ttl_ms());
-        now - self.used_at > keep
+        now - self.used_at > cfg.meta_ttl_ms()
     }
 
     /// Drops expired entries; returns whether the history is still worth keeping.
@@ -375,6 +383,7 @@ mod tests {
         let cfg = HistoryConfig {
             size: 3,
             ttl: Duration::from_secs(10),
+            meta_ttl: Duration::from_secs(60),
         };
         let (a, b) = (sid('a'), sid('b'));
         let mut h = UserHistory::new(0);

@@ -136,7 +136,12 @@ impl Engine for RedisEngine {
                             self.inner.limits.sessions_per_user,
                             self.inner.deadline(),
                         ),
-                        (created.as_str(), history.size, history.ttl_ms()),
+                        (
+                            created.as_str(),
+                            history.size,
+                            history.ttl_ms(),
+                            history.meta_ttl_ms(),
+                        ),
                     ),
                 )
                 .await;
@@ -310,7 +315,13 @@ impl Engine for RedisEngine {
                         self.inner.lease_until.load(Ordering::Acquire),
                         self.inner.deadline(),
                     ),
-                    (history.size, history.ttl_ms(), since.as_str(), epoch),
+                    (
+                        history.size,
+                        history.ttl_ms(),
+                        history.meta_ttl_ms(),
+                        since.as_str(),
+                        epoch,
+                    ),
                 ),
             )
             .await;
@@ -388,7 +399,13 @@ impl Engine for RedisEngine {
             .fcall(
                 "sh_publish",
                 &[key],
-                (frame, self.inner.deadline(), history.size, history.ttl_ms()),
+                (
+                    frame,
+                    self.inner.deadline(),
+                    history.size,
+                    history.ttl_ms(),
+                    history.meta_ttl_ms(),
+                ),
             )
             .await?;
         let (nodes, conns) = match reply[..] {

@@ -158,6 +158,12 @@ pub struct Cli {
           value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_HISTORY_SIZE)))]
     pub history_size: u32,
 
+    /// Seconds a user's history epoch and last offset are kept after the last message
+    /// or socket registration (at least the history TTL).
+    #[arg(long, env = "SESSIONHUB_HISTORY_META_TTL_SECS", default_value_t = 86_400,
+          value_parser = clap::value_parser!(u64).range(1..=90 * 24 * 3600))]
+    pub history_meta_ttl_secs: u64,
+
     /// Seconds a message stays recoverable; 0 turns history off.
     #[arg(long, env = "SESSIONHUB_HISTORY_TTL_SECS", default_value_t = 300,
           value_parser = clap::value_parser!(u64).range(0..=30 * 24 * 3600))]
@@ -505,6 +511,7 @@ impl Config {
             history: Some(HistoryConfig {
                 size: cli.history_size,
                 ttl: Duration::from_secs(cli.history_ttl_secs),
+                meta_ttl: Duration::from_secs(cli.history_meta_ttl_secs),
             })
             .filter(HistoryConfig::is_on)
             .unwrap_or(HistoryConfig::OFF),
