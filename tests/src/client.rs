@@ -44,6 +44,19 @@ impl Api {
             http: reqwest::Client::new(),
         }
     }
+    /// `POST /api/v1/publish` of `data` as event `event` to `to`; asserts 202 and
+    /// returns the answer.
+    pub async fn publish(&self, to: Value, event: &str, data: Value) -> Value {
+        let res = self
+            .service(
+                Method::POST,
+                "/api/v1/publish",
+                Some(serde_json::json!({ "to": to, "event": event, "data": data })),
+            )
+            .await;
+        assert_eq!(res.status(), StatusCode::ACCEPTED, "publish to {to}");
+        res.json().await.unwrap()
+    }
 
     /// A service API call with the API key.
     pub async fn service(&self, method: Method, path: &str, body: Option<Value>) -> Response {

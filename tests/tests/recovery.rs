@@ -3,7 +3,6 @@
 //! frames; never another session's; `recovered: false` when the gap is gone.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use sessionhub_tests::process::wait_ready;
 use sessionhub_tests::{
@@ -12,15 +11,7 @@ use sessionhub_tests::{
 
 /// Publishes `data` to `to`; returns the offset the hub gave it.
 async fn publish(api: &Api, to: Value, data: &str) -> u64 {
-    let res = api
-        .service(
-            Method::POST,
-            "/api/v1/publish",
-            Some(json!({ "to": to, "event": "e", "data": data })),
-        )
-        .await;
-    assert_eq!(res.status(), StatusCode::ACCEPTED);
-    let body: Value = res.json().await.unwrap();
+    let body = api.publish(to, "e", json!(data)).await;
     body["offset"].as_str().unwrap().parse().unwrap()
 }
 

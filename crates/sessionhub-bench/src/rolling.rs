@@ -462,45 +462,34 @@ pub async fn run(p: Params) -> Result<()> {
     }
     figure("rolling_restarts", restart_ms.len(), "restarts");
     latency_figures("rolling_restart", restart_ms, &["p50", "max"]);
-    figure("rolling_published", published, "messages");
-    figure(
-        "rolling_refused",
-        refused.load(Ordering::Relaxed),
-        "messages",
-    );
-    figure(
-        "rolling_uncertain",
-        uncertain.load(Ordering::Relaxed),
-        "messages",
-    );
-    figure("rolling_delivered", delivered, "messages");
-    figure("rolling_lost", missing(&received), "messages");
-    figure("rolling_duplicated", duplicated, "messages");
-    figure(
-        "rolling_out_of_order",
-        counts.out_of_order.load(Ordering::Relaxed),
-        "messages",
-    );
-    figure(
-        "rolling_reconnects",
-        counts.reconnects.load(Ordering::Relaxed),
-        "sockets",
-    );
-    figure(
-        "rolling_recovered",
-        counts.recovered.load(Ordering::Relaxed),
-        "sockets",
-    );
-    figure(
-        "rolling_recovery_failed",
-        counts.recovery_failed.load(Ordering::Relaxed),
-        "sockets",
-    );
-    figure(
-        "rolling_recovered_messages",
-        counts.recovered_messages.load(Ordering::Relaxed),
-        "messages",
-    );
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    for (name, value, unit) in [
+        ("rolling_published", published as u64, "messages"),
+        ("rolling_refused", load(&refused), "messages"),
+        ("rolling_uncertain", load(&uncertain), "messages"),
+        ("rolling_delivered", delivered, "messages"),
+        ("rolling_lost", missing(&received), "messages"),
+        ("rolling_duplicated", duplicated, "messages"),
+        (
+            "rolling_out_of_order",
+            load(&counts.out_of_order),
+            "messages",
+        ),
+        ("rolling_reconnects", load(&counts.reconnects), "sockets"),
+        ("rolling_recovered", load(&counts.recovered), "sockets"),
+        (
+            "rolling_recovery_failed",
+            load(&counts.recovery_failed),
+            "sockets",
+        ),
+        (
+            "rolling_recovered_messages",
+            load(&counts.recovered_messages),
+            "messages",
+        ),
+    ] {
+        figure(name, value, unit);
+    }
     history_memory(&p, &users).await;
     for mut n in procs {
         if let Some(pid) = n.child.id() {
