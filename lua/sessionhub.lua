@@ -726,23 +726,13 @@ redis.register_function('sh_user_sessions', function(keys, args)
   return out
 end)
 
--- sh_publish: send a client frame to every live socket of a target, on every node.
---   KEYS[1] the target: P{B}:user:<uid>:sessions | P{B}:session:<sid> |
---           P{B}:conn:<cid> | P{B}:group:<group> (the group's members in bucket B)
---   ARGV frame (the complete client text frame), [deadline, [history size, history
---        TTL ms, meta TTL ms]]
---   Returns {nodes, connections} reached, and the frame's offset when it joined the
---   history (a message to a user or a session, with history on). Publishes to each
---   node that holds a target socket: '{"t":"message","cids":[...],"o":offset}' ..
---   "\n" .. frame (o only for a recoverable frame, which carries "offset" too)
-redis.register_function('sh_publish', function(keys, args)
-  local key, frame = keys[1], args[1]
-  local P, B = split_key(key)
-  if not P then return bad_key('a user, session, connection or group key') end
-  if past_deadline(args[2]) then return deadline_reply() end
+-- Publishes a client frame to the sockets of one target key of bucket B (as
+-- sh_publish's KEYS[1]); with `cfg`, a frame for a user or a session joins the
+-- user's history. Returns nodes, connections, offset (or nil); nil for a key of
+-- another kind.
+local function publish_target(P, B, key, frame, cfg)
   local targets = {}
   local offset = nil
-  local cfg = history_cfg(args[3], args[4], args[5])
   local uid = string.match(key, '}:user:(.*):sessions$')
   if uid then
     if cfg then frame, offset = history_append(P, B, uid, cfg, 'user', frame) end
@@ -767,11 +757,61 @@ redis.register_function('sh_publish', function(keys, args)
       end
     end
   else
-    return bad_key('a user, session, connection or group key')
+    return nil
   end
   local nodes, conns = publish_frame(P, B, targets, frame, offset)
+  return nodes, conns, offset
+end
+
+local function delivery_reply(nodes, conns, offset)
   if offset then return { nodes, conns, offset } end
   return { nodes, conns }
+end
+
+-- sh_publish: send a client frame to every live socket of a target, on every node.
+--   KEYS[1] the target: P{B}:user:<uid>:sessions | P{B}:session:<sid> |
+--           P{B}:conn:<cid> | P{B}:group:<group> (the group's members in bucket B)
+--   ARGV frame (the complete client text frame), [deadline, [history size, history
+--        TTL ms, meta TTL ms]]
+--   Returns {nodes, connections} reached, and the frame's offset when it joined the
+--   history (a message to a user or a session, with history on). Publishes to each
+--   node that holds a target socket: '{"t":"message","cids":[...],"o":offset}' ..
+--   "\n" .. frame (o only for a recoverable frame, which carries "offset" too)
+redis.register_function('sh_publish', function(keys, args)
+  local key, frame = keys[1], args[1]
+  local P, B = split_key(key)
+  if not P then return bad_key('a user, session, connection or group key') end
+  if past_deadline(args[2]) then return deadline_reply() end
+  local nodes, conns, offset = publish_target(P, B, key, frame, history_cfg(args[3], args[4], args[5]))
+  if not nodes then return bad_key('a user, session, connection or group key') end
+  return delivery_reply(nodes, conns, offset)
+end)
+
+-- sh_publish_batch: sh_publish for several targets of one bucket, in their order, in
+-- one call (a batch publish makes one per bucket it touches).
+--   KEYS the targets, as sh_publish's KEYS[1], all of one bucket B
+--   ARGV deadline (or ""), history size, history TTL ms, meta TTL ms (0 0 0: no
+--        history), then one frame per key
+--   Returns one {nodes, connections[, offset]} per key, in order.
+redis.register_function('sh_publish_batch', function(keys, args)
+  if #keys == 0 or #args ~= #keys + 4 then
+    return redis.error_reply('BADARG sh_publish_batch takes 4 arguments and one frame per key')
+  end
+  local P, B = split_key(keys[1])
+  if not P then return bad_key('a user, session, connection or group key') end
+  for _, key in ipairs(keys) do
+    local kp, kb = split_key(key)
+    if kp ~= P or kb ~= B then return redis.error_reply('BADARG every key of a batch must be in one bucket') end
+  end
+  if past_deadline(args[1]) then return deadline_reply() end
+  local cfg = history_cfg(args[2], args[3], args[4])
+  local out = {}
+  for i, key in ipairs(keys) do
+    local nodes, conns, offset = publish_target(P, B, key, args[4 + i], cfg)
+    if not nodes then return bad_key('a user, session, connection or group key') end
+    out[i] = delivery_reply(nodes, conns, offset)
+  end
+  return out
 end)
 
 -- sh_group_add: add a connection or a user (its current and future connections) to

@@ -475,6 +475,105 @@ async fn group_membership_follows_new_connections_and_vanishes_with_closed_ones(
     assert_nothing_else(&api, &mut [&mut alice[0], &mut alice_c]).await;
 }
 
+async fn a_batch_publish_answers_in_order_and_refuses_bad_batches_whole(topology: Topology) {
+    let cluster = Deployment::start(topology, 2).await;
+    let [a, b] = [&cluster.nodes[0], &cluster.nodes[1]];
+    let api = Api::new(a);
+    // Users in different buckets, one with sockets on both nodes.
+    let (s_alice, mut alice) = user_on(&api, "alice", &[a, b]).await;
+    let (_, mut bob) = user_on(&api, "bob", &[b]).await;
+    let (_, mut carol) = user_on(&api, "carol", &[a]).await;
+    let group = format!("/api/v1/groups/g/members/{}", carol[0].connection_id());
+    assert_eq!(
+        api.service(Method::PUT, &group, None).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    let cid = bob[0].connection_id().to_owned();
+
+    let mut batch = vec![
+        json!({ "to": { "user": "alice" }, "event": "e", "data": 0 }),
+        json!({ "to": { "user": "bob" }, "event": "e", "data": 1 }),
+        json!({ "to": { "session": s_alice }, "event": "e", "data": 2 }),
+        json!({ "to": { "connection": cid }, "event": "e", "data": 3 }),
+        json!({ "to": { "group": "g" }, "event": "e", "data": 4 }),
+        json!({ "to": { "user": "nobody" }, "event": "e", "data": 5 }),
+    ];
+    for i in 6..40 {
+        batch.push(json!({ "to": { "user": "alice" }, "event": "e", "data": i }));
+    }
+    let res = api
+        .service(Method::POST, "/api/v1/publish", Some(Value::Array(batch)))
+        .await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let body: Value = res.json().await.unwrap();
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 40, "{body}");
+    let counts: Vec<(u64, u64)> = results
+        .iter()
+        .map(|r| {
+            (
+                r["nodes"].as_u64().unwrap(),
+                r["connections"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        &counts[..6],
+        [(2, 2), (1, 1), (2, 2), (1, 1), (1, 1), (0, 0)],
+        "{body}"
+    );
+    // User and session messages are numbered; connection and group ones are not.
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r.get("offset").is_some(), !matches!(i, 3 | 4), "{i}: {r}");
+    }
+    // alice's sockets get hers in the batch's order.
+    for ws in &mut alice {
+        let mut got = Vec::new();
+        for _ in 0..36 {
+            got.push(expect_message(ws, "e").await.as_u64().unwrap());
+        }
+        let want: Vec<u64> = [0, 2].into_iter().chain(6..40).collect();
+        assert_eq!(got, want);
+    }
+    assert_eq!(expect_message(&mut bob[0], "e").await, 1);
+    assert_eq!(expect_message(&mut bob[0], "e").await, 3);
+    assert_eq!(expect_message(&mut carol[0], "e").await, 4);
+
+    // One bad message refuses the whole batch, naming it, and nothing is sent.
+    let bad = json!([
+        { "to": { "user": "alice" }, "event": "e", "data": "not sent" },
+        { "to": { "planet": "mars" }, "event": "e" },
+    ]);
+    let res = api
+        .service(Method::POST, "/api/v1/publish", Some(bad))
+        .await;
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    let err: Value = res.json().await.unwrap();
+    assert!(
+        err["message"].as_str().unwrap().starts_with("message 1:"),
+        "{err}"
+    );
+    // More than 1,000: 413. None: nothing to do.
+    let many: Vec<Value> = (0..1001)
+        .map(|_| json!({ "to": { "user": "alice" }, "event": "e" }))
+        .collect();
+    let res = api
+        .service(Method::POST, "/api/v1/publish", Some(Value::Array(many)))
+        .await;
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let res = api
+        .service(Method::POST, "/api/v1/publish", Some(json!([])))
+        .await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    assert_eq!(res.json::<Value>().await.unwrap(), json!({ "results": [] }));
+    let mut all: Vec<&mut WsClient> = alice
+        .iter_mut()
+        .chain(bob.iter_mut())
+        .chain(carol.iter_mut())
+        .collect();
+    assert_nothing_else(&api, &mut all).await;
+}
+
 sessionhub_tests::on_both_topologies!(
     a_users_sockets_on_two_nodes_get_a_message_published_through_a_third_exactly_once,
     session_connection_group_and_all_publishes_reach_exactly_their_sockets,
@@ -484,4 +583,5 @@ sessionhub_tests::on_both_topologies!(
     presence_follows_connects_disconnects_and_a_killed_node,
     pagination_walks_2500_online_users_exactly_once,
     group_membership_follows_new_connections_and_vanishes_with_closed_ones,
+    a_batch_publish_answers_in_order_and_refuses_bad_batches_whole,
 );

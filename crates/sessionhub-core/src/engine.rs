@@ -230,6 +230,20 @@ pub trait Engine: Send + Sync + 'static {
     /// same atomic step.
     async fn publish(&self, target: &Target, frame: &str) -> Result<Delivery, EngineError>;
 
+    /// Publishes several frames, each as [`Engine::publish`] would, and answers each
+    /// in order. Frames to the targets of one user keep their order. Engines make
+    /// fewer round trips than one per frame (the Redis engine: one per bucket).
+    async fn publish_batch(
+        &self,
+        items: &[(Target, String)],
+    ) -> Vec<Result<Delivery, EngineError>> {
+        let mut out = Vec::with_capacity(items.len());
+        for (target, frame) in items {
+            out.push(self.publish(target, frame).await);
+        }
+        out
+    }
+
     /// Adds a member to a group. Returns false if the member is a connection that
     /// is not live.
     async fn group_add(&self, group: &GroupName, member: &Member) -> Result<bool, EngineError>;

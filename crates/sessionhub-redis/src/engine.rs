@@ -408,15 +408,56 @@ impl Engine for RedisEngine {
                 ),
             )
             .await?;
-        let (nodes, conns) = match reply[..] {
-            [n, c, ..] => (n, c),
-            _ => return Err(corrupt(format!("sh_publish answered {reply:?}"))),
-        };
-        Ok(Delivery {
-            nodes: nodes.max(0) as u64,
-            connections: Some(conns.max(0) as u64),
-            offset: reply.get(2).map(|&o| o.max(0) as u64),
-        })
+        delivery_of(&reply)
+    }
+
+    async fn publish_batch(
+        &self,
+        items: &[(Target, String)],
+    ) -> Vec<Result<Delivery, EngineError>> {
+        // Users, sessions and connections: one sh_publish_batch per bucket, in the
+        // batch's order within it. Groups and "all" span buckets: as single publishes.
+        let mut by_bucket: HashMap<Bucket, Vec<usize>> = HashMap::new();
+        let mut single = Vec::new();
+        for (i, (target, _)) in items.iter().enumerate() {
+            match target_key(&self.inner.keys, target) {
+                Some((b, _)) => by_bucket.entry(b).or_default().push(i),
+                None => single.push(i),
+            }
+        }
+        let batches =
+            futures_util::future::join_all(by_bucket.into_values().map(|idx| async move {
+                let res = self.publish_in_bucket(items, &idx).await;
+                (idx, res)
+            }));
+        let singles = futures_util::future::join_all(single.into_iter().map(|i| async move {
+            let (target, frame) = &items[i];
+            (i, self.publish(target, frame).await)
+        }));
+        let (batches, singles) = futures_util::join!(batches, singles);
+        let mut out: Vec<Option<Result<Delivery, EngineError>>> = Vec::new();
+        out.resize_with(items.len(), || None);
+        for (idx, res) in batches {
+            match res {
+                Ok(deliveries) => {
+                    for (i, d) in idx.into_iter().zip(deliveries) {
+                        out[i] = Some(Ok(d));
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    for i in idx {
+                        out[i] = Some(Err(EngineError::unavailable(message.clone())));
+                    }
+                }
+            }
+        }
+        for (i, res) in singles {
+            out[i] = Some(res);
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(EngineError::corrupt("a batch item got no answer"))))
+            .collect()
     }
 
     async fn group_add(&self, group: &GroupName, member: &Member) -> Result<bool, EngineError> {
@@ -756,7 +797,68 @@ impl Engine for RedisEngine {
 /// return once stopped.
 const TASKS_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// The bucket and key of a user, session or connection target (`None` for groups
+/// and `"all"`, which span buckets).
+fn target_key(keys: &crate::keys::Keys, target: &Target) -> Option<(Bucket, String)> {
+    let key = match target {
+        Target::User(u) => keys.user_sessions(u),
+        Target::Session(s) => keys.session(s),
+        Target::Connection(c) => keys.conn(c),
+        Target::Group(_) | Target::All => return None,
+    };
+    keys.bucket_of_key(&key).map(|b| (b, key))
+}
+
+/// One `{nodes, connections[, offset]}` of `sh_publish` or `sh_publish_batch`.
+fn delivery_of(reply: &[i64]) -> Result<Delivery, EngineError> {
+    match reply {
+        [n, c, rest @ ..] => Ok(Delivery {
+            nodes: (*n).max(0) as u64,
+            connections: Some((*c).max(0) as u64),
+            offset: rest.first().map(|&o| o.max(0) as u64),
+        }),
+        _ => Err(corrupt(format!("a publish answered {reply:?}"))),
+    }
+}
+
 impl RedisEngine {
+    /// Items `idx` of a batch, all user, session or connection targets of one
+    /// bucket: one `sh_publish_batch`.
+    async fn publish_in_bucket(
+        &self,
+        items: &[(Target, String)],
+        idx: &[usize],
+    ) -> Result<Vec<Delivery>, EngineError> {
+        let inner = &self.inner;
+        let keys: Vec<String> = idx
+            .iter()
+            .filter_map(|&i| target_key(&inner.keys, &items[i].0).map(|(_, k)| k))
+            .collect();
+        let history = inner.history;
+        let frames: Vec<&str> = idx.iter().map(|&i| items[i].1.as_str()).collect();
+        let replies: Vec<Vec<i64>> = inner
+            .fcall(
+                "sh_publish_batch",
+                &keys,
+                (
+                    inner.deadline(),
+                    history.size,
+                    history.ttl_ms(),
+                    history.meta_ttl_ms(),
+                    frames,
+                ),
+            )
+            .await?;
+        if replies.len() != idx.len() {
+            return Err(corrupt(format!(
+                "sh_publish_batch answered {} results for {} messages",
+                replies.len(),
+                idx.len()
+            )));
+        }
+        replies.iter().map(|r| delivery_of(r)).collect()
+    }
+
     /// A group publish: one `sh_publish` per bucket that may hold members. The node
     /// count is the sum over buckets (a node reached from two buckets counts twice).
     async fn publish_group(&self, group: &GroupName, frame: &str) -> Result<Delivery, EngineError> {

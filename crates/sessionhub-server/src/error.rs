@@ -64,6 +64,15 @@ impl From<EngineError> for ApiError {
 }
 
 impl ApiError {
+    /// The same error about item `i` of a batch (its message names the item).
+    pub fn for_item(self, i: usize) -> Self {
+        match self {
+            ApiError::BadRequest(m) => ApiError::BadRequest(format!("message {i}: {m}")),
+            ApiError::TooLarge(m) => ApiError::TooLarge(format!("message {i}: {m}")),
+            other => other,
+        }
+    }
+
     fn code(&self) -> &'static str {
         match self {
             ApiError::BadRequest(_) => "bad_request",

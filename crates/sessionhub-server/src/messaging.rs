@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
 use sessionhub_core::protocol::ServerFrame;
-use sessionhub_core::{ConnectionId, GroupName, Member, SessionId, Target, UserId};
+use sessionhub_core::{ConnectionId, EngineError, GroupName, Member, SessionId, Target, UserId};
 
 use crate::auth::ServiceAuth;
 use crate::error::ApiError;
@@ -19,6 +19,10 @@ pub const DEFAULT_PAGE: usize = 100;
 pub const MAX_PAGE: usize = 1000;
 /// Room for the rest of a publish body around its `data`.
 const PUBLISH_ENVELOPE: usize = 16 * 1024;
+/// Most messages in one batch publish (more: 413).
+pub const MAX_BATCH: usize = 1000;
+/// Largest body of a batch publish (more: 413).
+pub const MAX_BATCH_BODY: usize = 8 * 1024 * 1024;
 
 /// Registers the routes (inside `/api/v1`).
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -121,15 +125,9 @@ fn json_depth(json: &[u8]) -> usize {
     deepest
 }
 
-async fn publish(
-    _: ServiceAuth,
-    state: web::Data<AppState>,
-    payload: web::Payload,
-) -> Result<HttpResponse, ApiError> {
-    let max = state.config.max_message_bytes;
-    let body = read_body(payload, max + PUBLISH_ENVELOPE).await?;
-    let req: Publish<'_> =
-        serde_json::from_slice(&body).map_err(|e| bad(format!("invalid JSON body: {e}")))?;
+/// Checks one message of a publish and serialises its client frame, once: every
+/// node and socket forwards these bytes as they are.
+fn prepare(req: &Publish<'_>, max: usize) -> Result<(Target, String), ApiError> {
     let target = parse_target(&req.to)?;
     if req.event.is_empty()
         || req.event.len() > MAX_EVENT_LEN
@@ -153,16 +151,121 @@ async fn publish(
             "message data nests deeper than {MAX_DATA_DEPTH} levels"
         )));
     }
-    // Serialised once here; every node and socket forwards these bytes as they are.
     let frame = ServerFrame::Message {
         event: &req.event,
         data,
     }
     .to_json();
+    Ok((target, frame))
+}
+
+/// `POST /api/v1/publish`: one `{to, event, data}`, or an array of up to
+/// [`MAX_BATCH`] of them.
+async fn publish(
+    _: ServiceAuth,
+    state: web::Data<AppState>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let max = state.config.max_message_bytes;
+    let single_limit = max + PUBLISH_ENVELOPE;
+    let body = read_body(payload, single_limit.max(MAX_BATCH_BODY)).await?;
+    if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return publish_batch(&state, &body, max).await;
+    }
+    if body.len() > single_limit {
+        return Err(ApiError::TooLarge(format!(
+            "publish body is over {single_limit} bytes"
+        )));
+    }
+    let req: Publish<'_> =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("invalid JSON body: {e}")))?;
+    let (target, frame) = prepare(&req, max)?;
     let started = std::time::Instant::now();
     let delivery = state.engine.publish(&target, &frame).await?;
     state.metrics.publish_latency.observe(started.elapsed());
     Ok(HttpResponse::Accepted().json(delivery))
+}
+
+/// One answer of a batch: where the message went, or why it did not.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum BatchResult {
+    Delivered(sessionhub_core::Delivery),
+    Failed { error: String, status: u16 },
+}
+
+/// A batch publish. Every message is checked first: one bad message refuses the
+/// whole batch (400 or 413, naming it) and nothing is sent. Then one Redis call per
+/// bucket the batch touches; 202 with one result per message, in order. A message
+/// the store could not take has `{"error", "status": 503}` in its place; if none
+/// could be taken the answer is 503.
+async fn publish_batch(
+    state: &AppState,
+    body: &[u8],
+    max: usize,
+) -> Result<HttpResponse, ApiError> {
+    let reqs: Vec<Publish<'_>> =
+        serde_json::from_slice(body).map_err(|e| bad(format!("invalid JSON body: {e}")))?;
+    if reqs.len() > MAX_BATCH {
+        return Err(ApiError::TooLarge(format!(
+            "a batch holds at most {MAX_BATCH} messages; this one has {}",
+            reqs.len()
+        )));
+    }
+    let items = reqs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| prepare(r, max).map_err(|e| e.for_item(i)))
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    if items.is_empty() {
+        return Ok(HttpResponse::Accepted().json(serde_json::json!({ "results": [] })));
+    }
+    let started = std::time::Instant::now();
+    let answers = state.engine.publish_batch(&items).await;
+    state.metrics.publish_latency.observe(started.elapsed());
+    let failed = answers.iter().filter(|a| a.is_err()).count();
+    if failed > 0 {
+        // Logged once for the batch (the first error stands for the rest).
+        let mut answers = answers;
+        let Some(pos) = answers.iter().position(Result::is_err) else {
+            return Err(ApiError::Internal);
+        };
+        let first = std::mem::replace(&mut answers[pos], Err(EngineError::unavailable("")));
+        let Err(first) = first else {
+            return Err(ApiError::Internal);
+        };
+        let first = ApiError::from(first);
+        if failed == answers.len() {
+            return Err(first);
+        }
+        tracing::warn!(failed, of = answers.len(), "part of a batch publish failed");
+        let results: Vec<BatchResult> = answers
+            .into_iter()
+            .map(|a| match a {
+                Ok(d) => BatchResult::Delivered(d),
+                Err(e) => BatchResult::Failed {
+                    error: batch_error(&e).1.to_owned(),
+                    status: batch_error(&e).0,
+                },
+            })
+            .collect();
+        return Ok(HttpResponse::Accepted().json(serde_json::json!({ "results": results })));
+    }
+    let results: Vec<BatchResult> = answers
+        .into_iter()
+        .filter_map(Result::ok)
+        .map(BatchResult::Delivered)
+        .collect();
+    Ok(HttpResponse::Accepted().json(serde_json::json!({ "results": results })))
+}
+
+/// The status and message a failed batch item reports (without logging it again).
+fn batch_error(e: &EngineError) -> (u16, &'static str) {
+    match e {
+        EngineError::Unavailable { .. } => (503, "session store unavailable, retry later"),
+        EngineError::Limit(_) => (429, "over a limit"),
+        EngineError::Corrupt { .. } => (500, "internal error"),
+    }
 }
 
 /// `<connection_id>` or `user:<user_id>`.
