@@ -62,6 +62,17 @@ fn dump_once(url: &str) -> redis::RedisResult<String> {
                 .arg(0)
                 .arg(-1)
                 .query(&mut c)?,
+            "stream" => {
+                let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+                    .arg(&key)
+                    .arg("-")
+                    .arg("+")
+                    .query(&mut c)?;
+                entries
+                    .into_iter()
+                    .flat_map(|(id, fields)| std::iter::once(id).chain(fields))
+                    .collect()
+            }
             _ => Vec::new(),
         };
         out.push_str(&key);
