@@ -26,6 +26,11 @@ pub struct RedisConfig {
     pub lease: LeaseConfig,
     /// Socket limits per session and per user.
     pub limits: ConnLimits,
+    /// Cap of each bucket's lifecycle event stream (0: the functions write no
+    /// events); the library is loaded with it.
+    pub events_maxlen: u32,
+    /// Whether this node delivers events (it then listens for the streams' rings).
+    pub deliver_events: bool,
 }
 
 impl RedisConfig {
@@ -43,6 +48,8 @@ impl RedisConfig {
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
             lease: LeaseConfig::default(),
             limits: ConnLimits::default(),
+            events_maxlen: crate::events::DEFAULT_EVENTS_MAXLEN,
+            deliver_events: false,
         }
     }
 }
