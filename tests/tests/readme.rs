@@ -173,6 +173,7 @@ for u in $NGINX_URL $NODE_URLS; do p=${u##*:}; ! (exec 3<>/dev/tcp/127.0.0.1/$p)
     ("ops:kill-user", Role::Ops),
     ("ops:online", Role::Ops),
     ("ops:nodes", Role::Ops),
+    ("ops:events", Role::Ops),
 ];
 
 /// The README's ```` ```sh ```` blocks: (info string after `sh`, body).
