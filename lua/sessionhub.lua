@@ -843,16 +843,18 @@ redis.register_function{
 --   of another consumer idle for claim_idle_ms or more (a node that died
 --   mid-delivery: XAUTOCLAIM), or else new ones (XREADGROUP); "deleted ids": pending
 --   entries the stream's cap trimmed away before delivery. {"busy", ms}: another
---   consumer holds this bucket's batch, claimable in ms if it stays idle. The group
---   is created at the stream's end the first time ({"new", {}, {}}).
+--   consumer holds this bucket's batch, claimable in ms if it stays idle. The nodes
+--   create the group at the stream's end when they start delivering (XGROUP CREATE
+--   ... $ MKSTREAM); if it is missing here (Redis restarted empty, an operator
+--   removed it), it is created at the stream's start: nothing written is skipped.
 redis.register_function('sh_events_take', function(keys, args)
   local sk, group, me, count, claim = keys[1], args[1], args[2], tonumber(args[3]), tonumber(args[4])
   if not string.match(sk, '}:events$') then return bad_key('P{B}:events') end
   local first = redis.pcall('XPENDING', sk, group, '-', '+', 1)
   if type(first) == 'table' and first.err then
     if not string.match(first.err, '^NOGROUP') then return first end
-    redis.call('XGROUP', 'CREATE', sk, group, '$', 'MKSTREAM')
-    return { 'new', {}, {} }
+    redis.call('XGROUP', 'CREATE', sk, group, '0', 'MKSTREAM')
+    first = {}
   end
   if #first > 0 then
     local owner, idle = first[1][2], tonumber(first[1][3])

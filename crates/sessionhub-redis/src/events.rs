@@ -207,6 +207,38 @@ impl EventStreams {
         parse_take(b, reply).map_err(|e| EngineError::corrupt(format!("sh_events_take: {e}")))
     }
 
+    /// Creates consumer group `group` at the end of every bucket's stream where it
+    /// does not exist yet (the streams too), so that every event written from now on
+    /// is delivered. Idempotent; one call per bucket, concurrently.
+    pub async fn ensure_groups(&self, group: &str) -> Result<(), EngineError> {
+        let inner = &self.inner;
+        inner
+            .each_bucket(|b| async move {
+                let key = inner.keys.events(b);
+                let res = inner
+                    .call(|mut c| async move {
+                        redis::cmd("XGROUP")
+                            .arg("CREATE")
+                            .arg(key)
+                            .arg(group)
+                            .arg("$")
+                            .arg("MKSTREAM")
+                            .query_async::<()>(&mut c)
+                            .await
+                    })
+                    .await;
+                match res {
+                    Ok(()) => Ok(()),
+                    Err(crate::error::CallError::Redis(e)) if e.code() == Some("BUSYGROUP") => {
+                        Ok(())
+                    }
+                    Err(e) => Err(EngineError::from(e)),
+                }
+            })
+            .await
+            .map(drop)
+    }
+
     /// Acknowledges delivered (or given up) entries of bucket `b`: they leave the
     /// group's pending list and stay in the stream.
     pub async fn ack(

@@ -111,7 +111,8 @@ impl Application {
                 state.metrics.webhook.clone(),
                 state.shutdown.clone(),
                 tasks,
-            )?;
+            )
+            .await?;
         }
         actix_web::rt::spawn(tasks.track_future(crate::sync::dispatch(events_rx, state.clone())));
         actix_web::rt::spawn(tasks.track_future(crate::sync::revalidate_forever(

@@ -212,8 +212,14 @@ enum PostError {
 
 /// Why the deliverer could not start.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot build the webhook HTTP client: {0}")]
-pub struct StartError(String);
+pub enum StartError {
+    /// The HTTP client could not be built.
+    #[error("cannot build the webhook HTTP client: {0}")]
+    Client(String),
+    /// The consumer groups could not be created.
+    #[error("cannot create the webhook consumer groups in Redis: {0}")]
+    Groups(#[source] sessionhub_core::EngineError),
+}
 
 /// The shared parts of the bucket tasks.
 struct Deliverer {
@@ -225,8 +231,10 @@ struct Deliverer {
     stop: CancellationToken,
 }
 
-/// Starts one delivery task per bucket; they return when `stop` is cancelled.
-pub fn start(
+/// Creates the consumer groups (so that every event written from now on is
+/// delivered), then starts one delivery task per bucket; they return when `stop` is
+/// cancelled.
+pub async fn start(
     streams: EventStreams,
     config: WebhookConfig,
     stats: Arc<WebhookStats>,
@@ -239,7 +247,11 @@ pub fn start(
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("sessionhub/", env!("CARGO_PKG_VERSION")))
         .build()
-        .map_err(|e| StartError(e.to_string()))?;
+        .map_err(|e| StartError::Client(e.to_string()))?;
+    streams
+        .ensure_groups(WEBHOOK_GROUP)
+        .await
+        .map_err(StartError::Groups)?;
     tracing::info!(
         url = %config.shown_url(),
         max_in_flight = config.max_in_flight,
