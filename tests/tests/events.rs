@@ -331,3 +331,47 @@ async fn an_idle_delivering_node_sends_redis_no_event_commands() {
     wait_types(&receiver, "ivan", &["session.created"], WAIT).await;
     receiver.assert_all_signed();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis_cluster_every_event_is_written_on_its_buckets_shard_and_delivered() {
+    use sessionhub_tests::{Deployment, Store, Topology};
+    let receiver = Receiver::start().await;
+    let env = env_of(&receiver, &[]);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let d = Deployment::start_with(Topology::Cluster, 3, &env).await;
+    let (a, b, c) = (&d.nodes[0], &d.nodes[1], &d.nodes[2]);
+    let s = Api::new(a).create_session("carol", "laptop").await;
+    let mut ws = WsClient::connect(b, &s.token).await.unwrap();
+    let res = Api::new(c)
+        .service(
+            Method::DELETE,
+            &format!("/api/v1/sessions/{}", s.session_id),
+            None,
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    assert_eq!(ws.expect_close().await.0, 4001);
+    let want = [
+        "session.created",
+        "connection.opened",
+        "user.online",
+        "session.ended",
+        "connection.closed",
+        "user.offline",
+    ];
+    wait_types(&receiver, "carol", &want, WAIT).await;
+    receiver.assert_all_signed();
+    // The stream lives on the master that owns the user's bucket.
+    let Store::Cluster(rc) = &d.store else {
+        unreachable!()
+    };
+    let key = format!("sh:{{{}}}:events", &s.session_id[..2]);
+    let master = rc.master_for_key(&key).await;
+    let mut conn = rc.conn(master).await;
+    let len: i64 = redis::cmd("XLEN")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(len >= want.len() as i64, "{key} on :{master} holds {len}");
+}
