@@ -768,7 +768,7 @@ mod tests {
         .unwrap();
         let w = ok.webhook.as_ref().unwrap();
         assert_eq!(w.shown_url(), "https://hooks.example");
-        let shown = format!("{ok:?}");
+        let shown = format!("{ok:?} {w:?}");
         assert!(!shown.contains(SECRET) && !shown.contains("k=v"), "{shown}");
         assert!(with(&[]).unwrap().webhook.is_none());
         for (args, needle) in [

@@ -28,6 +28,7 @@ use sha2::Sha256;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::metrics::{Histogram, counter};
 
@@ -65,8 +66,9 @@ impl fmt::Debug for WebhookSecret {
     }
 }
 
-/// Validated webhook settings.
-#[derive(Debug, Clone)]
+/// Validated webhook settings. Its `Debug` shows the URL's origin only, and never
+/// the secret.
+#[derive(Clone)]
 pub struct WebhookConfig {
     /// Where events are POSTed (http or https).
     pub url: reqwest::Url,
@@ -82,6 +84,20 @@ pub struct WebhookConfig {
     pub batch: usize,
     /// Most POSTs in flight from this node.
     pub max_in_flight: usize,
+}
+
+impl fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("url", &self.shown_url())
+            .field("secret", &self.secret)
+            .field("timeout", &self.timeout)
+            .field("max_age", &self.max_age)
+            .field("claim_idle", &self.claim_idle)
+            .field("batch", &self.batch)
+            .field("max_in_flight", &self.max_in_flight)
+            .finish()
+    }
 }
 
 impl WebhookConfig {
@@ -266,7 +282,8 @@ pub async fn start(
         stop,
     });
     for b in Bucket::all() {
-        actix_web::rt::spawn(tasks.track_future(deliverer.clone().run_bucket(b)));
+        let span = tracing::info_span!("webhook", bucket = %b);
+        actix_web::rt::spawn(tasks.track_future(deliverer.clone().run_bucket(b).instrument(span)));
     }
     Ok(())
 }
