@@ -128,6 +128,7 @@ for p in 7001 7002 7003 7004 7005 7006 8091 8092 8093; do ! (exec 3<>/dev/tcp/12
         },
     ),
     ("integrate-cookie", Role::Run { check: "" }),
+    ("ops:events", Role::Ops),
     (
         "no-run",
         Role::NoRun {
@@ -173,7 +174,6 @@ for u in $NGINX_URL $NODE_URLS; do p=${u##*:}; ! (exec 3<>/dev/tcp/127.0.0.1/$p)
     ("ops:kill-user", Role::Ops),
     ("ops:online", Role::Ops),
     ("ops:nodes", Role::Ops),
-    ("ops:events", Role::Ops),
 ];
 
 /// The README's ```` ```sh ```` blocks: (info string after `sh`, body).
