@@ -309,7 +309,11 @@ impl Deliverer {
     }
 
     async fn run_bucket(self: Arc<Self>, b: Bucket) {
-        // When to look again although no ring came: a busy bucket's claim time.
+        // When another node holds the bucket's batch: when that batch becomes
+        // claimable. Until then rings are left to that node, which drains the bucket
+        // (its own next takes find them), so each event costs one take, not one per
+        // node; if that node dies, this one claims its batch and any newer entries
+        // then.
         let mut look_at: Option<tokio::time::Instant> = None;
         loop {
             let due = async {
@@ -320,7 +324,11 @@ impl Deliverer {
             };
             tokio::select! {
                 _ = self.stop.cancelled() => return,
-                _ = self.streams.woken(b) => {}
+                _ = self.streams.woken(b) => {
+                    if look_at.is_some_and(|t| t > tokio::time::Instant::now()) {
+                        continue;
+                    }
+                }
                 _ = due => {}
             }
             look_at = None;
