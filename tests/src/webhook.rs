@@ -34,11 +34,27 @@ pub struct Received {
     pub at: Instant,
 }
 
-#[derive(Default)]
 struct State {
     received: Mutex<Vec<Received>>,
     fail_next: AtomicU32,
     down: AtomicBool,
+    /// While true, requests are read and left unanswered (a receiver that hangs);
+    /// when it turns false they are dropped without an answer.
+    hang: tokio::sync::watch::Sender<bool>,
+    /// Requests read while hanging.
+    hung: AtomicU32,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            received: Mutex::default(),
+            fail_next: AtomicU32::new(0),
+            down: AtomicBool::new(false),
+            hang: tokio::sync::watch::channel(false).0,
+            hung: AtomicU32::new(0),
+        }
+    }
 }
 
 /// The receiver; stops when dropped.
@@ -120,6 +136,17 @@ impl Receiver {
         self.state.down.store(down, Ordering::SeqCst);
     }
 
+    /// While hanging, requests are read but never answered (until it stops hanging:
+    /// then their connections close without an answer).
+    pub fn set_hang(&self, hang: bool) {
+        self.state.hang.send_replace(hang);
+    }
+
+    /// Requests left unanswered by hanging so far.
+    pub fn hung(&self) -> u32 {
+        self.state.hung.load(Ordering::SeqCst)
+    }
+
     /// Everything received so far.
     pub fn received(&self) -> Vec<Received> {
         self.state.received.lock().unwrap().clone()
@@ -183,6 +210,12 @@ async fn serve(sock: tokio::net::TcpStream, state: &State) -> std::io::Result<()
         let mut body = vec![0; length];
         rd.read_exact(&mut body).await?;
         if state.down.load(Ordering::SeqCst) {
+            return Ok(()); // closes without an answer
+        }
+        let mut hang = state.hang.subscribe();
+        if *hang.borrow_and_update() {
+            state.hung.fetch_add(1, Ordering::SeqCst);
+            let _ = hang.wait_for(|h| !*h).await;
             return Ok(()); // closes without an answer
         }
         let fail = state

@@ -375,3 +375,136 @@ async fn on_redis_cluster_every_event_is_written_on_its_buckets_shard_and_delive
         .unwrap();
     assert!(len >= want.len() as i64, "{key} on :{master} holds {len}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_hangs_slows_no_login_kill_or_message_and_times_out_into_a_retry() {
+    const LOGINS: usize = 40;
+    let receiver = Receiver::start().await;
+    receiver.set_hang(true);
+    let cluster = cluster(2, &env_of(&receiver, &[])).await;
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    // Logins in many buckets, while every POST hangs (1 s timeout each).
+    let started = Instant::now();
+    let mut created = Vec::new();
+    for i in 0..LOGINS {
+        created.push(
+            Api::new(&cluster.nodes[i % 2])
+                .create_session(&format!("h{i}"), "x")
+                .await,
+        );
+    }
+    // Had a login waited for its event's POST (1 s timeout each), they would take
+    // 40 s; half of that is a bound no loaded machine reaches otherwise.
+    let logins = started.elapsed();
+    assert!(
+        logins < Duration::from_secs(LOGINS as u64 / 2),
+        "{LOGINS} logins took {logins:?}"
+    );
+    wait_for("POSTs to hang", WAIT, || async {
+        (receiver.hung() > 0).then_some(())
+    })
+    .await;
+    // Sockets, messages and kills work as usual meanwhile.
+    let s = Api::new(a).create_session("hank", "laptop").await;
+    let mut ws = WsClient::connect(b, &s.token).await.unwrap();
+    let res = Api::new(a)
+        .service(
+            Method::POST,
+            "/api/v1/publish",
+            Some(serde_json::json!({ "to": { "user": "hank" }, "event": "hello" })),
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    assert_eq!(ws.expect("message").await["event"], "hello");
+    let res = Api::new(a)
+        .service(
+            Method::DELETE,
+            &format!("/api/v1/sessions/{}", s.session_id),
+            None,
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    assert_eq!(ws.expect_close().await.0, 4001);
+    eprintln!(
+        "40 logins, a socket, a message and a kill took {:?} with the receiver hanging",
+        started.elapsed()
+    );
+    // The hung POSTs time out and are retried; once the receiver answers, every
+    // event arrives, once per id among the accepted ones.
+    wait_for("webhook timeouts counted", WAIT, || async {
+        let mut failures = 0.0;
+        for node in &cluster.nodes {
+            let text = reqwest::get(format!("{}/metrics", node.base))
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            failures += metric(&text, "sessionhub_webhook_failures_total");
+        }
+        (failures > 0.0).then_some(())
+    })
+    .await;
+    receiver.set_hang(false);
+    let want: HashSet<String> = created.iter().map(|c| c.session_id.clone()).collect();
+    wait_for("every session.created", EVENT_WAIT, || async {
+        let got: HashSet<String> = receiver
+            .accepted()
+            .iter()
+            .filter(|e| e["type"] == "session.created")
+            .map(|e| e["session_id"].as_str().unwrap().to_owned())
+            .collect();
+        want.is_subset(&got).then_some(())
+    })
+    .await;
+    receiver.assert_all_signed();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_older_than_the_max_age_are_dropped_counted_and_left_in_the_stream() {
+    let receiver = Receiver::start().await;
+    receiver.set_down(true);
+    let cluster = cluster(
+        1,
+        &env_of(&receiver, &[("SESSIONHUB_WEBHOOK_MAX_AGE_SECS", "3")]),
+    )
+    .await;
+    let node = &cluster.nodes[0];
+    let s = Api::new(node).create_session("dora", "laptop").await;
+    let dropped = wait_for("the event to be dropped", EVENT_WAIT, || async {
+        let text = reqwest::get(format!("{}/metrics", node.base))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let n = metric(&text, "sessionhub_webhook_dropped_total{cause=\"age\"}");
+        (n >= 1.0).then_some(n)
+    })
+    .await;
+    assert_eq!(dropped, 1.0);
+    assert!(
+        node.log()
+            .contains("older than SESSIONHUB_WEBHOOK_MAX_AGE_SECS")
+    );
+    // The receiver comes back: the dropped event is not sent; a new one is.
+    receiver.set_down(false);
+    let s2 = Api::new(node).create_session("dora", "phone").await;
+    let got = wait_types(&receiver, "dora", &["session.created"], WAIT).await;
+    assert_eq!(got[0]["session_id"], s2.session_id.as_str());
+    // The dropped one is still in the stream, acknowledged (nothing pending).
+    let key = format!("sh:{{{}}}:events", &s.session_id[..2]);
+    let mut c = cluster.redis.conn().await;
+    let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+        .arg(&key)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(
+        entries.iter().any(|(_, f)| f.contains(&s.session_id)),
+        "the dropped event stays in {key}"
+    );
+    receiver.assert_all_signed();
+}
