@@ -1,7 +1,8 @@
 //! Every session token a test is handed is remembered here, and every node log and
 //! every Redis the harness started is scanned for them when it is dropped: the raw
 //! token must never reach Redis, logs, pub/sub or error messages. Together this
-//! makes the whole test suite a token-leak scan.
+//! makes the whole test suite a token-leak scan. The webhook secret the test nodes
+//! sign with is scanned for too.
 
 use std::sync::Mutex;
 
@@ -15,6 +16,15 @@ pub fn remember(token: &str) {
             .unwrap_or_else(|p| p.into_inner())
             .push(secret.to_owned());
     }
+}
+
+/// Remembers a secret of another kind (the webhook secret), to be scanned for the
+/// same way.
+pub fn remember_secret(secret: &str) {
+    SECRETS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(secret.to_owned());
 }
 
 /// The first remembered secret that `text` contains, if any.

@@ -241,6 +241,7 @@ async fn serve(sock: tokio::net::TcpStream, state: &State) -> std::io::Result<()
 /// The environment of a node that delivers to `receiver`, with short timings: a
 /// dead node's batch is taken over after 3 s.
 pub fn webhook_env(receiver: &Receiver) -> Vec<(String, String)> {
+    crate::secrets::remember_secret(WEBHOOK_SECRET);
     vec![
         ("SESSIONHUB_WEBHOOK_URL".into(), receiver.url.clone()),
         ("SESSIONHUB_WEBHOOK_SECRET".into(), WEBHOOK_SECRET.into()),
