@@ -60,8 +60,12 @@
 --                                    history was lost), offset (the last one given out);
 --                                    kept the meta TTL (default 24 h, at least the
 --                                    history TTL) from the last frame or registration
+--   P{B}:events                stream the bucket's lifecycle events, oldest first, capped
+--                                    at about EVENTS_MAXLEN entries (see emit below);
+--                                    consumer group "sessionhub-webhook" delivers them
 -- Channels: P{B}:node:<node> carries events for a node's sockets in bucket B (sharded
 -- pub/sub, SPUBLISH, on Redis Cluster; classic PUBLISH on one Redis); Pall reaches all.
+-- P{B}:events:new rings (an empty message, same rule) on every entry of P{B}:events.
 -- Event payloads are JSON with a stable tag "t"; "message" events are a JSON header
 -- line, a newline, then the client frame verbatim.
 -- Times are Unix milliseconds, passed in by the caller.
@@ -143,6 +147,40 @@ local function publish(P, B, node, payload)
   end
 end
 
+-- Lifecycle events (issue 17). Every change a function makes also appends one entry
+-- per event to the bucket's stream P{B}:events, in the same atomic call, so that an
+-- operator's redis-cli call produces them too. The entry's fields are `type`, then
+-- whichever of user_id, session_id, connection_id, node_id, reason, user_agent, ip,
+-- expires_at, idle_ms apply (never a token or a secret hash); its time is the entry
+-- id's milliseconds (Redis's clock), and the event id is "<B>-<entry id>". The
+-- stream is capped (XADD MAXLEN ~ EVENTS_MAXLEN; the nodes load the library with
+-- their SESSIONHUB_EVENTS_MAXLEN in this line, 0 writes no events). Each entry also
+-- rings P{B}:events:new (an empty message), the wake-up of the nodes that deliver
+-- webhooks, so that an idle node needs no polling.
+local EVENTS_MAXLEN = 1000
+
+local function emit(P, B, ev)
+  if EVENTS_MAXLEN <= 0 then return end
+  local fields = { 'type', ev[1] }
+  for i = 2, #ev, 2 do
+    if ev[i + 1] ~= nil and ev[i + 1] ~= '' then
+      table.insert(fields, ev[i])
+      table.insert(fields, tostring(ev[i + 1]))
+    end
+  end
+  redis.call('XADD', bkey(P, B, 'events'), 'MAXLEN', '~', EVENTS_MAXLEN, '*', unpack(fields))
+  if cluster_mode == nil then
+    cluster_mode = string.match(redis.call('INFO', 'cluster'), 'cluster_enabled:1') ~= nil
+  end
+  redis.call(cluster_mode and 'SPUBLISH' or 'PUBLISH', bkey(P, B, 'events:new'), '')
+end
+
+-- session.ended for a session about to be ended by end_session (its connections'
+-- connection.closed events come from drop_conn, first).
+local function emit_ended(P, B, sid, uid, reason)
+  emit(P, B, { 'session.ended', 'user_id', uid, 'session_id', sid, 'reason', reason })
+end
+
 -- How long a session's keys outlive its absolute expiry, so that sh_expire, which
 -- tells the nodes, ends it before Redis drops the keys silently.
 local EXPIRY_GRACE_MS = 60000
@@ -197,8 +235,10 @@ local function add_conn(P, cid, sid, uid, node, at)
   redis.call('HSET', node_index(P, B, node), cid, sid)
   redis.call('HINCRBY', user_nodes_key(P, B, uid), node, 1)
   redis.call('HSET', user_conns_key(P, B, uid), cid, node)
-  redis.call('HINCRBY', bkey(P, B, 'online:conns'), uid, 1)
+  local live = redis.call('HINCRBY', bkey(P, B, 'online:conns'), uid, 1)
   redis.call('ZADD', bkey(P, B, 'online'), 0, uid)
+  emit(P, B, { 'connection.opened', 'user_id', uid, 'session_id', sid, 'connection_id', cid, 'node_id', node })
+  if live == 1 then emit(P, B, { 'user.online', 'user_id', uid }) end
   return true
 end
 
@@ -211,7 +251,8 @@ local function note_if_empty(P, B, group)
 end
 
 -- Removes every record of one connection. Returns its node, or nil if unknown.
-local function drop_conn(P, cid)
+-- `why` is the connection.closed event's reason (default "closed").
+local function drop_conn(P, cid, why)
   local B = bucket_of(cid)
   local ck = conn_key(P, cid)
   local rec = redis.call('HMGET', ck, 'session_id', 'user_id', 'node_id')
@@ -224,6 +265,7 @@ local function drop_conn(P, cid)
     note_if_empty(P, B, group)
   end
   redis.call('DEL', ck, ck .. ':groups')
+  emit(P, B, { 'connection.closed', 'user_id', uid, 'session_id', sid, 'connection_id', cid, 'node_id', node, 'reason', why or 'closed' })
   local un = user_nodes_key(P, B, uid)
   if redis.call('HINCRBY', un, node, -1) <= 0 then redis.call('HDEL', un, node) end
   redis.call('HDEL', user_conns_key(P, B, uid), cid)
@@ -231,6 +273,7 @@ local function drop_conn(P, cid)
   if redis.call('HINCRBY', oc, uid, -1) <= 0 then
     redis.call('HDEL', oc, uid)
     redis.call('ZREM', bkey(P, B, 'online'), uid)
+    emit(P, B, { 'user.offline', 'user_id', uid })
   end
   return node
 end
@@ -241,7 +284,7 @@ local function end_session(P, sid, uid)
   local nodes = {}
   local conns = redis.call('HGETALL', sk .. ':conns')
   for i = 1, #conns, 2 do
-    local node = drop_conn(P, conns[i]) or string.match(conns[i + 1], '^([^|]+)|')
+    local node = drop_conn(P, conns[i], 'session_ended') or string.match(conns[i + 1], '^([^|]+)|')
     if node then nodes[node] = true end
   end
   redis.call('DEL', sk, sk .. ':conns')
@@ -448,6 +491,7 @@ redis.register_function('sh_create_session', function(keys, args)
     while redis.call('ZCARD', ak) >= cap do
       local oldest = redis.call('ZRANGE', ak, 0, 0)[1]
       if redis.call('EXISTS', session_key(P, oldest)) == 1 then
+        emit_ended(P, B, oldest, uid, 'limit')
         for node in pairs(end_session(P, oldest, uid)) do
           per_node[node] = per_node[node] or {}
           table.insert(per_node[node], oldest)
@@ -475,6 +519,7 @@ redis.register_function('sh_create_session', function(keys, args)
     end
   end
 
+  emit(P, B, { 'session.created', 'user_id', uid, 'session_id', sid, 'user_agent', args[3], 'ip', args[4], 'expires_at', expires, 'idle_ms', idle })
   local created_frame = args[10]
   if created_frame and created_frame ~= '' then
     local offset = nil
@@ -588,6 +633,7 @@ redis.register_function('sh_expire', function(keys, args)
         redis.call('ZADD', keys[1], d, sid) -- activity moved it; look again later
       else
         ended = ended + 1
+        emit_ended(P, B, sid, f[1], tonumber(f[2]) <= now and 'expired' or 'idle')
         for node in pairs(end_session(P, sid, f[1])) do
           per_node[node] = per_node[node] or {}
           table.insert(per_node[node], sid)
@@ -667,6 +713,7 @@ redis.register_function('sh_kill_session', function(keys, args)
   if not uid then return 0 end
   if owner ~= '' and owner ~= uid then return 0 end
   local per_node = {}
+  emit_ended(P, B, sid, uid, reason_arg(args[1]))
   for node in pairs(end_session(P, sid, uid)) do per_node[node] = { sid } end
   publish_ended(P, B, per_node, reason_arg(args[1]))
   return 1
@@ -688,6 +735,7 @@ redis.register_function('sh_kill_user_sessions', function(keys, args)
     if sid ~= keep then
       if redis.call('EXISTS', session_key(P, sid)) == 1 then
         killed = killed + 1
+        emit_ended(P, B, sid, uid, reason_arg(args[1]))
         for node in pairs(end_session(P, sid, uid)) do
           per_node[node] = per_node[node] or {}
           table.insert(per_node[node], sid)
@@ -874,7 +922,7 @@ redis.register_function('sh_drop_node', function(keys, args)
   if upto > tonumber(got[2] or '0') then redis.call('HSET', lk, 'fenced:' .. node, upto) end
   local n = 0
   for _, cid in ipairs(redis.call('HKEYS', keys[1])) do
-    drop_conn(P, cid)
+    drop_conn(P, cid, 'node_dropped')
     n = n + 1
   end
   redis.call('DEL', keys[1])
@@ -962,7 +1010,7 @@ redis.register_function('sh_reconcile', function(keys, args)
     if not held[cid] then
       local at = tonumber(redis.call('HGET', conn_key(P, cid), 'connected_at') or '0') or 0
       if at < before then
-        if not drop_conn(P, cid) then redis.call('HDEL', keys[1], cid) end
+        if not drop_conn(P, cid, 'reconciled') then redis.call('HDEL', keys[1], cid) end
         n = n + 1
       end
     end
@@ -1008,3 +1056,36 @@ redis.register_function{
     return { redis.call('ZCARD', keys[1]), conns }
   end,
 }
+
+-- sh_events_take: the next batch of a bucket's events for a webhook consumer group,
+-- handed to one consumer at a time, so that the bucket's events (and so each user's)
+-- are delivered in order, by one node at a time.
+--   KEYS[1] P{B}:events   ARGV group, consumer, count, claim_idle_ms
+--   Returns {"new"|"mine", entries, deleted ids}: entries (id, fields) the consumer
+--   now holds: its own pending ones again (a retry; their idle time restarts), those
+--   of another consumer idle for claim_idle_ms or more (a node that died
+--   mid-delivery: XAUTOCLAIM), or else new ones (XREADGROUP); "deleted ids": pending
+--   entries the stream's cap trimmed away before delivery. {"busy", ms}: another
+--   consumer holds this bucket's batch, claimable in ms if it stays idle. The nodes
+--   create the group at the stream's end when they start delivering (XGROUP CREATE
+--   ... $ MKSTREAM); if it is missing here (Redis restarted empty, an operator
+--   removed it), it is created at the stream's start: nothing written is skipped.
+redis.register_function('sh_events_take', function(keys, args)
+  local sk, group, me, count, claim = keys[1], args[1], args[2], tonumber(args[3]), tonumber(args[4])
+  if not string.match(sk, '}:events$') then return bad_key('P{B}:events') end
+  local first = redis.pcall('XPENDING', sk, group, '-', '+', 1)
+  if type(first) == 'table' and first.err then
+    if not string.match(first.err, '^NOGROUP') then return first end
+    redis.call('XGROUP', 'CREATE', sk, group, '0', 'MKSTREAM')
+    first = {}
+  end
+  if #first > 0 then
+    local owner, idle = first[1][2], tonumber(first[1][3])
+    if owner ~= me and idle < claim then return { 'busy', claim - idle } end
+    local got = redis.call('XAUTOCLAIM', sk, group, me, 0, '0-0', 'COUNT', count)
+    return { 'mine', got[2], got[3] or {} }
+  end
+  local got = redis.call('XREADGROUP', 'GROUP', group, me, 'COUNT', count, 'STREAMS', sk, '>')
+  if not got then return { 'new', {}, {} } end
+  return { 'new', got[1][2], {} }
+end)

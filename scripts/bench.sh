@@ -13,6 +13,8 @@
 #   scripts/bench.sh --deliver        # only the targeted-delivery workload
 #   scripts/bench.sh --rolling        # only the rolling-restart workload (it starts
 #                                     # and restarts its own nodes on this Redis)
+#   scripts/bench.sh --webhook        # only the lifecycle-event webhook workload (the
+#                                     # load tool is the receiver; 10,000 events)
 #   scripts/bench.sh --cluster        # on a 3-master Redis Cluster (SESSIONHUB_REDIS_CLUSTER)
 #   scripts/bench.sh --cluster --shards 5   # ... with 5 masters (no replicas)
 #   scripts/bench.sh -- --kills 500   # anything after -- goes to `sessionhub-bench`
@@ -36,6 +38,7 @@ cluster=0
 shards=3
 deliver_only=0
 rolling=0
+webhook_only=0
 sockets=""
 holders=0
 hold_sockets=10000
@@ -48,11 +51,12 @@ while (($#)); do
     --shards) cluster=1; shards=$2; shift ;;
     --deliver) deliver_only=1 ;;
     --rolling) rolling=1 ;;
+    --webhook) webhook_only=1 ;;
     --sockets) sockets=$2; shift ;;
     --holders) holders=$2; shift ;;
     --hold-sockets) hold_sockets=$2; shift ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -62,10 +66,12 @@ if [ "$small" = 1 ]; then
   sockets=${sockets:-300}
   workload=(--kills 30 --users 100 --messages 3000 --cost-ops 20 --cost-idle-ms 1000)
   deliver_workload=(--users 100 --messages 3000)
+  webhook_workload=(--events 500)
 else
   sockets=${sockets:-10000}
   workload=(--kills 300 --users 1000 --messages 30000 --cost-ops 100)
   deliver_workload=(--users 1000 --messages 30000)
+  webhook_workload=(--events 10000)
 fi
 if ((cluster)) && ! ((shards >= 3)); then
   echo "bench.sh: a Redis Cluster needs at least 3 masters (--shards $shards)" >&2
@@ -211,10 +217,16 @@ if ((rolling)); then
   SESSIONHUB_API_KEY=$api_key "${cmd[@]}"
   exit
 fi
+webhook_env=()
+if ((webhook_only)); then
+  webhook_port=$(free_port)
+  export SESSIONHUB_WEBHOOK_SECRET="bench-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
+  webhook_env=(SESSIONHUB_WEBHOOK_URL="http://127.0.0.1:$webhook_port/hook")
+fi
 node_args=()
 pid_args=()
 for i in $(seq 1 "$nodes"); do
-  env "${redis_env[@]}" SESSIONHUB_NODE_ID="bench-node-$i" \
+  env "${redis_env[@]}" "${webhook_env[@]}" SESSIONHUB_NODE_ID="bench-node-$i" \
     SESSIONHUB_API_KEY=$api_key SESSIONHUB_LISTEN=127.0.0.1:0 RUST_LOG=${RUST_LOG:-info} \
     "$bin/sessionhub" >"$work/node$i.out" 2>"$work/node$i.log" &
   pid=$!
@@ -243,7 +255,12 @@ done
 
 redis_pid_args=()
 for pid in "${redis_pids[@]}"; do redis_pid_args+=(--redis-pid "$pid"); done
-if ((deliver_only)); then
+if ((webhook_only)); then
+  memory=()
+  ((cluster)) || memory=(--redis-url "$redis_url")
+  cmd=("$bin/sessionhub-bench" "${node_args[@]}" webhook --listen "127.0.0.1:$webhook_port"
+    "${memory[@]}" "${webhook_workload[@]}" "${extra[@]}")
+elif ((deliver_only)); then
   cmd=("$bin/sessionhub-bench" "${node_args[@]}" deliver "${pid_args[@]}" "${redis_pid_args[@]}"
     "${deliver_workload[@]}" "${extra[@]}")
 else

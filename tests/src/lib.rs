@@ -12,6 +12,7 @@ pub mod proxy;
 pub mod redis_cluster;
 pub mod script_cluster;
 pub mod secrets;
+pub mod webhook;
 
 pub use client::{Api, CloseEvent, Created, WsClient, WsError};
 pub use deployment::{Deployment, Store, Topology};

@@ -1,7 +1,8 @@
 //! Every session token a test is handed is remembered here, and every node log and
 //! every Redis the harness started is scanned for them when it is dropped: the raw
 //! token must never reach Redis, logs, pub/sub or error messages. Together this
-//! makes the whole test suite a token-leak scan.
+//! makes the whole test suite a token-leak scan. The webhook secret the test nodes
+//! sign with is scanned for too.
 
 use std::sync::Mutex;
 
@@ -15,6 +16,15 @@ pub fn remember(token: &str) {
             .unwrap_or_else(|p| p.into_inner())
             .push(secret.to_owned());
     }
+}
+
+/// Remembers a secret of another kind (the webhook secret), to be scanned for the
+/// same way.
+pub fn remember_secret(secret: &str) {
+    SECRETS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(secret.to_owned());
 }
 
 /// The first remembered secret that `text` contains, if any.
@@ -62,6 +72,17 @@ fn dump_once(url: &str) -> redis::RedisResult<String> {
                 .arg(0)
                 .arg(-1)
                 .query(&mut c)?,
+            "stream" => {
+                let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+                    .arg(&key)
+                    .arg("-")
+                    .arg("+")
+                    .query(&mut c)?;
+                entries
+                    .into_iter()
+                    .flat_map(|(id, fields)| std::iter::once(id).chain(fields))
+                    .collect()
+            }
             _ => Vec::new(),
         };
         out.push_str(&key);

@@ -240,6 +240,58 @@ async fn bad_configuration_is_one_clear_line() {
             vec![("SESSIONHUB_DEMO", "maybe".into())],
             "SESSIONHUB_DEMO",
         ),
+        // Webhooks: URL and secret together, an http(s) URL, a long secret, Redis.
+        (
+            vec![],
+            vec![
+                ("SESSIONHUB_REDIS_URL", "redis://127.0.0.1:1".into()),
+                ("SESSIONHUB_WEBHOOK_URL", "ftp://hooks.example.com/x".into()),
+                ("SESSIONHUB_WEBHOOK_SECRET", "0123456789abcdef".into()),
+            ],
+            "SESSIONHUB_WEBHOOK_URL (--webhook-url): must be an http:// or https:// URL",
+        ),
+        (
+            vec![],
+            vec![
+                ("SESSIONHUB_REDIS_URL", "redis://127.0.0.1:1".into()),
+                (
+                    "SESSIONHUB_WEBHOOK_URL",
+                    "https://hooks.example.com/x".into(),
+                ),
+                ("SESSIONHUB_WEBHOOK_SECRET", "short-secret".into()),
+            ],
+            "SESSIONHUB_WEBHOOK_SECRET (--webhook-secret): must be at least 16 characters",
+        ),
+        (
+            vec![],
+            vec![
+                ("SESSIONHUB_REDIS_URL", "redis://127.0.0.1:1".into()),
+                ("SESSIONHUB_WEBHOOK_SECRET", "0123456789abcdef".into()),
+            ],
+            "SESSIONHUB_WEBHOOK_SECRET (--webhook-secret): is set but SESSIONHUB_WEBHOOK_URL is not",
+        ),
+        (
+            vec![],
+            vec![
+                ("SESSIONHUB_REDIS_URL", "redis://127.0.0.1:1".into()),
+                (
+                    "SESSIONHUB_WEBHOOK_URL",
+                    "https://hooks.example.com/x".into(),
+                ),
+            ],
+            "needs SESSIONHUB_WEBHOOK_SECRET",
+        ),
+        (
+            vec![],
+            vec![
+                (
+                    "SESSIONHUB_WEBHOOK_URL",
+                    "https://hooks.example.com/x".into(),
+                ),
+                ("SESSIONHUB_WEBHOOK_SECRET", "0123456789abcdef".into()),
+            ],
+            "needs Redis",
+        ),
     ];
     for (args, env, needle) in cases {
         let (code, stderr) = run_to_exit(&args, &env, Duration::from_secs(20)).await;
@@ -252,6 +304,10 @@ async fn bad_configuration_is_one_clear_line() {
         assert!(
             stderr.starts_with("sessionhub: ") && stderr.contains(needle),
             "{stderr}"
+        );
+        assert!(
+            !stderr.contains("0123456789abcdef"),
+            "the secret is never printed"
         );
     }
 }

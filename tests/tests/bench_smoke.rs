@@ -154,6 +154,61 @@ async fn the_load_tool_runs_every_workload_once_at_a_small_n() {
     assert_eq!(value("deliver_deliveries"), 900.0, "{stdout}");
 }
 
+/// The webhook workload once at a small N: the tool is the receiver of two nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_tools_webhook_workload_runs_once_at_a_small_n() {
+    use sessionhub_tests::webhook::WEBHOOK_SECRET;
+    let listen = format!("127.0.0.1:{}", sessionhub_tests::process::free_port());
+    let url = format!("http://{listen}/hook");
+    let env = [
+        ("SESSIONHUB_WEBHOOK_URL", url.as_str()),
+        ("SESSIONHUB_WEBHOOK_SECRET", WEBHOOK_SECRET),
+    ];
+    let cluster = TestCluster::start_with(2, &env).await;
+    let mut cmd = tokio::process::Command::new(bench_binary());
+    for node in &cluster.nodes {
+        cmd.arg("--node").arg(&node.base);
+    }
+    cmd.args(["webhook", "--listen", &listen, "--events", "50"])
+        .arg("--redis-url")
+        .arg(cluster.redis.url())
+        .env("SESSIONHUB_API_KEY", API_KEY)
+        .env("SESSIONHUB_WEBHOOK_SECRET", WEBHOOK_SECRET)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    // A bound on a hung tool, not a speed assertion.
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("sessionhub-bench did not finish within 120 s")
+        .expect("sessionhub-bench could not be run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "sessionhub-bench failed:\n{stdout}\n{stderr}"
+    );
+    let figs = figures(&stdout);
+    let value = |name: &str| {
+        figs.get(name)
+            .unwrap_or_else(|| panic!("no `{name}` figure in:\n{stdout}"))
+            .0
+    };
+    assert_eq!(value("webhook_events"), 50.0, "{stdout}");
+    assert_eq!(value("webhook_lost"), 0.0, "{stdout}");
+    assert_eq!(value("webhook_duplicates"), 0.0, "{stdout}");
+    assert_eq!(value("webhook_bad_signatures"), 0.0, "{stdout}");
+    assert!(value("events_stream_entries") >= 50.0, "{stdout}");
+    for name in [
+        "webhook_delay_p50",
+        "webhook_delay_p99",
+        "events_stream_bytes",
+    ] {
+        value(name);
+    }
+}
+
 /// A rolling restart of three nodes (SIGTERM, start again, next) while a publisher
 /// sends to users at a steady rate and every client reconnects with `since`: the
 /// load tool's `rolling` workload, which must count nothing lost, duplicated or out

@@ -171,6 +171,8 @@ async fn every_key_is_documented_and_every_rust_builder_names_a_real_key() {
         k.group_buckets(&team),
         k.online(ba),
         k.expiry(ba),
+        k.events(ba),
+        k.events(bb),
         k.nodes(),
     ];
     for key in &built {

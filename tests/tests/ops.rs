@@ -164,4 +164,19 @@ async fn the_readmes_redis_cli_commands_list_and_kill() {
     assert_eq!(killed.trim(), "1");
     assert_eq!(s2_on_c.expect_close().await.0, 4001);
     assert_eq!(api.me_status(&s2.token).await, StatusCode::UNAUTHORIZED);
+
+    // alice's bucket's events, newest first: the kill above is there.
+    let events = run_block("ops:events", port, "").await;
+    let newest = events.find("session.ended").unwrap_or(usize::MAX);
+    let oldest = events.find("session.created").unwrap_or(usize::MAX);
+    assert!(newest < oldest, "newest first: {events}");
+    for needle in [
+        s2.session_id.as_str(),
+        "user.offline",
+        "connection.closed",
+        "session_ended",
+    ] {
+        assert!(events.contains(needle), "{needle} not in {events}");
+    }
+    assert!(!events.contains(secret), "never a token in the stream");
 }

@@ -128,6 +128,7 @@ for p in 7001 7002 7003 7004 7005 7006 8091 8092 8093; do ! (exec 3<>/dev/tcp/12
         },
     ),
     ("integrate-cookie", Role::Run { check: "" }),
+    ("ops:events", Role::Ops),
     (
         "no-run",
         Role::NoRun {

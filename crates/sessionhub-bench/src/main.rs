@@ -21,6 +21,9 @@
 //! - **rolling** — starts its own nodes, restarts each in turn (SIGTERM, start,
 //!   ready) while a publisher sends to users at a steady rate and the users'
 //!   clients reconnect with `since`: messages lost, duplicated, out of order.
+//! - **webhook** — this process is the nodes' webhook receiver (it verifies every
+//!   signature); N logins, one `session.created` event each; delay from change to
+//!   receipt, lost and duplicated events, and the event streams' Redis memory.
 
 mod cluster;
 mod cost;
@@ -30,6 +33,7 @@ mod pool;
 mod rolling;
 mod socket;
 mod stats;
+mod webhook;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -148,6 +152,31 @@ enum Command {
         /// Extra environment for the nodes, `KEY=VALUE` (repeat).
         #[arg(long = "node-env")]
         node_env: Vec<String>,
+    },
+    /// Lifecycle events through the webhook: this process receives them (the nodes
+    /// run with SESSIONHUB_WEBHOOK_URL=http://<--listen>/ and the same secret).
+    Webhook {
+        /// Where to receive the webhook POSTs.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// The nodes' SESSIONHUB_WEBHOOK_SECRET.
+        #[arg(long, env = "SESSIONHUB_WEBHOOK_SECRET", hide_env_values = true)]
+        secret: String,
+        /// Logins to make (one event each).
+        #[arg(long, default_value_t = 10_000)]
+        events: usize,
+        /// Logins in flight.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Longest wait for the last event after the last login, in seconds.
+        #[arg(long, default_value_t = 60)]
+        wait_secs: u64,
+        /// Redis URL, to read the event streams' memory.
+        #[arg(long)]
+        redis_url: Option<String>,
+        /// The nodes' key prefix.
+        #[arg(long, default_value = "sh:")]
+        key_prefix: String,
     },
     /// Opens N sockets and holds them (to spread load over several processes).
     Hold {
@@ -393,6 +422,25 @@ async fn run(cli: Cli) -> Result<()> {
         }
         // Handled above: it runs nodes of its own.
         Command::Rolling { .. } => {}
+        Command::Webhook {
+            listen,
+            secret,
+            events,
+            concurrency,
+            wait_secs,
+            redis_url,
+            key_prefix,
+        } => {
+            let params = webhook::Params {
+                listen,
+                secret,
+                events,
+                concurrency,
+                wait: Duration::from_secs(wait_secs),
+                redis: redis_url.map(|u| (u, key_prefix)),
+            };
+            webhook::run(&cluster, &tag, params).await?;
+        }
         Command::Hold { pool, hold_secs } => {
             pool::check_fd_budget(pool.sockets, 0)?;
             let (p, opened) = pool::open(

@@ -13,7 +13,6 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::LIBRARY;
 use crate::cleanup;
 use crate::config::{ConnectError, RedisConfig};
 use crate::conn::{Conn, Topology};
@@ -86,6 +85,12 @@ pub(crate) struct Inner {
     /// Records whose fate is unknown (their call failed or timed out), to remove
     /// until Redis confirms; see [`cleanup`].
     pub(crate) cleanup: cleanup::Queue,
+    /// The function library as loaded (with this node's event stream cap).
+    library: String,
+    /// Whether this node delivers lifecycle events (subscribes to their rings).
+    pub(crate) deliver_events: bool,
+    /// Per-bucket wake-ups of the event deliverer.
+    pub(crate) event_wakes: crate::events::Wakes,
 }
 
 impl Inner {
@@ -122,6 +127,9 @@ impl Inner {
             generation: AtomicU64::new(0),
             clock_offset: AtomicI64::new(0),
             cleanup: cleanup::Queue::default(),
+            library: crate::events::library(config.events_maxlen),
+            deliver_events: config.deliver_events,
+            event_wakes: crate::events::Wakes::default(),
         }
     }
 }
@@ -207,11 +215,12 @@ impl Inner {
     }
 
     pub(crate) async fn load_library(&self) -> Result<(), CallError> {
+        let library = self.library.as_str();
         self.call(|mut c| async move {
             redis::cmd("FUNCTION")
                 .arg("LOAD")
                 .arg("REPLACE")
-                .arg(LIBRARY)
+                .arg(library)
                 .query_async::<String>(&mut c)
                 .await
         })

@@ -28,6 +28,11 @@ pub struct RedisConfig {
     pub limits: ConnLimits,
     /// Message history kept per user (the same on every node).
     pub history: HistoryConfig,
+    /// Cap of each bucket's lifecycle event stream (0: the functions write no
+    /// events); the library is loaded with it.
+    pub events_maxlen: u32,
+    /// Whether this node delivers events (it then listens for the streams' rings).
+    pub deliver_events: bool,
 }
 
 impl RedisConfig {
@@ -46,6 +51,8 @@ impl RedisConfig {
             lease: LeaseConfig::default(),
             limits: ConnLimits::default(),
             history: HistoryConfig::default(),
+            events_maxlen: crate::events::DEFAULT_EVENTS_MAXLEN,
+            deliver_events: false,
         }
     }
 }

@@ -134,6 +134,16 @@ impl Keys {
         self.in_bucket(b, format_args!("expiry"))
     }
 
+    /// Bucket `b`'s lifecycle event stream.
+    pub fn events(&self, b: Bucket) -> String {
+        self.in_bucket(b, format_args!("events"))
+    }
+
+    /// The channel that rings when bucket `b`'s event stream gets an entry.
+    pub fn events_ring(&self, b: Bucket) -> String {
+        self.in_bucket(b, format_args!("events:new"))
+    }
+
     /// The node leases.
     pub fn nodes(&self) -> String {
         format!("{}nodes", self.prefix)

@@ -20,6 +20,7 @@ mod config;
 mod conn;
 mod engine;
 mod error;
+pub mod events;
 pub mod keys;
 mod lease;
 mod reply;
@@ -39,6 +40,7 @@ pub use config::{
 };
 use conn::Conn;
 pub use conn::Topology;
+pub use events::{EventStreams, LifecycleEvent, StoredEvent, Take};
 pub use keys::{BUCKETS, Bucket, Keys};
 pub use lease::LeaseConfig;
 
@@ -135,5 +137,14 @@ impl RedisEngine {
         tasks.spawn(lease::run(engine.inner.clone(), events));
         tasks.spawn(cleanup::run(engine.inner.clone()));
         Ok(engine)
+    }
+
+    /// The lifecycle event streams, for a webhook deliverer; `None` unless the
+    /// engine was configured to deliver ([`RedisConfig::deliver_events`]), since
+    /// only then does it listen for their rings.
+    pub fn event_streams(&self) -> Option<EventStreams> {
+        self.inner
+            .deliver_events
+            .then(|| EventStreams::new(self.inner.clone()))
     }
 }

@@ -63,10 +63,15 @@ pub(crate) fn spawn(
     ready_rx
 }
 
-/// The bucket channels of this node.
+/// The bucket channels of this node (with the event streams' rings if it delivers
+/// events).
 fn bucket_channels(inner: &Inner) -> Vec<String> {
+    let rings = Bucket::all()
+        .filter(|_| inner.deliver_events)
+        .map(|b| inner.keys.events_ring(b));
     Bucket::all()
         .map(|b| inner.keys.node_channel(b, &inner.node_id))
+        .chain(rings)
         .collect()
 }
 
@@ -118,6 +123,8 @@ async fn run(source: Source, events: EventSender, inner: Arc<Inner>, ready: ones
             inner.bump_generation();
         }
         inner.set_subscribed(true);
+        // Rings may have been missed while unsubscribed: every bucket looks once.
+        inner.event_wakes.wake_all();
         match ready.take() {
             Some(tx) => {
                 tracing::info!(redis = %shown, "subscribed");
@@ -198,6 +205,12 @@ async fn connect(source: &Source, inner: &Inner) -> redis::RedisResult<Link> {
 /// Hands one payload to the node. Awaiting the send is the back-pressure: a slow
 /// dispatcher slows this reader, it never drops an event. False: the node stopped.
 async fn deliver(channel: &[u8], payload: &[u8], events: &EventSender, inner: &Inner) -> bool {
+    if channel.ends_with(b":events:new") {
+        if let Some(b) = inner.keys.bucket_of_key(&String::from_utf8_lossy(channel)) {
+            inner.event_wakes.wake(b);
+        }
+        return true;
+    }
     match crate::wire::decode(payload) {
         Ok(Incoming::Probe) => {
             let channel = String::from_utf8_lossy(channel);

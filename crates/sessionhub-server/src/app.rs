@@ -45,6 +45,9 @@ pub enum StartError {
     /// Redis could not be reached or the URL is unusable.
     #[error(transparent)]
     Redis(#[from] sessionhub_redis::ConnectError),
+    /// The webhook client could not be built.
+    #[error(transparent)]
+    Webhook(#[from] crate::webhook::StartError),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -67,6 +70,7 @@ impl Application {
     pub async fn build(config: Config) -> Result<Self, StartError> {
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE_CAPACITY);
         let node_id = config.node_id.clone();
+        let mut streams = None;
         let engine: Arc<dyn Engine> = match &config.redis {
             Some(topology) => {
                 let rc = RedisConfig {
@@ -75,9 +79,13 @@ impl Application {
                     lease: config.lease,
                     limits: config.conn_limits,
                     history: config.history,
+                    events_maxlen: config.events_maxlen,
+                    deliver_events: config.webhook.is_some(),
                     ..RedisConfig::with_topology(topology.clone())
                 };
-                Arc::new(RedisEngine::connect(rc, node_id, events_tx).await?)
+                let redis = RedisEngine::connect(rc, node_id, events_tx).await?;
+                streams = redis.event_streams();
+                Arc::new(redis)
             }
             None => Arc::new(
                 MemoryEngine::with_limits(
@@ -100,6 +108,16 @@ impl Application {
             synced: Arc::new(AtomicU64::new(0)),
         };
         let tasks = &state.tasks;
+        if let (Some(streams), Some(webhook)) = (streams, state.config.webhook.clone()) {
+            crate::webhook::start(
+                streams,
+                webhook,
+                state.metrics.webhook.clone(),
+                state.shutdown.clone(),
+                tasks,
+            )
+            .await?;
+        }
         actix_web::rt::spawn(tasks.track_future(crate::sync::dispatch(events_rx, state.clone())));
         actix_web::rt::spawn(tasks.track_future(crate::sync::revalidate_forever(
             state.clone(),

@@ -12,12 +12,17 @@ use sessionhub_core::model::MAX_SESSION_TTL;
 use sessionhub_core::{ConnLimits, HistoryConfig, NodeId};
 use sessionhub_redis::{LeaseConfig, Topology};
 
+use crate::webhook::{MIN_SECRET_LEN, WebhookConfig, WebhookSecret};
+
 /// Highest accepted `SESSIONHUB_MAX_SESSIONS_PER_USER`: a login past the cap ends
 /// the oldest sessions in the same atomic call, so the cap bounds that call's work.
 pub const MAX_SESSIONS_CAP: u32 = 10_000;
 
 /// Shortest service API key accepted: a guessable key is worse than none.
 pub const MIN_API_KEY_LEN: usize = 16;
+
+/// Highest accepted `SESSIONHUB_EVENTS_MAXLEN` (entries per bucket's stream).
+pub const MAX_EVENTS_MAXLEN: i64 = 1_000_000;
 
 /// Raw command line / environment, as clap reads it.
 #[derive(Parser, Clone)]
@@ -190,6 +195,47 @@ pub struct Cli {
     /// Log format: `text` or `json`. Levels come from RUST_LOG (default info).
     #[arg(long, env = "SESSIONHUB_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+
+    /// Entries kept in each bucket's lifecycle event stream (XADD MAXLEN ~); 0: no
+    /// events are written.
+    #[arg(long, env = "SESSIONHUB_EVENTS_MAXLEN", default_value_t = sessionhub_redis::events::DEFAULT_EVENTS_MAXLEN,
+          value_parser = clap::value_parser!(u32).range(0..=MAX_EVENTS_MAXLEN))]
+    pub events_maxlen: u32,
+
+    /// Where to POST lifecycle events (http:// or https://); needs
+    /// SESSIONHUB_WEBHOOK_SECRET.
+    #[arg(long, env = "SESSIONHUB_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+
+    /// HMAC-SHA256 key of the webhook signature, at least 16 characters.
+    #[arg(long, env = "SESSIONHUB_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+
+    /// Bound in ms on one webhook POST, connecting included.
+    #[arg(long, env = "SESSIONHUB_WEBHOOK_TIMEOUT_MS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub webhook_timeout_ms: u64,
+
+    /// Events are retried until they are this old (seconds), then dropped.
+    #[arg(long, env = "SESSIONHUB_WEBHOOK_MAX_AGE_SECS", default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub webhook_max_age_secs: u64,
+
+    /// A batch a node took and left untouched this long (ms) is taken over by
+    /// another node (a node that died mid-delivery).
+    #[arg(long, env = "SESSIONHUB_WEBHOOK_CLAIM_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub webhook_claim_ms: u64,
+
+    /// Most events in one webhook POST.
+    #[arg(long, env = "SESSIONHUB_WEBHOOK_BATCH", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub webhook_batch: u64,
+
+    /// Most webhook POSTs in flight from one node.
+    #[arg(long, env = "SESSIONHUB_WEBHOOK_MAX_IN_FLIGHT", default_value_t = 16,
+          value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub webhook_max_in_flight: u64,
 }
 
 /// A validated configuration.
@@ -232,6 +278,10 @@ pub struct Config {
     pub history: HistoryConfig,
     /// Time a client has to send its request head.
     pub request_timeout: Duration,
+    /// Cap of each bucket's lifecycle event stream (0: none written).
+    pub events_maxlen: u32,
+    /// Webhook delivery of the lifecycle events, if configured.
+    pub webhook: Option<WebhookConfig>,
 }
 
 /// Session lifetimes and cookie settings.
@@ -283,6 +333,11 @@ impl fmt::Debug for Config {
             .field("conn_limits", &self.conn_limits)
             .field("history", &self.history)
             .field("request_timeout", &self.request_timeout)
+            .field("events_maxlen", &self.events_maxlen)
+            .field(
+                "webhook",
+                &self.webhook.as_ref().map(WebhookConfig::shown_url),
+            )
             .finish()
     }
 }
@@ -388,6 +443,9 @@ fn valid_origin(o: &str) -> bool {
 impl Config {
     /// Validates raw settings.
     pub fn from_cli(cli: Cli) -> Result<Self, ConfigError> {
+        let embedded = cli.redis_url.as_deref().is_none_or(str::is_empty)
+            && cli.redis_cluster.iter().all(|s| s.trim().is_empty());
+        let webhook = webhook_config(&cli, embedded)?;
         let node_id = match cli.node_id.as_deref() {
             None | Some("") => NodeId::generate(),
             Some(s) => NodeId::parse(s)
@@ -487,8 +545,9 @@ impl Config {
                 "must be longer than SESSIONHUB_PING_INTERVAL_MS",
             ));
         }
-        let embedded = redis.is_none();
         Ok(Config {
+            events_maxlen: cli.events_maxlen,
+            webhook,
             sessions: SessionPolicy {
                 ttl: Duration::from_secs(cli.session_ttl_secs),
                 idle: Duration::from_secs(cli.idle_timeout_secs),
@@ -541,6 +600,60 @@ impl Config {
             json_logs: cli.log_format == "json",
         })
     }
+}
+
+/// The webhook settings: URL and secret together, an http(s) URL, a long enough
+/// secret, Redis (the embedded engine keeps no event stream), events on, and a
+/// claim bound that leaves a retrying node time to touch its batch.
+fn webhook_config(cli: &Cli, embedded: bool) -> Result<Option<WebhookConfig>, ConfigError> {
+    const URL: &str = "SESSIONHUB_WEBHOOK_URL (--webhook-url)";
+    const SECRET: &str = "SESSIONHUB_WEBHOOK_SECRET (--webhook-secret)";
+    let url = cli.webhook_url.as_deref().filter(|u| !u.is_empty());
+    let secret = cli.webhook_secret.as_deref().filter(|s| !s.is_empty());
+    let (url, secret) = match (url, secret) {
+        (None, None) => return Ok(None),
+        (None, Some(_)) => return Err(bad(SECRET, "is set but SESSIONHUB_WEBHOOK_URL is not")),
+        (Some(_), None) => return Err(bad(URL, "needs SESSIONHUB_WEBHOOK_SECRET as well")),
+        (Some(u), Some(s)) => (u, s),
+    };
+    if secret.chars().count() < MIN_SECRET_LEN {
+        return Err(bad(
+            SECRET,
+            format!("must be at least {MIN_SECRET_LEN} characters"),
+        ));
+    }
+    let parsed = reqwest::Url::parse(url)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+        .ok_or_else(|| bad(URL, "must be an http:// or https:// URL"))?;
+    if embedded {
+        return Err(bad(
+            URL,
+            "needs Redis (SESSIONHUB_REDIS_URL or SESSIONHUB_REDIS_CLUSTER): the embedded \
+             engine keeps no event stream",
+        ));
+    }
+    if cli.events_maxlen == 0 {
+        return Err(bad(
+            "SESSIONHUB_EVENTS_MAXLEN (--events-maxlen)",
+            "must be above 0 when SESSIONHUB_WEBHOOK_URL is set",
+        ));
+    }
+    if cli.webhook_claim_ms < 2 * cli.webhook_timeout_ms {
+        return Err(bad(
+            "SESSIONHUB_WEBHOOK_CLAIM_MS (--webhook-claim-ms)",
+            "must be at least twice SESSIONHUB_WEBHOOK_TIMEOUT_MS",
+        ));
+    }
+    Ok(Some(WebhookConfig {
+        url: parsed,
+        secret: WebhookSecret::new(secret.to_owned()),
+        timeout: Duration::from_millis(cli.webhook_timeout_ms),
+        max_age: Duration::from_secs(cli.webhook_max_age_secs),
+        claim_idle: Duration::from_millis(cli.webhook_claim_ms),
+        batch: cli.webhook_batch as usize,
+        max_in_flight: cli.webhook_max_in_flight as usize,
+    }))
 }
 
 /// Checks one Redis URL: `redis://` (or, for one Redis, `unix://`); TLS is refused
@@ -663,5 +776,80 @@ mod tests {
             c.allowed_origins,
             ["https://a.example", "http://localhost:3000"]
         );
+    }
+
+    #[test]
+    fn webhook_settings_are_checked_together() {
+        const SECRET: &str = "0123456789abcdef";
+        let redis = ["--redis-url", "redis://127.0.0.1:6379"];
+        let with = |extra: &[&str]| {
+            let mut args = redis.to_vec();
+            args.extend_from_slice(extra);
+            parse(&args)
+        };
+        let ok = with(&[
+            "--webhook-url",
+            "https://hooks.example/x?k=v",
+            "--webhook-secret",
+            SECRET,
+        ])
+        .unwrap();
+        let w = ok.webhook.as_ref().unwrap();
+        assert_eq!(w.shown_url(), "https://hooks.example");
+        let shown = format!("{ok:?} {w:?}");
+        assert!(!shown.contains(SECRET) && !shown.contains("k=v"), "{shown}");
+        assert!(with(&[]).unwrap().webhook.is_none());
+        for (args, needle) in [
+            (
+                vec!["--webhook-url", "ftp://h/x", "--webhook-secret", SECRET],
+                "http",
+            ),
+            (
+                vec!["--webhook-url", "not a url", "--webhook-secret", SECRET],
+                "http",
+            ),
+            (
+                vec!["--webhook-url", "https://h/x", "--webhook-secret", "short"],
+                "16",
+            ),
+            (
+                vec!["--webhook-secret", SECRET],
+                "SESSIONHUB_WEBHOOK_URL is not",
+            ),
+            (
+                vec!["--webhook-url", "https://h/x"],
+                "needs SESSIONHUB_WEBHOOK_SECRET",
+            ),
+            (
+                vec![
+                    "--webhook-url",
+                    "https://h/x",
+                    "--webhook-secret",
+                    SECRET,
+                    "--events-maxlen",
+                    "0",
+                ],
+                "SESSIONHUB_EVENTS_MAXLEN",
+            ),
+            (
+                vec![
+                    "--webhook-url",
+                    "https://h/x",
+                    "--webhook-secret",
+                    SECRET,
+                    "--webhook-timeout-ms",
+                    "5000",
+                    "--webhook-claim-ms",
+                    "6000",
+                ],
+                "SESSIONHUB_WEBHOOK_CLAIM_MS",
+            ),
+        ] {
+            let err = with(&args).unwrap_err();
+            assert!(err.contains(needle), "{args:?}: {err}");
+            assert!(!err.contains(SECRET), "{err}");
+        }
+        let embedded = parse(&["--webhook-url", "https://h/x", "--webhook-secret", SECRET]);
+        assert!(embedded.unwrap_err().contains("needs Redis"));
     }
 }

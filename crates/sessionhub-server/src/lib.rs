@@ -5,6 +5,7 @@
 //! - [`api`]: service and self-service HTTP calls.
 //! - [`ws`]: the `/ws` upgrade and the per-socket task.
 //! - [`hub`]: the sockets this node holds and the dispatch of engine events to them.
+//! - [`webhook`]: delivery of the session lifecycle events to `SESSIONHUB_WEBHOOK_URL`.
 
 pub mod api;
 pub mod app;
@@ -19,6 +20,7 @@ pub mod metrics;
 pub mod state;
 pub mod sync;
 pub mod web;
+pub mod webhook;
 pub mod ws;
 
 pub use app::Application;

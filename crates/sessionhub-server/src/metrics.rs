@@ -34,7 +34,7 @@ impl Histogram {
             .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
 
-    fn render(&self, out: &mut String, name: &str, help: &str) {
+    pub(crate) fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         let mut cumulative = 0;
         for (bound, n) in LATENCY_BUCKETS.iter().zip(&self.buckets) {
@@ -70,6 +70,8 @@ pub struct Metrics {
     pub publish_latency: Histogram,
     /// Time of session kills into the store.
     pub kill_latency: Histogram,
+    /// Webhook delivery (all zero on a node without a webhook).
+    pub webhook: std::sync::Arc<crate::webhook::WebhookStats>,
 }
 
 fn reason_index(r: EndReason) -> usize {
@@ -82,7 +84,7 @@ fn reason_index(r: EndReason) -> usize {
     }
 }
 
-fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+pub(crate) fn counter(out: &mut String, name: &str, help: &str, value: u64) {
     let _ = writeln!(
         out,
         "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
@@ -209,6 +211,7 @@ impl Metrics {
             "sessionhub_kill_seconds",
             "Time to kill a session in the store (it is refused everywhere after).",
         );
+        self.webhook.render(&mut out);
         out
     }
 }
