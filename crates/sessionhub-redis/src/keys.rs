@@ -34,6 +34,13 @@ impl Bucket {
             .unwrap_or(Bucket(0))
     }
 
+    /// The bucket named by exactly two hex digits.
+    pub fn parse_hex(hex: &str) -> Option<Bucket> {
+        (hex.len() == 2)
+            .then(|| u8::from_str_radix(hex, 16).ok().map(Bucket))
+            .flatten()
+    }
+
     /// The bucket's index, 0 to 255.
     pub fn index(self) -> usize {
         self.0 as usize
@@ -137,6 +144,11 @@ impl Keys {
     /// The node leases.
     pub fn nodes(&self) -> String {
         format!("{}nodes", self.prefix)
+    }
+
+    /// The sweep index: bucket → the earliest time it may need the expiry sweep.
+    pub fn sweep(&self) -> String {
+        format!("{}sweep", self.prefix)
     }
 
     /// The channel every node subscribes to.
