@@ -205,8 +205,11 @@ impl Inner {
             }
             tracing::debug!("marked every bucket due (full sweep)");
         }
-        if Marks::due(&self.marks.next_flush, now, MARKS_EVERY) {
-            self.flush_marks().await?;
+        if Marks::due(&self.marks.next_flush, now, MARKS_EVERY)
+            && let Err(e) = self.flush_marks().await
+        {
+            // The marks stay (see `flush_marks`) for the next try; the sweep goes on.
+            tracing::debug!(error = %e, "sweep marks not written yet");
         }
         let key = self.keys.sweep();
         let any: Vec<String> = self
