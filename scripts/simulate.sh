@@ -5,7 +5,8 @@
 # one `name: value unit` line per figure on stdout:
 #
 #   - start-up: the time from launching all N nodes at once to each answering
-#     /readyz (p50, max);
+#     /readyz (p50, max), and the Redis commands until the sweeps of their start
+#     are done;
 #   - idle: Redis commands a second (INFO commandstats of every master, the commands
 #     run inside functions included) and CPU (nodes, Redis) over --idle-secs, once
 #     the start-up sweeps are done (no bucket of sh:sweep due in the window);
@@ -178,9 +179,13 @@ reset_stats() { for p in "${redis_ports[@]}"; do redis-cli -p "$p" config resets
 
 api_key="sim-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
 node_pids=()
+reset_stats
 launched=$(now_ms)
 for i in $(seq 1 "$nodes"); do
+  # The kill and cost workloads give one session a socket on every node: the
+  # per-session and per-user socket caps (32 / 128) must allow one per node.
   env "${redis_env[@]}" SESSIONHUB_NODE_ID="sim-node-$i" SESSIONHUB_WORKERS=1 \
+    SESSIONHUB_MAX_SOCKETS_PER_SESSION=$((nodes + 32)) SESSIONHUB_MAX_SOCKETS_PER_USER=$((nodes + 128)) \
     SESSIONHUB_API_KEY=$api_key SESSIONHUB_LISTEN=127.0.0.1:0 RUST_LOG=${RUST_LOG:-warn} \
     "$bin/sessionhub" >"$work/node$i.out" 2>"$work/node$i.log" &
   pids+=("$!")
@@ -216,17 +221,32 @@ echo "nodes: $nodes"
 echo "startup_ready_p50: $(sed -n "$(((nodes + 1) / 2))p" <<<"$sorted") ms"
 echo "startup_ready_max: $(tail -1 <<<"$sorted") ms"
 
-# Idle: once no bucket is due before the window ends.
-settle_from=$(now_ms)
+# Idle: once no bucket is due before the window ends and no sweep visit is still
+# running (sh_sweep_next, twice per visit, is the only idle caller of EXISTS: its
+# count must hold still for 2 s; two nodes may visit one bucket at once).
+exists_calls() {
+  for p in "${redis_ports[@]}"; do redis-cli -p "$p" info commandstats | tr -d '\r'; done |
+    sed -n 's/^cmdstat_exists:calls=\([0-9]*\),.*/\1/p' | awk '{ t += $1 } END { print t + 0 }'
+}
 end=$((SECONDS + 180))
+last_exists=-1
+still_since=$(now_ms)
 while :; do
   horizon=$(($(now_ms) + idle_secs * 1000 + 3000))
   due=$("${index_cli[@]}" zcount sh:sweep -inf "$horizon")
-  [ "$due" = 0 ] && break
+  ex=$(exists_calls)
+  if [ "$due" != 0 ] || [ "$ex" != "$last_exists" ]; then
+    last_exists=$ex
+    still_since=$(now_ms)
+  elif (($(now_ms) - still_since >= 2000)); then
+    break
+  fi
   ((SECONDS < end)) || { echo "simulate.sh: sweep index never settled ($due due)" >&2; break; }
   sleep 0.2
 done
-echo "startup_sweeps_done: $(($(now_ms) - launched)) ms"
+echo "startup_sweeps_done: $(($(now_ms) - launched - 2000)) ms"
+started_cmds=$(commands_total)
+echo "startup_redis_cmds_per_node: $((started_cmds / nodes)) cmds"
 reset_stats
 c0=$(commands_total); n0=$(cpu_ticks "${node_pids[@]}"); r0=$(cpu_ticks "${redis_pids[@]}"); t0=$(now_ms)
 sleep "$idle_secs"   # the measuring window: the nodes just idle

@@ -20,6 +20,8 @@ const MOST_PER_NODE_PER_SEC: f64 = 20.0;
 /// wrote become forgettable: work of the start, not of idling, so the window is
 /// placed where none is due.
 const SETTLE: Duration = Duration::from_secs(120);
+/// How long the sweep must have been still before the window opens.
+const QUIET: Duration = Duration::from_millis(1500);
 
 /// A connection to each master (one Redis: to it).
 async fn masters(d: &Deployment) -> Vec<redis::aio::MultiplexedConnection> {
@@ -66,14 +68,22 @@ async fn command_calls(conns: &mut [redis::aio::MultiplexedConnection]) -> BTree
     out
 }
 
-/// Waits until no bucket of the sweep index is due before the window would end.
+/// Waits until no bucket of the sweep index is due before the window would end and
+/// no sweep visit is still running: `sh_sweep_next` (each visit calls it twice) is
+/// the only idle caller of `EXISTS`, so its count must hold still for [`QUIET`].
+/// (Two nodes may visit one bucket at once, one raising its score past the other's
+/// claim: an empty index alone does not mean the visits are over.)
 async fn settle(d: &Deployment) {
     let index = match &d.store {
         Store::Single(r) => r.conn().await,
         Store::Cluster(c) => c.conn(c.master_for_key("sh:sweep").await).await,
     };
+    let masters = masters(d).await;
+    let last: std::sync::Arc<std::sync::Mutex<(u64, tokio::time::Instant)>> = std::sync::Arc::new(
+        std::sync::Mutex::new((u64::MAX, tokio::time::Instant::now())),
+    );
     wait_for("the start-up sweeps to settle", SETTLE, || {
-        let mut c = index.clone();
+        let (mut c, mut masters, last) = (index.clone(), masters.clone(), last.clone());
         async move {
             let horizon = now_ms() + WINDOW.as_millis() as i64 + 2000;
             let due: u64 = redis::cmd("ZCOUNT")
@@ -83,7 +93,17 @@ async fn settle(d: &Deployment) {
                 .query_async(&mut c)
                 .await
                 .unwrap();
-            (due == 0).then_some(())
+            let visits = command_calls(&mut masters)
+                .await
+                .get("exists")
+                .copied()
+                .unwrap_or(0);
+            let mut last = last.lock().unwrap();
+            if due > 0 || visits != last.0 {
+                *last = (visits, tokio::time::Instant::now());
+                return None;
+            }
+            (last.1.elapsed() >= QUIET).then_some(())
         }
     })
     .await;
