@@ -18,14 +18,17 @@
 //!   an older version), every node marks every bucket due when it takes its lease
 //!   and every [`FULL_SWEEP_EVERY`] after.
 //!
-//! Each [`EXPIRY_SWEEP`](Inner::sweep) round reads whether any bucket is due (one
+//! Each sweep round ([`Inner::sweep`], every second) reads whether any bucket is due (one
 //! `ZRANGE`), claims the due ones for [`CLAIM_FOR`] (`sh_sweep_claim`, so that one
 //! node sweeps a bucket, not all), runs `sh_expire` in each, and writes the
 //! bucket's next time back. Writing back is raise-then-re-read: the score is set to
 //! what `sh_sweep_next` said, then `sh_sweep_next` is asked again and the lower
 //! answer kept, so a login that lands in the bucket meanwhile (its `ZADD LT` comes
 //! after its function call) is never lost: either the re-read sees its session, or
-//! its `ZADD LT` comes after the raise.
+//! its `ZADD LT` comes after the raise. Two nodes may still visit one bucket at
+//! once (a node's start marks every bucket due again while another has claimed
+//! them): wasted work only, as `sh_expire` is idempotent and each visitor's own
+//! re-read keeps the index a lower bound.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
