@@ -192,6 +192,10 @@ mod tests {
         assert_eq!(k.bucket_of_key("sh:{2b}:node:a"), Some(b));
         assert_eq!(k.bucket_of_key("sh:all"), None);
         assert_eq!(Bucket::all().count(), BUCKETS);
+        assert_eq!(Bucket::parse_hex("2b"), Some(b));
+        assert_eq!(Bucket::parse_hex("2"), None);
+        assert_eq!(Bucket::parse_hex("zz"), None);
+        assert_eq!(k.sweep(), "sh:sweep");
         assert_eq!(Bucket::all().last().map(|b| b.hex()), Some("ff".into()));
     }
 }
