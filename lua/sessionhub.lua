@@ -63,6 +63,8 @@
 --   P{B}:events                stream the bucket's lifecycle events, oldest first, capped
 --                                    at about EVENTS_MAXLEN entries (see emit below);
 --                                    consumer group "sessionhub-webhook" delivers them
+--   Psweep                     zset  bucket -> earliest time it may need sh_expire (no
+--                                    hash tag; written by the nodes, see sh_sweep_claim)
 -- Channels: P{B}:node:<node> carries events for a node's sockets in bucket B (sharded
 -- pub/sub, SPUBLISH, on Redis Cluster; classic PUBLISH on one Redis); Pall reaches all.
 -- P{B}:events:new rings (an empty message, same rule) on every entry of P{B}:events.
@@ -1089,3 +1091,55 @@ redis.register_function('sh_events_take', function(keys, args)
   if not got then return { 'new', {}, {} } end
   return { 'new', got[1][2], {} }
 end)
+-- The sweep index. Psweep (no hash tag) is a zset: bucket (two hex digits) -> the
+-- earliest time the bucket may need an sh_expire call (a session may end, a lease
+-- field or an emptied group may be ready to forget). It is a lower bound: a bucket
+-- that needs nothing before its score may still be swept at it, never later. Nodes
+-- write it with ZADD LT after the calls that make such work (a login, a node's
+-- records dropped, a registration's lease field), and sweep only buckets whose score
+-- has come, so an idle cluster reads one key a second instead of every bucket. It
+-- spans slots, so the functions of one bucket never write it: the node does, after
+-- them (see README, "Redis layout").
+
+-- sh_sweep_claim: take the buckets whose time has come, for one sweeper: their score
+-- moves to `until`, so other nodes leave them alone meanwhile (and take them again
+-- after `until` if this one died).
+--   KEYS[1] Psweep   ARGV now, until, most buckets
+--   Returns the buckets claimed.
+redis.register_function('sh_sweep_claim', function(keys, args)
+  if not string.match(keys[1], 'sweep$') then return bad_key('Psweep') end
+  local due = redis.call('ZRANGE', keys[1], '-inf', tonumber(args[1]), 'BYSCORE', 'LIMIT', 0,
+    tonumber(args[3]))
+  for _, b in ipairs(due) do
+    redis.call('ZADD', keys[1], tonumber(args[2]), b)
+  end
+  return due
+end)
+
+-- sh_sweep_next: when bucket B next needs sh_expire: its earliest session deadline,
+-- its oldest lease field plus `forget_after_ms` (sh_expire's own argument) plus 1,
+-- or 0 (now) if an emptied group waits in P{B}:groups:emptied.
+--   KEYS[1] P{B}:expiry   ARGV forget_after_ms
+--   Returns that time (Unix ms), or -1 if the bucket needs nothing.
+redis.register_function{
+  function_name = 'sh_sweep_next',
+  flags = { 'no-writes' },
+  callback = function(keys, args)
+    local P, B = split_key(keys[1])
+    if not P or not string.match(keys[1], '}:expiry$') then return bad_key('P{B}:expiry') end
+    if redis.call('EXISTS', bkey(P, B, 'groups:emptied')) == 1 then return 0 end
+    local next = nil
+    local first = redis.call('ZRANGE', keys[1], 0, 0, 'WITHSCORES')
+    if first[2] then next = tonumber(first[2]) end
+    local forget = tonumber(args[1] or '0') or 0
+    if forget > 0 then
+      local fields = redis.call('HGETALL', bkey(P, B, 'leases'))
+      for i = 2, #fields, 2 do
+        local at = tonumber(fields[i])
+        if at and (next == nil or at + forget + 1 < next) then next = at + forget + 1 end
+      end
+    end
+    if next == nil then return -1 end
+    return math.floor(next)
+  end,
+}

@@ -174,6 +174,7 @@ async fn every_key_is_documented_and_every_rust_builder_names_a_real_key() {
         k.events(ba),
         k.events(bb),
         k.nodes(),
+        k.sweep(),
     ];
     for key in &built {
         row_of(&rows, key);

@@ -1,18 +1,25 @@
 //! Redis cost per operation: connect, disconnect, kill and targeted publish.
 //!
 //! Each operation runs alone in its own measuring window, on a cluster that holds no
-//! other sockets. Two counts per window:
+//! other sockets. Everything is counted from a `MONITOR` stream, where the commands a
+//! function runs (`redis.call`) are tagged `lua` and follow the `FCALL` they belong
+//! to (Redis runs a function atomically), so each is attributed to its call:
 //!
-//! - `cmds`: the `INFO commandstats` delta: every command Redis executed, including
-//!   the ones a function runs inside (`redis.call`).
-//! - `calls`: the commands clients sent (round trips, if nothing is pipelined),
-//!   counted from a `MONITOR` stream, where commands run inside functions are
-//!   marked `lua` and left out.
+//! - `calls`: the commands clients sent (round trips, if nothing is pipelined);
+//! - `cmds`: every command Redis executed for them, each client command plus the
+//!   commands run inside it.
+//!
+//! Net of the nodes' background: an idle window first records which commands the
+//! nodes send on their own (heartbeat, sweep, probes, reaper, pings, revalidation).
+//! A window's commands of a kind the idle window never showed are the operation's
+//! and count in full; those of a background kind are subtracted at the idle rate
+//! and what is left is reported apart (`background`), never in the figure. So the
+//! figure does not move with how bursty the background is.
+//! `INFO commandstats` deltas over the same windows are printed as a check (they
+//! include the background).
 //!
 //! Windows are delimited by `ECHO <marker>` + `INFO commandstats` pipelined on the
-//! tool's own connection, so both counts cover the same commands; the tool's own
-//! commands are subtracted. The nodes' periodic work (heartbeat, reaper, subscriber
-//! pings) is measured in an idle window first and its rate subtracted.
+//! tool's own connection; the tool's own commands are left out.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -52,7 +59,12 @@ pub struct CostParams {
 }
 
 enum MonEvent {
-    Cmd { key: String },
+    /// A client's command.
+    Cmd {
+        key: String,
+    },
+    /// A command run inside the function called by the last client command.
+    Inner,
     Marker(u64),
 }
 
@@ -61,6 +73,9 @@ struct Meter {
     conn: redis::aio::MultiplexedConnection,
     events: mpsc::UnboundedReceiver<MonEvent>,
     next_marker: u64,
+    /// The last client command seen (the one whose function the next `lua`
+    /// commands run in).
+    last: Option<String>,
     /// Commands of ours to take off the `cmds` count of the current window.
     own: BTreeMap<String, f64>,
     monitor: tokio::task::JoinHandle<()>,
@@ -75,38 +90,67 @@ struct Window {
 /// What one window (or a sum of windows) cost.
 #[derive(Debug, Default, Clone)]
 struct Cost {
-    /// Client commands (MONITOR).
+    /// Client commands (MONITOR), by command (`FCALL` by function).
     calls: Counts,
-    /// All commands (commandstats).
+    /// Client commands with the commands run inside them (MONITOR), by client
+    /// command.
     cmds: Counts,
+    /// All commands by name (`INFO commandstats`), background included.
+    stats: Counts,
     /// Total window time.
     secs: f64,
 }
 
+fn add_counts(to: &mut Counts, from: &Counts) {
+    for (k, v) in from {
+        *to.entry(k.clone()).or_default() += v;
+    }
+}
+
 impl Cost {
     fn add(&mut self, other: &Cost) {
-        for (k, v) in &other.calls {
-            *self.calls.entry(k.clone()).or_default() += v;
-        }
-        for (k, v) in &other.cmds {
-            *self.cmds.entry(k.clone()).or_default() += v;
-        }
+        add_counts(&mut self.calls, &other.calls);
+        add_counts(&mut self.cmds, &other.cmds);
+        add_counts(&mut self.stats, &other.stats);
         self.secs += other.secs;
     }
 
-    /// This cost minus `idle`'s rates over the same time, per command, at least 0.
-    fn minus_background(&self, idle: &Cost) -> Cost {
-        let rate = |m: &Counts, k: &str| m.get(k).copied().unwrap_or(0.0) / idle.secs.max(1e-9);
-        let sub = |m: &Counts, base: &Counts| {
-            m.iter()
-                .map(|(k, v)| (k.clone(), (v - rate(base, k) * self.secs).max(0.0)))
-                .collect()
+    /// This cost split into the operation's (kinds the idle window never showed, in
+    /// full) and the rest (background kinds, less `idle`'s rate over the same time,
+    /// at least 0).
+    fn split(&self, idle: &Cost) -> (Cost, Cost) {
+        let split = |m: &Counts, base: &Counts| {
+            let (mut own, mut rest) = (Counts::new(), Counts::new());
+            for (k, v) in m {
+                match base.get(k) {
+                    None => {
+                        own.insert(k.clone(), *v);
+                    }
+                    Some(b) => {
+                        let left = v - b / idle.secs.max(1e-9) * self.secs;
+                        if left > 0.0 {
+                            rest.insert(k.clone(), left);
+                        }
+                    }
+                }
+            }
+            (own, rest)
         };
-        Cost {
-            calls: sub(&self.calls, &idle.calls),
-            cmds: sub(&self.cmds, &idle.cmds),
+        let (calls, calls_bg) = split(&self.calls, &idle.calls);
+        let (cmds, cmds_bg) = split(&self.cmds, &idle.cmds);
+        let own = Cost {
+            calls,
+            cmds,
+            stats: self.stats.clone(),
             secs: self.secs,
-        }
+        };
+        let background = Cost {
+            calls: calls_bg,
+            cmds: cmds_bg,
+            stats: Counts::new(),
+            secs: self.secs,
+        };
+        (own, background)
     }
 }
 
@@ -160,7 +204,7 @@ fn parse_monitor_line(line: &str, own_addr: &str) -> Option<MonEvent> {
     let inside = line.split_once('[')?.1.split_once(']')?.0;
     let addr = inside.split_whitespace().nth(1)?;
     if addr == "lua" {
-        return None;
+        return Some(MonEvent::Inner);
     }
     let args = quoted_args(line, 2);
     let cmd = args.first()?.to_ascii_uppercase();
@@ -229,14 +273,16 @@ impl Meter {
             conn,
             events,
             next_marker: 0,
+            last: None,
             own: BTreeMap::new(),
             monitor,
         })
     }
 
-    /// Ends the current window: returns the client calls counted since the previous
-    /// marker and the commandstats now.
-    async fn mark(&mut self) -> Result<(Counts, Counts)> {
+    /// Ends the current window: returns the client calls and the commands with
+    /// those run inside them, counted since the previous marker, and the
+    /// commandstats now.
+    async fn mark(&mut self) -> Result<(Counts, Counts, Counts)> {
         let id = self.next_marker;
         self.next_marker += 1;
         let (_, info): (String, String) = redis::pipe()
@@ -248,22 +294,32 @@ impl Meter {
             .await
             .context("ECHO + INFO commandstats")?;
         let mut calls = Counts::new();
+        let mut cmds = Counts::new();
         let end = Instant::now() + OP_WAIT;
         loop {
             match tokio::time::timeout_at(end, self.events.recv()).await {
                 Ok(Some(MonEvent::Marker(m))) if m == id => break,
-                Ok(Some(MonEvent::Marker(_))) => {}
-                Ok(Some(MonEvent::Cmd { key })) => *calls.entry(key).or_default() += 1.0,
+                Ok(Some(MonEvent::Marker(_))) => self.last = None,
+                Ok(Some(MonEvent::Cmd { key })) => {
+                    *calls.entry(key.clone()).or_default() += 1.0;
+                    *cmds.entry(key.clone()).or_default() += 1.0;
+                    self.last = Some(key);
+                }
+                Ok(Some(MonEvent::Inner)) => {
+                    // Inside the last client command (a function runs atomically).
+                    let key = self.last.clone().unwrap_or_else(|| "(before)".into());
+                    *cmds.entry(key).or_default() += 1.0;
+                }
                 Ok(None) => bail!("the MONITOR connection ended"),
                 Err(_) => bail!("marker {id} never showed in MONITOR"),
             }
         }
-        Ok((calls, parse_commandstats(&info)))
+        Ok((calls, cmds, parse_commandstats(&info)))
     }
 
     /// Starts a window.
     async fn begin(&mut self) -> Result<Window> {
-        let (_, before) = self.mark().await?;
+        let (_, _, before) = self.mark().await?;
         self.own.clear();
         Ok(Window {
             before,
@@ -274,20 +330,25 @@ impl Meter {
     /// Ends a window and returns what it cost.
     async fn end(&mut self, w: Window) -> Result<Cost> {
         let secs = w.t0.elapsed().as_secs_f64();
-        let (calls, after) = self.mark().await?;
+        let (calls, cmds, after) = self.mark().await?;
         // Ours in the window: the first mark's INFO, the second mark's ECHO, polls.
         *self.own.entry("info".into()).or_default() += 1.0;
         *self.own.entry("echo".into()).or_default() += 1.0;
-        let mut cmds = Counts::new();
+        let mut stats = Counts::new();
         for (k, v) in &after {
             let d = v
                 - w.before.get(k).copied().unwrap_or(0.0)
                 - self.own.get(k).copied().unwrap_or(0.0);
             if d > 0.0 {
-                cmds.insert(k.clone(), d);
+                stats.insert(k.clone(), d);
             }
         }
-        Ok(Cost { calls, cmds, secs })
+        Ok(Cost {
+            calls,
+            cmds,
+            stats,
+            secs,
+        })
     }
 
     /// Measures `op` in its own window.
@@ -333,7 +394,8 @@ impl Drop for Meter {
 }
 
 fn total(m: &Counts) -> f64 {
-    m.values().sum()
+    // + 0.0: an empty sum of f64 is -0.0, which would print as "-0.00".
+    m.values().sum::<f64>() + 0.0
 }
 
 fn breakdown(m: &Counts, ops: f64) -> String {
@@ -345,26 +407,38 @@ fn breakdown(m: &Counts, ops: f64) -> String {
 }
 
 fn report(what: &str, cost: &Cost, idle: &Cost, ops: usize) {
-    let c = cost.minus_background(idle);
+    let (own, background) = cost.split(idle);
     let ops = ops.max(1) as f64;
     figure_f(
         &format!("redis_calls_per_{what}"),
-        total(&c.calls) / ops,
+        total(&own.calls) / ops,
         2,
         "calls",
     );
     figure_f(
         &format!("redis_cmds_per_{what}"),
-        total(&c.cmds) / ops,
+        total(&own.cmds) / ops,
         2,
         "cmds",
     );
     note!(
-        "redis cost per {what}: {:.2} ms per window; calls [{}]",
+        "redis cost per {what}: {:.2} ms per window; calls [{}]; cmds (with those inside) [{}]",
         cost.secs * 1e3 / ops,
-        breakdown(&c.calls, ops)
+        breakdown(&own.calls, ops),
+        breakdown(&own.cmds, ops)
     );
-    note!("redis cost per {what}: cmds [{}]", breakdown(&c.cmds, ops));
+    note!(
+        "redis cost per {what}: background left after its idle rate, not counted: calls {:.2} \
+         cmds {:.2} [{}]",
+        total(&background.calls) / ops,
+        total(&background.cmds) / ops,
+        breakdown(&background.cmds, ops)
+    );
+    note!(
+        "redis cost per {what}: INFO commandstats (background included) {:.2} [{}]",
+        total(&own.stats) / ops,
+        breakdown(&own.stats, ops)
+    );
 }
 
 /// Runs connect, disconnect, kill and publish `p.ops` times each, each in its own
@@ -398,7 +472,8 @@ pub async fn run(cluster: &Cluster, sources: &Sources, tag: &str, p: &CostParams
     let node_ids: Vec<String> = pub_sockets.iter().map(|(_, h)| h.node_id.clone()).collect();
     let mut pub_sockets: Vec<Ws> = pub_sockets.into_iter().map(|(ws, _)| ws).collect();
 
-    // The nodes' background: heartbeats, reaper, pings.
+    // The nodes' background: heartbeats, sweep, probes, reaper, pings, revalidation
+    // and reconciliation (every 2 revalidations: the default idle window covers one).
     note!("redis cost: measuring {:?} of idle background", p.idle);
     let ((), idle) = meter
         .window(async {
@@ -518,4 +593,56 @@ pub async fn run(cluster: &Cluster, sources: &Sources, tag: &str, p: &CostParams
         socket::close(ws).await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(pairs: &[(&str, f64)]) -> Counts {
+        pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
+    #[test]
+    fn monitor_lines_are_client_commands_inner_commands_or_ours() {
+        let own = "127.0.0.1:5000";
+        let call = r#"1796169933.881529 [0 127.0.0.1:57742] "FCALL" "sh_publish" "1" "k""#;
+        assert!(matches!(
+            parse_monitor_line(call, own),
+            Some(MonEvent::Cmd { key }) if key == "FCALL sh_publish"
+        ));
+        let inner = r#"1796169933.881605 [0 lua] "HGETALL" "sh:{00}:x""#;
+        assert!(matches!(
+            parse_monitor_line(inner, own),
+            Some(MonEvent::Inner)
+        ));
+        let mark = format!(r#"1.0 [0 {own}] "ECHO" "{MARKER}7""#);
+        assert!(matches!(
+            parse_monitor_line(&mark, own),
+            Some(MonEvent::Marker(7))
+        ));
+        let ours = format!(r#"1.0 [0 {own}] "HLEN" "k""#);
+        assert!(parse_monitor_line(&ours, own).is_none());
+    }
+
+    #[test]
+    fn background_kinds_are_left_out_of_the_figure_whatever_their_burst() {
+        let idle = Cost {
+            calls: counts(&[("PUBLISH", 20.0), ("FCALL sh_node_heartbeat", 2.0)]),
+            cmds: counts(&[("PUBLISH", 20.0), ("FCALL sh_node_heartbeat", 6.0)]),
+            stats: Counts::new(),
+            secs: 10.0,
+        };
+        // One publish window that caught a burst of 12 probes.
+        let window = Cost {
+            calls: counts(&[("FCALL sh_publish", 1.0), ("PUBLISH", 12.0)]),
+            cmds: counts(&[("FCALL sh_publish", 7.0), ("PUBLISH", 12.0)]),
+            stats: Counts::new(),
+            secs: 0.5,
+        };
+        let (own, background) = window.split(&idle);
+        assert_eq!(total(&own.calls), 1.0);
+        assert_eq!(total(&own.cmds), 7.0);
+        assert_eq!(background.calls.get("PUBLISH"), Some(&11.0));
+    }
 }

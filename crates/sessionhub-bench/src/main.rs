@@ -262,8 +262,9 @@ struct CostArgs {
     /// Operations of each kind for the Redis cost.
     #[arg(long, default_value_t = 100)]
     cost_ops: usize,
-    /// Idle window (ms) that measures the nodes' periodic Redis commands.
-    #[arg(long, default_value_t = 2000)]
+    /// Idle window (ms) that learns the nodes' periodic Redis commands (the default
+    /// covers a reconciliation round of default settings).
+    #[arg(long, default_value_t = 11000)]
     cost_idle_ms: u64,
 }
 

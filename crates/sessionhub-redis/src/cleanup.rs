@@ -20,6 +20,7 @@ use sessionhub_core::{ConnectionId, EngineError, SessionId};
 use tokio::sync::Notify;
 
 use crate::client::Inner;
+use crate::keys::Bucket;
 
 /// How often the queue is retried while Redis does not answer.
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(1);
@@ -34,6 +35,9 @@ pub(crate) enum Item {
     Connection(ConnectionId),
     /// A session whose creation was answered with an error, so no one has its token.
     Session(SessionId),
+    /// A bucket the sweep index must learn is due at this time (a login's session,
+    /// whose `ZADD` did not get through).
+    Due(Bucket, i64),
 }
 
 /// The queue, shared by the engine's calls and the retry task.
@@ -125,5 +129,6 @@ async fn undo(inner: &Inner, item: &Item) -> Result<(), EngineError> {
     match item {
         Item::Connection(cid) => inner.unregister(cid).await,
         Item::Session(sid) => inner.end_unseen_session(sid).await,
+        Item::Due(b, at) => inner.note_due(&[(*b, *at)]).await,
     }
 }

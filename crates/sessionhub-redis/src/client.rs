@@ -2,7 +2,7 @@
 //! publishing, and Redis's clock.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::future::try_join_all;
@@ -19,10 +19,13 @@ use crate::conn::{Conn, Topology};
 use crate::error::{CallError, FunctionError};
 use crate::keys::{BUCKETS, Bucket, Keys};
 use crate::lease::LeaseConfig;
+use crate::sweep;
 
 /// Commands failing in a row (Redis unavailable) after which a cluster connection
 /// is rebuilt from scratch.
 const REBUILD_AFTER_FAILURES: u64 = 3;
+/// Bucket channels probed per heartbeat (all of them after a (re)subscription).
+pub const PROBES_PER_HEARTBEAT: usize = 8;
 /// How much earlier than its command timeout a call's deadline is: covers the
 /// error of the clock offset and the reply's way back.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(250);
@@ -57,16 +60,21 @@ pub(crate) struct Inner {
     /// `stop` is cancelled, and [`Engine::leave`](sessionhub_core::Engine::leave)
     /// waits for them.
     pub(crate) tasks: TaskTracker,
-    /// Expiry sweeps this node has run: every [`HOUSEKEEPING_EVERY`]th also forgets
-    /// old lease fields and emptied group buckets.
-    ///
-    /// [`HOUSEKEEPING_EVERY`]: crate::engine::HOUSEKEEPING_EVERY
-    pub(crate) sweeps: AtomicU64,
+    /// What the sweep index must learn from this node, and its chores' times; see
+    /// [`crate::sweep`].
+    pub(crate) marks: sweep::Marks,
     /// Wakes the lease task to rejoin at once (a call found the node fenced).
     pub(crate) rejoin: Notify,
+    /// When this node last sent its probe on each bucket channel (Unix ms).
+    probe_sent: Vec<AtomicI64>,
     /// When this node's own probe last came back through pub/sub, per bucket
     /// channel (Unix ms).
-    last_probe: Vec<AtomicI64>,
+    probe_back: Vec<AtomicI64>,
+    /// Which slice of the buckets the next heartbeat probes.
+    probe_turn: AtomicUsize,
+    /// Whether the next heartbeat probes every bucket channel (set on every
+    /// (re)subscription).
+    probe_all: AtomicBool,
     /// When the subscriber last (re)subscribed (Unix ms).
     subscribed_at: AtomicI64,
     /// Whether the subscriber holds its subscriptions right now.
@@ -116,9 +124,12 @@ impl Inner {
             history: config.history,
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
-            sweeps: AtomicU64::new(0),
+            marks: sweep::Marks::new(),
             rejoin: Notify::new(),
-            last_probe: (0..BUCKETS).map(|_| AtomicI64::new(0)).collect(),
+            probe_sent: (0..BUCKETS).map(|_| AtomicI64::new(0)).collect(),
+            probe_back: (0..BUCKETS).map(|_| AtomicI64::new(0)).collect(),
+            probe_turn: AtomicUsize::new(0),
+            probe_all: AtomicBool::new(true),
             subscribed_at: AtomicI64::new(0),
             subscribed: AtomicBool::new(false),
             errors: AtomicU64::new(0),
@@ -370,24 +381,57 @@ impl Inner {
         Ok(())
     }
 
-    pub(crate) fn probe_received(&self, bucket: Bucket) {
-        self.last_probe[bucket.index()].store(now_ms(), Ordering::Relaxed);
+    /// The bucket channels the next heartbeat probes: all of them after a
+    /// (re)subscription, else the next [`PROBES_PER_HEARTBEAT`] in turn, spread
+    /// evenly over the buckets (so every channel is probed every
+    /// `BUCKETS / PROBES_PER_HEARTBEAT` heartbeats). Each is marked sent now.
+    pub(crate) fn buckets_to_probe(&self) -> Vec<Bucket> {
+        let picked: Vec<Bucket> = if self.probe_all.swap(false, Ordering::AcqRel) {
+            Bucket::all().collect()
+        } else {
+            let stride = BUCKETS / PROBES_PER_HEARTBEAT;
+            let turn = self.probe_turn.fetch_add(1, Ordering::Relaxed) % stride;
+            Bucket::all().skip(turn).step_by(stride).collect()
+        };
+        let now = now_ms();
+        for b in &picked {
+            self.probe_sent[b.index()].store(now, Ordering::Relaxed);
+        }
+        picked
     }
 
-    /// How long ago the stalest bucket channel last carried this node's probe (ms).
-    pub(crate) fn probe_age(&self) -> i64 {
-        let oldest = self
-            .last_probe
+    pub(crate) fn probe_received(&self, bucket: Bucket) {
+        self.probe_back[bucket.index()].store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Whether every bucket channel has carried this node's probe since the
+    /// subscriber last (re)subscribed.
+    pub(crate) fn probes_proven(&self) -> bool {
+        let since = self.subscribed_at.load(Ordering::Relaxed);
+        self.probe_back
             .iter()
-            .map(|t| t.load(Ordering::Relaxed))
-            .min()
-            .unwrap_or(0);
-        now_ms() - oldest
+            .all(|t| t.load(Ordering::Relaxed) >= since)
+    }
+
+    /// How long the oldest probe still out has been waiting to come back (ms; 0
+    /// when none is out).
+    pub(crate) fn probe_lag(&self) -> i64 {
+        let now = now_ms();
+        self.probe_sent
+            .iter()
+            .zip(&self.probe_back)
+            .map(|(sent, back)| {
+                let (sent, back) = (sent.load(Ordering::Relaxed), back.load(Ordering::Relaxed));
+                if back >= sent { 0 } else { now - sent }
+            })
+            .max()
+            .unwrap_or(0)
     }
 
     pub(crate) fn set_subscribed(&self, on: bool) {
         if on {
             self.subscribed_at.store(now_ms(), Ordering::Relaxed);
+            self.probe_all.store(true, Ordering::Release);
         }
         self.subscribed.store(on, Ordering::Relaxed);
     }

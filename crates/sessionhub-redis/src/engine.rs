@@ -17,24 +17,14 @@ use sessionhub_core::{
 use crate::client::Inner;
 use crate::error::{FunctionError, corrupt};
 use crate::keys::Bucket;
-use crate::reply::{
-    expire_reply, history_state, parse_conns, session_from_fields, session_from_map,
-};
+use crate::reply::{history_state, parse_conns, session_from_fields, session_from_map};
 use crate::wire::{self, Fields};
 use crate::{RedisEngine, cleanup};
 
 /// No arguments for a function call.
 const NO_ARGS: &[&str] = &[];
-/// Sessions `sh_expire` ends per call, to keep each call short.
-const EXPIRE_BATCH: usize = 500;
 /// Sockets re-asserted per function call, to keep each call short.
 const REASSERT_BATCH: usize = 1000;
-/// Lease fields of a bucket (`P{B}:leases`) are forgotten this many lease lifetimes
-/// after the lease they name ran out.
-const LEASE_FORGET_AFTER_TTLS: u32 = 10;
-/// One expiry sweep in this many also does the housekeeping (10 s at one sweep a
-/// second).
-pub(crate) const HOUSEKEEPING_EVERY: u64 = 10;
 
 fn member_key(member: &Member) -> (&'static str, &str) {
     match member {
@@ -79,10 +69,15 @@ impl Engine for RedisEngine {
                 "this node's pub/sub subscriber is reconnecting",
             ));
         }
-        let age = self.inner.probe_age();
-        if age > self.inner.lease.probe_max_age().as_millis() as i64 {
+        if !self.inner.probes_proven() {
+            return Err(EngineError::unavailable(
+                "this node's pub/sub probe has not come back on every bucket channel since it subscribed",
+            ));
+        }
+        let lag = self.inner.probe_lag();
+        if lag > self.inner.lease.probe_max_lag().as_millis() as i64 {
             return Err(EngineError::unavailable(format!(
-                "this node's pub/sub probe has not come back on every bucket channel for {age} ms"
+                "this node's pub/sub probe has not come back for {lag} ms"
             )));
         }
         Ok(())
@@ -146,7 +141,18 @@ impl Engine for RedisEngine {
                 )
                 .await;
             match res {
-                Ok(_) => return Ok(CreatedSession { session, token }),
+                Ok(_) => {
+                    // The sweep index learns of the session after its function (see
+                    // `sweep`); if Redis does not answer now, the cleanup queue retries.
+                    let due = [(Bucket::of(sid.as_str()), expires_at.min(now + idle_ms))];
+                    if let Err(e) = self.inner.note_due(&due).await {
+                        tracing::debug!(error = %e, "sweep index not told of a login yet; retrying");
+                        self.inner
+                            .cleanup
+                            .push(cleanup::Item::Due(due[0].0, due[0].1));
+                    }
+                    return Ok(CreatedSession { session, token });
+                }
                 Err(FunctionError::Exists(_)) => continue,
                 Err(e) => {
                     let e = EngineError::from(e);
@@ -299,6 +305,10 @@ impl Engine for RedisEngine {
             Some(r) => (r.since.to_string(), r.epoch.as_str()),
             None => (String::new(), ""),
         };
+        let lease = self.inner.lease_until.load(Ordering::Acquire);
+        self.inner
+            .marks
+            .registered(Bucket::of(connection_id.as_str()), lease);
         let reply: Result<Option<Vec<redis::Value>>, _> = self
             .inner
             .fcall(
@@ -312,7 +322,7 @@ impl Engine for RedisEngine {
                         now_ms(),
                         limits.per_session,
                         limits.per_user,
-                        self.inner.lease_until.load(Ordering::Acquire),
+                        lease,
                         self.inner.deadline(),
                     ),
                     (
@@ -489,6 +499,7 @@ impl Engine for RedisEngine {
         // Both must hold before the add is acknowledged, in this order: the sweep
         // that forgets emptied buckets relies on the count moving after the add.
         let n = add.await?;
+        inner.marks.group_added(group, b);
         let buckets = inner.keys.group_buckets(group);
         inner
             .run(|mut c| async move {
@@ -605,19 +616,32 @@ impl Engine for RedisEngine {
                 .or_default()
                 .push(r.connection_id.as_str());
         }
+        // Only buckets where this node registered sockets since it started can
+        // hold its records (it dropped every older one when it took its lease).
+        let registered = inner.marks.registered_buckets();
+        let mut look: Vec<Bucket> = registered.keys().chain(by_bucket.keys()).copied().collect();
+        look.sort_unstable();
+        look.dedup();
         let by_bucket = &by_bucket;
-        let lens = inner
-            .each_bucket(|b| async move {
-                let key = inner.keys.node_conns(b, &inner.node_id);
-                let n: usize =
-                    inner
-                        .run(|mut c| async move {
-                            redis::cmd("HLEN").arg(key).query_async(&mut c).await
-                        })
-                        .await?;
-                Ok((b, n))
-            })
-            .await?;
+        let lens = try_join_all(look.into_iter().map(|b| async move {
+            let key = inner.keys.node_conns(b, &inner.node_id);
+            let n: usize = inner
+                .run(|mut c| async move { redis::cmd("HLEN").arg(key).query_async(&mut c).await })
+                .await?;
+            Ok::<_, EngineError>((b, n))
+        }))
+        .await?;
+        for (b, n) in &lens {
+            // Nothing left there and no socket: look again only after a new
+            // registration, and only once it is older than the grace time.
+            if *n == 0
+                && !by_bucket.contains_key(b)
+                && let Some(&at) = registered.get(b)
+                && at < before
+            {
+                inner.marks.forget_registered(*b, at);
+            }
+        }
         let calls = lens
             .into_iter()
             .filter(|(b, n)| *n > by_bucket.get(b).map_or(0, Vec::len))
@@ -680,6 +704,9 @@ impl Engine for RedisEngine {
                 .push(r);
         }
         let lease = inner.lease_until.load(Ordering::Acquire);
+        for b in by_bucket.keys() {
+            inner.marks.registered(*b, lease);
+        }
         let calls = by_bucket.iter().flat_map(|(b, recs)| {
             recs.chunks(REASSERT_BATCH).map(move |chunk| {
                 let mut args: Vec<String> = Vec::with_capacity(2 + chunk.len() * 4);
@@ -717,56 +744,9 @@ impl Engine for RedisEngine {
             .map(drop)
     }
 
+    /// Sweeps the buckets the sweep index says are due; see [`crate::sweep`].
     async fn expire_due(&self) -> Result<u64, EngineError> {
-        let inner = &self.inner;
-        let forget_after = inner.lease.ttl_ms() * u64::from(LEASE_FORGET_AFTER_TTLS);
-        // Housekeeping (old lease fields, emptied group buckets) on every tenth
-        // sweep only: it costs Redis a few commands per bucket, and nothing waits on it.
-        let housekeeping = inner
-            .sweeps
-            .fetch_add(1, Ordering::Relaxed)
-            .is_multiple_of(HOUSEKEEPING_EVERY);
-        let ended = inner
-            .each_bucket(|b| async move {
-                let key = [inner.keys.expiry(b)];
-                let mut n = if housekeeping {
-                    let reply: redis::Value = inner
-                        .fcall(
-                            "sh_expire",
-                            &key,
-                            (now_ms(), EXPIRE_BATCH, forget_after, "1"),
-                        )
-                        .await?;
-                    let (n, emptied) = expire_reply(reply)?;
-                    for (group, count) in emptied {
-                        inner.forget_group_bucket(&group, b).await?;
-                        inner
-                            .fcall::<i64>(
-                                "sh_group_emptied_done",
-                                &[inner.keys.groups_emptied(b)],
-                                (group.as_str(), count.as_str()),
-                            )
-                            .await?;
-                    }
-                    n
-                } else {
-                    inner
-                        .fcall("sh_expire", &key, (now_ms(), EXPIRE_BATCH))
-                        .await?
-                };
-                let mut total = 0;
-                loop {
-                    total += n.max(0) as u64;
-                    if (n.max(0) as usize) < EXPIRE_BATCH {
-                        return Ok(total);
-                    }
-                    n = inner
-                        .fcall("sh_expire", &key, (now_ms(), EXPIRE_BATCH))
-                        .await?;
-                }
-            })
-            .await?;
-        Ok(ended.into_iter().sum())
+        self.inner.sweep().await
     }
 
     async fn leave(&self) -> Result<(), EngineError> {
@@ -939,7 +919,11 @@ impl Inner {
     /// Forgets bucket `b` in a group's bucket index if its members there are gone
     /// and none was added meanwhile. The count is read before the members are
     /// looked at: see `sh_group_forget_bucket`.
-    async fn forget_group_bucket(&self, group: &str, b: Bucket) -> Result<(), EngineError> {
+    pub(crate) async fn forget_group_bucket(
+        &self,
+        group: &str,
+        b: Bucket,
+    ) -> Result<(), EngineError> {
         let Ok(group) = GroupName::parse(group) else {
             tracing::warn!(
                 group,

@@ -34,6 +34,13 @@ impl Bucket {
             .unwrap_or(Bucket(0))
     }
 
+    /// The bucket named by exactly two hex digits.
+    pub fn parse_hex(hex: &str) -> Option<Bucket> {
+        (hex.len() == 2)
+            .then(|| u8::from_str_radix(hex, 16).ok().map(Bucket))
+            .flatten()
+    }
+
     /// The bucket's index, 0 to 255.
     pub fn index(self) -> usize {
         self.0 as usize
@@ -149,6 +156,11 @@ impl Keys {
         format!("{}nodes", self.prefix)
     }
 
+    /// The sweep index: bucket → the earliest time it may need the expiry sweep.
+    pub fn sweep(&self) -> String {
+        format!("{}sweep", self.prefix)
+    }
+
     /// The channel every node subscribes to.
     pub fn all_channel(&self) -> String {
         format!("{}all", self.prefix)
@@ -190,6 +202,10 @@ mod tests {
         assert_eq!(k.bucket_of_key("sh:{2b}:node:a"), Some(b));
         assert_eq!(k.bucket_of_key("sh:all"), None);
         assert_eq!(Bucket::all().count(), BUCKETS);
+        assert_eq!(Bucket::parse_hex("2b"), Some(b));
+        assert_eq!(Bucket::parse_hex("2"), None);
+        assert_eq!(Bucket::parse_hex("zz"), None);
+        assert_eq!(k.sweep(), "sh:sweep");
         assert_eq!(Bucket::all().last().map(|b| b.hex()), Some("ff".into()));
     }
 }

@@ -1,7 +1,9 @@
 //! The node's lease in `<prefix>nodes`, and the reaper.
 //!
 //! Every `heartbeat` the node renews its lease to `now + ttl` and publishes a probe
-//! to each of its bucket channels (readiness requires every probe to come back). A
+//! to a share of its bucket channels in turn (all of them after a (re)subscription;
+//! readiness requires every channel to have carried one since, and no probe to be
+//! late). A
 //! node that finds its lease expired (it was paused, or cut off longer than the
 //! lease) is fenced: it drops its records from every bucket (which also refuses any
 //! late registration under the old lease), takes a new lease, and tells its
@@ -55,9 +57,17 @@ impl LeaseConfig {
         self.ttl.as_millis() as u64
     }
 
-    /// Oldest acceptable age of the last probe that came back.
+    /// How long after subscribing every bucket channel must have carried a probe.
     pub(crate) fn probe_max_age(&self) -> Duration {
         self.heartbeat * 3
+    }
+
+    /// Longest a probe may take to come back: past it the subscription counts as
+    /// deaf. Probes go out every heartbeat, so a subscription that goes deaf is
+    /// noticed within `heartbeat + probe_max_lag` = [`LeaseConfig::probe_max_age`]
+    /// for the channels probed next (a whole link: any of them).
+    pub(crate) fn probe_max_lag(&self) -> Duration {
+        self.heartbeat * 2
     }
 }
 
@@ -120,16 +130,18 @@ async fn rejoin(inner: &Inner, events: &EventSender) {
     let _ = events.send(NodeEvent::Fenced).await;
 }
 
-/// Sends this node's probe on each of its bucket channels.
+/// Sends this node's probe on this heartbeat's share of its bucket channels (all
+/// of them after a (re)subscription; see [`Inner::buckets_to_probe`]).
 async fn probe(inner: &Inner) {
     let payload = String::from_utf8_lossy(crate::wire::PROBE);
     let payload = &*payload;
-    let sent = inner
-        .each_bucket(|b| async move {
+    let sent = futures_util::future::try_join_all(inner.buckets_to_probe().into_iter().map(
+        |b| async move {
             let channel = inner.keys.node_channel(b, &inner.node_id);
             inner.publish_bucket(channel, payload).await
-        })
-        .await;
+        },
+    ))
+    .await;
     if let Err(e) = sent {
         tracing::debug!(error = %e, "probe not sent");
     }
@@ -216,6 +228,9 @@ impl Inner {
             )
             .await?;
         self.lease_until.fetch_max(lease, Ordering::AcqRel);
+        // The sweep's backstop: whatever its index missed while no node ran (or
+        // before this version) is looked at once now.
+        self.note_all_due().await?;
         Ok(())
     }
 
@@ -228,6 +243,10 @@ impl Inner {
                     .await
             })
             .await?;
-        Ok(counts.into_iter().map(|n| n.max(0) as u64).sum())
+        let counts: Vec<u64> = counts.into_iter().map(|n| n.max(0) as u64).collect();
+        // The fences just written (and any group emptied with the records) are work
+        // for the sweep: tell its index.
+        self.note_dropped(upto, &counts).await?;
+        Ok(counts.into_iter().sum())
     }
 }

@@ -25,6 +25,7 @@ pub mod keys;
 mod lease;
 mod reply;
 mod subscriber;
+mod sweep;
 mod wire;
 
 use std::sync::Arc;

@@ -228,10 +228,12 @@ async fn deliver(channel: &[u8], payload: &[u8], events: &EventSender, inner: &I
 }
 
 /// Whether a bucket's probe has stopped coming back although the subscription is
-/// old enough to have carried several: the subscription was lost without notice.
+/// old enough to have carried one on every channel: the subscription was lost
+/// without notice.
 fn probes_stale(inner: &Inner) -> bool {
     let max_age = inner.lease.probe_max_age().as_millis() as i64;
-    inner.subscribed_for() > max_age && inner.probe_age() > max_age
+    let max_lag = inner.lease.probe_max_lag().as_millis() as i64;
+    inner.subscribed_for() > max_age && (!inner.probes_proven() || inner.probe_lag() > max_lag)
 }
 
 async fn listen_single(pubsub: redis::aio::PubSub, events: &EventSender, inner: &Inner) -> Ended {

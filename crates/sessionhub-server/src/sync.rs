@@ -14,8 +14,9 @@ use crate::state::AppState;
 
 /// Pause between attempts of a resync that failed (Redis still away).
 const RESYNC_RETRY: Duration = Duration::from_millis(500);
-/// How often each node ends sessions whose lifetime ran out. Every node does it, so
-/// expiry works as long as any node runs; the work is idempotent.
+/// How often each node ends sessions whose lifetime ran out: it reads which buckets
+/// are due (one command when none is) and sweeps those it claims. Every node does
+/// it, so expiry works as long as any node runs; the work is idempotent.
 pub const EXPIRY_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Runs `round` every `interval` (a late round delays the next, none piles up)
