@@ -1022,7 +1022,8 @@ end)
 
 -- sh_online_users: one page of a bucket's online users, in lexical order (a full
 -- page merges the pages of all buckets).
---   KEYS[1] P{B}:online   ARGV after (exclusive; "" for the first page), limit
+--   KEYS[1] P{B}:online   ARGV after (exclusive; "" for the first page), limit,
+--   [prefix: only user ids that start with it]
 --   Returns {user_id, connections, ...}.
 redis.register_function{
   function_name = 'sh_online_users',
@@ -1030,9 +1031,15 @@ redis.register_function{
   callback = function(keys, args)
     local P, B = split_key(keys[1])
     if not P or not string.match(keys[1], '}:online$') then return bad_key('P{B}:online') end
-    local from = '-'
+    local from, to = '-', '+'
     if args[1] ~= '' then from = '(' .. args[1] end
-    local users = redis.call('ZRANGE', keys[1], from, '+', 'BYLEX', 'LIMIT', 0, tonumber(args[2]))
+    local prefix = args[3] or ''
+    if prefix ~= '' then
+      -- User ids are ASCII, so prefix .. "\255" is past every id that starts with it.
+      if args[1] == '' or args[1] < prefix then from = '[' .. prefix end
+      to = '[' .. prefix .. '\255'
+    end
+    local users = redis.call('ZRANGE', keys[1], from, to, 'BYLEX', 'LIMIT', 0, tonumber(args[2]))
     local out = {}
     local oc = bkey(P, B, 'online:conns')
     for _, uid in ipairs(users) do

@@ -345,4 +345,28 @@ export class SessionHub {
   }
 }
 
+/** "Firefox on macOS" from a user agent; the raw text when it is unknown. */
+export function describeAgent(ua) {
+  if (!ua) return { label: 'Unknown device', browser: '' };
+  const browser =
+    /Edg(e|A|iOS)?\//.test(ua) ? 'Edge'
+    : /OPR\/|Opera/.test(ua) ? 'Opera'
+    : /Firefox\/|FxiOS/.test(ua) ? 'Firefox'
+    : /HeadlessChrome/.test(ua) ? 'Headless Chrome'
+    : /Chrome\/|CriOS|Chromium/.test(ua) ? 'Chrome'
+    : /Safari\/|AppleWebKit.*Version\//.test(ua) ? 'Safari'
+    : /^curl\//.test(ua) ? 'curl'
+    : '';
+  const os =
+    /iPhone|iPad|iPod/.test(ua) ? 'iOS'
+    : /Android/.test(ua) ? 'Android'
+    : /CrOS/.test(ua) ? 'ChromeOS'
+    : /Mac OS X|Macintosh/.test(ua) ? 'macOS'
+    : /Windows/.test(ua) ? 'Windows'
+    : /Linux|X11/.test(ua) ? 'Linux'
+    : '';
+  if (!browser) return { label: ua.length > 60 ? `${ua.slice(0, 57)}…` : ua, browser: '' };
+  return { label: os ? `${browser} on ${os}` : browser, browser: browser.replace('Headless ', '') };
+}
+
 export default SessionHub;

@@ -33,6 +33,10 @@ const NODE_B = env('SESSIONHUB_NODE_B');
 const PROXY = env('SESSIONHUB_PROXY');
 const NGINX = env('SESSIONHUB_NGINX');
 const ARTIFACTS = env('SESSIONHUB_ARTIFACTS');
+const API_KEY = env('SESSIONHUB_API_KEY');
+const DOCS_DIR = process.env.SESSIONHUB_UPDATE_DOCS === '1'
+  ? new URL('../../docs/', import.meta.url).pathname
+  : null;
 const DOCS_PNG = process.env.SESSIONHUB_UPDATE_DOCS === '1'
   ? new URL('../../docs/demo-notification.png', import.meta.url).pathname
   : null;
@@ -743,6 +747,83 @@ async function recovery() {
   await closeAll();
 }
 
+// 9. The admin console (/admin): a wrong key is refused with a clear message, the
+//    right one opens it (kept for the tab only); the nodes are listed; a user whose
+//    session has sockets on two nodes shows both; End session (confirmed) closes
+//    both sockets with 4001; the page fits a phone; through the shipped nginx too.
+async function adminConsole() {
+  const user = await newPage('9:user', UA.macFirefox);
+  await login(user, NODE_A, 'grace');
+  await connected(user.page, 'node-a');
+  // The same browser (cookies are per host, not per port) on node B: a second socket.
+  const second = await user.ctx.newPage();
+  await second.goto(`${NODE_B}/`);
+  await view(second, 'app');
+  await connected(second, 'node-b');
+
+  const adm = await newPage('9:admin', UA.linuxChrome);
+  adm.page.on('dialog', (d) => d.accept());
+  await adm.page.goto(`${NODE_B}/admin`);
+  await byId(adm.page, 'key-view').waitFor();
+  await byId(adm.page, 'key-input').fill('not-the-key-0123456789');
+  await byId(adm.page, 'key-submit').click();
+  await adm.page.locator('[data-testid="key-error"]', { hasText: 'Wrong key' }).waitFor();
+  await screenshot(adm.page, 'admin-wrong-key.png');
+  await byId(adm.page, 'key-input').fill(API_KEY);
+  await byId(adm.page, 'key-submit').click();
+  await byId(adm.page, 'app-view').waitFor();
+  const stored = await adm.page.evaluate(() => ({
+    session: sessionStorage.length,
+    local: localStorage.length,
+    cookie: document.cookie,
+    url: location.href,
+  }));
+  assert.equal(stored.session, 1, 'the key is kept in this tab');
+  assert.equal(stored.local, 0, 'never in localStorage');
+  assert.equal(stored.cookie, '', 'never in a cookie');
+  assert.ok(!stored.url.includes(API_KEY.slice(0, 8)), 'never in the URL');
+  for (const id of ['node-a', 'node-b']) {
+    await adm.page.locator(`[data-testid="node-row"][data-node="${id}"][data-alive="true"]`).waitFor();
+  }
+  await byId(adm.page, 'user-search').fill('gra');
+  await adm.page.getByRole('button', { name: 'Search' }).click();
+  await adm.page.locator('[data-testid="user-row"][data-user="grace"]').getByRole('button').click();
+  const row = adm.page.locator('[data-testid="admin-session"]');
+  await row.waitFor();
+  assert.equal(await row.count(), 1, 'one session of grace');
+  for (const id of ['node-a', 'node-b']) {
+    await row.locator(`[data-testid="admin-session-node"][data-node="${id}"]`).waitFor();
+  }
+  assert.equal(await byId(row, 'admin-session-device').textContent(), 'Firefox on macOS');
+  // The counters have drawn something by now (the first rate needs two samples).
+  await adm.page.locator('[data-testid="chart-connections"] [data-testid="chart-value"]', { hasText: /^\d+$/ }).waitFor();
+  await screenshot(adm.page, 'admin-console.png', true);
+  if (DOCS_DIR) await adm.page.screenshot({ path: join(DOCS_DIR, 'admin-console.png'), fullPage: true });
+
+  await byId(row, 'admin-session-end').click();
+  await adm.page.locator('[data-testid="user-status"]', { hasText: 'Session ended.' }).waitFor();
+  for (const page of [user.page, second]) {
+    await view(page, 'login');
+    await page.locator('[data-testid="login-notice"][data-reason="killed"]').waitFor();
+  }
+
+  // A phone: no sideways scroll.
+  const phone = await newPage('9:phone', UA.linuxChrome, PHONE);
+  await phone.page.goto(`${NGINX}/admin`);
+  await byId(phone.page, 'key-input').fill(API_KEY);
+  await byId(phone.page, 'key-submit').click();
+  await byId(phone.page, 'app-view').waitFor();
+  await phone.page.locator('[data-testid="node-row"]').first().waitFor();
+  const wide = await phone.page.evaluate(() => document.documentElement.scrollWidth);
+  assert.ok(wide <= 390, `the admin page is ${wide} px wide at 390`);
+  await screenshot(phone.page, 'admin-phone.png', true);
+  if (DOCS_DIR) await phone.page.screenshot({ path: join(DOCS_DIR, 'admin-phone.png'), fullPage: true });
+  // Through nginx it lists the three nodes of scripts/cluster.sh.
+  const n = await phone.page.locator('[data-testid="node-row"][data-alive="true"]').count();
+  assert.ok(n >= 1, 'nodes listed through nginx');
+  await closeAll();
+}
+
 // ---- run ---------------------------------------------------------------------------------
 
 const scenarios = [
@@ -750,6 +831,7 @@ const scenarios = [
   ['2. Dismiss hides the notification and ends nothing', dismiss],
   ['3. Sign out all other sessions, on both nodes', signOutOthers],
   ['client module: killSession, backoff ceilings, refused upgrade', clientModule],
+  ['9. the admin console: key, nodes, a user on two nodes, End session, phone, nginx', adminConsole],
   ['4. node killed under a page: reconnect through the proxy, still notified', nodeKilled],
   ["5. the seeds' flow through the shipped nginx config (scripts/cluster.sh)", seedsThroughNginx],
   ['6. the demo at phone width (390 px), through nginx', phoneWidth],

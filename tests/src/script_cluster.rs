@@ -30,6 +30,8 @@ impl ScriptCluster {
             .arg(run.path())
             .env("SESSIONHUB_BIN", node_binary())
             .env("SESSIONHUB_API_KEY", crate::API_KEY)
+            // A test switch, not a setting: the nodes refuse unknown SESSIONHUB_* names.
+            .env_remove("SESSIONHUB_UPDATE_DOCS")
             .env(
                 "PATH",
                 format!("/usr/sbin:{}", std::env::var("PATH").unwrap_or_default()),

@@ -74,6 +74,7 @@ async fn demo_app_in_headless_chromium() {
         .env("SESSIONHUB_NGINX", deployment.nginx())
         .env("SESSIONHUB_ARTIFACTS", &artifacts)
         .env("SESSIONHUB_CLOSED_PORT", free_port().to_string())
+        .env("SESSIONHUB_API_KEY", sessionhub_tests::API_KEY)
         .env("CHROMIUM_PATH", CHROMIUM)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -148,7 +149,7 @@ async fn demo_app_in_headless_chromium() {
         Some(_) => println!("{report}"),
     }
     assert!(
-        out.contains("9 passed, 0 failed"),
+        out.contains("10 passed, 0 failed"),
         "{SCRIPT} did not run every scenario\n{report}"
     );
     drop(proxy);

@@ -224,6 +224,31 @@ fn the_compose_file_is_valid_and_mounts_files_that_exist() {
     for service in ["redis:", "node1:", "node2:", "node3:", "nginx:"] {
         assert!(text.contains(service), "{service} missing from:\n{text}");
     }
+    // The monitoring profile (Prometheus and Grafana) is valid too.
+    let out = std::process::Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .args([
+            "-f",
+            "docker-compose.yml",
+            "--profile",
+            "monitoring",
+            "config",
+        ])
+        .current_dir(&root)
+        .output()
+        .unwrap();
+    let monitored = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "compose --profile monitoring config: {monitored}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for service in ["prometheus:", "grafana:"] {
+        assert!(
+            monitored.contains(service),
+            "{service} missing from:\n{monitored}"
+        );
+    }
     // Every file the compose file and the Dockerfile refer to is in the repository.
     let compose = std::fs::read_to_string(root.join("docker-compose.yml")).unwrap();
     for line in compose

@@ -12,8 +12,8 @@ use bytestring::ByteString;
 use crate::history::{Recovery, Registered};
 use crate::ids::{ConnectionId, GroupName, NodeId, SessionId, UserId};
 use crate::model::{
-    CreatedSession, Delivery, EndReason, LocalRecord, Member, NewSession, OnlineUser,
-    PresenceCounts, Session, Target,
+    CreatedSession, Delivery, EndReason, LocalRecord, Member, NewSession, NodeStatus, NodeView,
+    OnlineUser, PresenceCounts, Session, Target,
 };
 use crate::token::Token;
 
@@ -260,6 +260,47 @@ pub trait Engine: Send + Sync + 'static {
         after: Option<&UserId>,
         limit: usize,
     ) -> Result<Vec<OnlineUser>, EngineError>;
+
+    /// Up to `limit` online users whose id starts with `prefix`, after `after`
+    /// (exclusive), in lexical order.
+    async fn online_users_matching(
+        &self,
+        prefix: &str,
+        after: Option<&UserId>,
+        limit: usize,
+    ) -> Result<Vec<OnlineUser>, EngineError> {
+        let mut out = Vec::new();
+        let mut cursor = after.cloned();
+        loop {
+            let page = self.online_users(cursor.as_ref(), 1000).await?;
+            let Some(last) = page.last().map(|u| u.user_id.clone()) else {
+                return Ok(out);
+            };
+            for u in page {
+                if u.user_id.as_str().starts_with(prefix) {
+                    out.push(u);
+                    if out.len() == limit {
+                        return Ok(out);
+                    }
+                } else if u.user_id.as_str() > prefix && !out.is_empty() {
+                    return Ok(out);
+                }
+            }
+            cursor = Some(last);
+        }
+    }
+
+    /// Records this node's status for operators. Engines without a cluster keep it
+    /// for [`Engine::nodes`].
+    async fn announce(&self, status: &NodeStatus) -> Result<(), EngineError> {
+        let _ = status;
+        Ok(())
+    }
+
+    /// The nodes of the cluster, live or not yet reaped, with their last status.
+    async fn nodes(&self) -> Result<Vec<NodeView>, EngineError> {
+        Ok(Vec::new())
+    }
 
     /// Cluster-wide counts.
     async fn presence_counts(&self) -> Result<PresenceCounts, EngineError>;

@@ -17,7 +17,7 @@ use crate::history::{Audience, HistoryConfig, Recovery, Registered, UserHistory}
 use crate::ids::{ConnectionId, GroupName, NodeId, SessionId, UserId};
 use crate::model::{
     ConnLimits, ConnectionInfo, CreatedSession, Delivery, EndReason, LocalRecord, Member,
-    NewSession, OnlineUser, PresenceCounts, Session, Target,
+    NewSession, NodeStatus, NodeView, OnlineUser, PresenceCounts, Session, Target,
 };
 use crate::protocol::{SESSION_CREATED_MESSAGE, ServerFrame};
 use crate::time::now_ms;
@@ -46,6 +46,7 @@ struct State {
     groups: HashMap<GroupName, BTreeSet<Member>>,
     nodes: HashMap<NodeId, EventSender>,
     histories: HashMap<UserId, UserHistory>,
+    statuses: HashMap<NodeId, NodeStatus>,
 }
 
 /// Events to send once the lock is released.
@@ -680,6 +681,29 @@ impl Engine for MemoryEngine {
                 connections: *n,
             })
             .collect())
+    }
+
+    async fn announce(&self, status: &NodeStatus) -> Result<(), EngineError> {
+        self.store
+            .lock()
+            .statuses
+            .insert(self.node_id.clone(), status.clone());
+        Ok(())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeView>, EngineError> {
+        let st = self.store.lock();
+        let mut out: Vec<NodeView> = st
+            .nodes
+            .keys()
+            .map(|n| NodeView {
+                node_id: n.clone(),
+                lease_expires_at: None,
+                status: st.statuses.get(n).cloned(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        Ok(out)
     }
 
     async fn presence_counts(&self) -> Result<PresenceCounts, EngineError> {

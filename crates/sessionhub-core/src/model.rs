@@ -240,6 +240,31 @@ pub struct OnlineUser {
     pub connections: u64,
 }
 
+/// What a node says of itself, for operators (the admin console, `GET /api/v1/nodes`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Where it listens (as it bound it).
+    pub address: String,
+    /// Sockets it holds.
+    pub sockets: u64,
+    /// Whether it answers `/readyz` with 200.
+    pub ready: bool,
+    /// When it said so (Unix ms).
+    pub at: i64,
+}
+
+/// A node of the cluster as the store knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeView {
+    /// The node.
+    pub node_id: NodeId,
+    /// When its lease runs out (Unix ms); in the past: the node is dead and about to
+    /// be reaped. `None`: the store keeps no leases (one node).
+    pub lease_expires_at: Option<i64>,
+    /// Its last status, if it announced one recently.
+    pub status: Option<NodeStatus>,
+}
+
 /// A socket as its node knows it, for re-registering records.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalRecord {

@@ -10,8 +10,8 @@ use sessionhub_core::protocol::{SESSION_CREATED_MESSAGE, ServerFrame};
 use sessionhub_core::time::now_ms;
 use sessionhub_core::{
     ConnectionId, CreatedSession, Delivery, EndReason, Engine, EngineError, EngineStats, GroupName,
-    LocalRecord, Member, NewSession, NodeId, OnlineUser, PresenceCounts, Recovery, Registered,
-    SecretHash, Session, SessionId, Target, Token, UserId,
+    LocalRecord, Member, NewSession, NodeId, NodeStatus, NodeView, OnlineUser, PresenceCounts,
+    Recovery, Registered, SecretHash, Session, SessionId, Target, Token, UserId,
 };
 
 use crate::client::Inner;
@@ -21,6 +21,8 @@ use crate::reply::{history_state, parse_conns, session_from_fields, session_from
 use crate::wire::{self, Fields};
 use crate::{RedisEngine, cleanup};
 
+/// How long a node's announced status stays in Redis without a newer one.
+const NODE_STATUS_TTL_MS: u64 = 60_000;
 /// No arguments for a function call.
 const NO_ARGS: &[&str] = &[];
 /// Sockets re-asserted per function call, to keep each call short.
@@ -582,6 +584,84 @@ impl Engine for RedisEngine {
                 })
             })
             .collect()
+    }
+
+    async fn online_users_matching(
+        &self,
+        prefix: &str,
+        after: Option<&UserId>,
+        limit: usize,
+    ) -> Result<Vec<OnlineUser>, EngineError> {
+        let inner = &self.inner;
+        let after = after.map(UserId::as_str).unwrap_or("");
+        let pages = inner
+            .each_bucket(|b| async move {
+                inner
+                    .fcall::<Vec<(String, u64)>>(
+                        "sh_online_users",
+                        &[inner.keys.online(b)],
+                        (after, limit, prefix),
+                    )
+                    .await
+            })
+            .await?;
+        let mut all: Vec<(String, u64)> = pages.into_iter().flatten().collect();
+        all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        all.truncate(limit);
+        all.into_iter()
+            .map(|(u, n)| {
+                Ok(OnlineUser {
+                    user_id: UserId::parse(&u).map_err(corrupt)?,
+                    connections: n,
+                })
+            })
+            .collect()
+    }
+
+    async fn announce(&self, status: &NodeStatus) -> Result<(), EngineError> {
+        let key = self.inner.keys.node_status(&self.inner.node_id);
+        let json = serde_json::to_string(status).map_err(corrupt)?;
+        self.inner
+            .run(|mut c| async move {
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(json)
+                    .arg("PX")
+                    .arg(NODE_STATUS_TTL_MS)
+                    .query_async::<()>(&mut c)
+                    .await
+            })
+            .await
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeView>, EngineError> {
+        let inner = &self.inner;
+        let key = inner.keys.nodes();
+        let leases: Vec<(String, f64)> = inner
+            .run(|mut c| async move {
+                redis::cmd("ZRANGE")
+                    .arg(key)
+                    .arg(0)
+                    .arg(-1)
+                    .arg("WITHSCORES")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        try_join_all(leases.into_iter().map(|(id, lease)| async move {
+            let node_id = NodeId::parse(&id).map_err(corrupt)?;
+            let key = inner.keys.node_status(&node_id);
+            let json: Option<String> = inner
+                .run(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
+                .await?;
+            Ok(NodeView {
+                node_id,
+                lease_expires_at: Some(lease as i64),
+                // An unreadable status is shown as none rather than failing the list.
+                status: json.and_then(|j| serde_json::from_str(&j).ok()),
+            })
+        }))
+        .await
     }
 
     async fn presence_counts(&self) -> Result<PresenceCounts, EngineError> {

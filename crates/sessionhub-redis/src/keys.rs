@@ -156,6 +156,11 @@ impl Keys {
         format!("{}nodes", self.prefix)
     }
 
+    /// A node's last status (JSON, for operators; expires on its own).
+    pub fn node_status(&self, node: &NodeId) -> String {
+        format!("{}node-status:{node}", self.prefix)
+    }
+
     /// The sweep index: bucket → the earliest time it may need the expiry sweep.
     pub fn sweep(&self) -> String {
         format!("{}sweep", self.prefix)

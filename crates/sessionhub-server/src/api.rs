@@ -15,6 +15,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("/api/v1")
             .configure(crate::messaging::routes)
+            .route("/nodes", web::get().to(nodes))
             .route("/sessions", web::post().to(create_session))
             .route("/sessions/{session_id}", web::get().to(get_session))
             .route("/sessions/{session_id}", web::delete().to(kill_session))
@@ -55,6 +56,31 @@ fn parse_sid(s: &str) -> Result<SessionId, ApiError> {
 
 fn parse_uid(s: &str) -> Result<UserId, ApiError> {
     lifecycle::parse_uid(s)
+}
+
+/// `GET /api/v1/nodes`: every node with a lease (live, or dead and not yet reaped),
+/// its lease and its last announced status, with times made relative to now.
+async fn nodes(_: ServiceAuth, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let now = sessionhub_core::time::now_ms();
+    let nodes = state.engine.nodes().await?;
+    let out: Vec<serde_json::Value> = nodes
+        .into_iter()
+        .map(|n| {
+            let lease_left = n.lease_expires_at.map(|e| e - now);
+            serde_json::json!({
+                "node_id": n.node_id,
+                "alive": lease_left.is_none_or(|l| l > 0),
+                "lease_expires_at": n.lease_expires_at.map(sessionhub_core::time::rfc3339),
+                "lease_ms_left": lease_left,
+                "address": n.status.as_ref().map(|s| s.address.clone()),
+                "sockets": n.status.as_ref().map(|s| s.sockets),
+                "ready": n.status.as_ref().map(|s| s.ready),
+                "status_age_ms": n.status.as_ref().map(|s| now - s.at),
+                "this_node": &n.node_id == state.engine.node_id(),
+            })
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "nodes": out })))
 }
 
 async fn create_session(

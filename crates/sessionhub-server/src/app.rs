@@ -134,6 +134,7 @@ impl Application {
         let request_timeout = state.config.request_timeout;
         let workers = state.config.workers;
         let demo = state.config.demo;
+        let admin = state.config.admin;
         let server = HttpServer::new(move || {
             App::new()
                 .wrap_fn(|mut req, srv| {
@@ -171,6 +172,9 @@ impl Application {
                         crate::demo::routes(c);
                         crate::web::demo_routes(c);
                     }
+                    if admin {
+                        crate::web::admin_routes(c);
+                    }
                 })
                 .route("/ws", web::get().to(crate::ws::upgrade))
                 .route("/healthz", web::get().to(healthz))
@@ -195,6 +199,10 @@ impl Application {
             source,
         })?;
         let addr = server.addrs().first().copied().unwrap_or(listen);
+        actix_web::rt::spawn(state.tasks.track_future(crate::sync::announce_forever(
+            state.clone(),
+            addr.to_string(),
+        )));
         Ok(Self {
             server: server.run(),
             addr,

@@ -66,6 +66,12 @@ pub struct Cli {
           value_parser = BoolishValueParser::new())]
     pub demo: Option<bool>,
 
+    /// Serve the admin console at /admin (it asks for the service API key). Default:
+    /// on when SESSIONHUB_API_KEY is set.
+    #[arg(long, env = "SESSIONHUB_ADMIN", num_args = 0..=1, default_missing_value = "true",
+          value_parser = BoolishValueParser::new())]
+    pub admin: Option<bool>,
+
     /// Prefix of every Redis key and channel.
     #[arg(long, env = "SESSIONHUB_KEY_PREFIX", default_value = "sh:")]
     pub key_prefix: String,
@@ -254,6 +260,8 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Serve the demo page.
     pub demo: bool,
+    /// Serve the admin console.
+    pub admin: bool,
     /// Redis key prefix.
     pub key_prefix: String,
     /// Start-up retry bound for Redis.
@@ -323,6 +331,7 @@ impl fmt::Debug for Config {
             .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
             .field("allowed_origins", &self.allowed_origins)
             .field("demo", &self.demo)
+            .field("admin", &self.admin)
             .field("key_prefix", &self.key_prefix)
             .field("redis_connect_timeout", &self.redis_connect_timeout)
             .field("max_message_bytes", &self.max_message_bytes)
@@ -545,6 +554,16 @@ impl Config {
                 "must be longer than SESSIONHUB_PING_INTERVAL_MS",
             ));
         }
+        let admin = match cli.admin {
+            Some(true) if api_key.is_none() => {
+                return Err(bad(
+                    "SESSIONHUB_ADMIN (--admin)",
+                    "the admin console needs SESSIONHUB_API_KEY: operators sign in with it",
+                ));
+            }
+            Some(on) => on,
+            None => api_key.is_some(),
+        };
         Ok(Config {
             events_maxlen: cli.events_maxlen,
             webhook,
@@ -595,6 +614,7 @@ impl Config {
             api_key,
             allowed_origins,
             demo: cli.demo.unwrap_or(embedded),
+            admin,
             key_prefix: cli.key_prefix,
             redis_connect_timeout: Duration::from_secs(cli.redis_connect_timeout),
             json_logs: cli.log_format == "json",

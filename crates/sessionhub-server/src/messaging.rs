@@ -334,6 +334,8 @@ struct OnlineQuery {
     online: Option<bool>,
     after: Option<String>,
     limit: Option<usize>,
+    /// Only users whose id starts with this.
+    prefix: Option<String>,
 }
 
 async fn online_users(
@@ -354,7 +356,20 @@ async fn online_users(
         Some(a) => Some(UserId::parse(a).map_err(|e| bad(e.to_string()))?),
         None => None,
     };
-    let users = state.engine.online_users(after.as_ref(), limit).await?;
+    let users = match query.prefix.as_deref().filter(|p| !p.is_empty()) {
+        Some(p) => {
+            if p.len() > 256 || p.chars().any(char::is_control) {
+                return Err(bad(
+                    "prefix must be at most 256 characters, none a control character",
+                ));
+            }
+            state
+                .engine
+                .online_users_matching(p, after.as_ref(), limit)
+                .await?
+        }
+        None => state.engine.online_users(after.as_ref(), limit).await?,
+    };
     let next = (users.len() == limit)
         .then(|| users.last().map(|u| u.user_id.clone()))
         .flatten();

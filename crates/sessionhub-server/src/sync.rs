@@ -37,6 +37,24 @@ where
     }
 }
 
+/// Tells the store, every heartbeat, where this node listens, how many sockets it
+/// holds and whether it is ready: what operators see of it (`GET /api/v1/nodes`, the
+/// admin console).
+pub async fn announce_forever(state: AppState, address: String) {
+    every(&state, state.config.lease.heartbeat, || async {
+        let status = sessionhub_core::NodeStatus {
+            address: address.clone(),
+            sockets: state.hub.len() as u64,
+            ready: state.check_ready().await.is_ok(),
+            at: sessionhub_core::time::now_ms(),
+        };
+        if let Err(e) = state.engine.announce(&status).await {
+            tracing::debug!(error = %e, "node status not announced");
+        }
+    })
+    .await
+}
+
 /// Ends sessions past their absolute or idle lifetime, with `session_ended`
 /// (`expired`) to every node holding their sockets.
 pub async fn expire_forever(state: AppState) {
