@@ -61,6 +61,31 @@ fn bench_binary() -> PathBuf {
     sessionhub_tests::process::built_binary("sessionhub-bench", "SESSIONHUB_BENCH_BIN")
 }
 
+/// Runs the tool (bounded: a hung tool, not a speed assertion), asserts it succeeded,
+/// and returns its figures and its output (stdout, then stderr) for messages.
+async fn run_tool(
+    mut cmd: tokio::process::Command,
+    what: &str,
+    bound: Duration,
+) -> (BTreeMap<String, (f64, String)>, String) {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(bound, cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("sessionhub-bench {what} did not finish within {bound:?}"))
+        .expect("sessionhub-bench could not be run");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let text = format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "sessionhub-bench {what} failed ({}):\n{text}",
+        out.status
+    );
+    (figures(&stdout), text)
+}
+
 /// Parses `name: value unit` lines; panics on any other line.
 fn figures(stdout: &str) -> BTreeMap<String, (f64, String)> {
     stdout
@@ -232,27 +257,11 @@ async fn a_rolling_restart_under_steady_publishing_loses_and_repeats_nothing() {
             "--settle-ms",
             "1000",
         ])
-        .env("SESSIONHUB_API_KEY", API_KEY)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    // A bound on a hung tool, not a speed assertion.
-    let out = tokio::time::timeout(Duration::from_secs(180), cmd.output())
-        .await
-        .expect("sessionhub-bench rolling did not finish within 180 s")
-        .expect("sessionhub-bench could not be run");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "sessionhub-bench rolling failed ({}):\n{stdout}\n{stderr}",
-        out.status
-    );
-    let figs = figures(&stdout);
+        .env("SESSIONHUB_API_KEY", API_KEY);
+    let (figs, stdout) = run_tool(cmd, "rolling", Duration::from_secs(180)).await;
     let value = |name: &str| {
         figs.get(name)
-            .unwrap_or_else(|| panic!("no `{name}` figure in:\n{stdout}\n{stderr}"))
+            .unwrap_or_else(|| panic!("no `{name}` figure in:\n{stdout}"))
             .0
     };
     assert_eq!(value("rolling_restarts"), 3.0, "{stdout}");

@@ -560,30 +560,8 @@ impl Engine for RedisEngine {
         after: Option<&UserId>,
         limit: usize,
     ) -> Result<Vec<OnlineUser>, EngineError> {
-        let inner = &self.inner;
-        let after = after.map(UserId::as_str).unwrap_or("");
-        let pages = inner
-            .each_bucket(|b| async move {
-                inner
-                    .fcall::<Vec<(String, u64)>>(
-                        "sh_online_users",
-                        &[inner.keys.online(b)],
-                        (after, limit),
-                    )
-                    .await
-            })
-            .await?;
-        let mut all: Vec<(String, u64)> = pages.into_iter().flatten().collect();
-        all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        all.truncate(limit);
-        all.into_iter()
-            .map(|(u, n)| {
-                Ok(OnlineUser {
-                    user_id: UserId::parse(&u).map_err(corrupt)?,
-                    connections: n,
-                })
-            })
-            .collect()
+        // An empty prefix matches every user id: the same merged walk of the buckets.
+        self.online_users_matching("", after, limit).await
     }
 
     async fn online_users_matching(
