@@ -45,14 +45,34 @@ impl AppState {
     /// the engine's own check (Redis answers, the subscriber holds its channels and
     /// its probes come back).
     pub async fn check_ready(&self) -> Result<(), ApiError> {
+        match self.readiness().await {
+            Ok(()) => Ok(()),
+            Err(Some(e)) => Err(e.into()),
+            Err(None) => Err(ApiError::Unavailable),
+        }
+    }
+
+    /// [`AppState::check_ready`] without the answer: for the node's own status
+    /// reports, which must not log an error every heartbeat while it is not ready.
+    pub async fn is_ready(&self) -> bool {
+        match self.readiness().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(error = ?e, "not ready");
+                false
+            }
+        }
+    }
+
+    /// The checks of readiness; the store's error, if that is what failed.
+    async fn readiness(&self) -> Result<(), Option<sessionhub_core::EngineError>> {
         if self.shutdown.is_cancelled() {
-            return Err(ApiError::Unavailable);
+            return Err(None);
         }
         if self.synced.load(Ordering::Acquire) != self.engine.generation() {
             tracing::debug!("not ready: re-asserting this node's records");
-            return Err(ApiError::Unavailable);
+            return Err(None);
         }
-        self.engine.ping().await?;
-        Ok(())
+        self.engine.ping().await.map_err(Some)
     }
 }

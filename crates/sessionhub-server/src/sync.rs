@@ -45,7 +45,7 @@ pub async fn announce_forever(state: AppState, address: String) {
         let status = sessionhub_core::NodeStatus {
             address: address.clone(),
             sockets: state.hub.len() as u64,
-            ready: state.check_ready().await.is_ok(),
+            ready: state.is_ready().await,
             at: sessionhub_core::time::now_ms(),
         };
         if let Err(e) = state.engine.announce(&status).await {
