@@ -21,8 +21,6 @@ use crate::reply::{history_state, parse_conns, session_from_fields, session_from
 use crate::wire::{self, Fields};
 use crate::{RedisEngine, cleanup};
 
-/// How long a node's announced status stays in Redis without a newer one.
-const NODE_STATUS_TTL_MS: u64 = 60_000;
 /// No arguments for a function call.
 const NO_ARGS: &[&str] = &[];
 /// Sockets re-asserted per function call, to keep each call short.
@@ -599,13 +597,16 @@ impl Engine for RedisEngine {
     async fn announce(&self, status: &NodeStatus) -> Result<(), EngineError> {
         let key = self.inner.keys.node_status(&self.inner.node_id);
         let json = serde_json::to_string(status).map_err(corrupt)?;
+        // It lives as long as the lease it was written under: a node that stops
+        // renewing both leaves no status behind.
+        let ttl = self.inner.lease.ttl_ms();
         self.inner
             .run(|mut c| async move {
                 redis::cmd("SET")
                     .arg(key)
                     .arg(json)
                     .arg("PX")
-                    .arg(NODE_STATUS_TTL_MS)
+                    .arg(ttl)
                     .query_async::<()>(&mut c)
                     .await
             })
