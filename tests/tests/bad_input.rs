@@ -292,6 +292,39 @@ async fn bad_configuration_is_one_clear_line() {
             ],
             "needs Redis",
         ),
+        // TLS files: readable, a certificate with its key, only with rediss://.
+        (
+            vec![],
+            vec![
+                ("SESSIONHUB_REDIS_URL", "rediss://127.0.0.1:1".into()),
+                ("SESSIONHUB_REDIS_CA_FILE", "/nonexistent/ca.crt".into()),
+            ],
+            "SESSIONHUB_REDIS_CA_FILE (--redis-ca-file): cannot read /nonexistent/ca.crt",
+        ),
+        (
+            vec![],
+            vec![
+                ("SESSIONHUB_REDIS_URL", "rediss://127.0.0.1:1".into()),
+                ("SESSIONHUB_REDIS_CLIENT_CERT_FILE", "/etc/hostname".into()),
+            ],
+            "SESSIONHUB_REDIS_CLIENT_CERT_FILE (--redis-client-cert-file): needs SESSIONHUB_REDIS_CLIENT_KEY_FILE",
+        ),
+        (
+            vec![],
+            vec![
+                ("SESSIONHUB_REDIS_URL", "redis://127.0.0.1:1".into()),
+                ("SESSIONHUB_REDIS_CA_FILE", "/etc/hostname".into()),
+            ],
+            "SESSIONHUB_REDIS_CA_FILE (--redis-ca-file): is set but no Redis URL is rediss://",
+        ),
+        (
+            vec![],
+            vec![
+                ("SESSIONHUB_REDIS_URL", "rediss://127.0.0.1:1".into()),
+                ("SESSIONHUB_REDIS_CA_FILE", "/etc/hostname".into()),
+            ],
+            "holds no PEM certificate",
+        ),
     ];
     for (args, env, needle) in cases {
         let (code, stderr) = run_to_exit(&args, &env, Duration::from_secs(20)).await;

@@ -182,7 +182,7 @@ pub(crate) async fn cluster_connection(
     config: &RedisConfig,
     shown: &str,
 ) -> Result<redis::cluster_async::ClusterConnection, ConnectError> {
-    let client = redis::cluster::ClusterClient::builder(seeds.iter().map(String::as_str))
+    let client = crate::tls::cluster_builder(seeds, &config.tls)
         .connection_timeout(config.command_timeout)
         .response_timeout(config.command_timeout)
         .retries(2)

@@ -10,7 +10,7 @@ use redis::{Cmd, Pipeline, RedisFuture, Value};
 /// Where the nodes' shared state lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Topology {
-    /// One Redis server (`redis://` or `unix://` URL).
+    /// One Redis server (`redis://`, `rediss://` or `unix://` URL).
     Single(String),
     /// A Redis Cluster, reached through any of these seed URLs.
     Cluster(Vec<String>),
@@ -20,6 +20,14 @@ impl Topology {
     /// Whether this is a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
         matches!(self, Topology::Cluster(_))
+    }
+
+    /// Whether any URL is `rediss://` (TLS).
+    pub fn uses_tls(&self) -> bool {
+        match self {
+            Topology::Single(url) => crate::tls::is_tls(url),
+            Topology::Cluster(seeds) => seeds.iter().any(|s| crate::tls::is_tls(s)),
+        }
     }
 
     /// The URLs with passwords hidden, for logs and errors.

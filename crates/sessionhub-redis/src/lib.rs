@@ -26,6 +26,7 @@ mod lease;
 mod reply;
 mod subscriber;
 mod sweep;
+mod tls;
 mod wire;
 
 use std::sync::Arc;
@@ -44,6 +45,7 @@ pub use conn::Topology;
 pub use events::{EventStreams, LifecycleEvent, StoredEvent, Take};
 pub use keys::{BUCKETS, Bucket, Keys};
 pub use lease::LeaseConfig;
+pub use tls::{ClientCert, RedisTls, TLS_SCHEME, TlsError};
 
 /// The function library, loaded into Redis at start-up and after Redis lost it.
 pub const LIBRARY: &str = include_str!("../../../lua/sessionhub.lua");
@@ -77,7 +79,7 @@ impl RedisEngine {
         };
         let (conn, subscribe_with) = match &config.topology {
             Topology::Single(url) => {
-                let client = redis::Client::open(url.as_str()).map_err(invalid)?;
+                let client = tls::client(url, &config.tls).map_err(invalid)?;
                 let manager_cfg = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(config.command_timeout))
                     .set_response_timeout(Some(config.command_timeout))
@@ -91,7 +93,7 @@ impl RedisEngine {
                 let conn = cluster_connection(seeds, &config, &shown).await?;
                 (
                     Conn::Cluster(conn),
-                    subscriber::Source::Cluster(seeds.clone()),
+                    subscriber::Source::Cluster(seeds.clone(), config.tls.clone()),
                 )
             }
         };

@@ -46,8 +46,8 @@ const PUSH_QUEUE: usize = 4096;
 pub(crate) enum Source {
     /// One Redis.
     Single(redis::Client),
-    /// A Redis Cluster, through these seed URLs.
-    Cluster(Vec<String>),
+    /// A Redis Cluster, through these seed URLs (with these certificates).
+    Cluster(Vec<String>, crate::tls::RedisTls),
 }
 
 /// Starts the subscriber task. The returned receiver fires once the first
@@ -87,7 +87,7 @@ async fn run(source: Source, events: EventSender, inner: Arc<Inner>, ready: ones
     let stop = inner.stop.clone();
     let shown = match &source {
         Source::Single(c) => redact_url(&c.get_connection_info().addr().to_string()),
-        Source::Cluster(seeds) => seeds
+        Source::Cluster(seeds, _) => seeds
             .iter()
             .map(|s| redact_url(s))
             .collect::<Vec<_>>()
@@ -171,7 +171,7 @@ async fn connect(source: &Source, inner: &Inner) -> redis::RedisResult<Link> {
             pubsub.subscribe(&channels).await?;
             Ok(Link::Single(pubsub))
         }
-        Source::Cluster(seeds) => {
+        Source::Cluster(seeds, tls) => {
             let (tx, rx) = mpsc::channel(PUSH_QUEUE);
             let overflow = Arc::new(AtomicBool::new(false));
             let flag = overflow.clone();
@@ -182,7 +182,7 @@ async fn connect(source: &Source, inner: &Inner) -> redis::RedisResult<Link> {
                 }
                 Ok::<(), std::convert::Infallible>(())
             };
-            let client = redis::cluster::ClusterClient::builder(seeds.iter().map(String::as_str))
+            let client = crate::tls::cluster_builder(seeds, tls)
                 .use_protocol(redis::ProtocolVersion::RESP3)
                 .push_sender(sender)
                 .connection_timeout(LINK_PING_TIMEOUT)
