@@ -12,6 +12,7 @@ pub mod proxy;
 pub mod redis_cluster;
 pub mod script_cluster;
 pub mod secrets;
+pub mod sentinel;
 pub mod tls;
 pub mod webhook;
 

@@ -14,6 +14,14 @@ pub enum Topology {
     Single(String),
     /// A Redis Cluster, reached through any of these seed URLs.
     Cluster(Vec<String>),
+    /// One Redis master (with replicas) watched by Redis Sentinel: the sentinels'
+    /// URLs and the master's name in their configuration.
+    Sentinel {
+        /// The sentinels' URLs (`redis://host:26379`).
+        sentinels: Vec<String>,
+        /// The master's name (`sentinel monitor <name> ...`).
+        master: String,
+    },
 }
 
 impl Topology {
@@ -26,7 +34,10 @@ impl Topology {
     pub fn uses_tls(&self) -> bool {
         match self {
             Topology::Single(url) => crate::tls::is_tls(url),
-            Topology::Cluster(seeds) => seeds.iter().any(|s| crate::tls::is_tls(s)),
+            Topology::Cluster(seeds)
+            | Topology::Sentinel {
+                sentinels: seeds, ..
+            } => seeds.iter().any(|s| crate::tls::is_tls(s)),
         }
     }
 
@@ -39,6 +50,7 @@ impl Topology {
                 .map(|s| crate::config::redact_url(s))
                 .collect::<Vec<_>>()
                 .join(","),
+            Topology::Sentinel { sentinels, master } => crate::sentinel::shown(sentinels, master),
         }
     }
 }

@@ -48,6 +48,17 @@ pub struct Cli {
     #[arg(long, env = "SESSIONHUB_REDIS_CLUSTER", value_delimiter = ',')]
     pub redis_cluster: Vec<String>,
 
+    /// Redis Sentinel URLs, comma-separated (`redis://host:26379,...`): the node
+    /// asks them for the master and follows it after a failover. Needs
+    /// SESSIONHUB_REDIS_SENTINEL_MASTER; exclusive with SESSIONHUB_REDIS_URL and
+    /// SESSIONHUB_REDIS_CLUSTER.
+    #[arg(long, env = "SESSIONHUB_REDIS_SENTINELS", value_delimiter = ',')]
+    pub redis_sentinels: Vec<String>,
+
+    /// The master's name in the sentinels' configuration (`sentinel monitor <name>`).
+    #[arg(long, env = "SESSIONHUB_REDIS_SENTINEL_MASTER")]
+    pub redis_sentinel_master: Option<String>,
+
     /// PEM file of the CA that signs the Redis servers' certificates (rediss://).
     /// Unset: the system's root certificates.
     #[arg(long, env = "SESSIONHUB_REDIS_CA_FILE")]
@@ -462,7 +473,8 @@ impl Config {
     /// Validates raw settings.
     pub fn from_cli(cli: Cli) -> Result<Self, ConfigError> {
         let embedded = cli.redis_url.as_deref().is_none_or(str::is_empty)
-            && cli.redis_cluster.iter().all(|s| s.trim().is_empty());
+            && cli.redis_cluster.iter().all(|s| s.trim().is_empty())
+            && cli.redis_sentinels.iter().all(|s| s.trim().is_empty());
         let webhook = webhook_config(&cli, embedded)?;
         let node_id = match cli.node_id.as_deref() {
             None | Some("") => NodeId::generate(),
@@ -497,6 +509,11 @@ impl Config {
             }
             (None, true) => None,
         };
+        let redis = sentinel_topology(
+            &cli.redis_sentinels,
+            cli.redis_sentinel_master.as_deref(),
+            redis,
+        )?;
         let redis_tls = redis_tls(
             cli.redis_ca_file.clone(),
             cli.redis_client_cert_file.clone(),
@@ -678,6 +695,48 @@ fn webhook_config(cli: &Cli, embedded: bool) -> Result<Option<WebhookConfig>, Co
         claim_idle: Duration::from_millis(cli.webhook_claim_ms),
         batch: cli.webhook_batch as usize,
         max_in_flight: cli.webhook_max_in_flight as usize,
+    }))
+}
+
+/// With sentinels (and their master's name) the topology is Redis Sentinel, and
+/// neither a Redis URL nor a cluster may be set; `direct` is the topology from those.
+fn sentinel_topology(
+    sentinels: &[String],
+    master: Option<&str>,
+    direct: Option<Topology>,
+) -> Result<Option<Topology>, ConfigError> {
+    const SENTINELS: &str = "SESSIONHUB_REDIS_SENTINELS (--redis-sentinels)";
+    const MASTER: &str = "SESSIONHUB_REDIS_SENTINEL_MASTER (--redis-sentinel-master)";
+    let sentinels: Vec<String> = sentinels
+        .iter()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let master = master.map(str::trim).filter(|m| !m.is_empty());
+    match (sentinels.is_empty(), master) {
+        (true, None) => return Ok(direct),
+        (true, Some(_)) => return Err(bad(MASTER, "is set but SESSIONHUB_REDIS_SENTINELS is not")),
+        (false, None) => {
+            return Err(bad(
+                SENTINELS,
+                "needs SESSIONHUB_REDIS_SENTINEL_MASTER (the master's name in `sentinel monitor`)",
+            ));
+        }
+        (false, Some(_)) => {}
+    }
+    if direct.is_some() {
+        return Err(bad(
+            SENTINELS,
+            "set one of SESSIONHUB_REDIS_URL (one Redis), SESSIONHUB_REDIS_CLUSTER (Redis \
+             Cluster) or SESSIONHUB_REDIS_SENTINELS (Redis Sentinel), not several",
+        ));
+    }
+    for url in &sentinels {
+        check_redis_url(SENTINELS, url, false)?;
+    }
+    Ok(Some(Topology::Sentinel {
+        sentinels,
+        master: master.unwrap_or_default().to_owned(),
     }))
 }
 
