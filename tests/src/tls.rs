@@ -52,10 +52,12 @@ impl Pki {
             "-out",
             "ca.crt",
         ]);
-        // Extensions make both X.509 v3 certificates (rustls refuses v1).
+        // Extensions make both X.509 v3 certificates (rustls refuses v1). The server
+        // certificate is a client one too: Redis Cluster nodes show it to each other
+        // on the TLS cluster bus.
         std::fs::write(
             dir.path().join("server.ext"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
         )
         .unwrap();
         std::fs::write(
@@ -169,6 +171,57 @@ impl TlsRedis {
             }
         }
         panic!("redis-server with TLS did not start");
+    }
+
+    /// Starts three TLS-only masters (`--tls-cluster yes`: the bus and the
+    /// addresses the cluster announces are TLS too) and joins them with
+    /// `redis-cli --tls --cluster create`.
+    pub async fn start_cluster(pki: &Pki) -> Vec<Self> {
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let bus = free_port().to_string();
+            nodes.push(
+                Self::start(
+                    pki,
+                    false,
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-port",
+                        &bus,
+                        "--tls-cluster",
+                        "yes",
+                        "--tls-replication",
+                        "yes",
+                    ],
+                )
+                .await,
+            );
+        }
+        let cli = require("redis-cli", "apt-get install -y redis-tools");
+        let mut create = Command::new(cli);
+        create
+            .arg("--tls")
+            .arg("--cacert")
+            .arg(pki.file("ca.crt"))
+            .args(["--cluster", "create"])
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .arg("--cluster-yes")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(Duration::from_secs(60), create.output())
+            .await
+            .expect("`redis-cli --cluster create` timed out")
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "`redis-cli --tls --cluster create` failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        nodes
     }
 
     /// Its `rediss://` URL, with `userinfo` (`user:pass@`, or empty).

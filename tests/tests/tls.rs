@@ -126,3 +126,20 @@ async fn an_acl_user_and_password_in_the_url() {
     let stderr = fails_to_start(redis.url("alice:wrong-pw-2231@"), vec![pki.ca_env()]).await;
     assert!(!stderr.contains("wrong-pw-2231"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reaches_a_redis_cluster_over_tls() {
+    let pki = Pki::generate();
+    let cluster = TlsRedis::start_cluster(&pki).await;
+    let seeds: Vec<String> = cluster.iter().map(|n| n.url("")).collect();
+    let mut opts = NodeOptions::numbered(0, &[]);
+    opts.env = vec![
+        pki.ca_env(),
+        ("SESSIONHUB_REDIS_CLUSTER".into(), seeds.join(",")),
+    ];
+    // `redis-cli --cluster create` returns before every node agrees on the slots;
+    // the node retries until the cluster answers (its connect timeout).
+    let node = Node::start(opts).await;
+    wait_ready(&node).await;
+    serves(&node).await;
+}
