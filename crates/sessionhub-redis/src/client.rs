@@ -379,6 +379,8 @@ impl Inner {
         if self.rebuilding.swap(true, Ordering::AcqRel) {
             return;
         }
+        // Cleared however this ends (the caller's future may be dropped midway).
+        let _rebuilding = ClearOnDrop(&self.rebuilding);
         let shown = Topology::Cluster(seeds.clone()).shown();
         let quick = RedisConfig {
             connect_timeout: config.command_timeout,
@@ -392,7 +394,6 @@ impl Inner {
             }
             Err(e) => tracing::warn!(error = %e, "could not reconnect to Redis Cluster"),
         }
-        self.rebuilding.store(false, Ordering::Release);
     }
 
     /// Calls a library function. If Redis lost the library (it restarted empty),
