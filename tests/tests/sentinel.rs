@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
 use sessionhub_tests::process::{NodeOptions, wait_ready};
-use sessionhub_tests::sentinel::SentinelSet;
+use sessionhub_tests::sentinel::{MASTER_NAME, SentinelSet};
 use sessionhub_tests::{API_KEY, Api, FAST_LEASE, Node, WsClient, wait_for};
 
 /// Sessions made before the failover, each with a socket on another node than the
@@ -165,4 +165,120 @@ async fn nodes_follow_the_new_master_and_acknowledged_kills_that_reached_the_rep
         assert_eq!(res.status(), StatusCode::NO_CONTENT);
         assert_eq!(ws.expect_close().await.0, 4001);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_failover_demotes_the_master_and_the_nodes_move_to_the_new_one() {
+    let set = SentinelSet::start().await;
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let mut opts = NodeOptions::numbered(i, FAST_LEASE);
+        opts.env.extend(set.env());
+        let node = Node::start(opts).await;
+        wait_ready(&node).await;
+        nodes.push(node);
+    }
+    let apis: Vec<Api> = nodes.iter().map(Api::new).collect();
+    let mut sessions = Vec::new();
+    let mut sockets = Vec::new();
+    for i in 0..6 {
+        let s = apis[i % 3]
+            .create_session(&format!("user{i}"), "sentinel-test")
+            .await;
+        sockets.push(
+            WsClient::connect(&nodes[(i + 1) % 3], &s.token)
+                .await
+                .unwrap(),
+        );
+        sessions.push(s);
+    }
+
+    // The old master stays up, demoted to replica: writes to it answer READONLY.
+    let mut c = set.sentinels[0].conn().await;
+    let _: String = redis::cmd("SENTINEL")
+        .arg("FAILOVER")
+        .arg(MASTER_NAME)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let replica_port = set.replica.port;
+    wait_for(
+        "the sentinels to promote the replica",
+        PROMOTE_BOUND,
+        || {
+            let set = &set;
+            async move { (set.named_master_port().await == Some(replica_port)).then_some(()) }
+        },
+    )
+    .await;
+    let promoted_at = Instant::now();
+
+    // The nodes follow the new master: their subscriptions leave the demoted one.
+    // Until a node has followed, a write the old master took before its demotion is
+    // lost with it, as the README says; from then on every kill holds.
+    let old = set.master.url();
+    wait_for(
+        "no node subscribed on the demoted master",
+        READY_BOUND,
+        || {
+            let old = old.clone();
+            async move {
+                let mut c = redis::Client::open(old)
+                    .ok()?
+                    .get_multiplexed_async_connection()
+                    .await
+                    .ok()?;
+                let channels: Vec<String> = redis::cmd("PUBSUB")
+                    .arg("CHANNELS")
+                    .arg("sh:*")
+                    .query_async(&mut c)
+                    .await
+                    .ok()?;
+                channels.is_empty().then_some(())
+            }
+        },
+    )
+    .await;
+    let followed = promoted_at.elapsed();
+
+    // Every node writes to the new master: a kill through each node succeeds, ends
+    // the session in the new master and closes its socket on another node.
+    for (i, s) in sessions.iter().enumerate() {
+        let api = &apis[i % 3];
+        wait_for(
+            "a kill through every node after the failover",
+            READY_BOUND,
+            || {
+                let path = format!("/api/v1/sessions/{}", s.session_id);
+                async move {
+                    let res = api
+                        .request(Method::DELETE, &path)
+                        .bearer_auth(API_KEY)
+                        .send()
+                        .await
+                        .ok()?;
+                    (res.status() == StatusCode::NO_CONTENT).then_some(())
+                }
+            },
+        )
+        .await;
+        assert_eq!(sockets[i].expect_close().await.0, 4001);
+        for api in &apis {
+            assert_eq!(api.me_status(&s.token).await, StatusCode::UNAUTHORIZED);
+        }
+    }
+    for node in &nodes {
+        wait_for(
+            &format!("{} ready on the new master", node.id),
+            READY_BOUND,
+            || async move { ready(node).await.then_some(()) },
+        )
+        .await;
+    }
+    eprintln!(
+        "planned sentinel failover: every node followed {:.1}s after the promotion; kills \
+         through every node held; all nodes ready {:.1}s after the promotion",
+        followed.as_secs_f64(),
+        promoted_at.elapsed().as_secs_f64()
+    );
 }

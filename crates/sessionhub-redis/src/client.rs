@@ -45,8 +45,8 @@ pub(crate) struct Inner {
     rebuild_from: Option<(Vec<String>, RedisConfig)>,
     /// With Redis Sentinel: the sentinels, and the master as last found.
     pub(crate) sentinel: Option<Arc<Sentinel>>,
-    /// Whether a call is asking the sentinels for the master right now.
-    following: AtomicBool,
+    /// Held while a call asks the sentinels for the master.
+    following: tokio::sync::Mutex<()>,
     /// Consecutive commands that found Redis unavailable.
     failures_in_a_row: AtomicU64,
     /// Whether a call is rebuilding the cluster connection right now.
@@ -121,7 +121,7 @@ impl Inner {
             conn: std::sync::RwLock::new(conn),
             rebuild_from,
             sentinel,
-            following: AtomicBool::new(false),
+            following: tokio::sync::Mutex::new(()),
             failures_in_a_row: AtomicU64::new(0),
             rebuilding: AtomicBool::new(false),
             cluster: config.topology.is_cluster(),
@@ -323,16 +323,31 @@ impl Inner {
     /// subscriber follows, see [`Sentinel::changes`]). Bounded by the command
     /// timeout; one caller asks, the others go on meanwhile.
     pub(crate) async fn follow_master(&self) {
+        self.follow_master_to(None).await;
+    }
+
+    /// As [`Inner::follow_master`], trying first the master a sentinel announced
+    /// (the sentinel's URL, the new master's host and port).
+    pub(crate) async fn follow_master_to(&self, announced: Option<(&str, &str, u16)>) {
         let Some(sentinel) = &self.sentinel else {
             return;
         };
-        if self.following.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        // Cleared however this ends: the caller's future may be dropped midway (a
-        // timeout, a client that went away).
-        let _following = ClearOnDrop(&self.following);
-        let found = tokio::time::timeout(self.command_timeout, sentinel.find_master()).await;
+        // A sentinel's announcement waits its turn (it must not be lost); any other
+        // caller leaves it to the one asking already.
+        let _following = match announced {
+            Some(_) => self.following.lock().await,
+            None => match self.following.try_lock() {
+                Ok(guard) => guard,
+                Err(_) => return,
+            },
+        };
+        let find = async {
+            match announced {
+                Some((from, host, port)) => sentinel.announced_master(from, host, port).await,
+                None => sentinel.find_master().await,
+            }
+        };
+        let found = tokio::time::timeout(self.command_timeout, find).await;
         match found {
             Ok(Ok(url)) => {
                 if sentinel.set_current(&url) {

@@ -87,6 +87,23 @@ impl Sentinel {
         Err(last)
     }
 
+    /// The master a sentinel announced (`+switch-master`), if it says it is one
+    /// already; else whatever [`Sentinel::find_master`] finds. Believing the
+    /// announcement first matters: the other sentinels may name the old master for a
+    /// second or two more.
+    pub(crate) async fn announced_master(
+        &self,
+        sentinel: &str,
+        host: &str,
+        port: u16,
+    ) -> Result<String, String> {
+        let url = master_url(sentinel, host, port);
+        match tokio::time::timeout(ASK_TIMEOUT, self.is_master(&url)).await {
+            Ok(Ok(true)) => Ok(url),
+            _ => self.find_master().await,
+        }
+    }
+
     /// One sentinel's answer: the master's URL, or `None` if it knows no such master.
     async fn ask(&self, sentinel: &str) -> RedisResult<Option<String>> {
         let client = crate::tls::client(sentinel, &self.tls)?;
@@ -217,9 +234,13 @@ async fn listen(
         };
         // `<master name> <old ip> <old port> <new ip> <new port>`
         let payload = String::from_utf8_lossy(msg.get_payload_bytes()).into_owned();
-        if payload.split_whitespace().next() == Some(sentinel.master.as_str()) {
+        let words: Vec<&str> = payload.split_whitespace().collect();
+        if let [name, _, _, host, port] = words[..]
+            && name == sentinel.master
+            && let Ok(port) = port.parse::<u16>()
+        {
             tracing::warn!(sentinel = %redact_url(url), switch = %payload, "sentinel announced a new master");
-            inner.follow_master().await;
+            inner.follow_master_to(Some((url, host, port))).await;
         }
     }
 }
