@@ -86,6 +86,16 @@ async fn nodes_follow_the_new_master_and_acknowledged_kills_that_reached_the_rep
     .await;
     set.master.kill();
     let killed_at = Instant::now();
+    // While no master answers, the nodes are not ready (the subscriber's link to the
+    // dead master ends at once; promotion takes at least down-after-milliseconds).
+    for node in &nodes {
+        wait_for(
+            &format!("{} not ready without a master", node.id),
+            PROMOTE_BOUND,
+            || async move { (!ready(node).await).then_some(()) },
+        )
+        .await;
+    }
 
     let replica_port = set.replica.port;
     wait_for(
