@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures_util::future::try_join_all;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{RedisError, ServerErrorKind, ToRedisArgs};
+use redis::{RedisError, ToRedisArgs};
 use sessionhub_core::time::now_ms;
 use sessionhub_core::{ConnLimits, EngineError, HistoryConfig, NodeId};
 use tokio::sync::Notify;
@@ -194,11 +194,6 @@ impl Drop for ClearOnDrop<'_> {
     }
 }
 
-/// Whether Redis refused a write because it is a replica (`READONLY`).
-fn is_read_only(e: &CallError) -> bool {
-    matches!(e, CallError::Redis(e) if e.kind() == redis::ErrorKind::Server(ServerErrorKind::ReadOnly))
-}
-
 /// The command connection to one Redis: multiplexed, re-established on failure,
 /// every wait bounded by `timeout`.
 pub(crate) fn single_manager(
@@ -306,12 +301,11 @@ impl Inner {
             let n = self.failures_in_a_row.fetch_add(1, Ordering::AcqRel) + 1;
             if n >= REBUILD_AFTER_FAILURES {
                 self.rebuild_cluster_connection().await;
+            }
+            // A master demoted to replica: the sentinels know the new one.
+            if n >= REBUILD_AFTER_FAILURES || res.as_ref().is_err_and(CallError::is_read_only) {
                 self.follow_master().await;
             }
-        } else if res.as_ref().is_err_and(is_read_only) {
-            // A master demoted to replica: the sentinels know the new one.
-            self.errors.fetch_add(1, Ordering::Relaxed);
-            self.follow_master().await;
         } else {
             self.failures_in_a_row.store(0, Ordering::Release);
         }
