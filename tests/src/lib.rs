@@ -12,6 +12,8 @@ pub mod proxy;
 pub mod redis_cluster;
 pub mod script_cluster;
 pub mod secrets;
+pub mod sentinel;
+pub mod tls;
 pub mod webhook;
 
 pub use client::{Api, CloseEvent, Created, WsClient, WsError};
@@ -19,6 +21,7 @@ pub use deployment::{Deployment, Store, Topology};
 pub use process::{FAST_LEASE, FAST_REAP_BOUND, Node, NodeOptions, RedisServer, TestCluster};
 pub use redis_cluster::RedisCluster;
 pub use script_cluster::ScriptCluster;
+pub use tls::{Pki, TlsRedis};
 
 use std::time::Duration;
 

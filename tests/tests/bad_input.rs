@@ -292,6 +292,85 @@ async fn bad_configuration_is_one_clear_line() {
             ],
             "needs Redis",
         ),
+        // TLS files: readable, a certificate with its key, only with rediss://.
+        (
+            vec![],
+            vec![
+                ("SESSIONHUB_REDIS_URL", "rediss://127.0.0.1:1".into()),
+                ("SESSIONHUB_REDIS_CA_FILE", "/nonexistent/ca.crt".into()),
+            ],
+            "SESSIONHUB_REDIS_CA_FILE (--redis-ca-file): cannot read /nonexistent/ca.crt",
+        ),
+        (
+            vec![],
+            vec![
+                ("SESSIONHUB_REDIS_URL", "rediss://127.0.0.1:1".into()),
+                ("SESSIONHUB_REDIS_CLIENT_CERT_FILE", "/etc/hostname".into()),
+            ],
+            "SESSIONHUB_REDIS_CLIENT_CERT_FILE (--redis-client-cert-file): needs SESSIONHUB_REDIS_CLIENT_KEY_FILE",
+        ),
+        (
+            vec![],
+            vec![
+                ("SESSIONHUB_REDIS_URL", "redis://127.0.0.1:1".into()),
+                ("SESSIONHUB_REDIS_CA_FILE", "/etc/hostname".into()),
+            ],
+            "SESSIONHUB_REDIS_CA_FILE (--redis-ca-file): is set but no Redis URL is rediss://",
+        ),
+        (
+            vec![],
+            vec![
+                ("SESSIONHUB_REDIS_URL", "rediss://127.0.0.1:1".into()),
+                ("SESSIONHUB_REDIS_CA_FILE", "/etc/hostname".into()),
+            ],
+            "holds no PEM certificate",
+        ),
+        // Sentinel: with its master's name, and alone.
+        (
+            vec![],
+            vec![(
+                "SESSIONHUB_REDIS_SENTINELS",
+                "redis://127.0.0.1:26379".into(),
+            )],
+            "SESSIONHUB_REDIS_SENTINELS (--redis-sentinels): needs SESSIONHUB_REDIS_SENTINEL_MASTER",
+        ),
+        (
+            vec![],
+            vec![("SESSIONHUB_REDIS_SENTINEL_MASTER", "mymaster".into())],
+            "SESSIONHUB_REDIS_SENTINEL_MASTER (--redis-sentinel-master): is set but SESSIONHUB_REDIS_SENTINELS is not",
+        ),
+        (
+            vec![],
+            vec![
+                ("SESSIONHUB_REDIS_URL", "redis://127.0.0.1:1".into()),
+                (
+                    "SESSIONHUB_REDIS_SENTINELS",
+                    "redis://127.0.0.1:26379".into(),
+                ),
+                ("SESSIONHUB_REDIS_SENTINEL_MASTER", "mymaster".into()),
+            ],
+            "SESSIONHUB_REDIS_SENTINELS (--redis-sentinels): set one of",
+        ),
+        (
+            vec![],
+            vec![
+                ("SESSIONHUB_REDIS_CLUSTER", "redis://127.0.0.1:7001".into()),
+                (
+                    "SESSIONHUB_REDIS_SENTINELS",
+                    "redis://127.0.0.1:26379".into(),
+                ),
+                ("SESSIONHUB_REDIS_SENTINEL_MASTER", "mymaster".into()),
+            ],
+            "not several",
+        ),
+        (
+            vec![],
+            vec![
+                ("SESSIONHUB_REDIS_SENTINELS", "127.0.0.1:26379".into()),
+                ("SESSIONHUB_REDIS_SENTINEL_MASTER", "mymaster".into()),
+            ],
+            "must start with redis:// or rediss://",
+        ),
     ];
     for (args, env, needle) in cases {
         let (code, stderr) = run_to_exit(&args, &env, Duration::from_secs(20)).await;

@@ -2,10 +2,12 @@
 //! publishing, and Redis's clock.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::future::try_join_all;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, ToRedisArgs};
 use sessionhub_core::time::now_ms;
 use sessionhub_core::{ConnLimits, EngineError, HistoryConfig, NodeId};
@@ -19,6 +21,7 @@ use crate::conn::{Conn, Topology};
 use crate::error::{CallError, FunctionError};
 use crate::keys::{BUCKETS, Bucket, Keys};
 use crate::lease::LeaseConfig;
+use crate::sentinel::Sentinel;
 use crate::sweep;
 
 /// Commands failing in a row (Redis unavailable) after which a cluster connection
@@ -40,6 +43,10 @@ pub(crate) struct Inner {
     /// On Redis Cluster: the seeds and timeouts to build a fresh cluster connection
     /// with, when the current one stops answering (see [`Inner::run`]).
     rebuild_from: Option<(Vec<String>, RedisConfig)>,
+    /// With Redis Sentinel: the sentinels, and the master as last found.
+    pub(crate) sentinel: Option<Arc<Sentinel>>,
+    /// Held while a call asks the sentinels for the master.
+    following: tokio::sync::Mutex<()>,
     /// Consecutive commands that found Redis unavailable.
     failures_in_a_row: AtomicU64,
     /// Whether a call is rebuilding the cluster connection right now.
@@ -106,12 +113,15 @@ impl Inner {
     pub(crate) fn new(
         conn: Conn,
         rebuild_from: Option<(Vec<String>, RedisConfig)>,
+        sentinel: Option<Arc<Sentinel>>,
         config: &RedisConfig,
         node_id: NodeId,
     ) -> Self {
         Self {
             conn: std::sync::RwLock::new(conn),
             rebuild_from,
+            sentinel,
+            following: tokio::sync::Mutex::new(()),
             failures_in_a_row: AtomicU64::new(0),
             rebuilding: AtomicBool::new(false),
             cluster: config.topology.is_cluster(),
@@ -175,6 +185,29 @@ impl Backoff {
     }
 }
 
+/// Clears a flag when dropped.
+struct ClearOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// The command connection to one Redis: multiplexed, re-established on failure,
+/// every wait bounded by `timeout`.
+pub(crate) fn single_manager(
+    client: redis::Client,
+    timeout: Duration,
+) -> Result<ConnectionManager, RedisError> {
+    let manager_cfg = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_secs(1));
+    ConnectionManager::new_lazy_with_config(client, manager_cfg)
+}
+
 /// Connects to a Redis Cluster, retrying until the connect timeout: the cluster
 /// client needs the slot map before it can route anything.
 pub(crate) async fn cluster_connection(
@@ -182,7 +215,7 @@ pub(crate) async fn cluster_connection(
     config: &RedisConfig,
     shown: &str,
 ) -> Result<redis::cluster_async::ClusterConnection, ConnectError> {
-    let client = redis::cluster::ClusterClient::builder(seeds.iter().map(String::as_str))
+    let client = crate::tls::cluster_builder(seeds, &config.tls)
         .connection_timeout(config.command_timeout)
         .response_timeout(config.command_timeout)
         .retries(2)
@@ -269,10 +302,78 @@ impl Inner {
             if n >= REBUILD_AFTER_FAILURES {
                 self.rebuild_cluster_connection().await;
             }
+            // A master demoted to replica: the sentinels know the new one.
+            if n >= REBUILD_AFTER_FAILURES || res.as_ref().is_err_and(CallError::is_read_only) {
+                self.follow_master().await;
+            }
         } else {
             self.failures_in_a_row.store(0, Ordering::Release);
         }
         res
+    }
+
+    /// With Redis Sentinel: asks the sentinels for the master and, if it is another
+    /// server than the one in use, moves the command connection to it (the
+    /// subscriber follows, see [`Sentinel::changes`]). Bounded by the command
+    /// timeout; one caller asks, the others go on meanwhile.
+    pub(crate) async fn follow_master(&self) {
+        self.follow_master_to(None).await;
+    }
+
+    /// As [`Inner::follow_master`], trying first the master a sentinel announced
+    /// (the sentinel's URL, the new master's host and port).
+    pub(crate) async fn follow_master_to(&self, announced: Option<(&str, &str, u16)>) {
+        let Some(sentinel) = &self.sentinel else {
+            return;
+        };
+        // A sentinel's announcement waits its turn (it must not be lost); any other
+        // caller leaves it to the one asking already.
+        let _following = match announced {
+            Some(_) => self.following.lock().await,
+            None => match self.following.try_lock() {
+                Ok(guard) => guard,
+                Err(_) => return,
+            },
+        };
+        let find = async {
+            match announced {
+                Some((from, host, port)) => sentinel.announced_master(from, host, port).await,
+                None => sentinel.find_master().await,
+            }
+        };
+        let found = tokio::time::timeout(self.command_timeout, find).await;
+        match found {
+            Ok(Ok(url)) => {
+                if sentinel.set_current(&url) {
+                    match sentinel
+                        .client(&url)
+                        .and_then(|c| single_manager(c, self.command_timeout))
+                    {
+                        Ok(fresh) => {
+                            self.replace_conn(Conn::Single(fresh));
+                            self.failures_in_a_row.store(0, Ordering::Release);
+                            tracing::warn!(redis = %crate::config::redact_url(&url), "following the new Redis master");
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot connect to the new Redis master")
+                        }
+                    }
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(redis = %sentinel.shown(), error = %e, "no Redis master found yet")
+            }
+            Err(_) => {
+                tracing::warn!(redis = %sentinel.shown(), "the sentinels did not answer in time")
+            }
+        }
+    }
+
+    fn replace_conn(&self, fresh: Conn) {
+        match self.conn.write() {
+            Ok(mut c) => *c = fresh,
+            Err(poisoned) => *poisoned.into_inner() = fresh,
+        }
     }
 
     /// Replaces the cluster connection with a fresh one (a new slot map, new links
@@ -287,6 +388,8 @@ impl Inner {
         if self.rebuilding.swap(true, Ordering::AcqRel) {
             return;
         }
+        // Cleared however this ends (the caller's future may be dropped midway).
+        let _rebuilding = ClearOnDrop(&self.rebuilding);
         let shown = Topology::Cluster(seeds.clone()).shown();
         let quick = RedisConfig {
             connect_timeout: config.command_timeout,
@@ -294,16 +397,12 @@ impl Inner {
         };
         match cluster_connection(seeds, &quick, &shown).await {
             Ok(fresh) => {
-                match self.conn.write() {
-                    Ok(mut c) => *c = Conn::Cluster(fresh),
-                    Err(poisoned) => *poisoned.into_inner() = Conn::Cluster(fresh),
-                }
+                self.replace_conn(Conn::Cluster(fresh));
                 self.failures_in_a_row.store(0, Ordering::Release);
                 tracing::warn!(redis = %shown, "Redis Cluster kept failing; reconnected afresh");
             }
             Err(e) => tracing::warn!(error = %e, "could not reconnect to Redis Cluster"),
         }
-        self.rebuilding.store(false, Ordering::Release);
     }
 
     /// Calls a library function. If Redis lost the library (it restarted empty),

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crate::conn::Topology;
 use crate::lease::LeaseConfig;
+use crate::tls::RedisTls;
 use sessionhub_core::{ConnLimits, HistoryConfig};
 
 /// Default time a start-up waits for Redis before giving up.
@@ -16,6 +17,8 @@ pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct RedisConfig {
     /// One Redis or a Redis Cluster.
     pub topology: Topology,
+    /// Certificates for `rediss://` links (a private CA, a client certificate).
+    pub tls: RedisTls,
     /// Prefix of every key and channel (default `sh:`).
     pub key_prefix: String,
     /// How long start-up keeps retrying an unreachable Redis.
@@ -45,6 +48,7 @@ impl RedisConfig {
     pub fn with_topology(topology: Topology) -> Self {
         Self {
             topology,
+            tls: RedisTls::default(),
             key_prefix: "sh:".into(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             command_timeout: DEFAULT_COMMAND_TIMEOUT,

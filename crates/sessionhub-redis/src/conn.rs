@@ -10,16 +10,35 @@ use redis::{Cmd, Pipeline, RedisFuture, Value};
 /// Where the nodes' shared state lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Topology {
-    /// One Redis server (`redis://` or `unix://` URL).
+    /// One Redis server (`redis://`, `rediss://` or `unix://` URL).
     Single(String),
     /// A Redis Cluster, reached through any of these seed URLs.
     Cluster(Vec<String>),
+    /// One Redis master (with replicas) watched by Redis Sentinel: the sentinels'
+    /// URLs and the master's name in their configuration.
+    Sentinel {
+        /// The sentinels' URLs (`redis://host:26379`).
+        sentinels: Vec<String>,
+        /// The master's name (`sentinel monitor <name> ...`).
+        master: String,
+    },
 }
 
 impl Topology {
     /// Whether this is a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
         matches!(self, Topology::Cluster(_))
+    }
+
+    /// Whether any URL is `rediss://` (TLS).
+    pub fn uses_tls(&self) -> bool {
+        match self {
+            Topology::Single(url) => crate::tls::is_tls(url),
+            Topology::Cluster(seeds)
+            | Topology::Sentinel {
+                sentinels: seeds, ..
+            } => seeds.iter().any(|s| crate::tls::is_tls(s)),
+        }
     }
 
     /// The URLs with passwords hidden, for logs and errors.
@@ -31,6 +50,7 @@ impl Topology {
                 .map(|s| crate::config::redact_url(s))
                 .collect::<Vec<_>>()
                 .join(","),
+            Topology::Sentinel { sentinels, master } => crate::sentinel::shown(sentinels, master),
         }
     }
 }

@@ -23,7 +23,8 @@ pub(crate) enum CallError {
 
 impl CallError {
     /// Whether Redis could not be reached or did not answer (retry later), as
-    /// opposed to answering with an error.
+    /// opposed to answering with an error. A replica's `READONLY` (a master demoted
+    /// in a Sentinel failover; the write was not done) counts too.
     pub(crate) fn is_unavailable(&self) -> bool {
         match self {
             CallError::TimedOut => true,
@@ -32,8 +33,14 @@ impl CallError {
                     || e.is_timeout()
                     || e.is_connection_dropped()
                     || e.is_connection_refusal()
+                    || self.is_read_only()
             }
         }
+    }
+
+    /// Whether Redis refused a write because it is a replica (`READONLY`).
+    pub(crate) fn is_read_only(&self) -> bool {
+        matches!(self, CallError::Redis(e) if e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly))
     }
 }
 

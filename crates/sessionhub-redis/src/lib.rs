@@ -24,18 +24,19 @@ pub mod events;
 pub mod keys;
 mod lease;
 mod reply;
+mod sentinel;
 mod subscriber;
 mod sweep;
+mod tls;
 mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::RedisError;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use sessionhub_core::{EventSender, NodeId};
 
-use client::{Backoff, Inner, cluster_connection};
+use client::{Backoff, Inner, cluster_connection, single_manager};
 pub use config::{
     ConnectError, DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, RedisConfig, redact_url,
 };
@@ -44,6 +45,8 @@ pub use conn::Topology;
 pub use events::{EventStreams, LifecycleEvent, StoredEvent, Take};
 pub use keys::{BUCKETS, Bucket, Keys};
 pub use lease::LeaseConfig;
+use sentinel::Sentinel;
+pub use tls::{ClientCert, RedisTls, TLS_SCHEME, TlsError};
 
 /// The function library, loaded into Redis at start-up and after Redis lost it.
 pub const LIBRARY: &str = include_str!("../../../lua/sessionhub.lua");
@@ -75,31 +78,46 @@ impl RedisEngine {
             url: shown.clone(),
             reason: e.to_string(),
         };
+        let mut sentinel = None;
         let (conn, subscribe_with) = match &config.topology {
             Topology::Single(url) => {
-                let client = redis::Client::open(url.as_str()).map_err(invalid)?;
-                let manager_cfg = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(config.command_timeout))
-                    .set_response_timeout(Some(config.command_timeout))
-                    .set_number_of_retries(1)
-                    .set_max_delay(Duration::from_secs(1));
-                let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_cfg)
-                    .map_err(invalid)?;
+                let client = tls::client(url, &config.tls).map_err(invalid)?;
+                let conn =
+                    single_manager(client.clone(), config.command_timeout).map_err(invalid)?;
                 (Conn::Single(conn), subscriber::Source::Single(client))
             }
             Topology::Cluster(seeds) => {
                 let conn = cluster_connection(seeds, &config, &shown).await?;
                 (
                     Conn::Cluster(conn),
-                    subscriber::Source::Cluster(seeds.clone()),
+                    subscriber::Source::Cluster(seeds.clone(), config.tls.clone()),
                 )
+            }
+            Topology::Sentinel { sentinels, master } => {
+                let found = Arc::new(Sentinel::new(
+                    sentinels.clone(),
+                    master.clone(),
+                    config.tls.clone(),
+                ));
+                let url = first_master(&found, &config, &shown).await?;
+                found.set_current(&url);
+                let client = found.client(&url).map_err(invalid)?;
+                let conn = single_manager(client, config.command_timeout).map_err(invalid)?;
+                sentinel = Some(found);
+                (Conn::Single(conn), subscriber::Source::Sentinel)
             }
         };
         let rebuild_from = match &config.topology {
             Topology::Cluster(seeds) => Some((seeds.clone(), config.clone())),
-            Topology::Single(_) => None,
+            Topology::Single(_) | Topology::Sentinel { .. } => None,
         };
-        let inner = Arc::new(Inner::new(conn, rebuild_from, &config, node_id));
+        let inner = Arc::new(Inner::new(
+            conn,
+            rebuild_from,
+            sentinel.clone(),
+            &config,
+            node_id,
+        ));
         let engine = Self { inner };
 
         let started = tokio::time::Instant::now();
@@ -134,6 +152,9 @@ impl RedisEngine {
                 ));
             }
         }
+        if let Some(sentinel) = &sentinel {
+            sentinel::watch_switches(&engine.inner, sentinel);
+        }
         let tasks = &engine.inner.tasks;
         tasks.spawn(lease::run(engine.inner.clone(), events));
         tasks.spawn(cleanup::run(engine.inner.clone()));
@@ -147,5 +168,31 @@ impl RedisEngine {
         self.inner
             .deliver_events
             .then(|| EventStreams::new(self.inner.clone()))
+    }
+}
+
+/// Asks the sentinels for the master until one is found, for up to the connect
+/// timeout.
+async fn first_master(
+    sentinel: &Sentinel,
+    config: &RedisConfig,
+    shown: &str,
+) -> Result<String, ConnectError> {
+    let started = tokio::time::Instant::now();
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+    loop {
+        let err = match sentinel.find_master().await {
+            Ok(url) => return Ok(url),
+            Err(e) => e,
+        };
+        if started.elapsed() >= config.connect_timeout {
+            return Err(ConnectError::Unreachable {
+                url: shown.to_owned(),
+                waited: started.elapsed(),
+                reason: err,
+            });
+        }
+        tracing::warn!(redis = %shown, error = %err, "no Redis master found yet; retrying");
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }

@@ -21,7 +21,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use redis::{PushInfo, PushKind, Value};
 use sessionhub_core::{EventSender, NodeEvent};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::client::{Backoff, Inner};
 use crate::config::redact_url;
@@ -46,8 +46,11 @@ const PUSH_QUEUE: usize = 4096;
 pub(crate) enum Source {
     /// One Redis.
     Single(redis::Client),
-    /// A Redis Cluster, through these seed URLs.
-    Cluster(Vec<String>),
+    /// A Redis Cluster, through these seed URLs (with these certificates).
+    Cluster(Vec<String>, crate::tls::RedisTls),
+    /// The master the sentinels name ([`Inner::sentinel`]); a new master ends the
+    /// subscription.
+    Sentinel,
 }
 
 /// Starts the subscriber task. The returned receiver fires once the first
@@ -87,7 +90,12 @@ async fn run(source: Source, events: EventSender, inner: Arc<Inner>, ready: ones
     let stop = inner.stop.clone();
     let shown = match &source {
         Source::Single(c) => redact_url(&c.get_connection_info().addr().to_string()),
-        Source::Cluster(seeds) => seeds
+        Source::Sentinel => inner
+            .sentinel
+            .as_ref()
+            .map(|s| s.shown())
+            .unwrap_or_default(),
+        Source::Cluster(seeds, _) => seeds
             .iter()
             .map(|s| redact_url(s))
             .collect::<Vec<_>>()
@@ -139,7 +147,7 @@ async fn run(source: Source, events: EventSender, inner: Arc<Inner>, ready: ones
             }
         }
         let ended = match link {
-            Link::Single(pubsub) => listen_single(pubsub, &events, &inner).await,
+            Link::Single(pubsub, moved) => listen_single(pubsub, moved, &events, &inner).await,
             Link::Cluster(conn, pushes, overflow) => {
                 listen_cluster(conn, pushes, overflow, &events, &inner).await
             }
@@ -154,7 +162,8 @@ async fn run(source: Source, events: EventSender, inner: Arc<Inner>, ready: ones
 
 /// A subscribed link.
 enum Link {
-    Single(redis::aio::PubSub),
+    /// One Redis; with Sentinel, the receiver that tells the master changed.
+    Single(redis::aio::PubSub, Option<watch::Receiver<Option<String>>>),
     Cluster(
         redis::cluster_async::ClusterConnection,
         mpsc::Receiver<PushInfo>,
@@ -169,9 +178,28 @@ async fn connect(source: &Source, inner: &Inner) -> redis::RedisResult<Link> {
             channels.push(inner.keys.all_channel());
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&channels).await?;
-            Ok(Link::Single(pubsub))
+            Ok(Link::Single(pubsub, None))
         }
-        Source::Cluster(seeds) => {
+        Source::Sentinel => {
+            let Some(sentinel) = &inner.sentinel else {
+                return Err(redis::RedisError::from(std::io::Error::other(
+                    "no sentinels configured",
+                )));
+            };
+            // Ask again: after a lost link the master may have changed.
+            inner.follow_master().await;
+            let mut moved = sentinel.changes();
+            let Some(url) = moved.borrow_and_update().clone() else {
+                return Err(redis::RedisError::from(std::io::Error::other(
+                    "no Redis master found yet",
+                )));
+            };
+            channels.push(inner.keys.all_channel());
+            let mut pubsub = sentinel.client(&url)?.get_async_pubsub().await?;
+            pubsub.subscribe(&channels).await?;
+            Ok(Link::Single(pubsub, Some(moved)))
+        }
+        Source::Cluster(seeds, tls) => {
             let (tx, rx) = mpsc::channel(PUSH_QUEUE);
             let overflow = Arc::new(AtomicBool::new(false));
             let flag = overflow.clone();
@@ -182,7 +210,7 @@ async fn connect(source: &Source, inner: &Inner) -> redis::RedisResult<Link> {
                 }
                 Ok::<(), std::convert::Infallible>(())
             };
-            let client = redis::cluster::ClusterClient::builder(seeds.iter().map(String::as_str))
+            let client = crate::tls::cluster_builder(seeds, tls)
                 .use_protocol(redis::ProtocolVersion::RESP3)
                 .push_sender(sender)
                 .connection_timeout(LINK_PING_TIMEOUT)
@@ -236,13 +264,34 @@ fn probes_stale(inner: &Inner) -> bool {
     inner.subscribed_for() > max_age && (!inner.probes_proven() || inner.probe_lag() > max_lag)
 }
 
-async fn listen_single(pubsub: redis::aio::PubSub, events: &EventSender, inner: &Inner) -> Ended {
+async fn listen_single(
+    pubsub: redis::aio::PubSub,
+    moved: Option<watch::Receiver<Option<String>>>,
+    events: &EventSender,
+    inner: &Inner,
+) -> Ended {
     let (mut sink, mut stream) = pubsub.split();
+    let master_moved = async move {
+        match moved {
+            Some(mut rx) => {
+                // A closed channel (the engine is going) is no move.
+                if rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(master_moved);
     let mut ping = tokio::time::interval(LINK_PING_INTERVAL);
     ping.tick().await;
     loop {
         let msg = tokio::select! {
             _ = inner.stop.cancelled() => return Ended::Stop,
+            _ = &mut master_moved => {
+                tracing::warn!("the sentinels named a new Redis master");
+                return Ended::Lost;
+            }
             _ = ping.tick() => {
                 let pong = tokio::time::timeout(LINK_PING_TIMEOUT, sink.ping::<()>()).await;
                 if !matches!(pong, Ok(Ok(()))) {

@@ -75,6 +75,7 @@ impl Application {
             Some(topology) => {
                 let rc = RedisConfig {
                     key_prefix: config.key_prefix.clone(),
+                    tls: config.redis_tls.clone(),
                     connect_timeout: config.redis_connect_timeout,
                     lease: config.lease,
                     limits: config.conn_limits,

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::builder::{BoolishValueParser, RangedU64ValueParser};
@@ -10,7 +11,7 @@ use clap::{ArgAction, CommandFactory, Parser};
 use sessionhub_core::history::MAX_HISTORY_SIZE;
 use sessionhub_core::model::MAX_SESSION_TTL;
 use sessionhub_core::{ConnLimits, HistoryConfig, NodeId};
-use sessionhub_redis::{LeaseConfig, Topology};
+use sessionhub_redis::{LeaseConfig, RedisTls, TLS_SCHEME, Topology};
 
 use crate::webhook::{MIN_SECRET_LEN, WebhookConfig, WebhookSecret};
 
@@ -36,8 +37,8 @@ pub struct Cli {
     #[arg(long, env = "SESSIONHUB_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// Redis URL (redis://, unix://). Unset: embedded in-memory engine
-    /// (single node only).
+    /// Redis URL (redis://, rediss:// for TLS, unix://). Unset: embedded in-memory
+    /// engine (single node only).
     #[arg(long, env = "SESSIONHUB_REDIS_URL")]
     pub redis_url: Option<String>,
 
@@ -46,6 +47,31 @@ pub struct Cli {
     /// SESSIONHUB_REDIS_URL.
     #[arg(long, env = "SESSIONHUB_REDIS_CLUSTER", value_delimiter = ',')]
     pub redis_cluster: Vec<String>,
+
+    /// Redis Sentinel URLs, comma-separated (`redis://host:26379,...`): the node
+    /// asks them for the master and follows it after a failover. Needs
+    /// SESSIONHUB_REDIS_SENTINEL_MASTER; exclusive with SESSIONHUB_REDIS_URL and
+    /// SESSIONHUB_REDIS_CLUSTER.
+    #[arg(long, env = "SESSIONHUB_REDIS_SENTINELS", value_delimiter = ',')]
+    pub redis_sentinels: Vec<String>,
+
+    /// The master's name in the sentinels' configuration (`sentinel monitor <name>`).
+    #[arg(long, env = "SESSIONHUB_REDIS_SENTINEL_MASTER")]
+    pub redis_sentinel_master: Option<String>,
+
+    /// PEM file of the CA that signs the Redis servers' certificates (rediss://).
+    /// Unset: the system's root certificates.
+    #[arg(long, env = "SESSIONHUB_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+
+    /// PEM file of this node's client certificate, for Redis servers that require
+    /// mutual TLS; needs SESSIONHUB_REDIS_CLIENT_KEY_FILE.
+    #[arg(long, env = "SESSIONHUB_REDIS_CLIENT_CERT_FILE")]
+    pub redis_client_cert_file: Option<PathBuf>,
+
+    /// PEM file of the private key of SESSIONHUB_REDIS_CLIENT_CERT_FILE.
+    #[arg(long, env = "SESSIONHUB_REDIS_CLIENT_KEY_FILE")]
+    pub redis_client_key_file: Option<PathBuf>,
 
     /// This node's id (letters, digits, . _ -). Default: random.
     #[arg(long, env = "SESSIONHUB_NODE_ID")]
@@ -252,6 +278,8 @@ pub struct Config {
     /// Where the shared state lives: one Redis or a Redis Cluster; `None` for the
     /// embedded engine.
     pub redis: Option<Topology>,
+    /// Certificates for `rediss://` links.
+    pub redis_tls: RedisTls,
     /// This node.
     pub node_id: NodeId,
     /// Service API key, if enabled.
@@ -327,6 +355,7 @@ impl fmt::Debug for Config {
         f.debug_struct("Config")
             .field("listen", &self.listen)
             .field("redis", &self.redis.as_ref().map(Topology::shown))
+            .field("redis_tls", &self.redis_tls)
             .field("node_id", &self.node_id)
             .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
             .field("allowed_origins", &self.allowed_origins)
@@ -453,7 +482,8 @@ impl Config {
     /// Validates raw settings.
     pub fn from_cli(cli: Cli) -> Result<Self, ConfigError> {
         let embedded = cli.redis_url.as_deref().is_none_or(str::is_empty)
-            && cli.redis_cluster.iter().all(|s| s.trim().is_empty());
+            && cli.redis_cluster.iter().all(|s| s.trim().is_empty())
+            && cli.redis_sentinels.iter().all(|s| s.trim().is_empty());
         let webhook = webhook_config(&cli, embedded)?;
         let node_id = match cli.node_id.as_deref() {
             None | Some("") => NodeId::generate(),
@@ -488,6 +518,17 @@ impl Config {
             }
             (None, true) => None,
         };
+        let redis = sentinel_topology(
+            &cli.redis_sentinels,
+            cli.redis_sentinel_master.as_deref(),
+            redis,
+        )?;
+        let redis_tls = redis_tls(
+            cli.redis_ca_file.clone(),
+            cli.redis_client_cert_file.clone(),
+            cli.redis_client_key_file.clone(),
+            redis.as_ref(),
+        )?;
         let api_key = cli.api_key.filter(|k| !k.is_empty());
         if let Some(k) = &api_key
             && k.len() < MIN_API_KEY_LEN
@@ -610,6 +651,7 @@ impl Config {
             },
             listen: cli.listen,
             redis,
+            redis_tls,
             node_id,
             api_key,
             allowed_origins,
@@ -676,33 +718,120 @@ fn webhook_config(cli: &Cli, embedded: bool) -> Result<Option<WebhookConfig>, Co
     }))
 }
 
-/// Checks one Redis URL: `redis://` (or, for one Redis, `unix://`); TLS is refused
-/// with a clear reason.
+/// With sentinels (and their master's name) the topology is Redis Sentinel, and
+/// neither a Redis URL nor a cluster may be set; `direct` is the topology from those.
+fn sentinel_topology(
+    sentinels: &[String],
+    master: Option<&str>,
+    direct: Option<Topology>,
+) -> Result<Option<Topology>, ConfigError> {
+    const SENTINELS: &str = "SESSIONHUB_REDIS_SENTINELS (--redis-sentinels)";
+    const MASTER: &str = "SESSIONHUB_REDIS_SENTINEL_MASTER (--redis-sentinel-master)";
+    let sentinels: Vec<String> = sentinels
+        .iter()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let master = master.map(str::trim).filter(|m| !m.is_empty());
+    match (sentinels.is_empty(), master) {
+        (true, None) => return Ok(direct),
+        (true, Some(_)) => return Err(bad(MASTER, "is set but SESSIONHUB_REDIS_SENTINELS is not")),
+        (false, None) => {
+            return Err(bad(
+                SENTINELS,
+                "needs SESSIONHUB_REDIS_SENTINEL_MASTER (the master's name in `sentinel monitor`)",
+            ));
+        }
+        (false, Some(_)) => {}
+    }
+    if direct.is_some() {
+        return Err(bad(
+            SENTINELS,
+            "set one of SESSIONHUB_REDIS_URL (one Redis), SESSIONHUB_REDIS_CLUSTER (Redis \
+             Cluster) or SESSIONHUB_REDIS_SENTINELS (Redis Sentinel), not several",
+        ));
+    }
+    for url in &sentinels {
+        check_redis_url(SENTINELS, url, false)?;
+    }
+    Ok(Some(Topology::Sentinel {
+        sentinels,
+        master: master.unwrap_or_default().to_owned(),
+    }))
+}
+
+/// Checks one Redis URL: `redis://` or `rediss://` (or, for one Redis, `unix://`).
 fn check_redis_url(setting: &'static str, url: &str, unix_ok: bool) -> Result<(), ConfigError> {
     let schemes: &[&str] = if unix_ok {
-        &["redis://", "unix://", "redis+unix://"]
+        &["redis://", TLS_SCHEME, "unix://", "redis+unix://"]
     } else {
-        &["redis://"]
+        &["redis://", TLS_SCHEME]
     };
     if schemes.iter().any(|s| url.starts_with(s)) {
         return Ok(());
     }
-    let reason = if url.starts_with("rediss://") {
-        "TLS to Redis (rediss://) is not built into this binary; use redis:// on a private \
-         network, unix://, or a local TLS tunnel"
-            .to_owned()
-    } else {
+    Err(bad(
+        setting,
         format!(
             "{:?} must start with {}",
             sessionhub_redis::redact_url(url),
             if unix_ok {
-                "redis:// or unix://"
+                "redis://, rediss:// or unix://"
             } else {
-                "redis://"
+                "redis:// or rediss://"
             }
-        )
+        ),
+    ))
+}
+
+/// The TLS files: read now (an unreadable file stops the node here), a client
+/// certificate only with its key, and only for `rediss://` URLs (a CA file next to
+/// plain `redis://` would be silently unused).
+fn redis_tls(
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    topology: Option<&Topology>,
+) -> Result<RedisTls, ConfigError> {
+    const CA: &str = "SESSIONHUB_REDIS_CA_FILE (--redis-ca-file)";
+    const CERT: &str = "SESSIONHUB_REDIS_CLIENT_CERT_FILE (--redis-client-cert-file)";
+    const KEY: &str = "SESSIONHUB_REDIS_CLIENT_KEY_FILE (--redis-client-key-file)";
+    let set = |p: Option<PathBuf>| p.filter(|p| !p.as_os_str().is_empty());
+    let (ca, cert, key) = (set(ca), set(cert), set(key));
+    let client = match (&cert, &key) {
+        (None, None) => None,
+        (Some(_), None) => return Err(bad(CERT, "needs SESSIONHUB_REDIS_CLIENT_KEY_FILE as well")),
+        (None, Some(_)) => {
+            return Err(bad(
+                KEY,
+                "is set but SESSIONHUB_REDIS_CLIENT_CERT_FILE is not",
+            ));
+        }
+        (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
     };
-    Err(bad(setting, reason))
+    let first = if ca.is_some() { CA } else { CERT };
+    if ca.is_none() && client.is_none() {
+        return Ok(RedisTls::default());
+    }
+    if !topology.is_some_and(Topology::uses_tls) {
+        return Err(bad(first, "is set but no Redis URL is rediss://"));
+    }
+    RedisTls::load(ca.as_deref(), client).map_err(|e| {
+        let setting = match &e {
+            sessionhub_redis::TlsError::Unreadable { path, .. }
+            | sessionhub_redis::TlsError::NoCertificate { path }
+                if ca.as_ref() == Some(path) =>
+            {
+                CA
+            }
+            sessionhub_redis::TlsError::NoKey { .. } => KEY,
+            sessionhub_redis::TlsError::Unreadable { path, .. } if key.as_ref() == Some(path) => {
+                KEY
+            }
+            _ => CERT,
+        };
+        bad(setting, e.to_string())
+    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,145 @@
+//! TLS to Redis (`rediss://`) and Redis credentials in the URL, against a real
+//! redis-server that listens only on a TLS port, with a CA, a server certificate and
+//! a client certificate made by `openssl` in the test.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use sessionhub_tests::process::{NodeOptions, node_binary, wait_ready};
+use sessionhub_tests::{Api, Node, Pki, TlsRedis, WsClient};
+
+/// How long a node whose Redis refuses it keeps retrying before it gives up.
+const CONNECT_TIMEOUT_SECS: &str = "2";
+/// Bound on such a node's whole run (retrying, then the error line).
+const FAIL_BOUND: Duration = Duration::from_secs(30);
+
+/// Starts a node on `url` with extra environment.
+async fn node(url: String, env: Vec<(String, String)>) -> Node {
+    let mut opts = NodeOptions::numbered(0, &[]);
+    opts.redis_url = Some(url);
+    opts.env = env;
+    let node = Node::start(opts).await;
+    wait_ready(&node).await;
+    node
+}
+
+/// A login, a socket, a kill: the socket closes 4001 and the token is refused.
+async fn serves(node: &Node) {
+    let api = Api::new(node);
+    let s = api.create_session("alice", "tls-test").await;
+    let mut ws = WsClient::connect(node, &s.token).await.unwrap();
+    let res = api
+        .service(
+            Method::DELETE,
+            &format!("/api/v1/sessions/{}", s.session_id),
+            None,
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    assert_eq!(ws.expect_close().await.0, 4001);
+    assert_eq!(api.me_status(&s.token).await, StatusCode::UNAUTHORIZED);
+}
+
+/// Runs a node that cannot reach its Redis to its exit; returns its stderr.
+async fn fails_to_start(url: String, env: Vec<(String, String)>) -> String {
+    let mut cmd = tokio::process::Command::new(node_binary());
+    cmd.env_clear()
+        .env("SESSIONHUB_LISTEN", "127.0.0.1:0")
+        .env("SESSIONHUB_REDIS_URL", url)
+        .env("SESSIONHUB_REDIS_CONNECT_TIMEOUT", CONNECT_TIMEOUT_SECS)
+        .env("RUST_LOG", "warn")
+        .envs(env);
+    let out = tokio::time::timeout(
+        FAIL_BOUND,
+        cmd.stdin(Stdio::null()).kill_on_drop(true).output(),
+    )
+    .await
+    .expect("the node should have given up")
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("sessionhub: cannot start: Redis at rediss://")
+            && last.contains("unreachable"),
+        "one clear last line: {stderr}"
+    );
+    stderr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reaches_redis_over_tls_with_a_private_ca_and_a_password() {
+    let pki = Pki::generate();
+    let redis = TlsRedis::start(&pki, false, &["--requirepass", "tls-test-pw-0451"]).await;
+    let node = node(redis.url(":tls-test-pw-0451@"), vec![pki.ca_env()]).await;
+    serves(&node).await;
+    assert!(
+        !node.log().contains("tls-test-pw-0451"),
+        "the password is never logged"
+    );
+
+    // Without the private CA the server's certificate is not trusted.
+    let stderr = fails_to_start(redis.url(":tls-test-pw-0451@"), vec![]).await;
+    assert!(!stderr.contains("tls-test-pw-0451"), "{stderr}");
+    // A wrong password is refused, and not printed either.
+    let stderr = fails_to_start(redis.url(":not-the-pw-7730@"), vec![pki.ca_env()]).await;
+    assert!(!stderr.contains("not-the-pw-7730"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_needs_the_client_certificate() {
+    let pki = Pki::generate();
+    let redis = TlsRedis::start(&pki, true, &[]).await;
+    fails_to_start(redis.url(""), vec![pki.ca_env()]).await;
+    let mut env = pki.client_env();
+    env.push(pki.ca_env());
+    let node = node(redis.url(""), env).await;
+    serves(&node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acl_user_and_password_in_the_url() {
+    let pki = Pki::generate();
+    // `default` is off: only alice, with her password, gets in.
+    let redis = TlsRedis::start(
+        &pki,
+        false,
+        &[
+            "--user",
+            "default",
+            "off",
+            "--user",
+            "alice",
+            "on",
+            ">alice-pw-9182",
+            "~*",
+            "&*",
+            "+@all",
+        ],
+    )
+    .await;
+    let node = node(redis.url("alice:alice-pw-9182@"), vec![pki.ca_env()]).await;
+    serves(&node).await;
+    assert!(!node.log().contains("alice-pw-9182"));
+    let stderr = fails_to_start(redis.url("alice:wrong-pw-2231@"), vec![pki.ca_env()]).await;
+    assert!(!stderr.contains("wrong-pw-2231"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reaches_a_redis_cluster_over_tls() {
+    let pki = Pki::generate();
+    let cluster = TlsRedis::start_cluster(&pki).await;
+    let seeds: Vec<String> = cluster.iter().map(|n| n.url("")).collect();
+    let mut opts = NodeOptions::numbered(0, &[]);
+    opts.env = vec![
+        pki.ca_env(),
+        ("SESSIONHUB_REDIS_CLUSTER".into(), seeds.join(",")),
+    ];
+    // `redis-cli --cluster create` returns before every node agrees on the slots;
+    // the node retries until the cluster answers (its connect timeout).
+    let node = Node::start(opts).await;
+    wait_ready(&node).await;
+    serves(&node).await;
+}
