@@ -224,37 +224,26 @@ async fn publish_batch(
     let answers = state.engine.publish_batch(&items).await;
     state.metrics.publish_latency.observe(started.elapsed());
     let failed = answers.iter().filter(|a| a.is_err()).count();
+    if failed == answers.len() {
+        // Nothing was taken: the batch's answer is the store's error (logged once).
+        let first = answers.into_iter().find_map(Result::err);
+        return Err(first.map_or(ApiError::Internal, ApiError::from));
+    }
     if failed > 0 {
-        // Logged once for the batch (the first error stands for the rest).
-        let mut answers = answers;
-        let Some(pos) = answers.iter().position(Result::is_err) else {
-            return Err(ApiError::Internal);
-        };
-        let first = std::mem::replace(&mut answers[pos], Err(EngineError::unavailable("")));
-        let Err(first) = first else {
-            return Err(ApiError::Internal);
-        };
-        let first = ApiError::from(first);
-        if failed == answers.len() {
-            return Err(first);
-        }
         tracing::warn!(failed, of = answers.len(), "part of a batch publish failed");
-        let results: Vec<BatchResult> = answers
-            .into_iter()
-            .map(|a| match a {
-                Ok(d) => BatchResult::Delivered(d),
-                Err(e) => BatchResult::Failed {
-                    error: batch_error(&e).1.to_owned(),
-                    status: batch_error(&e).0,
-                },
-            })
-            .collect();
-        return Ok(HttpResponse::Accepted().json(serde_json::json!({ "results": results })));
     }
     let results: Vec<BatchResult> = answers
         .into_iter()
-        .filter_map(Result::ok)
-        .map(BatchResult::Delivered)
+        .map(|a| match a {
+            Ok(d) => BatchResult::Delivered(d),
+            Err(e) => {
+                let (status, error) = batch_error(&e);
+                BatchResult::Failed {
+                    error: error.to_owned(),
+                    status,
+                }
+            }
+        })
         .collect();
     Ok(HttpResponse::Accepted().json(serde_json::json!({ "results": results })))
 }
