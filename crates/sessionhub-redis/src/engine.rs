@@ -58,6 +58,11 @@ impl Engine for RedisEngine {
     /// Ready when Redis answers, the subscriber holds its subscriptions, and this
     /// node's own probe came back through pub/sub recently: a node that is connected
     /// but deaf is not ready.
+    async fn move_event_reader(&self, spawn: sessionhub_core::Spawner) {
+        // Never resolves if the engine stops first; the caller bounds the wait.
+        let _ = self.inner.move_subscriber(spawn).await;
+    }
+
     async fn ping(&self) -> Result<(), EngineError> {
         self.inner
             .run(
@@ -925,13 +930,16 @@ impl RedisEngine {
 
 impl Inner {
     /// The node ids holding a lease entry, live or not yet reaped.
+    /// The nodes whose lease has not expired (a dead node not yet reaped is not
+    /// counted: its records are going, in several steps on Redis Cluster).
     async fn node_ids(&self) -> Result<Vec<String>, EngineError> {
         let key = self.keys.nodes();
         self.run(|mut c| async move {
             redis::cmd("ZRANGE")
                 .arg(key)
-                .arg(0)
-                .arg(-1)
+                .arg(now_ms())
+                .arg("+inf")
+                .arg("BYSCORE")
                 .query_async(&mut c)
                 .await
         })

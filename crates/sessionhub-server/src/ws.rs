@@ -30,6 +30,10 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// close frame before closing the TCP connection anyway.
 pub const CLOSE_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long an upgrade arriving at start-up waits for the node to settle
+/// ([`AppState::settled`]) before it is answered 503.
+pub const SETTLE_WAIT: Duration = Duration::from_secs(5);
+
 /// The WebSocket response body, held open until the closing handshake is done.
 ///
 /// actix-ws ends the body right after our close frame. actix-http would then
@@ -138,6 +142,14 @@ async fn accept(
     if state.shutdown.is_cancelled() {
         return Err(ApiError::Unavailable);
     }
+    // Only just started: wait for the event reader to settle on this thread.
+    if !*state.settled.borrow() {
+        let mut settled = state.settled.clone();
+        let wait = settled.wait_for(|s| *s);
+        if !matches!(tokio::time::timeout(SETTLE_WAIT, wait).await, Ok(Ok(_))) {
+            return Err(ApiError::Unavailable);
+        }
+    }
     let token = cookie_token(&req)?;
     if !origin_allowed(&req, &state.config) {
         return Err(ApiError::Forbidden("origin not allowed"));
@@ -194,22 +206,21 @@ async fn accept(
         user_id = %session.user_id,
     );
     let tracker = state.sockets.clone();
-    actix_web::rt::spawn(
-        tracker.track_future(
-            Socket {
-                state: state.into_inner(),
-                conn,
-                session,
-                ws,
-                release,
-                history,
-                asked: recovery.is_some() || bad_recovery.is_some(),
-                bad_recovery,
-            }
-            .run(rx, stream)
-            .instrument(span),
-        ),
-    );
+    let mut socket = Socket {
+        state: state.into_inner(),
+        conn,
+        session,
+        ws,
+        release,
+        history,
+        asked: recovery.is_some() || bad_recovery.is_some(),
+        bad_recovery,
+    };
+    // `hello` is queued before the response goes: the 101 and it leave in one
+    // write, and the client gets both in one read.
+    let hello = socket.hello();
+    let _ = socket.ws.text(hello).await;
+    actix_web::rt::spawn(tracker.track_future(socket.run(rx, stream).instrument(span)));
     Ok(response)
 }
 
@@ -421,31 +432,35 @@ impl Socket {
         tracing::debug!("disconnected");
     }
 
-    /// Sends `hello`, then the recovered frames (and an `error` frame for a recovery
-    /// request that could not be read). Returns the offset up to which recoverable
-    /// frames have been accounted for: live ones up to it are not sent again.
-    async fn greet(&mut self) -> Result<u64, actix_ws::Closed> {
-        let mut history = self.history.take();
-        let recovery = history.as_mut().and_then(|h| h.recovery.take());
-        let recovered = match &recovery {
+    /// The `hello` frame: who this socket is and where the user's history stands.
+    fn hello(&self) -> String {
+        let history = self.history.as_ref();
+        let recovery = history.and_then(|h| h.recovery.as_ref());
+        let recovered = match recovery {
             Some(r) => Some(r.recovered),
             None => self.asked.then_some(false),
         };
-        let hello = ServerFrame::Hello {
+        ServerFrame::Hello {
             connection_id: &self.conn.id,
             session_id: &self.session.session_id,
             user_id: &self.session.user_id,
             node_id: self.state.engine.node_id(),
-            epoch: history.as_ref().map(|h| h.epoch.as_str()),
-            offset: history.as_ref().map(|h| h.offset),
+            epoch: history.map(|h| h.epoch.as_str()),
+            offset: history.map(|h| h.offset),
             recovered,
-            missed: recovery
-                .as_ref()
-                .filter(|r| r.recovered)
-                .map(|r| r.frames.len()),
+            missed: recovery.filter(|r| r.recovered).map(|r| r.frames.len()),
         }
-        .to_json();
-        self.send(hello).await?;
+        .to_json()
+    }
+
+    /// Sends the recovered frames after `hello` (already queued by [`upgrade`]), and
+    /// an `error` frame for a recovery request that could not be read. Returns the
+    /// offset up to which recoverable frames have been accounted for: live ones up
+    /// to it are not sent again.
+    async fn greet(&mut self) -> Result<u64, actix_ws::Closed> {
+        Metrics::inc(&self.state.metrics.messages_out);
+        let mut history = self.history.take();
+        let recovery = history.as_mut().and_then(|h| h.recovery.take());
         if let Some(r) = recovery {
             Metrics::add(
                 &self.state.metrics.recovered_messages,
