@@ -120,11 +120,6 @@ pub enum NodeEvent {
 /// engine's event reader, it never drops events.
 pub type EventSender = tokio::sync::mpsc::Sender<NodeEvent>;
 
-/// Runs a future on one particular thread's runtime (the node's socket thread).
-pub type Spawner = std::sync::Arc<
-    dyn Fn(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) + Send + Sync,
->;
-
 /// Counters an engine keeps about its store, for `/metrics`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EngineStats {
@@ -162,14 +157,6 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Checks that the store answers.
     async fn ping(&self) -> Result<(), EngineError>;
-
-    /// Moves the engine's event reader (the Redis subscriber) onto the thread that
-    /// `spawn` runs futures on, and returns once it reads events there. The node
-    /// calls it with its socket thread: an event then reaches its sockets without
-    /// waking another thread. Engines without a reader of their own do nothing.
-    async fn move_event_reader(&self, spawn: Spawner) {
-        let _ = spawn;
-    }
 
     /// Creates a session and tells the user's other sessions' sockets
     /// ([`NodeEvent::SessionCreated`]), in one atomic step.

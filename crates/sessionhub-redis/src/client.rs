@@ -11,7 +11,7 @@ use futures_util::future::try_join_all;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, ToRedisArgs};
 use sessionhub_core::time::now_ms;
-use sessionhub_core::{ConnLimits, EngineError, HistoryConfig, NodeId, Spawner};
+use sessionhub_core::{ConnLimits, EngineError, HistoryConfig, NodeId};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -128,11 +128,6 @@ pub(crate) struct Inner {
     pub(crate) deliver_events: bool,
     /// Per-bucket wake-ups of the event deliverer.
     pub(crate) event_wakes: crate::events::Wakes,
-    /// Where the subscriber is to move, and whom to tell once it subscribed there
-    /// ([`Inner::move_subscriber`]).
-    move_to: std::sync::Mutex<Option<(Spawner, tokio::sync::oneshot::Sender<()>)>>,
-    /// Wakes the subscriber to move.
-    pub(crate) moving: Notify,
 }
 
 impl Inner {
@@ -181,8 +176,6 @@ impl Inner {
             library: crate::events::library(config.events_maxlen),
             deliver_events: config.deliver_events,
             event_wakes: crate::events::Wakes::default(),
-            move_to: std::sync::Mutex::new(None),
-            moving: Notify::new(),
         }
     }
 }
@@ -417,26 +410,6 @@ impl Inner {
             let generation = source.as_ref().map_or(0, |(g, _)| g + 1);
             *source = Some((generation, client));
         }
-    }
-
-    /// Asks the subscriber to carry on on the thread `spawn` runs futures on; the
-    /// receiver fires once it has subscribed there (never, if the engine stops
-    /// first). The subscriber moves between two reads: events published while it
-    /// resubscribes are lost, so the move counts as a resubscription (a new
-    /// generation and a resync).
-    pub(crate) fn move_subscriber(&self, spawn: Spawner) -> tokio::sync::oneshot::Receiver<()> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        *self.move_to.lock().unwrap_or_else(|p| p.into_inner()) = Some((spawn, tx));
-        self.moving.notify_one();
-        rx
-    }
-
-    /// The pending move of the subscriber, if any.
-    pub(crate) fn take_move(&self) -> Option<(Spawner, tokio::sync::oneshot::Sender<()>)> {
-        self.move_to
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
     }
 
     /// This thread's own command connection (one Redis or Sentinel; `None` on

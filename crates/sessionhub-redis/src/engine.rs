@@ -58,11 +58,6 @@ impl Engine for RedisEngine {
     /// Ready when Redis answers, the subscriber holds its subscriptions, and this
     /// node's own probe came back through pub/sub recently: a node that is connected
     /// but deaf is not ready.
-    async fn move_event_reader(&self, spawn: sessionhub_core::Spawner) {
-        // Never resolves if the engine stops first; the caller bounds the wait.
-        let _ = self.inner.move_subscriber(spawn).await;
-    }
-
     async fn ping(&self) -> Result<(), EngineError> {
         self.inner
             .run(

@@ -62,19 +62,8 @@ pub(crate) fn spawn(
 ) -> oneshot::Receiver<()> {
     let (ready_tx, ready_rx) = oneshot::channel();
     let tasks = inner.tasks.clone();
-    tasks.spawn(run(source, events, inner, Start::First(ready_tx)));
+    tasks.spawn(run(source, events, inner, ready_tx));
     ready_rx
-}
-
-/// How a subscriber task began.
-enum Start {
-    /// The engine's first: tell it once subscribed.
-    First(oneshot::Sender<()>),
-    /// Moved onto another thread ([`Inner::move_subscriber`]): tell the mover
-    /// once subscribed there, and resync (events published in between were lost).
-    Moved(oneshot::Sender<()>),
-    /// Subscribing again after a lost link.
-    Again,
 }
 
 /// The bucket channels of this node (with the event streams' rings if it delivers
@@ -95,11 +84,9 @@ enum Ended {
     Stop,
     /// The link or a subscription was lost: subscribe again.
     Lost,
-    /// The subscriber is to run on another thread from now on.
-    Moved,
 }
 
-async fn run(source: Source, events: EventSender, inner: Arc<Inner>, mut start: Start) {
+async fn run(source: Source, events: EventSender, inner: Arc<Inner>, ready: oneshot::Sender<()>) {
     let stop = inner.stop.clone();
     let shown = match &source {
         Source::Single(c) => redact_url(&c.get_connection_info().addr().to_string()),
@@ -114,6 +101,7 @@ async fn run(source: Source, events: EventSender, inner: Arc<Inner>, mut start: 
             .collect::<Vec<_>>()
             .join(","),
     };
+    let mut ready = Some(ready);
     let mut backoff = Backoff::new(RECONNECT_MIN_DELAY, RECONNECT_MAX_DELAY);
     loop {
         let attempt = tokio::time::timeout(SUBSCRIBE_TIMEOUT, connect(&source, &inner));
@@ -139,31 +127,24 @@ async fn run(source: Source, events: EventSender, inner: Arc<Inner>, mut start: 
             continue;
         };
         backoff.reset();
-        if !matches!(start, Start::First(_)) {
+        if ready.is_none() {
             inner.bump_generation();
         }
         inner.set_subscribed(true);
         // Rings may have been missed while unsubscribed: every bucket looks once.
         inner.event_wakes.wake_all();
-        let resync = match std::mem::replace(&mut start, Start::Again) {
-            Start::First(tx) => {
+        match ready.take() {
+            Some(tx) => {
                 tracing::info!(redis = %shown, "subscribed");
                 let _ = tx.send(());
-                false
             }
-            Start::Moved(tx) => {
-                tracing::debug!(redis = %shown, "subscribed on the socket thread");
-                let _ = tx.send(());
-                true
-            }
-            Start::Again => {
+            None => {
                 inner.count_reconnect();
                 tracing::info!(redis = %shown, "resubscribed; resyncing");
-                true
+                if events.send(NodeEvent::Resync).await.is_err() {
+                    return;
+                }
             }
-        };
-        if resync && events.send(NodeEvent::Resync).await.is_err() {
-            return;
         }
         let ended = match link {
             Link::Single(pubsub, moved) => listen_single(pubsub, moved, &events, &inner).await,
@@ -172,35 +153,11 @@ async fn run(source: Source, events: EventSender, inner: Arc<Inner>, mut start: 
             }
         };
         inner.set_subscribed(false);
-        match ended {
-            Ended::Stop => return,
-            Ended::Moved => {
-                if let Some((spawn, done)) = inner.take_move() {
-                    let tasks = inner.tasks.clone();
-                    spawn(Box::pin(tasks.track_future(run_boxed(
-                        source,
-                        events,
-                        inner,
-                        Start::Moved(done),
-                    ))));
-                    return;
-                }
-                continue;
-            }
-            Ended::Lost => {}
+        if matches!(ended, Ended::Stop) {
+            return;
         }
         tracing::warn!(redis = %shown, "pub/sub link lost; subscribing again");
     }
-}
-
-/// [`run`] behind a box, so that it can spawn itself.
-fn run_boxed(
-    source: Source,
-    events: EventSender,
-    inner: Arc<Inner>,
-    start: Start,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
-    Box::pin(run(source, events, inner, start))
 }
 
 /// A subscribed link.
@@ -331,7 +288,6 @@ async fn listen_single(
     loop {
         let msg = tokio::select! {
             _ = inner.stop.cancelled() => return Ended::Stop,
-            _ = inner.moving.notified() => return Ended::Moved,
             _ = &mut master_moved => {
                 tracing::warn!("the sentinels named a new Redis master");
                 return Ended::Lost;
@@ -372,7 +328,6 @@ async fn listen_cluster(
     loop {
         let push = tokio::select! {
             _ = inner.stop.cancelled() => return Ended::Stop,
-            _ = inner.moving.notified() => return Ended::Moved,
             _ = ping.tick() => {
                 // PING goes to every master: one that stopped answering takes its
                 // buckets' subscriptions with it.

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use actix_rt::{Arbiter, ArbiterHandle};
 use actix_web::dev::Service;
 use actix_web::http::Method;
 use actix_web::{App, HttpResponse, HttpServer, ResponseError, web};
@@ -15,9 +14,8 @@ use futures_util::FutureExt;
 use sessionhub_core::Engine;
 use sessionhub_core::engine::EVENT_QUEUE_CAPACITY;
 use sessionhub_core::memory::{MemoryEngine, MemoryStore};
-use sessionhub_core::{NodeEvent, Spawner};
 use sessionhub_redis::{RedisConfig, RedisEngine};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -40,10 +38,6 @@ pub const SOCKET_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub const TASKS_STOP_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the HTTP server then gives in-flight requests.
 pub const SERVER_STOP_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long start-up waits for the engine's event reader to move onto the socket
-/// thread; past it sockets are let in anyway (the move completes later, with a
-/// resync).
-pub const EVENT_READER_MOVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -69,13 +63,6 @@ pub struct Application {
     server: actix_web::dev::Server,
     addr: SocketAddr,
     state: AppState,
-    /// The engine's events, for the dispatcher that [`Application::run_until`]
-    /// starts on the socket thread.
-    events: mpsc::Receiver<NodeEvent>,
-    /// The first HTTP worker's arbiter, sent once it starts.
-    home: oneshot::Receiver<ArbiterHandle>,
-    /// Set once the dispatcher and the event reader run on the socket thread.
-    settled: watch::Sender<bool>,
 }
 
 impl Application {
@@ -111,9 +98,7 @@ impl Application {
                 .with_history(config.history),
             ),
         };
-        let (settled, settled_rx) = watch::channel(false);
         let state = AppState {
-            settled: settled_rx,
             engine,
             hub: Arc::new(Hub::default()),
             config: Arc::new(config),
@@ -134,6 +119,7 @@ impl Application {
             )
             .await?;
         }
+        actix_web::rt::spawn(tasks.track_future(crate::sync::dispatch(events_rx, state.clone())));
         actix_web::rt::spawn(tasks.track_future(crate::sync::revalidate_forever(
             state.clone(),
             state.config.revalidate_interval,
@@ -150,14 +136,7 @@ impl Application {
         let workers = state.config.workers;
         let demo = state.config.demo;
         let admin = state.config.admin;
-        // The first worker to start is the socket thread: the dispatcher and the
-        // engine's event reader move there (see `run_until`).
-        let (home_tx, home) = oneshot::channel();
-        let home_tx = Arc::new(std::sync::Mutex::new(Some(home_tx)));
         let server = HttpServer::new(move || {
-            if let Some(tx) = home_tx.lock().ok().and_then(|mut t| t.take()) {
-                let _ = tx.send(Arbiter::current());
-            }
             App::new()
                 .wrap_fn(|mut req, srv| {
                     if head_size(req.request().head()) > MAX_REQUEST_HEAD_BYTES {
@@ -229,9 +208,6 @@ impl Application {
             server: server.run(),
             addr,
             state,
-            events: events_rx,
-            home,
-            settled,
         })
     }
 
@@ -248,21 +224,12 @@ impl Application {
     /// Serves until `stop` resolves, then shuts down in order: every socket closes
     /// with 1001 and removes its record, then the HTTP server stops.
     pub async fn run_until(self, stop: impl Future<Output = ()>) -> std::io::Result<()> {
-        let Self {
-            server,
-            state,
-            events,
-            home,
-            settled,
-            ..
-        } = self;
+        let Self { server, state, .. } = self;
         let handle = server.handle();
         let mut server = std::pin::pin!(server);
-        let settle = settle(home, events, state.clone(), settled);
         tokio::select! {
             res = &mut server => return res,
             () = stop => {}
-            () = settle => unreachable!("settle never returns"),
         }
         tracing::info!(sockets = state.hub.len(), "shutting down");
         // In order: the sockets close (1001) and end their tasks; then the node's
@@ -294,41 +261,6 @@ impl Application {
         tracing::info!("stopped");
         res
     }
-}
-
-/// Once the first HTTP worker runs: starts the event dispatcher on it and moves the
-/// engine's event reader there, then lets sockets in. Why: a socket's task runs on
-/// the worker that accepted it; an event read and dispatched on the same thread
-/// reaches the socket without waking another thread (with one worker, the default
-/// on two CPUs, that is every socket). Never returns.
-async fn settle(
-    home: oneshot::Receiver<ArbiterHandle>,
-    events: mpsc::Receiver<NodeEvent>,
-    state: AppState,
-    settled: watch::Sender<bool>,
-) {
-    let Ok(home) = home.await else {
-        return std::future::pending().await;
-    };
-    let spawn: Spawner = Arc::new(move |fut| {
-        if !home.spawn(fut) {
-            tracing::warn!("the socket thread is gone; a background task did not start");
-        }
-    });
-    spawn(Box::pin(
-        state
-            .tasks
-            .track_future(crate::sync::dispatch(events, state.clone())),
-    ));
-    let moved = state.engine.move_event_reader(spawn);
-    if tokio::time::timeout(EVENT_READER_MOVE_TIMEOUT, moved)
-        .await
-        .is_err()
-    {
-        tracing::warn!("the event reader has not moved to the socket thread yet");
-    }
-    settled.send_replace(true);
-    std::future::pending().await
 }
 
 /// The size of a request's target and headers as sent (`name: value\r\n` each).

@@ -36,10 +36,6 @@ pub struct AppState {
     /// the engine's (events may have been lost, records may be missing), the node
     /// is not ready.
     pub synced: Arc<AtomicU64>,
-    /// True once the event dispatcher and the engine's event reader run on the
-    /// socket thread ([`crate::Application::run_until`]): sockets wait for it, so
-    /// that none misses an event while the reader moves.
-    pub settled: tokio::sync::watch::Receiver<bool>,
 }
 
 impl AppState {
@@ -70,7 +66,7 @@ impl AppState {
 
     /// The checks of readiness; the store's error, if that is what failed.
     async fn readiness(&self) -> Result<(), Option<sessionhub_core::EngineError>> {
-        if self.shutdown.is_cancelled() || !*self.settled.borrow() {
+        if self.shutdown.is_cancelled() {
             return Err(None);
         }
         if self.synced.load(Ordering::Acquire) != self.engine.generation() {

@@ -30,10 +30,6 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// close frame before closing the TCP connection anyway.
 pub const CLOSE_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How long an upgrade arriving at start-up waits for the node to settle
-/// ([`AppState::settled`]) before it is answered 503.
-pub const SETTLE_WAIT: Duration = Duration::from_secs(5);
-
 /// The WebSocket response body, held open until the closing handshake is done.
 ///
 /// actix-ws ends the body right after our close frame. actix-http would then
@@ -141,14 +137,6 @@ async fn accept(
 ) -> Result<HttpResponse, ApiError> {
     if state.shutdown.is_cancelled() {
         return Err(ApiError::Unavailable);
-    }
-    // Only just started: wait for the event reader to settle on this thread.
-    if !*state.settled.borrow() {
-        let mut settled = state.settled.clone();
-        let wait = settled.wait_for(|s| *s);
-        if !matches!(tokio::time::timeout(SETTLE_WAIT, wait).await, Ok(Ok(_))) {
-            return Err(ApiError::Unavailable);
-        }
     }
     let token = cookie_token(&req)?;
     if !origin_allowed(&req, &state.config) {
