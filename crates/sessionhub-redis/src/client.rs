@@ -1,10 +1,9 @@
 //! The command client: one shared connection, bounded calls, function calls,
 //! publishing, and Redis's clock.
 
-use std::cell::RefCell;
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures_util::future::try_join_all;
@@ -34,20 +33,6 @@ pub const PROBES_PER_HEARTBEAT: usize = 8;
 /// error of the clock offset and the reply's way back.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(250);
 
-/// A thread's own command connection to one engine's Redis ([`Inner::thread_conn`]).
-struct ThreadConn {
-    /// The engine it belongs to ([`Inner::alive`]).
-    owner: Weak<()>,
-    /// The generation of [`Inner::thread_source`] it was made from.
-    generation: u64,
-    conn: Conn,
-}
-
-thread_local! {
-    /// This thread's command connections, one per engine it has called.
-    static THREAD_CONNS: RefCell<Vec<ThreadConn>> = const { RefCell::new(Vec::new()) };
-}
-
 /// What the engine and its background tasks share.
 pub(crate) struct Inner {
     /// One multiplexed connection for every command, re-established on failure
@@ -55,13 +40,6 @@ pub(crate) struct Inner {
     /// it, so no pool is needed, and unlike a pool it costs no health-check round
     /// trip per command.
     conn: std::sync::RwLock<Conn>,
-    /// On one Redis (or the master the sentinels name): the client each thread
-    /// makes its own command connection from, with the generation it belongs to
-    /// (bumped whenever the shared connection is replaced). See [`ThreadConn`].
-    thread_source: std::sync::RwLock<Option<(u64, redis::Client)>>,
-    /// Tells the threads' connections of this engine apart from other engines'
-    /// (tests run several in one process); dropped with the engine.
-    alive: Arc<()>,
     /// On Redis Cluster: the seeds and timeouts to build a fresh cluster connection
     /// with, when the current one stops answering (see [`Inner::run`]).
     rebuild_from: Option<(Vec<String>, RedisConfig)>,
@@ -134,7 +112,6 @@ impl Inner {
     /// The shared state of a node that has not joined yet: no lease, no probe back.
     pub(crate) fn new(
         conn: Conn,
-        thread_client: Option<redis::Client>,
         rebuild_from: Option<(Vec<String>, RedisConfig)>,
         sentinel: Option<Arc<Sentinel>>,
         config: &RedisConfig,
@@ -142,8 +119,6 @@ impl Inner {
     ) -> Self {
         Self {
             conn: std::sync::RwLock::new(conn),
-            thread_source: std::sync::RwLock::new(thread_client.map(|c| (0, c))),
-            alive: Arc::new(()),
             rebuild_from,
             sentinel,
             following: tokio::sync::Mutex::new(()),
@@ -313,12 +288,9 @@ impl Inner {
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
-        let conn = match self.thread_conn() {
-            Some(c) => c,
-            None => match self.conn.read() {
-                Ok(c) => c.clone(),
-                Err(poisoned) => poisoned.into_inner().clone(),
-            },
+        let conn = match self.conn.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
         };
         let res = match tokio::time::timeout(self.command_timeout, op(conn)).await {
             Ok(r) => r.map_err(CallError::Redis),
@@ -378,7 +350,7 @@ impl Inner {
                         .and_then(|c| single_manager(c, self.command_timeout))
                     {
                         Ok(fresh) => {
-                            self.replace_conn(Conn::Single(fresh), sentinel.client(&url).ok());
+                            self.replace_conn(Conn::Single(fresh));
                             self.failures_in_a_row.store(0, Ordering::Release);
                             tracing::warn!(redis = %crate::config::redact_url(&url), "following the new Redis master");
                         }
@@ -397,53 +369,11 @@ impl Inner {
         }
     }
 
-    fn replace_conn(&self, fresh: Conn, client: Option<redis::Client>) {
+    fn replace_conn(&self, fresh: Conn) {
         match self.conn.write() {
             Ok(mut c) => *c = fresh,
             Err(poisoned) => *poisoned.into_inner() = fresh,
         }
-        if let Some(client) = client {
-            let mut source = match self.thread_source.write() {
-                Ok(s) => s,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            let generation = source.as_ref().map_or(0, |(g, _)| g + 1);
-            *source = Some((generation, client));
-        }
-    }
-
-    /// This thread's own command connection (one Redis or Sentinel; `None` on
-    /// Redis Cluster), made on first use.
-    ///
-    /// Why: a connection's driver task runs on the runtime that made it. With one
-    /// shared connection, a command from an HTTP worker woke the main thread to
-    /// write it and the answer woke the worker again: two cross-thread wake-ups on
-    /// every request's path (kill, publish, connect), ~0.1–0.2 ms each on a busy
-    /// 2-core machine. A worker's own connection is driven by the worker itself.
-    fn thread_conn(&self) -> Option<Conn> {
-        let (generation, client) = match self.thread_source.read() {
-            Ok(s) => s.clone()?,
-            Err(poisoned) => poisoned.into_inner().clone()?,
-        };
-        let owner = Arc::downgrade(&self.alive);
-        THREAD_CONNS.with(|conns| {
-            let mut conns = conns.borrow_mut();
-            // Engines that are gone leave their connections behind: drop them.
-            conns.retain(|c| c.owner.strong_count() > 0);
-            if let Some(c) = conns.iter().find(|c| Weak::ptr_eq(&c.owner, &owner))
-                && c.generation == generation
-            {
-                return Some(c.conn.clone());
-            }
-            let fresh = Conn::Single(single_manager(client, self.command_timeout).ok()?);
-            conns.retain(|c| !Weak::ptr_eq(&c.owner, &owner));
-            conns.push(ThreadConn {
-                owner,
-                generation,
-                conn: fresh.clone(),
-            });
-            Some(fresh)
-        })
     }
 
     /// Replaces the cluster connection with a fresh one (a new slot map, new links
@@ -467,7 +397,7 @@ impl Inner {
         };
         match cluster_connection(seeds, &quick, &shown).await {
             Ok(fresh) => {
-                self.replace_conn(Conn::Cluster(fresh), None);
+                self.replace_conn(Conn::Cluster(fresh));
                 self.failures_in_a_row.store(0, Ordering::Release);
                 tracing::warn!(redis = %shown, "Redis Cluster kept failing; reconnected afresh");
             }

@@ -79,22 +79,17 @@ impl RedisEngine {
             reason: e.to_string(),
         };
         let mut sentinel = None;
-        let (conn, thread_client, subscribe_with) = match &config.topology {
+        let (conn, subscribe_with) = match &config.topology {
             Topology::Single(url) => {
                 let client = tls::client(url, &config.tls).map_err(invalid)?;
                 let conn =
                     single_manager(client.clone(), config.command_timeout).map_err(invalid)?;
-                (
-                    Conn::Single(conn),
-                    Some(client.clone()),
-                    subscriber::Source::Single(client),
-                )
+                (Conn::Single(conn), subscriber::Source::Single(client))
             }
             Topology::Cluster(seeds) => {
                 let conn = cluster_connection(seeds, &config, &shown).await?;
                 (
                     Conn::Cluster(conn),
-                    None,
                     subscriber::Source::Cluster(seeds.clone(), config.tls.clone()),
                 )
             }
@@ -107,14 +102,9 @@ impl RedisEngine {
                 let url = first_master(&found, &config, &shown).await?;
                 found.set_current(&url);
                 let client = found.client(&url).map_err(invalid)?;
-                let conn =
-                    single_manager(client.clone(), config.command_timeout).map_err(invalid)?;
+                let conn = single_manager(client, config.command_timeout).map_err(invalid)?;
                 sentinel = Some(found);
-                (
-                    Conn::Single(conn),
-                    Some(client),
-                    subscriber::Source::Sentinel,
-                )
+                (Conn::Single(conn), subscriber::Source::Sentinel)
             }
         };
         let rebuild_from = match &config.topology {
@@ -123,7 +113,6 @@ impl RedisEngine {
         };
         let inner = Arc::new(Inner::new(
             conn,
-            thread_client,
             rebuild_from,
             sentinel.clone(),
             &config,

@@ -220,8 +220,7 @@ pub struct Cli {
     #[arg(long, env = "SESSIONHUB_PONG_TIMEOUT_MS", default_value_t = 45_000)]
     pub pong_timeout_ms: u64,
 
-    /// HTTP worker threads (default: one per CPU but one, at least one; the node's
-    /// main thread runs its background loops).
+    /// HTTP worker threads (default: one per CPU).
     #[arg(long, env = "SESSIONHUB_WORKERS")]
     pub workers: Option<usize>,
 
@@ -648,12 +647,7 @@ impl Config {
                     return Err(bad("SESSIONHUB_WORKERS (--workers)", "must be at least 1"));
                 }
                 Some(n) => n,
-                // The main thread keeps the engine's background loops (lease,
-                // sweep, webhooks); the sockets and their events live on the
-                // workers. On two CPUs one worker measured faster than two (fewer
-                // threads waking each other; BENCHMARKS.md).
-                None => std::thread::available_parallelism()
-                    .map_or(1, |n| usize::from(n).saturating_sub(1).max(1)),
+                None => std::thread::available_parallelism().map_or(1, usize::from),
             },
             listen: cli.listen,
             redis,

@@ -86,9 +86,6 @@ pub async fn kill(
     let killed = state.engine.kill_session(sid, owner, reason).await?;
     state.metrics.kill_latency.observe(started.elapsed());
     if killed {
-        // This node's own sockets close now, not when the engine's event comes
-        // back (it still comes, and finds them closing).
-        state.hub.end_session(sid, reason);
         state.metrics.ended(reason, 1);
     }
     Ok(killed)

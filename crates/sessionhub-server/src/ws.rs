@@ -194,21 +194,22 @@ async fn accept(
         user_id = %session.user_id,
     );
     let tracker = state.sockets.clone();
-    let mut socket = Socket {
-        state: state.into_inner(),
-        conn,
-        session,
-        ws,
-        release,
-        history,
-        asked: recovery.is_some() || bad_recovery.is_some(),
-        bad_recovery,
-    };
-    // `hello` is queued before the response goes: the 101 and it leave in one
-    // write, and the client gets both in one read.
-    let hello = socket.hello();
-    let _ = socket.ws.text(hello).await;
-    actix_web::rt::spawn(tracker.track_future(socket.run(rx, stream).instrument(span)));
+    actix_web::rt::spawn(
+        tracker.track_future(
+            Socket {
+                state: state.into_inner(),
+                conn,
+                session,
+                ws,
+                release,
+                history,
+                asked: recovery.is_some() || bad_recovery.is_some(),
+                bad_recovery,
+            }
+            .run(rx, stream)
+            .instrument(span),
+        ),
+    );
     Ok(response)
 }
 
@@ -420,35 +421,31 @@ impl Socket {
         tracing::debug!("disconnected");
     }
 
-    /// The `hello` frame: who this socket is and where the user's history stands.
-    fn hello(&self) -> String {
-        let history = self.history.as_ref();
-        let recovery = history.and_then(|h| h.recovery.as_ref());
-        let recovered = match recovery {
+    /// Sends `hello`, then the recovered frames (and an `error` frame for a recovery
+    /// request that could not be read). Returns the offset up to which recoverable
+    /// frames have been accounted for: live ones up to it are not sent again.
+    async fn greet(&mut self) -> Result<u64, actix_ws::Closed> {
+        let mut history = self.history.take();
+        let recovery = history.as_mut().and_then(|h| h.recovery.take());
+        let recovered = match &recovery {
             Some(r) => Some(r.recovered),
             None => self.asked.then_some(false),
         };
-        ServerFrame::Hello {
+        let hello = ServerFrame::Hello {
             connection_id: &self.conn.id,
             session_id: &self.session.session_id,
             user_id: &self.session.user_id,
             node_id: self.state.engine.node_id(),
-            epoch: history.map(|h| h.epoch.as_str()),
-            offset: history.map(|h| h.offset),
+            epoch: history.as_ref().map(|h| h.epoch.as_str()),
+            offset: history.as_ref().map(|h| h.offset),
             recovered,
-            missed: recovery.filter(|r| r.recovered).map(|r| r.frames.len()),
+            missed: recovery
+                .as_ref()
+                .filter(|r| r.recovered)
+                .map(|r| r.frames.len()),
         }
-        .to_json()
-    }
-
-    /// Sends the recovered frames after `hello` (already queued by [`upgrade`]), and
-    /// an `error` frame for a recovery request that could not be read. Returns the
-    /// offset up to which recoverable frames have been accounted for: live ones up
-    /// to it are not sent again.
-    async fn greet(&mut self) -> Result<u64, actix_ws::Closed> {
-        Metrics::inc(&self.state.metrics.messages_out);
-        let mut history = self.history.take();
-        let recovery = history.as_mut().and_then(|h| h.recovery.take());
+        .to_json();
+        self.send(hello).await?;
         if let Some(r) = recovery {
             Metrics::add(
                 &self.state.metrics.recovered_messages,
