@@ -925,13 +925,16 @@ impl RedisEngine {
 
 impl Inner {
     /// The node ids holding a lease entry, live or not yet reaped.
+    /// The nodes whose lease has not expired (a dead node not yet reaped is not
+    /// counted: its records are going, in several steps on Redis Cluster).
     async fn node_ids(&self) -> Result<Vec<String>, EngineError> {
         let key = self.keys.nodes();
         self.run(|mut c| async move {
             redis::cmd("ZRANGE")
                 .arg(key)
-                .arg(0)
-                .arg(-1)
+                .arg(now_ms())
+                .arg("+inf")
+                .arg("BYSCORE")
                 .query_async(&mut c)
                 .await
         })
