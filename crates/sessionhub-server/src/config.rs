@@ -220,7 +220,8 @@ pub struct Cli {
     #[arg(long, env = "SESSIONHUB_PONG_TIMEOUT_MS", default_value_t = 45_000)]
     pub pong_timeout_ms: u64,
 
-    /// HTTP worker threads (default: one per CPU).
+    /// HTTP worker threads (default: one per CPU but one, at least one: the main
+    /// thread drives the Redis connections, the subscriber and the dispatcher).
     #[arg(long, env = "SESSIONHUB_WORKERS")]
     pub workers: Option<usize>,
 
@@ -388,6 +389,14 @@ pub struct ConfigError {
     pub setting: &'static str,
     /// What is wrong.
     pub reason: String,
+}
+
+/// HTTP workers for `cpus` CPUs: one per CPU but one, so that the main thread (the
+/// Redis connections, the subscriber, the event dispatcher) has a core of its own;
+/// at least one. On 2 CPUs one worker answered faster and with less CPU per
+/// publish than two (BENCHMARKS.md, "fewer thread hops").
+fn default_workers(cpus: usize) -> usize {
+    cpus.saturating_sub(1).max(1)
 }
 
 fn bad(setting: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -647,7 +656,9 @@ impl Config {
                     return Err(bad("SESSIONHUB_WORKERS (--workers)", "must be at least 1"));
                 }
                 Some(n) => n,
-                None => std::thread::available_parallelism().map_or(1, usize::from),
+                None => {
+                    default_workers(std::thread::available_parallelism().map_or(1, usize::from))
+                }
             },
             listen: cli.listen,
             redis,
@@ -894,6 +905,14 @@ mod tests {
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.key_prefix, "sh:");
         assert!(c.redis.is_none() && c.api_key.is_none());
+    }
+
+    #[test]
+    fn workers_default_to_one_per_cpu_but_one() {
+        assert_eq!(default_workers(1), 1);
+        assert_eq!(default_workers(2), 1);
+        assert_eq!(default_workers(8), 7);
+        assert_eq!(parse(&["--workers", "3"]).unwrap().workers, 3);
     }
 
     #[test]

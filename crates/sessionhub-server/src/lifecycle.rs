@@ -87,6 +87,10 @@ pub async fn kill(
     state.metrics.kill_latency.observe(started.elapsed());
     if killed {
         state.metrics.ended(reason, 1);
+        // This node's own sockets of the session close now, not after the engine's
+        // event has come back to it; the event then finds them gone (closing is
+        // idempotent). Only after the kill is stored: a failed kill closes nothing.
+        state.hub.end_session(sid, reason);
     }
     Ok(killed)
 }
