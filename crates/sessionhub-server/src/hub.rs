@@ -2,7 +2,7 @@
 //! engine events to them.
 //!
 //! Locks are held only to look up or change the indexes, never across an await or a
-//! socket write: delivering to a socket is a `try_send` into its bounded queue, and a
+//! socket write: delivering to a socket is a push onto its bounded queue, and a
 //! socket whose queue is full is closed with 1013 instead of slowing anyone else.
 
 use std::collections::{HashMap, HashSet, VecDeque};

@@ -30,7 +30,6 @@ const MAX_CLOSE_REASON_BYTES: usize = MAX_CONTROL_PAYLOAD_BYTES - 2;
 pub struct StreamingBody {
     session_rx: crate::chan::Receiver,
     connection_closed: Option<oneshot::Sender<()>>,
-    messages: VecDeque<Message>,
     buf: BytesMut,
     codec: Codec,
     closing: bool,
@@ -41,7 +40,6 @@ impl StreamingBody {
         StreamingBody {
             session_rx,
             connection_closed: None,
-            messages: VecDeque::new(),
             buf: BytesMut::new(),
             codec: Codec::new(),
             closing: false,
@@ -148,22 +146,18 @@ impl Stream for StreamingBody {
             return Poll::Ready(None);
         }
 
-        if !this.closing {
-            loop {
-                match this.session_rx.poll_recv(cx) {
-                    Poll::Ready(Some(msg)) => {
-                        this.messages.push_back(msg);
-                    }
-                    Poll::Ready(None) => {
-                        this.closing = true;
-                        break;
-                    }
-                    Poll::Pending => break,
+        // sessionhub: each message is encoded as it is received, with no queue in
+        // between (upstream drained the channel into a `VecDeque` first, which
+        // allocated for every frame once idle sockets released it).
+        while !this.closing {
+            let mut msg = match this.session_rx.poll_recv(cx) {
+                Poll::Ready(Some(msg)) => msg,
+                Poll::Ready(None) => {
+                    this.closing = true;
+                    break;
                 }
-            }
-        }
-
-        while let Some(mut msg) = this.messages.pop_front() {
+                Poll::Pending => break,
+            };
             let is_close = matches!(msg, Message::Close(_));
 
             // Avoid emitting invalid control frames. Some clients (e.g., Chromium-based browsers)
@@ -198,14 +192,7 @@ impl Stream for StreamingBody {
                 // frame, even if there are still `Session` clones holding the sender.
                 this.closing = true;
                 this.session_rx.close();
-                this.messages.clear();
-                break;
             }
-        }
-
-        // sessionhub: an idle socket keeps no queue capacity.
-        if this.messages.is_empty() && this.messages.capacity() != 0 {
-            this.messages = VecDeque::new();
         }
 
         if !this.buf.is_empty() {
