@@ -48,6 +48,9 @@ pub enum StartError {
     /// The webhook client could not be built.
     #[error(transparent)]
     Webhook(#[from] crate::webhook::StartError),
+    /// The HTTP workers did not start.
+    #[error("the HTTP workers did not start: {0}")]
+    Workers(std::io::Error),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -60,83 +63,34 @@ pub enum StartError {
 
 /// A node, bound and ready to run.
 pub struct Application {
-    server: actix_web::dev::Server,
+    /// Started (polled once); served by `run_until`.
+    server: std::pin::Pin<Box<actix_web::dev::Server>>,
+    handle: actix_web::dev::ServerHandle,
     addr: SocketAddr,
     state: AppState,
 }
 
 impl Application {
-    /// Connects the engine, starts the event dispatcher and binds the listener.
+    /// Binds the listener, starts the HTTP worker(s), and on the first worker
+    /// connects the engine and starts the event dispatcher and background loops.
+    ///
+    /// The node's Redis links (command connection, subscriber) and its dispatcher
+    /// are built on an HTTP worker's thread rather than on the main thread, so that
+    /// with one worker (the default on two cores) an event travels from Redis to a
+    /// socket, and a request to Redis and back, without waking another thread:
+    /// under load each hand-over between threads waits for a CPU. The workers serve
+    /// only once it is done (a worker's start-up awaits its app data), so the node
+    /// is subscribed before its first socket, as before.
     pub async fn build(config: Config) -> Result<Self, StartError> {
-        let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE_CAPACITY);
-        let node_id = config.node_id.clone();
-        let mut streams = None;
-        let engine: Arc<dyn Engine> = match &config.redis {
-            Some(topology) => {
-                let rc = RedisConfig {
-                    key_prefix: config.key_prefix.clone(),
-                    tls: config.redis_tls.clone(),
-                    connect_timeout: config.redis_connect_timeout,
-                    lease: config.lease,
-                    limits: config.conn_limits,
-                    history: config.history,
-                    events_maxlen: config.events_maxlen,
-                    deliver_events: config.webhook.is_some(),
-                    ..RedisConfig::with_topology(topology.clone())
-                };
-                let redis = RedisEngine::connect(rc, node_id, events_tx).await?;
-                streams = redis.event_streams();
-                Arc::new(redis)
-            }
-            None => Arc::new(
-                MemoryEngine::with_limits(
-                    MemoryStore::new(),
-                    node_id,
-                    events_tx,
-                    config.conn_limits,
-                )
-                .with_history(config.history),
-            ),
-        };
-        let state = AppState {
-            engine,
-            hub: Arc::new(Hub::default()),
-            config: Arc::new(config),
-            shutdown: CancellationToken::new(),
-            sockets: TaskTracker::new(),
-            tasks: TaskTracker::new(),
-            metrics: Arc::default(),
-            synced: Arc::new(AtomicU64::new(0)),
-        };
-        let tasks = &state.tasks;
-        if let (Some(streams), Some(webhook)) = (streams, state.config.webhook.clone()) {
-            crate::webhook::start(
-                streams,
-                webhook,
-                state.metrics.webhook.clone(),
-                state.shutdown.clone(),
-                tasks,
-            )
-            .await?;
-        }
-        actix_web::rt::spawn(tasks.track_future(crate::sync::dispatch(events_rx, state.clone())));
-        actix_web::rt::spawn(tasks.track_future(crate::sync::revalidate_forever(
-            state.clone(),
-            state.config.revalidate_interval,
-        )));
-        actix_web::rt::spawn(tasks.track_future(crate::sync::expire_forever(state.clone())));
-        actix_web::rt::spawn(tasks.track_future(crate::sync::reconcile_forever(
-            state.clone(),
-            state.config.revalidate_interval * RECONCILE_EVERY_REVALIDATIONS,
-        )));
-
-        let data = web::Data::new(state.clone());
-        let listen = state.config.listen;
-        let request_timeout = state.config.request_timeout;
-        let workers = state.config.workers;
-        let demo = state.config.demo;
-        let admin = state.config.admin;
+        let listen = config.listen;
+        let request_timeout = config.request_timeout;
+        let workers = config.workers;
+        let demo = config.demo;
+        let admin = config.admin;
+        let boot = Arc::new(Boot::new(config));
+        let factory_boot = boot.clone();
         let server = HttpServer::new(move || {
+            let boot = factory_boot.clone();
             App::new()
                 .wrap_fn(|mut req, srv| {
                     if head_size(req.request().head()) > MAX_REQUEST_HEAD_BYTES {
@@ -155,7 +109,12 @@ impl Application {
                         srv.call(req).map(|res| res.map(|r| r.map_into_left_body())),
                     )
                 })
-                .app_data(data.clone())
+                // Runs on this worker's thread before it serves: the first worker
+                // builds the node's state, the others wait for it.
+                .data_factory(move || {
+                    let boot = boot.clone();
+                    async move { boot.state().await }
+                })
                 .app_data(
                     web::JsonConfig::default()
                         .limit(MAX_JSON_BODY)
@@ -200,15 +159,28 @@ impl Application {
             source,
         })?;
         let addr = server.addrs().first().copied().unwrap_or(listen);
-        actix_web::rt::spawn(state.tasks.track_future(crate::sync::announce_forever(
-            state.clone(),
-            addr.to_string(),
-        )));
-        Ok(Self {
-            server: server.run(),
-            addr,
-            state,
-        })
+        let _ = boot.addr.set(addr);
+        let mut server = Box::pin(server.run());
+        let handle = server.handle();
+        // The first poll starts the workers and returns once each has started (or
+        // one failed), which includes building the state.
+        let started = futures_util::poll!(server.as_mut());
+        let built = boot.built.borrow().clone();
+        match (started, built) {
+            (std::task::Poll::Pending, Built::Ready(state)) => Ok(Self {
+                server,
+                handle,
+                addr,
+                state,
+            }),
+            (started, _) => {
+                let cause = match started {
+                    std::task::Poll::Ready(Err(e)) => e,
+                    _ => std::io::Error::other("the HTTP workers stopped at start-up"),
+                };
+                Err(boot.take_error().unwrap_or(StartError::Workers(cause)))
+            }
+        }
     }
 
     /// The bound address (useful with port 0).
@@ -224,9 +196,12 @@ impl Application {
     /// Serves until `stop` resolves, then shuts down in order: every socket closes
     /// with 1001 and removes its record, then the HTTP server stops.
     pub async fn run_until(self, stop: impl Future<Output = ()>) -> std::io::Result<()> {
-        let Self { server, state, .. } = self;
-        let handle = server.handle();
-        let mut server = std::pin::pin!(server);
+        let Self {
+            mut server,
+            handle,
+            state,
+            ..
+        } = self;
         tokio::select! {
             res = &mut server => return res,
             () = stop => {}
@@ -261,6 +236,141 @@ impl Application {
         tracing::info!("stopped");
         res
     }
+}
+
+/// What the first HTTP worker built at start-up, for the others and for `build`.
+#[derive(Clone)]
+enum Built {
+    /// Not yet.
+    Pending,
+    /// The node's state.
+    Ready(AppState),
+    /// Building failed; the error waits in [`Boot::error`].
+    Failed,
+}
+
+/// Hands the configuration to the first worker and its result to everyone else.
+struct Boot {
+    /// Taken by the worker that builds the state.
+    config: std::sync::Mutex<Option<Config>>,
+    /// The bound address, known before any worker starts.
+    addr: std::sync::OnceLock<SocketAddr>,
+    built: tokio::sync::watch::Sender<Built>,
+    error: std::sync::Mutex<Option<StartError>>,
+}
+
+impl Boot {
+    fn new(config: Config) -> Self {
+        Self {
+            config: std::sync::Mutex::new(Some(config)),
+            addr: std::sync::OnceLock::new(),
+            built: tokio::sync::watch::Sender::new(Built::Pending),
+            error: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The node's state: built by the first caller (on its thread), awaited by the
+    /// others. `Err(())` when building failed (the error is kept for `build`).
+    async fn state(&self) -> Result<AppState, ()> {
+        let config = self.config.lock().ok().and_then(|mut c| c.take());
+        if let Some(config) = config {
+            let addr = self.addr.get().copied().unwrap_or(config.listen);
+            return match build_state(config, addr).await {
+                Ok(state) => {
+                    self.built.send_replace(Built::Ready(state.clone()));
+                    Ok(state)
+                }
+                Err(e) => {
+                    if let Ok(mut slot) = self.error.lock() {
+                        *slot = Some(e);
+                    }
+                    self.built.send_replace(Built::Failed);
+                    Err(())
+                }
+            };
+        }
+        let mut rx = self.built.subscribe();
+        let built = rx
+            .wait_for(|b| !matches!(b, Built::Pending))
+            .await
+            .map_err(drop)?
+            .clone();
+        match built {
+            Built::Ready(state) => Ok(state),
+            Built::Pending | Built::Failed => Err(()),
+        }
+    }
+
+    fn take_error(&self) -> Option<StartError> {
+        self.error.lock().ok().and_then(|mut e| e.take())
+    }
+}
+
+/// Connects the engine and starts what runs beside the sockets: the event
+/// dispatcher, the webhook deliverer and the periodic loops. Called on the thread of
+/// the first HTTP worker, so their tasks (and the Redis links' own) run there.
+async fn build_state(config: Config, addr: SocketAddr) -> Result<AppState, StartError> {
+    let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE_CAPACITY);
+    let node_id = config.node_id.clone();
+    let mut streams = None;
+    let engine: Arc<dyn Engine> = match &config.redis {
+        Some(topology) => {
+            let rc = RedisConfig {
+                key_prefix: config.key_prefix.clone(),
+                tls: config.redis_tls.clone(),
+                connect_timeout: config.redis_connect_timeout,
+                lease: config.lease,
+                limits: config.conn_limits,
+                history: config.history,
+                events_maxlen: config.events_maxlen,
+                deliver_events: config.webhook.is_some(),
+                ..RedisConfig::with_topology(topology.clone())
+            };
+            let redis = RedisEngine::connect(rc, node_id, events_tx).await?;
+            streams = redis.event_streams();
+            Arc::new(redis)
+        }
+        None => Arc::new(
+            MemoryEngine::with_limits(MemoryStore::new(), node_id, events_tx, config.conn_limits)
+                .with_history(config.history),
+        ),
+    };
+    let state = AppState {
+        engine,
+        hub: Arc::new(Hub::default()),
+        config: Arc::new(config),
+        shutdown: CancellationToken::new(),
+        sockets: TaskTracker::new(),
+        tasks: TaskTracker::new(),
+        metrics: Arc::default(),
+        synced: Arc::new(AtomicU64::new(0)),
+    };
+    let tasks = &state.tasks;
+    if let (Some(streams), Some(webhook)) = (streams, state.config.webhook.clone()) {
+        crate::webhook::start(
+            streams,
+            webhook,
+            state.metrics.webhook.clone(),
+            state.shutdown.clone(),
+            tasks,
+        )
+        .await?;
+    }
+    actix_web::rt::spawn(tasks.track_future(crate::sync::dispatch(events_rx, state.clone())));
+    actix_web::rt::spawn(tasks.track_future(crate::sync::revalidate_forever(
+        state.clone(),
+        state.config.revalidate_interval,
+    )));
+    actix_web::rt::spawn(tasks.track_future(crate::sync::expire_forever(state.clone())));
+    actix_web::rt::spawn(tasks.track_future(crate::sync::reconcile_forever(
+        state.clone(),
+        state.config.revalidate_interval * RECONCILE_EVERY_REVALIDATIONS,
+    )));
+    actix_web::rt::spawn(tasks.track_future(crate::sync::announce_forever(
+        state.clone(),
+        addr.to_string(),
+    )));
+    Ok(state)
 }
 
 /// The size of a request's target and headers as sent (`name: value\r\n` each).

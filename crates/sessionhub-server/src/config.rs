@@ -220,8 +220,8 @@ pub struct Cli {
     #[arg(long, env = "SESSIONHUB_PONG_TIMEOUT_MS", default_value_t = 45_000)]
     pub pong_timeout_ms: u64,
 
-    /// HTTP worker threads (default: one per CPU but one, at least one: the main
-    /// thread drives the Redis connections, the subscriber and the dispatcher).
+    /// HTTP worker threads (default: one per CPU but one, at least one; the first
+    /// also drives the Redis connections, the subscriber and the dispatcher).
     #[arg(long, env = "SESSIONHUB_WORKERS")]
     pub workers: Option<usize>,
 
@@ -391,10 +391,10 @@ pub struct ConfigError {
     pub reason: String,
 }
 
-/// HTTP workers for `cpus` CPUs: one per CPU but one, so that the main thread (the
-/// Redis connections, the subscriber, the event dispatcher) has a core of its own;
-/// at least one. On 2 CPUs one worker answered faster and with less CPU per
-/// publish than two (BENCHMARKS.md, "fewer thread hops").
+/// HTTP workers for `cpus` CPUs: one per CPU but one (Redis, the load balancer and
+/// the rest of the machine keep a core), at least one. On 2 CPUs one worker
+/// answered faster and with less CPU per publish than two (BENCHMARKS.md, "fewer
+/// thread hops"); the first worker also drives the Redis links and the dispatcher.
 fn default_workers(cpus: usize) -> usize {
     cpus.saturating_sub(1).max(1)
 }
