@@ -67,7 +67,8 @@
 --                                    hash tag; written by the nodes, see sh_sweep_claim)
 -- Channels: P{B}:node:<node> carries events for a node's sockets in bucket B (sharded
 -- pub/sub, SPUBLISH, on Redis Cluster; classic PUBLISH on one Redis); Pall reaches all.
--- P{B}:events:new rings (an empty message, same rule) on every entry of P{B}:events.
+-- P{B}:events:new rings (an empty message, same rule) once per call that adds entries
+-- to P{B}:events.
 -- Event payloads are JSON with a stable tag "t"; "message" events are a JSON header
 -- line, a newline, then the client frame verbatim.
 -- Times are Unix milliseconds, passed in by the caller.
@@ -120,12 +121,36 @@ local function user_conns_key(P, B, uid)
   return P .. '{' .. B .. '}:user:' .. uid .. ':conns'
 end
 
+-- State of the current call, reset by every function registered with `register`:
+-- whether it has rung its bucket's events channel yet (see emit), and Redis's
+-- clock as first read in it (Unix ms; a call is one atomic step, so one reading
+-- serves all of it).
+local rung = false
+local call_now_ms = nil
+
+-- Registers a function whose per-call state starts afresh at every call.
+local function register(name, fn)
+  redis.register_function(name, function(keys, args)
+    rung = false
+    call_now_ms = nil
+    return fn(keys, args)
+  end)
+end
+
+-- Redis's clock in Unix ms, read once per call.
+local function redis_now_ms()
+  if not call_now_ms then
+    local t = redis.call('TIME')
+    call_now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return call_now_ms
+end
+
 -- Whether the optional deadline `d` (Unix ms, this server's clock) has passed.
 local function past_deadline(d)
   d = tonumber(d)
   if not d or d <= 0 then return false end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > d
+  return redis_now_ms() > d
 end
 
 local function deadline_reply()
@@ -135,14 +160,18 @@ end
 -- Whether this Redis runs in cluster mode (asked once per library load).
 local cluster_mode = nil
 
--- Publishes an event to a node's channel of bucket B: SPUBLISH on Redis Cluster, so
--- only the shard owning B carries it; PUBLISH on one Redis.
-local function publish(P, B, node, payload)
+local function in_cluster()
   if cluster_mode == nil then
     cluster_mode = string.match(redis.call('INFO', 'cluster'), 'cluster_enabled:1') ~= nil
   end
+  return cluster_mode
+end
+
+-- Publishes an event to a node's channel of bucket B: SPUBLISH on Redis Cluster, so
+-- only the shard owning B carries it; PUBLISH on one Redis.
+local function publish(P, B, node, payload)
   local channel = P .. '{' .. B .. '}:node:' .. node
-  if cluster_mode then
+  if in_cluster() then
     redis.call('SPUBLISH', channel, payload)
   else
     redis.call('PUBLISH', channel, payload)
@@ -156,25 +185,32 @@ end
 -- expires_at, idle_ms apply (never a token or a secret hash); its time is the entry
 -- id's milliseconds (Redis's clock), and the event id is "<B>-<entry id>". The
 -- stream is capped (XADD MAXLEN ~ EVENTS_MAXLEN; the nodes load the library with
--- their SESSIONHUB_EVENTS_MAXLEN in this line, 0 writes no events). Each entry also
--- rings P{B}:events:new (an empty message), the wake-up of the nodes that deliver
--- webhooks, so that an idle node needs no polling.
+-- their SESSIONHUB_EVENTS_MAXLEN in this line, 0 writes no events). A call that
+-- appends entries also rings P{B}:events:new once (an empty message; a call touches
+-- one bucket), the wake-up of the nodes that deliver webhooks, so that an idle node
+-- needs no polling: the ring reaches them after the call, when every entry is there.
 local EVENTS_MAXLEN = 1000
+local EVENTS_MAXLEN_ARG = EVENTS_MAXLEN .. ''
 
+-- Appends one event {type, field, value, field, value, ...} (values nil or "" are
+-- left out) to bucket B's stream. Built as one argument list: every redis.call
+-- argument and every table.insert costs, and a kill makes several of these.
 local function emit(P, B, ev)
   if EVENTS_MAXLEN <= 0 then return end
-  local fields = { 'type', ev[1] }
+  local argv = { bkey(P, B, 'events'), 'MAXLEN', '~', EVENTS_MAXLEN_ARG, '*', 'type', ev[1] }
+  local n = 7
   for i = 2, #ev, 2 do
-    if ev[i + 1] ~= nil and ev[i + 1] ~= '' then
-      table.insert(fields, ev[i])
-      table.insert(fields, tostring(ev[i + 1]))
+    local v = ev[i + 1]
+    if v ~= nil and v ~= '' then
+      argv[n + 1] = ev[i]
+      argv[n + 2] = tostring(v)
+      n = n + 2
     end
   end
-  redis.call('XADD', bkey(P, B, 'events'), 'MAXLEN', '~', EVENTS_MAXLEN, '*', unpack(fields))
-  if cluster_mode == nil then
-    cluster_mode = string.match(redis.call('INFO', 'cluster'), 'cluster_enabled:1') ~= nil
-  end
-  redis.call(cluster_mode and 'SPUBLISH' or 'PUBLISH', bkey(P, B, 'events:new'), '')
+  redis.call('XADD', unpack(argv, 1, n))
+  if rung then return end
+  rung = true
+  redis.call(in_cluster() and 'SPUBLISH' or 'PUBLISH', bkey(P, B, 'events:new'), '')
 end
 
 -- session.ended for a session about to be ended by end_session (its connections'
@@ -187,6 +223,12 @@ end
 -- tells the nodes, ends it before Redis drops the keys silently.
 local EXPIRY_GRACE_MS = 60000
 
+-- An integer as a command argument. A Lua number passed to redis.call is printed
+-- with %.17g, which costs more than many commands; %d does not.
+local function int(n)
+  return string.format('%d', n)
+end
+
 -- When a session ends by itself.
 local function deadline(expires_at, last_seen_at, idle_ms)
   return math.min(tonumber(expires_at), tonumber(last_seen_at) + tonumber(idle_ms))
@@ -198,18 +240,21 @@ end
 
 -- The prefix, bucket and session id of a session key P{B}:session:<sid>, or nil.
 local function parse_session_key(sk)
-  local P, B = split_key(sk)
-  local sid = string.match(sk, '}:session:([0-9a-f]+)$')
-  if not P or not sid or bucket_of(sid) ~= B then return nil end
+  local P, B, sid = string.match(sk, '^(.-){(%x%x)}:session:([0-9a-f]+)$')
+  if not P or bucket_of(sid) ~= B then return nil end
   return P, B, sid
 end
 
--- Constant-time comparison of two strings of equal length.
+-- Constant-time comparison of two strings: every byte of equal-length strings is
+-- looked at, whatever differs. Plain arithmetic on the byte values (two C calls in
+-- all, not four per byte): a registration's hottest loop.
 local function ct_equal(a, b)
   if #a ~= #b then return false end
+  local x, y = { string.byte(a, 1, -1) }, { string.byte(b, 1, -1) }
   local diff = 0
-  for i = 1, #a do
-    diff = bit.bor(diff, bit.bxor(string.byte(a, i), string.byte(b, i)))
+  for i = 1, #x do
+    local d = x[i] - y[i]
+    diff = diff + d * d
   end
   return diff == 0
 end
@@ -223,7 +268,7 @@ local function lease_ok(P, B, node, lease_until, now)
   local lk = bkey(P, B, 'leases')
   local got = redis.call('HMGET', lk, node, 'fenced:' .. node)
   if lease_until <= tonumber(got[2] or '0') then return false end
-  if lease_until > tonumber(got[1] or '0') then redis.call('HSET', lk, node, lease_until) end
+  if lease_until > tonumber(got[1] or '0') then redis.call('HSET', lk, node, int(lease_until)) end
   return true
 end
 
@@ -235,10 +280,10 @@ local function add_conn(P, cid, sid, uid, node, at)
   redis.call('HSET', ck, 'session_id', sid, 'user_id', uid, 'node_id', node, 'connected_at', at)
   redis.call('HSET', session_key(P, sid) .. ':conns', cid, node .. '|' .. at)
   redis.call('HSET', node_index(P, B, node), cid, sid)
-  redis.call('HINCRBY', user_nodes_key(P, B, uid), node, 1)
+  redis.call('HINCRBY', user_nodes_key(P, B, uid), node, '1')
   redis.call('HSET', user_conns_key(P, B, uid), cid, node)
-  local live = redis.call('HINCRBY', bkey(P, B, 'online:conns'), uid, 1)
-  redis.call('ZADD', bkey(P, B, 'online'), 0, uid)
+  local live = redis.call('HINCRBY', bkey(P, B, 'online:conns'), uid, '1')
+  redis.call('ZADD', bkey(P, B, 'online'), '0', uid)
   emit(P, B, { 'connection.opened', 'user_id', uid, 'session_id', sid, 'connection_id', cid, 'node_id', node })
   if live == 1 then emit(P, B, { 'user.online', 'user_id', uid }) end
   return true
@@ -252,45 +297,107 @@ local function note_if_empty(P, B, group)
   end
 end
 
--- Removes every record of one connection. Returns its node, or nil if unknown.
--- `why` is the connection.closed event's reason (default "closed").
-local function drop_conn(P, cid, why)
-  local B = bucket_of(cid)
-  local ck = conn_key(P, cid)
-  local rec = redis.call('HMGET', ck, 'session_id', 'user_id', 'node_id')
-  if not rec[1] then return nil end
-  local sid, uid, node = rec[1], rec[2], rec[3]
-  redis.call('HDEL', session_key(P, sid) .. ':conns', cid)
-  redis.call('HDEL', node_index(P, B, node), cid)
-  for _, group in ipairs(redis.call('SMEMBERS', ck .. ':groups')) do
-    redis.call('HDEL', bkey(P, B, 'group:' .. group), 'conn:' .. cid)
-    note_if_empty(P, B, group)
+-- Calls `cmd key item...` for the items of `list`, in chunks (unpack has a limit).
+local UNPACK_CHUNK = 512
+local function call_chunked(cmd, key, list)
+  for i = 1, #list, UNPACK_CHUNK do
+    if key then
+      redis.call(cmd, key, unpack(list, i, math.min(i + UNPACK_CHUNK - 1, #list)))
+    else
+      redis.call(cmd, unpack(list, i, math.min(i + UNPACK_CHUNK - 1, #list)))
+    end
   end
-  redis.call('DEL', ck, ck .. ':groups')
-  emit(P, B, { 'connection.closed', 'user_id', uid, 'session_id', sid, 'connection_id', cid, 'node_id', node, 'reason', why or 'closed' })
-  local un = user_nodes_key(P, B, uid)
-  if redis.call('HINCRBY', un, node, -1) <= 0 then redis.call('HDEL', un, node) end
-  redis.call('HDEL', user_conns_key(P, B, uid), cid)
+end
+
+-- Removes every record of the given connections (all of bucket B), in one pass: the
+-- indexes they share (their node's, their user's, the online counts) take one
+-- command each rather than one per connection, which is most of a kill's time in
+-- Redis. `why` is the connection.closed events' reason (default "closed"); a user
+-- whose last connection went gets user.offline after them. With `session_going`
+-- the caller deletes the sessions' connection lists whole, so they are not edited.
+-- Returns {node -> true} for the nodes that held them (unknown ones are skipped).
+local function drop_conns(P, B, cids, why, session_going)
+  local nodes, keys, by_node, users, order = {}, {}, {}, {}, {}
+  for _, cid in ipairs(cids) do
+    local ck = conn_key(P, cid)
+    local rec = redis.call('HMGET', ck, 'session_id', 'user_id', 'node_id')
+    if rec[1] then
+      local sid, uid, node = rec[1], rec[2], rec[3]
+      nodes[node] = true
+      if not session_going then redis.call('HDEL', session_key(P, sid) .. ':conns', cid) end
+      by_node[node] = by_node[node] or {}
+      table.insert(by_node[node], cid)
+      for _, group in ipairs(redis.call('SMEMBERS', ck .. ':groups')) do
+        redis.call('HDEL', bkey(P, B, 'group:' .. group), 'conn:' .. cid)
+        note_if_empty(P, B, group)
+      end
+      keys[#keys + 1] = ck
+      keys[#keys + 1] = ck .. ':groups'
+      emit(P, B, { 'connection.closed', 'user_id', uid, 'session_id', sid, 'connection_id', cid, 'node_id', node, 'reason', why or 'closed' })
+      local u = users[uid]
+      if not u then
+        u = { n = 0, nodes = {}, cids = {} }
+        users[uid] = u
+        order[#order + 1] = uid
+      end
+      u.n = u.n + 1
+      u.nodes[node] = (u.nodes[node] or 0) + 1
+      u.cids[#u.cids + 1] = cid
+    end
+  end
+  if #keys == 0 then return nodes end
+  for node, list in pairs(by_node) do call_chunked('HDEL', node_index(P, B, node), list) end
+  call_chunked('DEL', nil, keys)
   local oc = bkey(P, B, 'online:conns')
-  if redis.call('HINCRBY', oc, uid, -1) <= 0 then
-    redis.call('HDEL', oc, uid)
-    redis.call('ZREM', bkey(P, B, 'online'), uid)
-    emit(P, B, { 'user.offline', 'user_id', uid })
+  for _, uid in ipairs(order) do
+    local u = users[uid]
+    -- The user's per-node counts: one read, then one write of those left and one
+    -- removal of those gone, whatever the number of nodes.
+    local un = user_nodes_key(P, B, uid)
+    local names = {}
+    for node in pairs(u.nodes) do names[#names + 1] = node end
+    local had = redis.call('HMGET', un, unpack(names))
+    local keep, gone = {}, {}
+    for i, node in ipairs(names) do
+      local left = (tonumber(had[i]) or 0) - u.nodes[node]
+      if left > 0 then
+        keep[#keep + 1] = node
+        keep[#keep + 1] = string.format('%d', left)
+      else
+        gone[#gone + 1] = node
+      end
+    end
+    if #keep > 0 then redis.call('HSET', un, unpack(keep)) end
+    if #gone > 0 then redis.call('HDEL', un, unpack(gone)) end
+    call_chunked('HDEL', user_conns_key(P, B, uid), u.cids)
+    if redis.call('HINCRBY', oc, uid, -u.n) <= 0 then
+      redis.call('HDEL', oc, uid)
+      redis.call('ZREM', bkey(P, B, 'online'), uid)
+      emit(P, B, { 'user.offline', 'user_id', uid })
+    end
   end
-  return node
+  return nodes
+end
+
+-- Removes every record of one connection. Returns its node, or nil if unknown.
+local function drop_conn(P, cid, why)
+  return next(drop_conns(P, bucket_of(cid), { cid }, why, false))
 end
 
 -- Ends one session: drops its connections and keys. Returns {node -> true}.
 local function end_session(P, sid, uid)
   local sk = session_key(P, sid)
-  local nodes = {}
-  local conns = redis.call('HGETALL', sk .. ':conns')
-  for i = 1, #conns, 2 do
-    local node = drop_conn(P, conns[i], 'session_ended') or string.match(conns[i + 1], '^([^|]+)|')
+  local B = bucket_of(sid)
+  local flat = redis.call('HGETALL', sk .. ':conns')
+  local cids = {}
+  for i = 1, #flat, 2 do cids[#cids + 1] = flat[i] end
+  local nodes = drop_conns(P, B, cids, 'session_ended', true)
+  -- A listed connection whose record is gone still had a socket on its node.
+  for i = 2, #flat, 2 do
+    local node = string.match(flat[i], '^([^|]+)|')
     if node then nodes[node] = true end
   end
   redis.call('DEL', sk, sk .. ':conns')
-  local B = bucket_of(sid)
   redis.call('HDEL', user_key(P, B, uid), sid)
   redis.call('ZREM', user_age_key(P, B, uid), sid)
   redis.call('ZREM', bkey(P, B, 'expiry'), sid)
@@ -298,9 +405,18 @@ local function end_session(P, sid, uid)
 end
 
 local function publish_ended(P, B, per_node, reason)
+  -- Session ids are hex; a reason of plain word characters needs no escaping, so the
+  -- payload is written out (an operator's odd reason still goes through cjson).
+  local plain = string.match(reason, '^[%w_]*$')
   for node, sids in pairs(per_node) do
-    publish(P, B, node,
-      cjson.encode({ t = 'session_ended', session_ids = sids, reason = reason }))
+    local payload
+    if plain then
+      payload = '{"t":"session_ended","session_ids":["' .. table.concat(sids, '","')
+        .. '"],"reason":"' .. reason .. '"}'
+    else
+      payload = cjson.encode({ t = 'session_ended', session_ids = sids, reason = reason })
+    end
+    publish(P, B, node, payload)
   end
 end
 
@@ -313,11 +429,6 @@ end
 -- TTL and the meta key's TTL (ms); a size of 0, or none, keeps no history.
 local HISTORY_META_TTL_MS = 24 * 3600 * 1000 -- when the caller gives none
 
-local function redis_now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-
 local function history_key(P, B, uid)
   return P .. '{' .. B .. '}:user:' .. uid .. ':history'
 end
@@ -327,7 +438,12 @@ local function history_cfg(size, ttl_ms, meta_ms)
   size, ttl_ms = tonumber(size or '0') or 0, tonumber(ttl_ms or '0') or 0
   if size <= 0 or ttl_ms <= 0 then return nil end
   meta_ms = tonumber(meta_ms or '') or HISTORY_META_TTL_MS
-  return { size = size, ttl_ms = ttl_ms, meta_ms = math.max(ttl_ms, meta_ms) }
+  meta_ms = math.max(ttl_ms, meta_ms)
+  -- The same values as command arguments: a Lua number passed to redis.call is
+  -- printed with %.17g, which costs more than the command that takes it.
+  return { size = size, ttl_ms = ttl_ms, meta_ms = meta_ms,
+    size_arg = string.format('%d', size), ttl_arg = string.format('%d', ttl_ms),
+    meta_arg = string.format('%d', meta_ms) }
 end
 
 -- A new epoch: Redis's clock in microseconds, in hex (alphanumeric, as clients
@@ -346,10 +462,10 @@ local function history_meta(P, B, uid, cfg)
   local epoch, top = meta[1], tonumber(meta[2] or '0') or 0
   if not epoch then
     epoch, top = new_epoch(), 0
-    redis.call('HSET', mk, 'epoch', epoch, 'offset', 0)
+    redis.call('HSET', mk, 'epoch', epoch, 'offset', '0')
     redis.call('DEL', hk) -- entries of an older numbering
   end
-  redis.call('PEXPIRE', mk, cfg.meta_ms)
+  redis.call('PEXPIRE', mk, cfg.meta_arg)
   return epoch, top
 end
 
@@ -358,7 +474,7 @@ end
 local function history_append(P, B, uid, cfg, to, frame)
   local hk = history_key(P, B, uid)
   local mk = hk .. ':meta'
-  local off = redis.call('HINCRBY', mk, 'offset', 1)
+  local off = redis.call('HINCRBY', mk, 'offset', '1')
   if off == 1 then
     -- A new numbering (or one begun by history_meta): it needs an epoch, and no
     -- entry of an older numbering may stay.
@@ -371,10 +487,10 @@ local function history_append(P, B, uid, cfg, to, frame)
   elseif string.sub(frame, -1) == '}' then
     frame = string.sub(frame, 1, -2) .. ',"offset":"' .. o .. '"}'
   end
-  redis.call('XADD', hk, 'MAXLEN', cfg.size, o .. '-0', 'at', redis_now_ms(), 'to', to,
-    'frame', frame)
-  redis.call('PEXPIRE', hk, cfg.ttl_ms)
-  redis.call('PEXPIRE', mk, cfg.meta_ms)
+  redis.call('XADD', hk, 'MAXLEN', cfg.size_arg, o .. '-0', 'at',
+    string.format('%d', redis_now_ms()), 'to', to, 'frame', frame)
+  redis.call('PEXPIRE', hk, cfg.ttl_arg)
+  redis.call('PEXPIRE', mk, cfg.meta_arg)
   return frame, off
 end
 
@@ -451,8 +567,11 @@ local function publish_frame(P, B, targets, frame, offset)
     table.insert(per_node[node], cid)
     conns = conns + 1
   end
+  -- The header is written out rather than cjson-encoded: the ids are hex and the
+  -- offset an integer, so nothing needs escaping.
+  local o = offset and (',"o":' .. string.format('%d', offset)) or ''
   for node, cids in pairs(per_node) do
-    publish(P, B, node, cjson.encode({ t = 'message', cids = cids, o = offset }) .. '\n' .. frame)
+    publish(P, B, node, '{"t":"message","cids":["' .. table.concat(cids, '","') .. '"]' .. o .. '}\n' .. frame)
   end
   return nodes, conns
 end
@@ -471,7 +590,7 @@ end
 --   sessions), like sh_publish's; without it (an older caller), each node holding a
 --   socket of the user (P{B}:user:<uid>:nodes) gets
 --   {"t":"session_created","session":{...}} (times as strings).
-redis.register_function('sh_create_session', function(keys, args)
+register('sh_create_session', function(keys, args)
   local sk, uk = keys[1], keys[2]
   local P, B, sid = parse_session_key(sk)
   if not P then return bad_key('P{B}:session:<id>') end
@@ -509,15 +628,15 @@ redis.register_function('sh_create_session', function(keys, args)
   redis.call('HSET', sk, 'user_id', uid, 'secret_hash', args[2], 'user_agent', args[3],
     'ip', args[4], 'created_at', now, 'last_seen_at', now, 'expires_at', expires,
     'idle_ms', idle)
-  redis.call('PEXPIREAT', sk, tonumber(expires) + EXPIRY_GRACE_MS)
-  redis.call('ZADD', bkey(P, B, 'expiry'), deadline(expires, now, idle), sid)
+  redis.call('PEXPIREAT', sk, int(tonumber(expires) + EXPIRY_GRACE_MS))
+  redis.call('ZADD', bkey(P, B, 'expiry'), int(deadline(expires, now, idle)), sid)
   redis.call('HSET', uk, sid, expires)
   redis.call('ZADD', ak, now, sid)
   -- The indexes live as long as their longest-lived session (-1: no expiry yet).
   local keep_until = tonumber(expires) + EXPIRY_GRACE_MS
   for _, k in ipairs({ uk, ak }) do
     if redis.call('PEXPIRETIME', k) < keep_until then
-      redis.call('PEXPIREAT', k, keep_until)
+      redis.call('PEXPIREAT', k, int(keep_until))
     end
   end
 
@@ -553,7 +672,7 @@ end)
 --   and when since was given: 1 or 0 (recovered or not), {offset, frame, ...} (the
 --   entries after since this session may recover, in order). Errors: FENCED if the
 --   node's lease has run out or was superseded, LIMIT if a socket limit is reached.
-redis.register_function('sh_register_connection', function(keys, args)
+register('sh_register_connection', function(keys, args)
   local sk = keys[1]
   local P, B, sid = parse_session_key(sk)
   if not P then return bad_key('P{B}:session:<id>') end
@@ -575,8 +694,8 @@ redis.register_function('sh_register_connection', function(keys, args)
   end
   add_conn(P, cid, sid, f[2], node, args[4])
   redis.call('HSET', sk, 'last_seen_at', args[4])
-  redis.call('ZADD', bkey(P, B, 'expiry'), deadline(f[6], now, f[8]), sid)
-  redis.call('PEXPIREAT', sk .. ':conns', tonumber(f[6]) + EXPIRY_GRACE_MS)
+  redis.call('ZADD', bkey(P, B, 'expiry'), int(deadline(f[6], now, f[8])), sid)
+  redis.call('PEXPIREAT', sk .. ':conns', int(tonumber(f[6]) + EXPIRY_GRACE_MS))
   local reply = { f[2], f[3], f[4], f[5], args[4], f[6], f[8] }
   local cfg = history_cfg(args[9], args[10], args[11])
   if cfg then
@@ -597,7 +716,7 @@ end)
 -- sh_touch: record activity of a session (its idle expiry moves).
 --   KEYS[1] P{B}:session:<sid>   ARGV now, [deadline]
 --   Returns 1, or 0 if there is no live session.
-redis.register_function('sh_touch', function(keys, args)
+register('sh_touch', function(keys, args)
   local sk = keys[1]
   local P, B, sid = parse_session_key(sk)
   if not P then return bad_key('P{B}:session:<id>') end
@@ -606,7 +725,7 @@ redis.register_function('sh_touch', function(keys, args)
   local f = redis.call('HMGET', sk, 'expires_at', 'last_seen_at', 'idle_ms')
   if not f[1] or deadline(f[1], f[2], f[3]) <= now then return 0 end
   redis.call('HSET', sk, 'last_seen_at', args[1])
-  redis.call('ZADD', bkey(P, B, 'expiry'), deadline(f[1], now, f[3]), sid)
+  redis.call('ZADD', bkey(P, B, 'expiry'), int(deadline(f[1], now, f[3])), sid)
   return 1
 end)
 
@@ -618,7 +737,7 @@ end)
 --   Returns the number of sessions ended; with groups "1", {ended, {group, count,
 --   ...}}: for each, the caller forgets B in the group's bucket index, then calls
 --   sh_group_emptied_done with the count.
-redis.register_function('sh_expire', function(keys, args)
+register('sh_expire', function(keys, args)
   local P, B = split_key(keys[1])
   if not P or not string.match(keys[1], '}:expiry$') then return bad_key('P{B}:expiry') end
   local now = tonumber(args[1])
@@ -667,7 +786,7 @@ end)
 -- as of `count`; a later emptying (a higher count) stays for the next sweep.
 --   KEYS[1] P{B}:groups:emptied   ARGV group, count
 --   Returns 1 if the entry went.
-redis.register_function('sh_group_emptied_done', function(keys, args)
+register('sh_group_emptied_done', function(keys, args)
   if not string.match(keys[1], '}:groups:emptied$') then return bad_key('P{B}:groups:emptied') end
   if redis.call('HGET', keys[1], args[1]) ~= args[2] then return 0 end
   redis.call('HDEL', keys[1], args[1])
@@ -680,7 +799,7 @@ end)
 -- sweep either shows in the count, or comes after this call and puts B back.
 --   KEYS[1] Pgroup:<group>:in_buckets   ARGV B, adds
 --   Returns 1 if forgotten.
-redis.register_function('sh_group_forget_bucket', function(keys, args)
+register('sh_group_forget_bucket', function(keys, args)
   if not string.match(keys[1], 'group:.+:in_buckets$') then return bad_key('Pgroup:<group>:in_buckets') end
   if redis.call('HGET', keys[1], args[1]) ~= args[2] then return 0 end
   redis.call('HDEL', keys[1], args[1])
@@ -690,7 +809,7 @@ end)
 -- sh_unregister_connection: remove a closed connection's records (and its groups).
 --   KEYS[1] P{B}:conn:<cid>
 --   Returns 1 if there was a record, else 0.
-redis.register_function('sh_unregister_connection', function(keys, args)
+register('sh_unregister_connection', function(keys, args)
   local P, B = split_key(keys[1])
   local cid = string.match(keys[1], '}:conn:([0-9a-f]+)$')
   if not P or not cid or bucket_of(cid) ~= B then return bad_key('P{B}:conn:<id>') end
@@ -705,7 +824,7 @@ end)
 --   Returns 1 if ended, 0 if there was none. Publishes
 --   {"t":"session_ended","session_ids":[sid],"reason":...} to each node holding one
 --   of its sockets.
-redis.register_function('sh_kill_session', function(keys, args)
+register('sh_kill_session', function(keys, args)
   local sk = keys[1]
   local P, B, sid = parse_session_key(sk)
   if not P then return bad_key('P{B}:session:<id>') end
@@ -725,7 +844,7 @@ end)
 --   KEYS[1] P{B}:user:<uid>:sessions
 --   ARGV reason (default killed), session_id to keep or "", [deadline]
 --   Returns the number of sessions ended; one session_ended event per node.
-redis.register_function('sh_kill_user_sessions', function(keys, args)
+register('sh_kill_user_sessions', function(keys, args)
   local uk = keys[1]
   local P, B = split_key(uk)
   local uid = string.match(uk, '}:user:(.*):sessions$')
@@ -756,7 +875,7 @@ end)
 --   Returns per session {session_id, user_agent, ip, created_at, last_seen_at,
 --   expires_at, idle_ms, {connection_id, "<node>|<connected_at>", ...}}; index entries
 --   of sessions whose keys are gone are removed on the way.
-redis.register_function('sh_user_sessions', function(keys, args)
+register('sh_user_sessions', function(keys, args)
   local uk = keys[1]
   local P, B = split_key(uk)
   local uid = string.match(uk, '}:user:(.*):sessions$')
@@ -827,7 +946,7 @@ end
 --   history (a message to a user or a session, with history on). Publishes to each
 --   node that holds a target socket: '{"t":"message","cids":[...],"o":offset}' ..
 --   "\n" .. frame (o only for a recoverable frame, which carries "offset" too)
-redis.register_function('sh_publish', function(keys, args)
+register('sh_publish', function(keys, args)
   local key, frame = keys[1], args[1]
   local P, B = split_key(key)
   if not P then return bad_key('a user, session, connection or group key') end
@@ -837,27 +956,36 @@ redis.register_function('sh_publish', function(keys, args)
   return delivery_reply(nodes, conns, offset)
 end)
 
--- sh_publish_batch: sh_publish for several targets of one bucket, in their order, in
--- one call (a batch publish makes one per bucket it touches).
---   KEYS the targets, as sh_publish's KEYS[1], all of one bucket B
+-- sh_publish_batch: sh_publish for several targets, in their order, in one call. On
+-- Redis Cluster they must be of one bucket B (one slot; a batch publish makes one
+-- call per bucket it touches); on one Redis they may be of any buckets (a batch
+-- publish makes one call per 64 targets).
+--   KEYS the targets, as sh_publish's KEYS[1], of one prefix (and on Redis Cluster
+--        of one bucket)
 --   ARGV deadline (or ""), history size, history TTL ms, meta TTL ms (0 0 0: no
 --        history), then one frame per key
 --   Returns one {nodes, connections[, offset]} per key, in order.
-redis.register_function('sh_publish_batch', function(keys, args)
+register('sh_publish_batch', function(keys, args)
   if #keys == 0 or #args ~= #keys + 4 then
     return redis.error_reply('BADARG sh_publish_batch takes 4 arguments and one frame per key')
   end
   local P, B = split_key(keys[1])
   if not P then return bad_key('a user, session, connection or group key') end
-  for _, key in ipairs(keys) do
+  local one_bucket = in_cluster()
+  local buckets = {}
+  for i, key in ipairs(keys) do
     local kp, kb = split_key(key)
-    if kp ~= P or kb ~= B then return redis.error_reply('BADARG every key of a batch must be in one bucket') end
+    if kp ~= P then return redis.error_reply('BADARG every key of a batch must have one prefix') end
+    if one_bucket and kb ~= B then
+      return redis.error_reply('BADARG every key of a batch must be in one bucket on Redis Cluster')
+    end
+    buckets[i] = kb
   end
   if past_deadline(args[1]) then return deadline_reply() end
   local cfg = history_cfg(args[2], args[3], args[4])
   local out = {}
   for i, key in ipairs(keys) do
-    local nodes, conns, offset = publish_target(P, B, key, args[4 + i], cfg)
+    local nodes, conns, offset = publish_target(P, buckets[i], key, args[4 + i], cfg)
     if not nodes then return bad_key('a user, session, connection or group key') end
     out[i] = delivery_reply(nodes, conns, offset)
   end
@@ -871,7 +999,7 @@ end)
 --   KEYS[1] P{B}:group:<group>
 --   ARGV "conn", connection_id, now   |   "user", user_id, now; then [deadline]
 --   Returns 1, or 0 if the connection is not live.
-redis.register_function('sh_group_add', function(keys, args)
+register('sh_group_add', function(keys, args)
   local P, B = split_key(keys[1])
   local group = string.match(keys[1], '}:group:(.+)$')
   if not P or not group then return bad_key('P{B}:group:<group>') end
@@ -893,7 +1021,7 @@ end)
 -- sh_group_remove: remove a member.
 --   KEYS[1] P{B}:group:<group>   ARGV "conn"|"user", id, [deadline]
 --   Returns 1 if it was a member, else 0.
-redis.register_function('sh_group_remove', function(keys, args)
+register('sh_group_remove', function(keys, args)
   local P, B = split_key(keys[1])
   local group = string.match(keys[1], '}:group:(.+)$')
   if not P or not group then return bad_key('P{B}:group:<group>') end
@@ -912,7 +1040,7 @@ end)
 -- are kept. Reaping a node calls this for every bucket.
 --   KEYS[1] P{B}:node:<node>:conns   ARGV upto
 --   Returns the number of connection records dropped.
-redis.register_function('sh_drop_node', function(keys, args)
+register('sh_drop_node', function(keys, args)
   local P, B = split_key(keys[1])
   local node = string.match(keys[1], '}:node:(.+):conns$')
   if not P or not node then return bad_key('P{B}:node:<node>:conns') end
@@ -922,19 +1050,16 @@ redis.register_function('sh_drop_node', function(keys, args)
   local got = redis.call('HMGET', lk, node, 'fenced:' .. node)
   if tonumber(got[1] or '0') > upto then return 0 end
   if upto > tonumber(got[2] or '0') then redis.call('HSET', lk, 'fenced:' .. node, upto) end
-  local n = 0
-  for _, cid in ipairs(redis.call('HKEYS', keys[1])) do
-    drop_conn(P, cid, 'node_dropped')
-    n = n + 1
-  end
+  local cids = redis.call('HKEYS', keys[1])
+  drop_conns(P, B, cids, 'node_dropped', false)
   redis.call('DEL', keys[1])
-  return n
+  return #cids
 end)
 
 -- sh_node_join: take a lease for a node.
 --   KEYS[1] Pnodes   ARGV node_id, now, lease_ms, floor (the lease must end after it)
 --   Returns the lease's expiry.
-redis.register_function('sh_node_join', function(keys, args)
+register('sh_node_join', function(keys, args)
   if not string.match(keys[1], 'nodes$') then return bad_key('Pnodes') end
   local lease = math.max(tonumber(args[2]) + tonumber(args[3]), tonumber(args[4]) + 1)
   redis.call('ZADD', keys[1], lease, args[1])
@@ -945,7 +1070,7 @@ end)
 --   KEYS[1] Pnodes   ARGV node_id, now, lease_ms
 --   Returns the new expiry; 0 if the lease had expired or was reaped: the node is
 --   fenced, and must drop its records and rejoin.
-redis.register_function('sh_node_heartbeat', function(keys, args)
+register('sh_node_heartbeat', function(keys, args)
   if not string.match(keys[1], 'nodes$') then return bad_key('Pnodes') end
   local node, now = args[1], tonumber(args[2])
   local exp = redis.call('ZSCORE', keys[1], node)
@@ -959,7 +1084,7 @@ end)
 -- bucket, unless it has taken a new lease meanwhile.
 --   KEYS[1] Pnodes   ARGV node_id, the lease expiry that was dropped
 --   Returns 1 if removed.
-redis.register_function('sh_node_forget', function(keys, args)
+register('sh_node_forget', function(keys, args)
   if not string.match(keys[1], 'nodes$') then return bad_key('Pnodes') end
   local exp = redis.call('ZSCORE', keys[1], args[1])
   if not exp or tonumber(exp) > tonumber(args[2]) then return 0 end
@@ -974,7 +1099,7 @@ end)
 --   sid, user_id, connected_at (all of bucket B)
 --   Returns the session ids (one per socket) that no longer exist.
 --   Error FENCED if the node's lease has run out or was superseded.
-redis.register_function('sh_reassert', function(keys, args)
+register('sh_reassert', function(keys, args)
   local P, B = split_key(keys[1])
   local node = string.match(keys[1], '}:node:(.+):conns$')
   if not P or not node then return bad_key('P{B}:node:<node>:conns') end
@@ -999,7 +1124,7 @@ end)
 -- is older than `before` goes (younger ones may belong to an upgrade in flight).
 --   KEYS[1] P{B}:node:<node>:conns   ARGV before (Unix ms), then connection ids
 --   Returns the number of records removed.
-redis.register_function('sh_reconcile', function(keys, args)
+register('sh_reconcile', function(keys, args)
   local P, B = split_key(keys[1])
   local node = string.match(keys[1], '}:node:(.+):conns$')
   if not P or not node then return bad_key('P{B}:node:<node>:conns') end
@@ -1079,7 +1204,7 @@ redis.register_function{
 --   create the group at the stream's end when they start delivering (XGROUP CREATE
 --   ... $ MKSTREAM); if it is missing here (Redis restarted empty, an operator
 --   removed it), it is created at the stream's start: nothing written is skipped.
-redis.register_function('sh_events_take', function(keys, args)
+register('sh_events_take', function(keys, args)
   local sk, group, me, count, claim = keys[1], args[1], args[2], tonumber(args[3]), tonumber(args[4])
   if not string.match(sk, '}:events$') then return bad_key('P{B}:events') end
   local first = redis.pcall('XPENDING', sk, group, '-', '+', 1)
@@ -1113,7 +1238,7 @@ end)
 -- after `until` if this one died).
 --   KEYS[1] Psweep   ARGV now, until, most buckets
 --   Returns the buckets claimed.
-redis.register_function('sh_sweep_claim', function(keys, args)
+register('sh_sweep_claim', function(keys, args)
   if not string.match(keys[1], 'sweep$') then return bad_key('Psweep') end
   local due = redis.call('ZRANGE', keys[1], '-inf', tonumber(args[1]), 'BYSCORE', 'LIMIT', 0,
     tonumber(args[3]))

@@ -330,6 +330,60 @@ async fn kill_session_ends_it_everywhere(b: Backend) {
     let list = a.engine.user_sessions(&user("alice")).await.unwrap();
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].session_id, s2.session.session_id);
+    // Every index shrank by exactly the killed session's two sockets: alice is
+    // online with her other session's one socket, and her next login tells node a
+    // (that socket) alone, not node b.
+    let online = a.engine.online_users(None, 10).await.unwrap();
+    assert_eq!(online.len(), 1);
+    assert_eq!(online[0].connections, 1);
+    let counts = a.engine.presence_counts().await.unwrap();
+    assert_eq!((counts.online_users, counts.connections), (1, 1));
+    let s3 = bn
+        .engine
+        .create_session(new_session("alice"))
+        .await
+        .unwrap();
+    let (cids, _) = session_created_of(a.next_event().await);
+    assert_eq!(cids, [cid_of_session(&a, &s2.session.session_id).await]);
+    // The first event b gets is the end of bob's session, not alice's news.
+    let bob = bn.engine.create_session(new_session("bob")).await.unwrap();
+    bn.engine
+        .register_connection(&bob.token, &cid(&bob.token))
+        .await
+        .unwrap()
+        .unwrap();
+    bn.engine
+        .kill_session(&bob.session.session_id, None, EndReason::Killed)
+        .await
+        .unwrap();
+    match bn.next_event().await {
+        NodeEvent::SessionsEnded { session_ids, .. } => {
+            assert_eq!(session_ids, [bob.session.session_id.clone()]);
+        }
+        other => panic!("node b should not have heard of alice's login: {other:?}"),
+    }
+    a.engine
+        .kill_session(&s3.session.session_id, None, EndReason::Killed)
+        .await
+        .unwrap();
+    a.engine
+        .kill_session(&s2.session.session_id, None, EndReason::Killed)
+        .await
+        .unwrap();
+    assert!(matches!(
+        a.next_event().await,
+        NodeEvent::SessionsEnded { .. }
+    ));
+    assert!(a.engine.online_users(None, 10).await.unwrap().is_empty());
+    let counts = a.engine.presence_counts().await.unwrap();
+    assert_eq!((counts.online_users, counts.connections), (0, 0));
+}
+
+/// The one connection of `sid` (as listed with the user's sessions).
+async fn cid_of_session(node: &TestNode, sid: &SessionId) -> ConnectionId {
+    let s = node.engine.get_session(sid).await.unwrap().unwrap();
+    assert_eq!(s.connections.len(), 1, "{s:?}");
+    s.connections[0].connection_id.clone()
 }
 
 async fn a_user_cannot_kill_another_users_session(b: Backend) {

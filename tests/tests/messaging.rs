@@ -574,6 +574,89 @@ async fn a_batch_publish_answers_in_order_and_refuses_bad_batches_whole(topology
     assert_nothing_else(&api, &mut all).await;
 }
 
+/// On one Redis a batch publish groups its user, session and connection targets into
+/// calls of up to 64, whatever their buckets (on Redis Cluster a call's keys must
+/// share a slot, so there it makes one per bucket): 150 messages to users of ten
+/// buckets take three calls, and every socket gets its own in the batch's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_on_one_redis_takes_one_call_per_64_targets_of_any_buckets() {
+    let cluster = Deployment::start(Topology::Single, 2).await;
+    let [a, b] = [&cluster.nodes[0], &cluster.nodes[1]];
+    let sessionhub_tests::Store::Single(redis) = &cluster.store else {
+        unreachable!()
+    };
+    let api = Api::new(a);
+    // Ten users of ten different buckets, each with a socket on node b.
+    let mut users = Vec::new();
+    let mut buckets = std::collections::HashSet::new();
+    let mut n = 0;
+    while users.len() < 10 {
+        let user = format!("batch-user-{n}");
+        n += 1;
+        let (sid, sockets) = user_on(&api, &user, &[b]).await;
+        if buckets.insert(sid[..2].to_owned()) {
+            users.push((user, sockets));
+        }
+    }
+    let mut monitor = tokio::process::Command::new("redis-cli")
+        .args(["-p", &redis.port().to_string(), "monitor"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = monitor.stdout.take().unwrap();
+    let mut first = [0u8; 2];
+    use tokio::io::AsyncReadExt;
+    out.read_exact(&mut first).await.unwrap(); // "OK": the monitor is attached
+
+    let batch: Vec<Value> = (0..150)
+        .map(|i| json!({ "to": { "user": users[i % 10].0 }, "event": "e", "data": i }))
+        .collect();
+    let res = api
+        .service(Method::POST, "/api/v1/publish", Some(Value::Array(batch)))
+        .await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let body: Value = res.json().await.unwrap();
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 150, "{body}");
+    assert!(
+        results
+            .iter()
+            .all(|r| r["nodes"] == 1 && r["connections"] == 1),
+        "{body}"
+    );
+    for (k, (_, sockets)) in users.iter_mut().enumerate() {
+        for i in (k..150).step_by(10) {
+            assert_eq!(expect_message(&mut sockets[0], "e").await, i);
+        }
+    }
+    // A marker command that we wait for, so that everything before it was captured.
+    let mut c = redis.conn().await;
+    redis::cmd("ECHO")
+        .arg("end-of-batch")
+        .query_async::<String>(&mut c)
+        .await
+        .unwrap();
+    let mut captured = Vec::new();
+    let mut buf = [0u8; 8192];
+    tokio::time::timeout(WAIT, async {
+        while !String::from_utf8_lossy(&captured).contains("end-of-batch") {
+            let n = out.read(&mut buf).await.unwrap();
+            captured.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("monitor output");
+    let text = String::from_utf8_lossy(&captured);
+    assert_eq!(
+        text.matches("\"sh_publish_batch\"").count(),
+        3,
+        "150 targets, 64 a call: {text}"
+    );
+    let mut all: Vec<&mut WsClient> = users.iter_mut().flat_map(|(_, s)| s.iter_mut()).collect();
+    assert_nothing_else(&api, &mut all).await;
+}
+
 sessionhub_tests::on_both_topologies!(
     a_users_sockets_on_two_nodes_get_a_message_published_through_a_third_exactly_once,
     session_connection_group_and_all_publishes_reach_exactly_their_sockets,

@@ -549,6 +549,11 @@ impl Inner {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// Whether the store is a Redis Cluster: a call's keys must then share a slot.
+    pub(crate) fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
     pub(crate) fn count_reaped(&self, records: u64) {
         self.reaped.fetch_add(records, Ordering::Relaxed);
     }

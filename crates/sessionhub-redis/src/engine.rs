@@ -425,21 +425,32 @@ impl Engine for RedisEngine {
         &self,
         items: &[(Target, String)],
     ) -> Vec<Result<Delivery, EngineError>> {
-        // Users, sessions and connections: one sh_publish_batch per bucket, in the
-        // batch's order within it. Groups and "all" span buckets: as single publishes.
+        // Users, sessions and connections: on Redis Cluster one sh_publish_batch per
+        // bucket (a call's keys share a slot), on one Redis one per
+        // SINGLE_REDIS_BATCH_CALL targets of any buckets, in the batch's order
+        // within each. Groups and "all" span buckets: as single publishes.
         let mut by_bucket: HashMap<Bucket, Vec<usize>> = HashMap::new();
+        let mut targeted = Vec::new();
         let mut single = Vec::new();
         for (i, (target, _)) in items.iter().enumerate() {
             match target_key(&self.inner.keys, target) {
-                Some((b, _)) => by_bucket.entry(b).or_default().push(i),
+                Some((b, _)) if self.inner.is_cluster() => by_bucket.entry(b).or_default().push(i),
+                Some(_) => targeted.push(i),
                 None => single.push(i),
             }
         }
-        let batches =
-            futures_util::future::join_all(by_bucket.into_values().map(|idx| async move {
-                let res = self.publish_in_bucket(items, &idx).await;
-                (idx, res)
-            }));
+        let calls: Vec<Vec<usize>> = if self.inner.is_cluster() {
+            by_bucket.into_values().collect()
+        } else {
+            targeted
+                .chunks(SINGLE_REDIS_BATCH_CALL)
+                .map(<[usize]>::to_vec)
+                .collect()
+        };
+        let batches = futures_util::future::join_all(calls.into_iter().map(|idx| async move {
+            let res = self.publish_in_bucket(items, &idx).await;
+            (idx, res)
+        }));
         let singles = futures_util::future::join_all(single.into_iter().map(|i| async move {
             let (target, frame) = &items[i];
             (i, self.publish(target, frame).await)
@@ -860,9 +871,13 @@ fn delivery_of(reply: &[i64]) -> Result<Delivery, EngineError> {
     }
 }
 
+/// Most targets of a batch publish in one `sh_publish_batch` on one Redis: the call
+/// holds Redis for its whole run, so a batch of 1,000 goes as several.
+const SINGLE_REDIS_BATCH_CALL: usize = 64;
+
 impl RedisEngine {
-    /// Items `idx` of a batch, all user, session or connection targets of one
-    /// bucket: one `sh_publish_batch`.
+    /// Items `idx` of a batch, all user, session or connection targets (of one
+    /// bucket on Redis Cluster): one `sh_publish_batch`.
     async fn publish_in_bucket(
         &self,
         items: &[(Target, String)],
