@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod deployment;
+pub mod monitor;
 pub mod process;
 pub mod proxy;
 pub mod redis_cluster;
@@ -18,6 +19,7 @@ pub mod webhook;
 
 pub use client::{Api, CloseEvent, Created, WsClient, WsError};
 pub use deployment::{Deployment, Store, Topology};
+pub use monitor::Monitor;
 pub use process::{FAST_LEASE, FAST_REAP_BOUND, Node, NodeOptions, RedisServer, TestCluster};
 pub use redis_cluster::RedisCluster;
 pub use script_cluster::ScriptCluster;

@@ -4,7 +4,7 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use sessionhub_tests::{
-    Api, Deployment, FAST_LEASE, FAST_REAP_BOUND, Node, Topology, WAIT, WsClient, wait_for,
+    Api, Deployment, FAST_LEASE, FAST_REAP_BOUND, Monitor, Node, Topology, WAIT, WsClient, wait_for,
 };
 
 async fn publish(api: &Api, to: Value, event: &str, data: Value) -> Value {
@@ -598,16 +598,7 @@ async fn a_batch_on_one_redis_takes_one_call_per_64_targets_of_any_buckets() {
             users.push((user, sockets));
         }
     }
-    let mut monitor = tokio::process::Command::new("redis-cli")
-        .args(["-p", &redis.port().to_string(), "monitor"])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut out = monitor.stdout.take().unwrap();
-    let mut first = [0u8; 2];
-    use tokio::io::AsyncReadExt;
-    out.read_exact(&mut first).await.unwrap(); // "OK": the monitor is attached
+    let mut monitor = Monitor::attach(redis).await;
 
     let batch: Vec<Value> = (0..150)
         .map(|i| json!({ "to": { "user": users[i % 10].0 }, "event": "e", "data": i }))
@@ -630,24 +621,7 @@ async fn a_batch_on_one_redis_takes_one_call_per_64_targets_of_any_buckets() {
             assert_eq!(expect_message(&mut sockets[0], "e").await, i);
         }
     }
-    // A marker command that we wait for, so that everything before it was captured.
-    let mut c = redis.conn().await;
-    redis::cmd("ECHO")
-        .arg("end-of-batch")
-        .query_async::<String>(&mut c)
-        .await
-        .unwrap();
-    let mut captured = Vec::new();
-    let mut buf = [0u8; 8192];
-    tokio::time::timeout(WAIT, async {
-        while !String::from_utf8_lossy(&captured).contains("end-of-batch") {
-            let n = out.read(&mut buf).await.unwrap();
-            captured.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await
-    .expect("monitor output");
-    let text = String::from_utf8_lossy(&captured);
+    let text = monitor.seen(redis, "end-of-batch").await;
     assert_eq!(
         text.matches("\"sh_publish_batch\"").count(),
         3,

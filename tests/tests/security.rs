@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use sessionhub_tests::process::{Node, NodeOptions};
-use sessionhub_tests::{Api, RedisServer, TestCluster, WAIT, WsClient, WsError, secrets};
+use sessionhub_tests::{Api, Monitor, RedisServer, TestCluster, WAIT, WsClient, WsError, secrets};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
@@ -564,15 +564,7 @@ async fn a_hostile_socket_does_not_delay_a_well_behaved_one() {
 async fn no_raw_token_reaches_redis_commands_pubsub_or_logs() {
     let cluster = TestCluster::start(2).await;
     // Watch every command Redis receives (this includes every PUBLISH payload).
-    let mut monitor = tokio::process::Command::new("redis-cli")
-        .args(["-p", &cluster.redis.port().to_string(), "monitor"])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut out = monitor.stdout.take().unwrap();
-    let mut first = [0u8; 2];
-    out.read_exact(&mut first).await.unwrap(); // "OK": the monitor is attached
+    let mut monitor = Monitor::attach(&cluster.redis).await;
 
     let api = Api::new(&cluster.nodes[0]);
     let a = api.create_session("alice", "a").await;
@@ -594,24 +586,7 @@ async fn no_raw_token_reaches_redis_commands_pubsub_or_logs() {
     api.me(Method::POST, "/api/v1/me/logout", &a.token).await;
     ws.expect_close().await;
     drop(ws_b);
-    // A marker command that we wait for, so that everything before it was captured.
-    let mut c = cluster.redis.conn().await;
-    redis::cmd("ECHO")
-        .arg("end-of-workload")
-        .query_async::<String>(&mut c)
-        .await
-        .unwrap();
-    let mut captured = Vec::new();
-    let mut buf = [0u8; 8192];
-    tokio::time::timeout(WAIT, async {
-        while !String::from_utf8_lossy(&captured).contains("end-of-workload") {
-            let n = out.read(&mut buf).await.unwrap();
-            captured.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await
-    .expect("monitor output");
-    let text = String::from_utf8_lossy(&captured);
+    let text = monitor.seen(&cluster.redis, "end-of-workload").await;
     assert!(
         text.contains("sh_create_session") && text.contains("PUBLISH"),
         "monitor saw the workload"
@@ -619,6 +594,7 @@ async fn no_raw_token_reaches_redis_commands_pubsub_or_logs() {
     assert_eq!(secrets::leaked_in(&text), None, "a raw token went to Redis");
 
     // The scanner itself works: a planted secret is found.
+    let mut c = cluster.redis.conn().await;
     redis::cmd("SET")
         .arg("planted")
         .arg(&a.token)
