@@ -137,6 +137,17 @@ local function register(name, fn)
   end)
 end
 
+-- The same for a function registered with flags ({function_name, flags, callback}).
+local function register_with(spec)
+  local fn = spec.callback
+  spec.callback = function(keys, args)
+    rung = false
+    call_now_ms = nil
+    return fn(keys, args)
+  end
+  redis.register_function(spec)
+end
+
 -- Redis's clock in Unix ms, read once per call.
 local function redis_now_ms()
   if not call_now_ms then
@@ -1150,7 +1161,7 @@ end)
 --   KEYS[1] P{B}:online   ARGV after (exclusive; "" for the first page), limit,
 --   [prefix: only user ids that start with it]
 --   Returns {user_id, connections, ...}.
-redis.register_function{
+register_with{
   function_name = 'sh_online_users',
   flags = { 'no-writes' },
   callback = function(keys, args)
@@ -1177,7 +1188,7 @@ redis.register_function{
 
 -- sh_presence_counts: a bucket's {online users, live connections on the given nodes}.
 --   KEYS[1] P{B}:online   ARGV node ids
-redis.register_function{
+register_with{
   function_name = 'sh_presence_counts',
   flags = { 'no-writes' },
   callback = function(keys, args)
@@ -1253,7 +1264,7 @@ end)
 -- or 0 (now) if an emptied group waits in P{B}:groups:emptied.
 --   KEYS[1] P{B}:expiry   ARGV forget_after_ms
 --   Returns that time (Unix ms), or -1 if the bucket needs nothing.
-redis.register_function{
+register_with{
   function_name = 'sh_sweep_next',
   flags = { 'no-writes' },
   callback = function(keys, args)
