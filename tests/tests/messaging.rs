@@ -627,6 +627,45 @@ async fn a_batch_on_one_redis_takes_one_call_per_64_targets_of_any_buckets() {
         3,
         "150 targets, 64 a call: {text}"
     );
+
+    // In a rolling upgrade an older node may load its library last, one that takes
+    // a batch's targets from one bucket only: a batch still goes out whole, in order
+    // (the refused call did nothing; then one call per bucket).
+    let older = sessionhub_redis::LIBRARY.replacen(
+        "local one_bucket = in_cluster()",
+        "local one_bucket = true",
+        1,
+    );
+    assert_ne!(older, sessionhub_redis::LIBRARY, "the bucket rule moved");
+    let mut c = redis.conn().await;
+    redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg("REPLACE")
+        .arg(&older)
+        .query_async::<String>(&mut c)
+        .await
+        .unwrap();
+    let batch: Vec<Value> = (0..20)
+        .map(|i| json!({ "to": { "user": users[i % 10].0 }, "event": "f", "data": i }))
+        .collect();
+    let res = api
+        .service(Method::POST, "/api/v1/publish", Some(Value::Array(batch)))
+        .await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["results"].as_array().unwrap().len(), 20, "{body}");
+    for (k, (_, sockets)) in users.iter_mut().enumerate() {
+        for i in (k..20).step_by(10) {
+            assert_eq!(expect_message(&mut sockets[0], "f").await, i);
+        }
+    }
+    let text = monitor.seen(redis, "end-of-older-batch").await;
+    let after = &text[text.find("end-of-batch").unwrap()..];
+    assert_eq!(
+        after.matches("\"sh_publish_batch\"").count(),
+        11,
+        "one refused call, then one per bucket: {after}"
+    );
     let mut all: Vec<&mut WsClient> = users.iter_mut().flat_map(|(_, s)| s.iter_mut()).collect();
     assert_nothing_else(&api, &mut all).await;
 }

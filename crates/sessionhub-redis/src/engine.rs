@@ -877,12 +877,55 @@ const SINGLE_REDIS_BATCH_CALL: usize = 64;
 
 impl RedisEngine {
     /// Items `idx` of a batch, all user, session or connection targets (of one
-    /// bucket on Redis Cluster): one `sh_publish_batch`.
+    /// bucket on Redis Cluster): one `sh_publish_batch`. A library loaded by an
+    /// older node (in a rolling upgrade the last node to start loads its own)
+    /// refuses targets of several buckets before doing anything: then one call per
+    /// bucket.
     async fn publish_in_bucket(
         &self,
         items: &[(Target, String)],
         idx: &[usize],
     ) -> Result<Vec<Delivery>, EngineError> {
+        let replies = match self.batch_call(items, idx).await {
+            Err(FunctionError::BadArg(_)) if !self.inner.is_cluster() => {
+                let mut by_bucket: Vec<(Bucket, Vec<usize>)> = Vec::new();
+                for &i in idx {
+                    let Some((b, _)) = target_key(&self.inner.keys, &items[i].0) else {
+                        continue;
+                    };
+                    match by_bucket.iter_mut().find(|(x, _)| *x == b) {
+                        Some((_, part)) => part.push(i),
+                        None => by_bucket.push((b, vec![i])),
+                    }
+                }
+                let parts = try_join_all(by_bucket.iter().map(|(_, part)| async move {
+                    let replies = self.batch_call(items, part).await?;
+                    Ok::<_, FunctionError>(part.iter().copied().zip(replies).collect::<Vec<_>>())
+                }))
+                .await?;
+                let mut by_item: HashMap<usize, Vec<i64>> = parts.into_iter().flatten().collect();
+                idx.iter()
+                    .map(|i| by_item.remove(i).unwrap_or_default())
+                    .collect()
+            }
+            res => res?,
+        };
+        if replies.len() != idx.len() {
+            return Err(corrupt(format!(
+                "sh_publish_batch answered {} results for {} messages",
+                replies.len(),
+                idx.len()
+            )));
+        }
+        replies.iter().map(|r| delivery_of(r)).collect()
+    }
+
+    /// One `sh_publish_batch` for items `idx`: its replies as they are.
+    async fn batch_call(
+        &self,
+        items: &[(Target, String)],
+        idx: &[usize],
+    ) -> Result<Vec<Vec<i64>>, FunctionError> {
         let inner = &self.inner;
         let keys: Vec<String> = idx
             .iter()
@@ -890,8 +933,8 @@ impl RedisEngine {
             .collect();
         let history = inner.history;
         let frames: Vec<&str> = idx.iter().map(|&i| items[i].1.as_str()).collect();
-        let replies: Vec<Vec<i64>> = inner
-            .fcall(
+        inner
+            .try_fcall(
                 "sh_publish_batch",
                 &keys,
                 (
@@ -902,15 +945,7 @@ impl RedisEngine {
                     frames,
                 ),
             )
-            .await?;
-        if replies.len() != idx.len() {
-            return Err(corrupt(format!(
-                "sh_publish_batch answered {} results for {} messages",
-                replies.len(),
-                idx.len()
-            )));
-        }
-        replies.iter().map(|r| delivery_of(r)).collect()
+            .await
     }
 
     /// A group publish: one `sh_publish` per bucket that may hold members. The node
