@@ -54,3 +54,50 @@ async fn a_single_node_on_the_memory_engine_does_the_whole_flow() {
     assert_eq!(api.me_status(&s1.token).await, StatusCode::UNAUTHORIZED);
     ws2.assert_alive().await;
 }
+
+/// The scheduling policy of every thread of a process (`/proc/<pid>/task/*/stat`,
+/// field 41: 0 SCHED_OTHER, 3 SCHED_BATCH).
+fn thread_policies(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let stat = std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap();
+        // The command name (field 2) is in parentheses and may hold spaces.
+        let after_name = &stat[stat.rfind(')').unwrap() + 1..];
+        out.push(
+            after_name
+                .split_whitespace()
+                .nth(38)
+                .unwrap()
+                .parse()
+                .unwrap(),
+        );
+    }
+    out
+}
+
+/// A node's threads run under SCHED_BATCH unless SESSIONHUB_SCHED_BATCH=false: a
+/// node woken by Redis does not preempt it halfway through writing an event to
+/// every node (BENCHMARKS.md, "SCHED_BATCH").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_threads_run_under_sched_batch_unless_turned_off() {
+    let node = Node::start(NodeOptions {
+        node_id: "batch".into(),
+        ..Default::default()
+    })
+    .await;
+    let policies = thread_policies(node.pid().unwrap());
+    assert!(policies.len() >= 2, "{policies:?}");
+    assert!(policies.iter().all(|&p| p == 3), "{policies:?}");
+    // The node serves as before.
+    let s = Api::new(&node).create_session("alice", "a").await;
+    WsClient::connect(&node, &s.token).await.unwrap();
+
+    let node = Node::start(NodeOptions {
+        node_id: "other".into(),
+        env: vec![("SESSIONHUB_SCHED_BATCH".into(), "false".into())],
+        ..Default::default()
+    })
+    .await;
+    let policies = thread_policies(node.pid().unwrap());
+    assert!(policies.iter().all(|&p| p == 0), "{policies:?}");
+}

@@ -225,6 +225,14 @@ pub struct Cli {
     #[arg(long, env = "SESSIONHUB_WORKERS")]
     pub workers: Option<usize>,
 
+    /// Run the node's threads under Linux's SCHED_BATCH policy (default on): a node
+    /// woken by a socket then waits for the running thread's turn to end instead of
+    /// preempting it, so Redis finishes writing one event to every node before the
+    /// first of them runs. Off: the default policy (SCHED_OTHER).
+    #[arg(long, env = "SESSIONHUB_SCHED_BATCH", num_args = 0..=1, default_missing_value = "true",
+          default_value = "true", value_parser = BoolishValueParser::new())]
+    pub sched_batch: bool,
+
     /// Log format: `text` or `json`. Levels come from RUST_LOG (default info).
     #[arg(long, env = "SESSIONHUB_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -305,6 +313,8 @@ pub struct Config {
     pub revalidate_interval: Duration,
     /// HTTP worker threads.
     pub workers: usize,
+    /// Whether `main` puts the process's threads under SCHED_BATCH.
+    pub sched_batch: bool,
     /// Session lifetimes and cookies.
     pub sessions: SessionPolicy,
     /// Per-socket limits.
@@ -660,6 +670,7 @@ impl Config {
                     default_workers(std::thread::available_parallelism().map_or(1, usize::from))
                 }
             },
+            sched_batch: cli.sched_batch,
             listen: cli.listen,
             redis,
             redis_tls,

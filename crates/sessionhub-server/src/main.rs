@@ -42,6 +42,10 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(config.json_logs);
+    if config.sched_batch {
+        // Before any other thread exists: the runtime's threads inherit the policy.
+        sched_batch();
+    }
     match actix_web::rt::System::new().block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -67,6 +71,53 @@ fn name_env(line: &str, arg: &str) -> String {
         Some(named) => line.replace(&format!("'{arg}'"), &named),
         None => line.to_owned(),
     }
+}
+
+/// Puts this thread, and so every thread it starts, under SCHED_BATCH.
+///
+/// Why: on a machine the node shares with Redis (or with other nodes), Redis writes
+/// one event to several nodes in a row. Under the default policy the first node it
+/// wakes preempts it on the spot (a sleeper has the least runtime), and the event
+/// reaches the other nodes only after that node's turn: a kill's last socket ended
+/// ~0.6 ms after its HTTP answer. A SCHED_BATCH thread never preempts on wake-up;
+/// it runs when the CPU is next given out, with its fair share as before
+/// (BENCHMARKS.md, "SCHED_BATCH"). It needs no privilege. The call also sets the
+/// thread's niceness (to 0), so a node started with another niceness keeps it and
+/// the default policy (`chrt --batch` does both). A refusal is logged; the node
+/// runs as it is.
+fn sched_batch() {
+    #[cfg(target_os = "linux")]
+    {
+        use thread_priority::unix::{
+            NormalThreadSchedulePolicy, ThreadSchedulePolicy, set_thread_priority_and_policy,
+            thread_native_id,
+        };
+        use thread_priority::{ThreadPriority, ThreadPriorityOsValue};
+        match own_niceness() {
+            Some(0) => {}
+            nice => {
+                tracing::info!(
+                    ?nice,
+                    "niceness set by the operator kept; SCHED_BATCH not set"
+                );
+                return;
+            }
+        }
+        let batch = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch);
+        let nice_0 = ThreadPriority::Os(ThreadPriorityOsValue::default());
+        if let Err(e) = set_thread_priority_and_policy(thread_native_id(), nice_0, batch) {
+            tracing::warn!(error = ?e, "could not run under SCHED_BATCH; running under the default policy");
+        }
+    }
+}
+
+/// This thread's niceness (field 19 of /proc/thread-self/stat).
+#[cfg(target_os = "linux")]
+fn own_niceness() -> Option<i32> {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(16)?.parse().ok()
 }
 
 fn init_tracing(json: bool) {
