@@ -574,6 +574,39 @@ async fn a_batch_publish_answers_in_order_and_refuses_bad_batches_whole(topology
     assert_nothing_else(&api, &mut all).await;
 }
 
+/// Publishes `n` messages `event` in one batch, message i to user i mod the number of
+/// users, and checks the answer (one socket each) and that each user's socket gets
+/// its own in order.
+async fn round_robin_batch(
+    api: &Api,
+    users: &mut [(String, Vec<WsClient>)],
+    n: usize,
+    event: &str,
+) {
+    let batch: Vec<Value> = (0..n)
+        .map(|i| json!({ "to": { "user": users[i % users.len()].0 }, "event": event, "data": i }))
+        .collect();
+    let res = api
+        .service(Method::POST, "/api/v1/publish", Some(Value::Array(batch)))
+        .await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let body: Value = res.json().await.unwrap();
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), n, "{body}");
+    assert!(
+        results
+            .iter()
+            .all(|r| r["nodes"] == 1 && r["connections"] == 1),
+        "{body}"
+    );
+    let len = users.len();
+    for (k, (_, sockets)) in users.iter_mut().enumerate() {
+        for i in (k..n).step_by(len) {
+            assert_eq!(expect_message(&mut sockets[0], event).await, i);
+        }
+    }
+}
+
 /// On one Redis a batch publish groups its user, session and connection targets into
 /// calls of up to 64, whatever their buckets (on Redis Cluster a call's keys must
 /// share a slot, so there it makes one per bucket): 150 messages to users of ten
@@ -600,27 +633,7 @@ async fn a_batch_on_one_redis_takes_one_call_per_64_targets_of_any_buckets() {
     }
     let mut monitor = Monitor::attach(redis).await;
 
-    let batch: Vec<Value> = (0..150)
-        .map(|i| json!({ "to": { "user": users[i % 10].0 }, "event": "e", "data": i }))
-        .collect();
-    let res = api
-        .service(Method::POST, "/api/v1/publish", Some(Value::Array(batch)))
-        .await;
-    assert_eq!(res.status(), StatusCode::ACCEPTED);
-    let body: Value = res.json().await.unwrap();
-    let results = body["results"].as_array().unwrap();
-    assert_eq!(results.len(), 150, "{body}");
-    assert!(
-        results
-            .iter()
-            .all(|r| r["nodes"] == 1 && r["connections"] == 1),
-        "{body}"
-    );
-    for (k, (_, sockets)) in users.iter_mut().enumerate() {
-        for i in (k..150).step_by(10) {
-            assert_eq!(expect_message(&mut sockets[0], "e").await, i);
-        }
-    }
+    round_robin_batch(&api, &mut users, 150, "e").await;
     let text = monitor.seen(redis, "end-of-batch").await;
     assert_eq!(
         text.matches("\"sh_publish_batch\"").count(),
@@ -645,20 +658,7 @@ async fn a_batch_on_one_redis_takes_one_call_per_64_targets_of_any_buckets() {
         .query_async::<String>(&mut c)
         .await
         .unwrap();
-    let batch: Vec<Value> = (0..20)
-        .map(|i| json!({ "to": { "user": users[i % 10].0 }, "event": "f", "data": i }))
-        .collect();
-    let res = api
-        .service(Method::POST, "/api/v1/publish", Some(Value::Array(batch)))
-        .await;
-    assert_eq!(res.status(), StatusCode::ACCEPTED);
-    let body: Value = res.json().await.unwrap();
-    assert_eq!(body["results"].as_array().unwrap().len(), 20, "{body}");
-    for (k, (_, sockets)) in users.iter_mut().enumerate() {
-        for i in (k..20).step_by(10) {
-            assert_eq!(expect_message(&mut sockets[0], "f").await, i);
-        }
-    }
+    round_robin_batch(&api, &mut users, 20, "f").await;
     let text = monitor.seen(redis, "end-of-older-batch").await;
     let after = &text[text.find("end-of-batch").unwrap()..];
     assert_eq!(
