@@ -128,23 +128,23 @@ end
 local rung = false
 local call_now_ms = nil
 
--- Registers a function whose per-call state starts afresh at every call.
-local function register(name, fn)
-  redis.register_function(name, function(keys, args)
-    rung = false
-    call_now_ms = nil
-    return fn(keys, args)
-  end)
-end
-
--- The same for a function registered with flags ({function_name, flags, callback}).
-local function register_with(spec)
-  local fn = spec.callback
-  spec.callback = function(keys, args)
+-- `fn`, with the per-call state starting afresh at every call.
+local function fresh_per_call(fn)
+  return function(keys, args)
     rung = false
     call_now_ms = nil
     return fn(keys, args)
   end
+end
+
+-- Registers a function (its per-call state fresh at every call).
+local function register(name, fn)
+  redis.register_function(name, fresh_per_call(fn))
+end
+
+-- The same for a function registered with flags ({function_name, flags, callback}).
+local function register_with(spec)
+  spec.callback = fresh_per_call(spec.callback)
   redis.register_function(spec)
 end
 
@@ -373,7 +373,7 @@ local function drop_conns(P, B, cids, why, session_going)
       local left = (tonumber(had[i]) or 0) - u.nodes[node]
       if left > 0 then
         keep[#keep + 1] = node
-        keep[#keep + 1] = string.format('%d', left)
+        keep[#keep + 1] = int(left)
       else
         gone[#gone + 1] = node
       end
@@ -381,7 +381,7 @@ local function drop_conns(P, B, cids, why, session_going)
     if #keep > 0 then redis.call('HSET', un, unpack(keep)) end
     if #gone > 0 then redis.call('HDEL', un, unpack(gone)) end
     call_chunked('HDEL', user_conns_key(P, B, uid), u.cids)
-    if redis.call('HINCRBY', oc, uid, -u.n) <= 0 then
+    if redis.call('HINCRBY', oc, uid, int(-u.n)) <= 0 then
       redis.call('HDEL', oc, uid)
       redis.call('ZREM', bkey(P, B, 'online'), uid)
       emit(P, B, { 'user.offline', 'user_id', uid })
@@ -449,12 +449,9 @@ local function history_cfg(size, ttl_ms, meta_ms)
   size, ttl_ms = tonumber(size or '0') or 0, tonumber(ttl_ms or '0') or 0
   if size <= 0 or ttl_ms <= 0 then return nil end
   meta_ms = tonumber(meta_ms or '') or HISTORY_META_TTL_MS
-  meta_ms = math.max(ttl_ms, meta_ms)
-  -- The same values as command arguments: a Lua number passed to redis.call is
-  -- printed with %.17g, which costs more than the command that takes it.
-  return { size = size, ttl_ms = ttl_ms, meta_ms = meta_ms,
-    size_arg = string.format('%d', size), ttl_arg = string.format('%d', ttl_ms),
-    meta_arg = string.format('%d', meta_ms) }
+  -- The sizes and TTLs also as command arguments (see int).
+  return { size = size, ttl_ms = ttl_ms, size_arg = int(size), ttl_arg = int(ttl_ms),
+    meta_arg = int(math.max(ttl_ms, meta_ms)) }
 end
 
 -- A new epoch: Redis's clock in microseconds, in hex (alphanumeric, as clients
@@ -499,7 +496,7 @@ local function history_append(P, B, uid, cfg, to, frame)
     frame = string.sub(frame, 1, -2) .. ',"offset":"' .. o .. '"}'
   end
   redis.call('XADD', hk, 'MAXLEN', cfg.size_arg, o .. '-0', 'at',
-    string.format('%d', redis_now_ms()), 'to', to, 'frame', frame)
+    int(redis_now_ms()), 'to', to, 'frame', frame)
   redis.call('PEXPIRE', hk, cfg.ttl_arg)
   redis.call('PEXPIRE', mk, cfg.meta_arg)
   return frame, off
@@ -580,7 +577,7 @@ local function publish_frame(P, B, targets, frame, offset)
   end
   -- The header is written out rather than cjson-encoded: the ids are hex and the
   -- offset an integer, so nothing needs escaping.
-  local o = offset and (',"o":' .. string.format('%d', offset)) or ''
+  local o = offset and (',"o":' .. int(offset)) or ''
   for node, cids in pairs(per_node) do
     publish(P, B, node, '{"t":"message","cids":["' .. table.concat(cids, '","') .. '"]' .. o .. '}\n' .. frame)
   end

@@ -429,22 +429,20 @@ impl Engine for RedisEngine {
         // bucket (a call's keys share a slot), on one Redis one per
         // SINGLE_REDIS_BATCH_CALL targets of any buckets, in the batch's order
         // within each. Groups and "all" span buckets: as single publishes.
-        let mut by_bucket: HashMap<Bucket, Vec<usize>> = HashMap::new();
         let mut targeted = Vec::new();
         let mut single = Vec::new();
         for (i, (target, _)) in items.iter().enumerate() {
             match target_key(&self.inner.keys, target) {
-                Some((b, _)) if self.inner.is_cluster() => by_bucket.entry(b).or_default().push(i),
-                Some(_) => targeted.push(i),
+                Some((b, _)) => targeted.push((i, b)),
                 None => single.push(i),
             }
         }
         let calls: Vec<Vec<usize>> = if self.inner.is_cluster() {
-            by_bucket.into_values().collect()
+            by_bucket(targeted)
         } else {
             targeted
                 .chunks(SINGLE_REDIS_BATCH_CALL)
-                .map(<[usize]>::to_vec)
+                .map(|chunk| chunk.iter().map(|&(i, _)| i).collect())
                 .collect()
         };
         let batches = futures_util::future::join_all(calls.into_iter().map(|idx| async move {
@@ -871,6 +869,15 @@ fn delivery_of(reply: &[i64]) -> Result<Delivery, EngineError> {
     }
 }
 
+/// Batch items (index, bucket) grouped by bucket, each group in the batch's order.
+fn by_bucket(items: impl IntoIterator<Item = (usize, Bucket)>) -> Vec<Vec<usize>> {
+    let mut groups: HashMap<Bucket, Vec<usize>> = HashMap::new();
+    for (i, b) in items {
+        groups.entry(b).or_default().push(i);
+    }
+    groups.into_values().collect()
+}
+
 /// Most targets of a batch publish in one `sh_publish_batch` on one Redis: the call
 /// holds Redis for its whole run, so a batch of 1,000 goes as several.
 const SINGLE_REDIS_BATCH_CALL: usize = 64;
@@ -888,17 +895,10 @@ impl RedisEngine {
     ) -> Result<Vec<Delivery>, EngineError> {
         let replies = match self.batch_call(items, idx).await {
             Err(FunctionError::BadArg(_)) if !self.inner.is_cluster() => {
-                let mut by_bucket: Vec<(Bucket, Vec<usize>)> = Vec::new();
-                for &i in idx {
-                    let Some((b, _)) = target_key(&self.inner.keys, &items[i].0) else {
-                        continue;
-                    };
-                    match by_bucket.iter_mut().find(|(x, _)| *x == b) {
-                        Some((_, part)) => part.push(i),
-                        None => by_bucket.push((b, vec![i])),
-                    }
-                }
-                let parts = try_join_all(by_bucket.iter().map(|(_, part)| async move {
+                let parts = by_bucket(idx.iter().filter_map(|&i| {
+                    target_key(&self.inner.keys, &items[i].0).map(|(b, _)| (i, b))
+                }));
+                let parts = try_join_all(parts.iter().map(|part| async move {
                     let replies = self.batch_call(items, part).await?;
                     Ok::<_, FunctionError>(part.iter().copied().zip(replies).collect::<Vec<_>>())
                 }))
