@@ -670,6 +670,86 @@ async fn a_batch_on_one_redis_takes_one_call_per_64_targets_of_any_buckets() {
     assert_nothing_else(&api, &mut all).await;
 }
 
+/// The MONITOR lines of `text` for `FCALL <function>`, each with the command the same
+/// client sent just before it (MONITOR prints "<time> [<db> <client>] <command>").
+fn calls_with_previous<'a>(text: &'a str, function: &str) -> Vec<(&'a str, Option<&'a str>)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let client = |line: &'a str| {
+        line.split(']')
+            .next()
+            .and_then(|h| h.split_whitespace().last())
+    };
+    let mut out = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if !line.contains(&format!("\"FCALL\" \"{function}\"")) {
+            continue;
+        }
+        let me = client(line);
+        let previous = lines[..i]
+            .iter()
+            .rev()
+            .find(|l| client(l) == me)
+            .map(|l| l.split("] ").nth(1).unwrap_or(""));
+        out.push((*line, previous));
+    }
+    out
+}
+
+/// On one Redis, a targeted publish made while no other call is under way goes out
+/// after a PING in the same write, so that Redis writes the message to the other
+/// nodes before the caller's answer (Redis writes its answers newest client first;
+/// BENCHMARKS.md, "Other nodes first"). Kills, logins, batches and registrations go
+/// alone. Every call still does its work: the sockets get their frames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_nodes_publish_follows_a_ping_on_one_redis() {
+    let cluster = Deployment::start(Topology::Single, 2).await;
+    let [a, b] = [&cluster.nodes[0], &cluster.nodes[1]];
+    let sessionhub_tests::Store::Single(redis) = &cluster.store else {
+        unreachable!()
+    };
+    let api = Api::new(a);
+    let mut monitor = Monitor::attach(redis).await;
+    let (sid, mut sockets) = user_on(&api, "ping-first", &[b]).await;
+    for i in 0..5 {
+        publish(&api, json!({ "user": "ping-first" }), "one", json!(i)).await;
+        assert_eq!(expect_message(&mut sockets[0], "one").await, i);
+    }
+    let batch = json!([{ "to": { "user": "ping-first" }, "event": "two", "data": 2 }]);
+    let res = api
+        .service(Method::POST, "/api/v1/publish", Some(batch))
+        .await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    assert_eq!(expect_message(&mut sockets[0], "two").await, 2);
+    api.create_session("ping-first", "second device").await;
+    sockets[0].expect("session_created").await;
+    let res = api
+        .service(Method::DELETE, &format!("/api/v1/sessions/{sid}"), None)
+        .await;
+    assert!(res.status().is_success(), "{}", res.status());
+    sockets[0].expect("session_ended").await;
+    let text = monitor.seen(redis, "end-of-calls").await;
+    // A background call of the node (its heartbeat, the sweep) may be under way at
+    // the moment of one publish: that one goes alone.
+    let publishes = calls_with_previous(&text, "sh_publish");
+    assert_eq!(publishes.len(), 5, "{text}");
+    assert!(
+        publishes.iter().any(|(_, p)| *p == Some("\"PING\"")),
+        "no publish after a PING: {text}"
+    );
+    for function in [
+        "sh_create_session",
+        "sh_publish_batch",
+        "sh_kill_session",
+        "sh_register_connection",
+    ] {
+        let calls = calls_with_previous(&text, function);
+        assert!(!calls.is_empty(), "no {function} call: {text}");
+        for (call, previous) in calls {
+            assert_ne!(previous, Some("\"PING\""), "{function}: {call}");
+        }
+    }
+}
+
 sessionhub_tests::on_both_topologies!(
     a_users_sockets_on_two_nodes_get_a_message_published_through_a_third_exactly_once,
     session_connection_group_and_all_publishes_reach_exactly_their_sockets,

@@ -33,6 +33,54 @@ pub const PROBES_PER_HEARTBEAT: usize = 8;
 /// error of the clock offset and the reply's way back.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(250);
 
+/// Counts a call as under way until dropped (also when the call is cancelled).
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn enter(count: &'a AtomicU64) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The FCALL's own error out of a failed `PING`, `FCALL` pipeline, as the FCALL alone
+/// would have failed (FunctionError::parse reads its code); any other failure as
+/// it is.
+fn fcall_error_of_pipeline(e: redis::RedisError) -> redis::RedisError {
+    let fcall = e.clone().into_server_errors().and_then(|errors| {
+        errors
+            .iter()
+            .find(|(i, _)| *i == 1)
+            .map(|(_, err)| err.clone())
+    });
+    match fcall {
+        Some(err) => err.into(),
+        None => e,
+    }
+}
+
+/// The functions after whose call the other nodes' sockets matter more than the
+/// caller's answer: a targeted publish. On one Redis (or Sentinel), when no other
+/// call is under way on the connection, [`Inner::try_fcall`] sends a `PING` in the
+/// same write before it, so that Redis writes the message to the other nodes
+/// before this call's answer: Redis writes its pending answers newest client first,
+/// and a client already holding an answer (the `PONG`) stays where it was, behind
+/// the nodes that got messages during the call. Otherwise the calling node,
+/// answered first, takes the CPU before Redis reaches the others (as
+/// `SESSIONHUB_SCHED_BATCH` explains). Only the order of writes depends on this,
+/// never a result. Not under load (calls in flight: the caller is then usually
+/// waiting for answers already, and a `PING` a call cost CPU), and not on Redis
+/// Cluster, whose pipelines are routed by key. Kills, logins and batches go as
+/// they are: measured, their answers came later and their sockets no sooner
+/// (BENCHMARKS.md, "Other nodes first").
+const OTHERS_FIRST: &[&str] = &["sh_publish"];
+
 /// What the engine and its background tasks share.
 pub(crate) struct Inner {
     /// One multiplexed connection for every command, re-established on failure
@@ -49,6 +97,8 @@ pub(crate) struct Inner {
     following: tokio::sync::Mutex<()>,
     /// Consecutive commands that found Redis unavailable.
     failures_in_a_row: AtomicU64,
+    /// Calls under way on the command connection (see [`OTHERS_FIRST`]).
+    in_flight: AtomicU64,
     /// Whether a call is rebuilding the cluster connection right now.
     rebuilding: AtomicBool,
     /// Whether the store is a Redis Cluster (sharded pub/sub).
@@ -123,6 +173,7 @@ impl Inner {
             sentinel,
             following: tokio::sync::Mutex::new(()),
             failures_in_a_row: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
             rebuilding: AtomicBool::new(false),
             cluster: config.topology.is_cluster(),
             lease_until: AtomicI64::new(0),
@@ -292,7 +343,10 @@ impl Inner {
             Ok(c) => c.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         };
-        let res = match tokio::time::timeout(self.command_timeout, op(conn)).await {
+        let under_way = InFlight::enter(&self.in_flight);
+        let res = tokio::time::timeout(self.command_timeout, op(conn)).await;
+        drop(under_way);
+        let res = match res {
             Ok(r) => r.map_err(CallError::Redis),
             Err(_) => Err(CallError::TimedOut),
         };
@@ -425,18 +479,28 @@ impl Inner {
         keys: &[String],
         args: impl ToRedisArgs + Clone,
     ) -> Result<T, FunctionError> {
+        let others_first = !self.cluster
+            && OTHERS_FIRST.contains(&name)
+            && self.in_flight.load(Ordering::Relaxed) == 0;
         let mut reloaded = false;
         loop {
             let args = args.clone();
             let res = self
                 .call(|mut c| async move {
-                    redis::cmd("FCALL")
-                        .arg(name)
-                        .arg(keys.len())
-                        .arg(keys)
-                        .arg(args)
-                        .query_async::<T>(&mut c)
-                        .await
+                    let mut fcall = redis::cmd("FCALL");
+                    fcall.arg(name).arg(keys.len()).arg(keys).arg(args);
+                    if others_first {
+                        let (v,): (T,) = redis::pipe()
+                            .cmd("PING")
+                            .ignore()
+                            .add_command(fcall)
+                            .query_async(&mut c)
+                            .await
+                            .map_err(fcall_error_of_pipeline)?;
+                        Ok(v)
+                    } else {
+                        fcall.query_async::<T>(&mut c).await
+                    }
                 })
                 .await;
             let err = match res {
