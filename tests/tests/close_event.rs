@@ -41,6 +41,28 @@ async fn the_close_event_follows_the_close_frame_at_once() {
         ev.after_last_frame
     );
 
+    // The close frame follows session_ended after a few milliseconds
+    // (SESSION_ENDED_CLOSE_DELAY); a client that closes on the frame is answered at
+    // once.
+    let s = a.create_session("dave", "laptop").await;
+    let mut ws = WsClient::connect(&cluster.nodes[0], &s.token)
+        .await
+        .unwrap();
+    let res = b
+        .service(
+            Method::DELETE,
+            &format!("/api/v1/sessions/{}", s.session_id),
+            None,
+        )
+        .await;
+    assert_eq!(res.status(), 204);
+    assert_eq!(ws.expect("session_ended").await["reason"], "killed");
+    let took = ws.close_and_wait().await;
+    assert!(
+        took < CLOSE_EVENT_BOUND,
+        "close event {took:?} after close() on session_ended"
+    );
+
     // The client closes: the server answers and closes TCP at once.
     let s = a.create_session("bob", "laptop").await;
     let mut ws = WsClient::connect(&cluster.nodes[0], &s.token)
