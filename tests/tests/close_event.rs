@@ -14,14 +14,11 @@ use sessionhub_tests::{Api, TestCluster, WsClient};
 /// the close event.
 const CLOSE_EVENT_BOUND: Duration = Duration::from_millis(50);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_close_event_follows_the_close_frame_at_once() {
-    let mut cluster = TestCluster::start(2).await;
-    let [a, b] = [0, 1].map(|i| Api::new(&cluster.nodes[i]));
-
-    // A kill through node B closes a socket on node A: 4001, then TCP closes.
-    let s = a.create_session("alice", "laptop").await;
-    let mut ws = WsClient::connect(&cluster.nodes[0], &s.token)
+/// A socket of a new session of `user` on node A (`a`), whose session is then
+/// killed through node B (`b`).
+async fn killed_through_b(cluster: &TestCluster, a: &Api, b: &Api, user: &str) -> WsClient {
+    let s = a.create_session(user, "laptop").await;
+    let ws = WsClient::connect(&cluster.nodes[0], &s.token)
         .await
         .unwrap();
     let res = b
@@ -32,6 +29,16 @@ async fn the_close_event_follows_the_close_frame_at_once() {
         )
         .await;
     assert_eq!(res.status(), 204);
+    ws
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_close_event_follows_the_close_frame_at_once() {
+    let mut cluster = TestCluster::start(2).await;
+    let [a, b] = [0, 1].map(|i| Api::new(&cluster.nodes[i]));
+
+    // A kill through node B closes a socket on node A: 4001, then TCP closes.
+    let mut ws = killed_through_b(&cluster, &a, &b, "alice").await;
     let ev = ws.expect_close_event().await;
     assert_eq!(ev.code, 4001);
     assert_eq!(ev.frames.last().unwrap()["type"], "session_ended");
@@ -44,18 +51,7 @@ async fn the_close_event_follows_the_close_frame_at_once() {
     // The close frame follows session_ended after a few milliseconds
     // (SESSION_ENDED_CLOSE_DELAY); a client that closes on the frame is answered at
     // once.
-    let s = a.create_session("dave", "laptop").await;
-    let mut ws = WsClient::connect(&cluster.nodes[0], &s.token)
-        .await
-        .unwrap();
-    let res = b
-        .service(
-            Method::DELETE,
-            &format!("/api/v1/sessions/{}", s.session_id),
-            None,
-        )
-        .await;
-    assert_eq!(res.status(), 204);
+    let mut ws = killed_through_b(&cluster, &a, &b, "dave").await;
     assert_eq!(ws.expect("session_ended").await["reason"], "killed");
     let took = ws.close_and_wait().await;
     assert!(

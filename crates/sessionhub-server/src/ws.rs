@@ -294,8 +294,8 @@ fn protocol_exit(e: ProtocolError) -> Exit {
 /// the server closes first, waits for the client's close frame, each bounded.
 ///
 /// A `session_ended` frame goes out at once, the close frame
-/// [`SESSION_ENDED_CLOSE_DELAY`] later (sooner if the client closes first, as the
-/// web client does on that frame). A kill or an expiry usually ends several sockets
+/// [`SESSION_ENDED_CLOSE_DELAY`] later (its close frame is answered at once if the
+/// client closes first). A kill or an expiry usually ends several sockets
 /// at once, on this node and others: the closing handshake of the first (the
 /// client's close frame, reading it, closing TCP, on both ends) took the CPU that
 /// the notices to the others were waiting for. Measured in the peers' harness, the
