@@ -278,6 +278,12 @@ impl Hub {
             .collect()
     }
 
+    /// The ids of the sessions with a socket here that `pick` selects.
+    pub fn session_ids(&self, pick: impl Fn(&SessionId) -> bool) -> Vec<SessionId> {
+        let idx = lock(&self.index);
+        idx.by_session.keys().filter(|s| pick(s)).cloned().collect()
+    }
+
     /// The records of every registered socket, to re-assert them in the engine.
     pub fn records(&self) -> Vec<LocalRecord> {
         let idx = lock(&self.index);
