@@ -188,17 +188,12 @@ pub async fn reconcile_forever(state: AppState, interval: Duration) {
 }
 
 /// Revalidation runs in this many slices per interval, each for the sessions of
-/// 1/16 of the Redis buckets: a node with N sockets then asks Redis about N/16
-/// sessions every interval/16, not about all N at once. The whole burst held Redis
-/// (and the node's thread) for milliseconds every interval, in the way of every
-/// kill and publish meanwhile (3,000 sockets: ~5 ms; 100,000: ~0.2 s).
-pub const REVALIDATE_SLICES: usize = 16;
-
-/// The revalidation slice of a session: its Redis bucket (the first byte of its
-/// hex id) modulo [`REVALIDATE_SLICES`], so a slice is whole buckets.
-fn revalidate_slice(sid: &SessionId) -> usize {
-    sessionhub_redis::Bucket::of(sid.as_str()).index() % REVALIDATE_SLICES
-}
+/// 1/16 of the Redis buckets (the hub keeps its sessions in these slices): a node
+/// with N sockets then asks Redis about N/16 sessions every interval/16, not about
+/// all N at once. The whole burst held Redis (and the node's thread) for
+/// milliseconds every interval, in the way of every kill and publish meanwhile
+/// (3,000 sockets: ~5 ms; 100,000: ~0.2 s).
+pub const REVALIDATE_SLICES: usize = crate::hub::SESSION_SLICES;
 
 /// Checks, slice by slice, that the sessions of this node's sockets still exist, so
 /// a lost kill message never keeps a socket open longer than `interval`: each
@@ -216,7 +211,7 @@ pub async fn revalidate_forever(state: AppState, interval: Duration) {
 
 /// Revalidates the sessions of one slice (see [`REVALIDATE_SLICES`]).
 async fn revalidate_slice_now(state: &AppState, slice: usize) {
-    let sids = state.hub.session_ids(|s| revalidate_slice(s) == slice);
+    let sids = state.hub.session_ids_in_slice(slice);
     if sids.is_empty() {
         return;
     }
@@ -247,8 +242,14 @@ mod tests {
         let mut per_slice = [0usize; REVALIDATE_SLICES];
         for b in 0..=255u8 {
             let sid = SessionId::parse(&format!("{b:02x}{}", "0".repeat(30))).unwrap();
-            let slice = revalidate_slice(&sid);
+            let slice = crate::hub::session_slice(&sid);
             assert_eq!(slice, usize::from(b) % REVALIDATE_SLICES);
+            let bucket = sessionhub_redis::Bucket::of(sid.as_str()).index();
+            assert_eq!(
+                slice,
+                bucket % REVALIDATE_SLICES,
+                "a slice is whole buckets"
+            );
             per_slice[slice] += 1;
         }
         assert!(per_slice.iter().all(|&n| n == 256 / REVALIDATE_SLICES));
