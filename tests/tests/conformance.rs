@@ -1016,6 +1016,57 @@ async fn a_login_past_the_session_cap_ends_the_oldest_session(b: Backend) {
     );
 }
 
+/// Reconciliation removes the node's records that it does not hold and that are
+/// older than `before`, and only those: the record of a socket it holds in the same
+/// bucket stays, as does another node's. Redis only: the in-memory engine's records
+/// are its node's sockets, so it has nothing to reconcile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_removes_only_the_records_a_node_does_not_hold() {
+    let b = Backend::Redis(RedisServer::start().await);
+    let (a, other) = (b.node("a").await, b.node("b").await);
+    let s = a.engine.create_session(new_session("alice")).await.unwrap();
+    // One session: every socket in one bucket.
+    let (held, ghost, elsewhere) = (cid(&s.token), cid(&s.token), cid(&s.token));
+    for (node, c) in [(&a, &held), (&a, &ghost), (&other, &elsewhere)] {
+        node.engine
+            .register_connection(&s.token, c)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let held_list = vec![LocalRecord {
+        connection_id: held.clone(),
+        session_id: s.session.session_id.clone(),
+        user_id: user("alice"),
+        connected_at: 1,
+    }];
+    let listed = |a: &TestNode| {
+        let (engine, sid) = (a.engine.clone(), s.session.session_id.clone());
+        async move {
+            let got = engine.get_session(&sid).await.unwrap().unwrap();
+            let mut ids: Vec<String> = got
+                .connections
+                .iter()
+                .map(|c| c.connection_id.to_string())
+                .collect();
+            ids.sort();
+            ids
+        }
+    };
+    // Records younger than `before` are left alone.
+    let past = sessionhub_core::time::now_ms() - 60_000;
+    assert_eq!(a.engine.reconcile(&held_list, past).await.unwrap(), 0);
+    assert_eq!(listed(&a).await.len(), 3);
+    let future = sessionhub_core::time::now_ms() + 60_000;
+    assert_eq!(a.engine.reconcile(&held_list, future).await.unwrap(), 1);
+    let mut want = vec![held.to_string(), elsewhere.to_string()];
+    want.sort();
+    assert_eq!(listed(&a).await, want);
+    // As many records as sockets held: nothing more to do.
+    assert_eq!(a.engine.reconcile(&held_list, future).await.unwrap(), 0);
+    assert_eq!(listed(&a).await, want);
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod memory {

@@ -131,6 +131,32 @@ pub struct EngineStats {
     pub reaped_records: u64,
 }
 
+/// The registered sockets a node holds, by shard ([`crate::ids::ID_SHARDS`]), as
+/// reconciliation reads them: a count per shard is cheap, so only the shards whose
+/// records in the store outnumber the sockets held need their ids listed.
+pub trait HeldSockets: Sync {
+    /// How many registered sockets of `shard` are held.
+    fn count(&self, shard: u8) -> usize;
+    /// The connection ids of the registered sockets of `shard`.
+    fn ids(&self, shard: u8) -> Vec<ConnectionId>;
+}
+
+/// A list of records serves as what is held (tests, tools).
+impl HeldSockets for Vec<LocalRecord> {
+    fn count(&self, shard: u8) -> usize {
+        self.iter()
+            .filter(|r| r.connection_id.shard() == shard)
+            .count()
+    }
+
+    fn ids(&self, shard: u8) -> Vec<ConnectionId> {
+        self.iter()
+            .filter(|r| r.connection_id.shard() == shard)
+            .map(|r| r.connection_id.clone())
+            .collect()
+    }
+}
+
 /// Storage and event bus for sessions and connections. Implemented by the in-memory
 /// engine (one node) and the Redis engine (a cluster). Both pass the same
 /// conformance suite in `tests/`.
@@ -315,7 +341,7 @@ pub trait Engine: Send + Sync + 'static {
     /// Removes this node's records that `held` (the sockets it holds) does not list
     /// and that are older than `before` (Unix ms): records left by calls whose fate
     /// the node never learnt, or restored by the store. Returns how many went.
-    async fn reconcile(&self, held: &[LocalRecord], before: i64) -> Result<u64, EngineError> {
+    async fn reconcile(&self, held: &dyn HeldSockets, before: i64) -> Result<u64, EngineError> {
         let _ = (held, before);
         Ok(0)
     }

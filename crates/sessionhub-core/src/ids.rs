@@ -23,6 +23,18 @@ pub const MAX_NODE_ID_LEN: usize = 64;
 pub const USER_TAG_LEN: usize = 8;
 /// Length of a session id in hex digits: the user tag plus 96 random bits.
 pub const SESSION_ID_LEN: usize = USER_TAG_LEN + 24;
+/// Session and connection ids fall into this many shards by their first byte (the
+/// first two hex digits of their user's tag), which the Redis engine uses as its
+/// buckets: a node can then look at the sockets of one shard without walking all.
+pub const ID_SHARDS: usize = 256;
+
+/// The shard of a hex id (its first byte); 0 for an id that does not start with two
+/// hex digits (which a validated id always does).
+fn shard_of(id: &str) -> u8 {
+    id.get(..2)
+        .and_then(|h| u8::from_str_radix(h, 16).ok())
+        .unwrap_or(0)
+}
 
 /// Why an id was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -206,6 +218,11 @@ impl SessionId {
     pub fn tag(&self) -> &str {
         &self.0[..USER_TAG_LEN]
     }
+
+    /// The session's shard (see [`ID_SHARDS`]).
+    pub fn shard(&self) -> u8 {
+        shard_of(&self.0)
+    }
 }
 
 impl ConnectionId {
@@ -237,6 +254,11 @@ impl ConnectionId {
     /// The owner's user tag (the first 8 characters).
     pub fn tag(&self) -> &str {
         &self.0[..USER_TAG_LEN]
+    }
+
+    /// The connection's shard (see [`ID_SHARDS`]): its session's and its user's.
+    pub fn shard(&self) -> u8 {
+        shard_of(&self.0)
     }
 }
 

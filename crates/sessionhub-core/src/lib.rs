@@ -20,7 +20,7 @@ pub mod protocol;
 pub mod time;
 pub mod token;
 
-pub use engine::{Engine, EngineError, EngineStats, EventSender, NodeEvent};
+pub use engine::{Engine, EngineError, EngineStats, EventSender, HeldSockets, NodeEvent};
 pub use history::{HistoryConfig, HistoryState, Recovered, Recovery, Registered};
 pub use ids::{ConnectionId, GroupName, IdError, NodeId, SessionId, UserId};
 pub use model::{

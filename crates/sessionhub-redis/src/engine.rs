@@ -10,8 +10,8 @@ use sessionhub_core::protocol::{SESSION_CREATED_MESSAGE, ServerFrame};
 use sessionhub_core::time::now_ms;
 use sessionhub_core::{
     ConnectionId, CreatedSession, Delivery, EndReason, Engine, EngineError, EngineStats, GroupName,
-    LocalRecord, Member, NewSession, NodeId, NodeStatus, NodeView, OnlineUser, PresenceCounts,
-    Recovery, Registered, SecretHash, Session, SessionId, Target, Token, UserId,
+    HeldSockets, LocalRecord, Member, NewSession, NodeId, NodeStatus, NodeView, OnlineUser,
+    PresenceCounts, Recovery, Registered, SecretHash, Session, SessionId, Target, Token, UserId,
 };
 
 use crate::client::Inner;
@@ -675,22 +675,22 @@ impl Engine for RedisEngine {
 
     /// Cheap first: the number of this node's records in each bucket; only buckets
     /// holding more records than sockets get a full look (`sh_reconcile`).
-    async fn reconcile(&self, held: &[LocalRecord], before: i64) -> Result<u64, EngineError> {
+    async fn reconcile(&self, held: &dyn HeldSockets, before: i64) -> Result<u64, EngineError> {
         let inner = &self.inner;
-        let mut by_bucket: HashMap<Bucket, Vec<&str>> = HashMap::new();
-        for r in held {
-            by_bucket
-                .entry(Bucket::of(r.connection_id.as_str()))
-                .or_default()
-                .push(r.connection_id.as_str());
-        }
+        // A connection's bucket is its id's shard. Counting what is held per bucket
+        // costs nothing; the ids are listed only for a bucket with more records than
+        // sockets, so a node with many sockets does not walk them all every round.
+        let counts: Vec<usize> = Bucket::all().map(|b| held.count(b.shard())).collect();
         // Only buckets where this node registered sockets since it started can
         // hold its records (it dropped every older one when it took its lease).
         let registered = inner.marks.registered_buckets();
-        let mut look: Vec<Bucket> = registered.keys().chain(by_bucket.keys()).copied().collect();
+        let mut look: Vec<Bucket> = registered
+            .keys()
+            .copied()
+            .chain(Bucket::all().filter(|b| counts[b.index()] > 0))
+            .collect();
         look.sort_unstable();
         look.dedup();
-        let by_bucket = &by_bucket;
         let lens = try_join_all(look.into_iter().map(|b| async move {
             let key = inner.keys.node_conns(b, &inner.node_id);
             let n: usize = inner
@@ -703,29 +703,28 @@ impl Engine for RedisEngine {
             // Nothing left there and no socket: look again only after a new
             // registration, and only once it is older than the grace time.
             if *n == 0
-                && !by_bucket.contains_key(b)
+                && counts[b.index()] == 0
                 && let Some(&at) = registered.get(b)
                 && at < before
             {
                 inner.marks.forget_registered(*b, at);
             }
         }
-        let calls = lens
+        let calls: Vec<_> = lens
             .into_iter()
-            .filter(|(b, n)| *n > by_bucket.get(b).map_or(0, Vec::len))
+            .filter(|(b, n)| *n > counts[b.index()])
             .map(|(b, _)| {
                 let mut args = vec![before.to_string()];
-                args.extend(
-                    by_bucket
-                        .get(&b)
-                        .into_iter()
-                        .flatten()
-                        .map(|c| c.to_string()),
-                );
-                let key = inner.keys.node_conns(b, &inner.node_id);
-                async move { inner.fcall::<i64>("sh_reconcile", &[key], args).await }
-            });
-        let removed: i64 = try_join_all(calls).await?.into_iter().sum();
+                args.extend(held.ids(b.shard()).iter().map(ToString::to_string));
+                (inner.keys.node_conns(b, &inner.node_id), args)
+            })
+            .collect();
+        let removed: i64 = try_join_all(calls.into_iter().map(|(key, args)| async move {
+            inner.fcall::<i64>("sh_reconcile", &[key], args).await
+        }))
+        .await?
+        .into_iter()
+        .sum();
         Ok(removed.max(0) as u64)
     }
 

@@ -46,6 +46,12 @@ impl Bucket {
         self.0 as usize
     }
 
+    /// The id shard of this bucket (`sessionhub_core::ids::ID_SHARDS`): a session
+    /// or connection id is in the bucket of its shard.
+    pub fn shard(self) -> u8 {
+        self.0
+    }
+
     /// The bucket's two hex digits, as in the hash tag.
     pub fn hex(self) -> String {
         format!("{:02x}", self.0)

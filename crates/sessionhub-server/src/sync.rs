@@ -174,8 +174,7 @@ pub const RECONCILE_GRACE: Duration = Duration::from_secs(5);
 pub async fn reconcile_forever(state: AppState, interval: Duration) {
     every(&state, interval, || async {
         let before = now_ms() - RECONCILE_GRACE.as_millis() as i64;
-        let held = state.hub.records();
-        match state.engine.reconcile(&held, before).await {
+        match state.engine.reconcile(state.hub.as_ref(), before).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(
                 records = n,
