@@ -211,10 +211,6 @@ impl BySession {
     fn remove(&mut self, sid: &SessionId) -> Option<SessionEntry> {
         self.0[session_slice(sid)].remove(sid)
     }
-
-    fn iter(&self) -> impl Iterator<Item = (&SessionId, &Vec<Arc<LocalConn>>)> {
-        self.0.iter().flatten().map(|(sid, e)| (sid, &e.conns))
-    }
 }
 
 /// The sockets held, in [`ID_SHARDS`] maps by their connection id's shard (its
@@ -398,19 +394,18 @@ impl Hub {
         lock(&self.index).by_conn.get(cid).is_some()
     }
 
-    /// The sessions that have sockets here, each with its known expiry.
-    pub fn sessions(&self) -> Vec<(SessionId, i64)> {
+    /// The known expiry of a session with sockets here (`i64::MAX` while none of
+    /// them is registered), or `None` if it has none here. A lookup, not a walk:
+    /// revalidation asks it for the few sessions it found gone.
+    pub fn session_expiry(&self, sid: &SessionId) -> Option<i64> {
         let idx = lock(&self.index);
-        idx.by_session
-            .iter()
-            .map(|(sid, conns)| {
-                let exp = conns
-                    .iter()
-                    .find_map(|c| lock(&c.bound).as_ref().map(|(_, e)| *e))
-                    .unwrap_or(i64::MAX);
-                (sid.clone(), exp)
-            })
-            .collect()
+        let conns = idx.by_session.get(sid)?;
+        Some(
+            conns
+                .iter()
+                .find_map(|c| lock(&c.bound).as_ref().map(|(_, e)| *e))
+                .unwrap_or(i64::MAX),
+        )
     }
 
     /// The ids of the sessions of one slice (see [`SESSION_SLICES`]) with a socket
@@ -579,6 +574,9 @@ mod tests {
         let b = LocalConn::new(ConnectionId::generate(&sid), sid.clone());
         hub.insert(a.clone());
         hub.insert(b.clone());
+        assert_eq!(hub.session_expiry(&sid), Some(i64::MAX), "none registered");
+        hub.bind_user(&b, &UserId::parse("alice").expect("user id"), 42);
+        assert_eq!(hub.session_expiry(&sid), Some(42));
         let slice = session_slice(&sid);
         for s in 0..SESSION_SLICES {
             let want = if s == slice {
@@ -593,8 +591,8 @@ mod tests {
         assert_eq!(hub.session_ids_in_slice(slice), vec![sid.clone()]);
         hub.remove(&b);
         assert!(hub.session_ids_in_slice(slice).is_empty());
-        assert!(hub.sessions().is_empty());
-        assert_eq!(lock(&hub.index).by_session.iter().count(), 0);
+        assert_eq!(hub.session_expiry(&sid), None);
+        assert!(lock(&hub.index).by_session.0.iter().all(HashMap::is_empty));
     }
 
     /// Registered sockets are counted per shard as they are bound and removed, only

@@ -153,9 +153,9 @@ fn end_gone(state: &AppState, gone: HashSet<SessionId>) {
         return;
     }
     let now = now_ms();
-    for (sid, expires_at) in state.hub.sessions() {
-        if gone.contains(&sid) {
-            state.hub.end_session(&sid, reason_for(expires_at, now));
+    for sid in &gone {
+        if let Some(expires_at) = state.hub.session_expiry(sid) {
+            state.hub.end_session(sid, reason_for(expires_at, now));
         }
     }
     tracing::info!(
