@@ -235,6 +235,9 @@ pub struct NodeOptions {
     pub redis_url: Option<String>,
     /// Extra environment.
     pub env: Vec<(String, String)>,
+    /// Its log (stderr) goes to a pipe that nobody reads, as when a log collector
+    /// stops reading; [`Node::log`] is then empty.
+    pub stderr_unread: bool,
 }
 
 /// A running sessionhub node process, killed on drop.
@@ -246,6 +249,8 @@ pub struct Node {
     pub id: String,
     log: PathBuf,
     _logdir: tempfile::TempDir,
+    /// The unread end of the log's pipe (`NodeOptions::stderr_unread`), kept open.
+    _stderr: Option<tokio::process::ChildStderr>,
 }
 
 impl Node {
@@ -266,12 +271,18 @@ impl Node {
         for (k, v) in &opts.env {
             cmd.env(k, v);
         }
+        let stderr = if opts.stderr_unread {
+            Stdio::piped()
+        } else {
+            Stdio::from(std::fs::File::create(&log).unwrap())
+        };
         let mut child = cmd
             .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .unwrap();
+        let unread = child.stderr.take();
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await;
@@ -294,6 +305,7 @@ impl Node {
             id: opts.node_id,
             log,
             _logdir: logdir,
+            _stderr: unread,
         }
     }
 
@@ -425,6 +437,7 @@ impl NodeOptions {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            stderr_unread: false,
         }
     }
 }

@@ -101,3 +101,63 @@ async fn a_nodes_threads_run_under_sched_batch_unless_turned_off() {
     let policies = thread_policies(node.pid().unwrap());
     assert!(policies.iter().all(|&p| p == 0), "{policies:?}");
 }
+
+/// A node whose log nobody reads (a stopped terminal, a log collector that fell
+/// behind: its stderr pipe fills) keeps serving: log lines wait in a bounded queue
+/// for the log's own thread, and past it they are dropped and counted, never
+/// written from the thread that serves every socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_log_nobody_reads_keeps_serving() {
+    let node = Node::start(NodeOptions {
+        node_id: "unread".into(),
+        // Every request logs a few lines at debug.
+        env: vec![("RUST_LOG".into(), "debug".into())],
+        stderr_unread: true,
+        ..Default::default()
+    })
+    .await;
+    let api = Api::new(&node);
+    let dropped = |api: Api| async move {
+        let res = api.service(Method::GET, "/metrics", None).await;
+        let text = res.text().await.unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("sessionhub_log_lines_dropped_total "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .expect("sessionhub_log_lines_dropped_total in /metrics")
+    };
+    // Far more than the pipe (64 KiB) and the queue (16,384 lines) hold. A node
+    // that wrote its log itself would stop answering after the first few hundred.
+    let started = std::time::Instant::now();
+    let mut round = 0;
+    while dropped(api.clone()).await == 0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "no log line dropped after {round} rounds of 500 logins"
+        );
+        let logins = (0..500).map(|i| {
+            let api = api.clone();
+            async move {
+                let res = tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    api.service(
+                        Method::POST,
+                        "/api/v1/sessions",
+                        Some(serde_json::json!({ "user_id": format!("u{round}-{i}") })),
+                    ),
+                )
+                .await
+                .expect("the node stopped answering while its log was not read");
+                assert_eq!(res.status(), StatusCode::CREATED);
+            }
+        });
+        futures_util::StreamExt::collect::<Vec<()>>(futures_util::StreamExt::buffer_unordered(
+            futures_util::stream::iter(logins),
+            32,
+        ))
+        .await;
+        round += 1;
+    }
+    // And it still serves: a login and a socket.
+    let s = api.create_session("alice", "a").await;
+    WsClient::connect(&node, &s.token).await.unwrap();
+}

@@ -41,12 +41,25 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_tracing(config.json_logs);
-    if config.sched_batch {
-        // Before any other thread exists: the runtime's threads inherit the policy.
-        sched_batch();
+    // Before any other thread exists (the log's writer is the first): every thread
+    // inherits the policy. Its outcome is logged once the log is set up.
+    let sched = config.sched_batch.then(sched_batch);
+    let log = init_tracing(config.json_logs);
+    match sched {
+        Some(SchedBatch::Set) | None => {}
+        Some(SchedBatch::Niceness(nice)) => tracing::info!(
+            ?nice,
+            "niceness set by the operator kept; SCHED_BATCH not set"
+        ),
+        Some(SchedBatch::Refused(e)) => tracing::warn!(
+            error = %e,
+            "could not run under SCHED_BATCH; running under the default policy"
+        ),
     }
-    match actix_web::rt::System::new().block_on(run(config)) {
+    let result = actix_web::rt::System::new().block_on(run(config));
+    // The queued log lines go out before the last word.
+    drop(log);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sessionhub: {e:#}");
@@ -85,7 +98,7 @@ fn name_env(line: &str, arg: &str) -> String {
 /// thread's niceness (to 0), so a node started with another niceness keeps it and
 /// the default policy (`chrt --batch` does both). A refusal is logged; the node
 /// runs as it is.
-fn sched_batch() {
+fn sched_batch() -> SchedBatch {
     #[cfg(target_os = "linux")]
     {
         use thread_priority::unix::{
@@ -95,20 +108,25 @@ fn sched_batch() {
         use thread_priority::{ThreadPriority, ThreadPriorityOsValue};
         match own_niceness() {
             Some(0) => {}
-            nice => {
-                tracing::info!(
-                    ?nice,
-                    "niceness set by the operator kept; SCHED_BATCH not set"
-                );
-                return;
-            }
+            nice => return SchedBatch::Niceness(nice),
         }
         let batch = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch);
         let nice_0 = ThreadPriority::Os(ThreadPriorityOsValue::default());
         if let Err(e) = set_thread_priority_and_policy(thread_native_id(), nice_0, batch) {
-            tracing::warn!(error = ?e, "could not run under SCHED_BATCH; running under the default policy");
+            return SchedBatch::Refused(format!("{e:?}"));
         }
     }
+    SchedBatch::Set
+}
+
+/// What [`sched_batch`] did.
+enum SchedBatch {
+    /// Set (or not Linux, where there is nothing to set).
+    Set,
+    /// Not set: the node was started with this niceness (not 0), which it keeps.
+    Niceness(Option<i32>),
+    /// Refused by the system.
+    Refused(String),
 }
 
 /// This thread's niceness (field 19 of /proc/thread-self/stat).
@@ -120,17 +138,32 @@ fn own_niceness() -> Option<i32> {
     after_name.split_whitespace().nth(16)?.parse().ok()
 }
 
-fn init_tracing(json: bool) {
+/// Log lines that may wait for the log's writer thread. A node serves every socket
+/// on one thread, so it must never wait for its log's reader (a stopped terminal, a
+/// full pipe to a slow log collector): lines past this are dropped and counted
+/// (`sessionhub_log_lines_dropped_total`) instead.
+const LOG_QUEUE_LINES: usize = 16_384;
+
+/// Logs to stderr through a writer thread; the guard flushes what is queued when the
+/// node exits.
+fn init_tracing(json: bool) -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .lossy(true)
+        .thread_name("sessionhub-log")
+        .finish(std::io::stderr());
+    let _ = sessionhub_server::metrics::LOG_LINES_DROPPED.set(writer.error_counter());
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     if json {
         builder.json().init();
     } else {
         builder.init();
     }
+    guard
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

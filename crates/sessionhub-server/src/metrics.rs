@@ -9,6 +9,11 @@ use sessionhub_core::{EndReason, EngineStats};
 
 use crate::hub::HubStats;
 
+/// Log lines dropped because the log's reader fell behind (see `LOG_QUEUE_LINES` in
+/// `main.rs`); set once by the binary, absent in embedded uses (then 0).
+pub static LOG_LINES_DROPPED: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter> =
+    std::sync::OnceLock::new();
+
 /// Upper bounds of the latency histogram buckets, in seconds.
 const LATENCY_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -116,6 +121,14 @@ impl Metrics {
             "# HELP sessionhub_connections Live WebSocket connections on this node.\n\
              # TYPE sessionhub_connections gauge\nsessionhub_connections {}",
             hub.sockets
+        );
+        counter(
+            &mut out,
+            "sessionhub_log_lines_dropped_total",
+            "Log lines dropped because the reader of the node's log fell behind.",
+            LOG_LINES_DROPPED
+                .get()
+                .map_or(0, |c| c.dropped_lines() as u64),
         );
         counter(
             &mut out,
