@@ -141,7 +141,8 @@ pub trait HeldSockets: Sync {
     fn ids(&self, shard: u8) -> Vec<ConnectionId>;
 }
 
-/// A list of records serves as what is held (tests, tools).
+/// A list of records serves as what is held (tests, tools; it walks the list on
+/// every call).
 impl HeldSockets for Vec<LocalRecord> {
     fn count(&self, shard: u8) -> usize {
         self.iter()
