@@ -319,6 +319,32 @@ impl Node {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits until the node's log holds `needle` (a thread of the node's own writes
+    /// it, a moment after the event), or panics with the log after `deadline`.
+    pub async fn wait_log(&self, needle: &str, deadline: Duration) {
+        let end = tokio::time::Instant::now() + deadline;
+        while !self.log().contains(needle) {
+            if tokio::time::Instant::now() >= end {
+                panic!(
+                    "node {}'s log has no {needle:?} after {deadline:?}:\n{}",
+                    self.id,
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Stops the node (SIGTERM) and returns its whole log: on exit the node writes
+    /// out every line still queued, so a check that a line is absent sees all.
+    pub async fn stop_and_log(&mut self) -> String {
+        self.signal("TERM");
+        tokio::time::timeout(Duration::from_secs(30), self.wait())
+            .await
+            .expect("the node did not exit within 30 s of SIGTERM");
+        self.log()
+    }
+
     /// The process, for signals.
     pub fn pid(&self) -> Option<u32> {
         self.child.id()

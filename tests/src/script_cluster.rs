@@ -108,11 +108,12 @@ impl ScriptCluster {
 
 impl Drop for ScriptCluster {
     fn drop(&mut self) {
-        let logs = self.logs();
+        // Stopped first: a node writes out its queued log lines as it exits.
         let stopped = std::process::Command::new(repo_root().join("scripts/cluster.sh"))
             .arg("stop")
             .arg(self.run.path())
             .status();
+        let logs = self.logs();
         if std::thread::panicking() {
             eprintln!("---- node logs ----\n{logs}");
             return;

@@ -73,10 +73,10 @@ async fn fails_to_start(url: String, env: Vec<(String, String)>) -> String {
 async fn a_node_reaches_redis_over_tls_with_a_private_ca_and_a_password() {
     let pki = Pki::generate();
     let redis = TlsRedis::start(&pki, false, &["--requirepass", "tls-test-pw-0451"]).await;
-    let node = node(redis.url(":tls-test-pw-0451@"), vec![pki.ca_env()]).await;
+    let mut node = node(redis.url(":tls-test-pw-0451@"), vec![pki.ca_env()]).await;
     serves(&node).await;
     assert!(
-        !node.log().contains("tls-test-pw-0451"),
+        !node.stop_and_log().await.contains("tls-test-pw-0451"),
         "the password is never logged"
     );
 
@@ -120,9 +120,9 @@ async fn an_acl_user_and_password_in_the_url() {
         ],
     )
     .await;
-    let node = node(redis.url("alice:alice-pw-9182@"), vec![pki.ca_env()]).await;
+    let mut node = node(redis.url("alice:alice-pw-9182@"), vec![pki.ca_env()]).await;
     serves(&node).await;
-    assert!(!node.log().contains("alice-pw-9182"));
+    assert!(!node.stop_and_log().await.contains("alice-pw-9182"));
     let stderr = fails_to_start(redis.url("alice:wrong-pw-2231@"), vec![pki.ca_env()]).await;
     assert!(!stderr.contains("wrong-pw-2231"), "{stderr}");
 }
