@@ -43,6 +43,9 @@ const FIGURES: &[&str] = &[
     "kill_latency_max",
     "kill_http_p50",
     "kill_http_p99",
+    "kill_frame_p50",
+    "kill_notice_p50",
+    "kill_notices",
     "deliver_published",
     "deliver_deliveries",
     "deliver_rate",
@@ -174,6 +177,12 @@ async fn the_load_tool_runs_every_workload_once_at_a_small_n() {
     assert_eq!(value("deliver_publish_errors"), 0.0, "{stdout}");
     assert_eq!(value("background_sockets"), 60.0, "{stdout}");
     assert_eq!(value("kills"), 8.0, "{stdout}");
+    // Every killed socket (one per node) got `session_ended` before its close frame.
+    assert_eq!(value("kill_notices"), 24.0, "{stdout}");
+    assert!(
+        value("kill_notice_p50") <= value("kill_frame_p50"),
+        "{stdout}"
+    );
     assert_eq!(value("deliver_published"), 300.0, "{stdout}");
     // Every published message reached the user's socket on each of the 3 nodes.
     assert_eq!(value("deliver_deliveries"), 900.0, "{stdout}");

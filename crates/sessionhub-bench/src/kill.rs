@@ -2,7 +2,8 @@
 //! randomly chosen node; the time from sending the DELETE to the last of its sockets
 //! seeing its close event (close 4001, then the connection closed by the server:
 //! what a browser's `onclose` waits for). `kill_frame` is the same up to the close
-//! frame alone.
+//! frame alone, and `kill_notice` up to the `session_ended` frame, which the server
+//! sends first (the close frame follows 5 ms later) and the web client acts on.
 
 use std::time::Duration;
 
@@ -37,6 +38,8 @@ pub async fn run(cluster: &Cluster, sources: &Sources, tag: &str, p: KillParams)
     let mut latencies = Vec::with_capacity(p.kills);
     let mut http_ms = Vec::with_capacity(p.kills);
     let mut frame_ms = Vec::with_capacity(p.kills);
+    let mut notice_ms = Vec::with_capacity(p.kills);
+    let mut noticed = 0usize;
     let started = Instant::now();
     let mut finishing = Vec::new();
     for i in 0..p.kills {
@@ -81,7 +84,7 @@ pub async fn run(cluster: &Cluster, sources: &Sources, tag: &str, p: KillParams)
         if status != 204 {
             bail!("kill {i}: DELETE through node {via} answered {status}, not 204");
         }
-        let (mut last, mut last_frame) = (t0, t0);
+        let (mut last, mut last_frame, mut last_notice) = (t0, t0, t0);
         for _ in 0..n {
             let closed = tokio::time::timeout(KILL_WAIT, rx.recv())
                 .await
@@ -97,9 +100,12 @@ pub async fn run(cluster: &Cluster, sources: &Sources, tag: &str, p: KillParams)
             }
             last = last.max(closed.at);
             last_frame = last_frame.max(closed.frame_at);
+            last_notice = last_notice.max(closed.notice_at);
+            noticed += usize::from(closed.noticed);
         }
         latencies.push((last - t0).as_secs_f64() * 1e3);
         frame_ms.push((last_frame - t0).as_secs_f64() * 1e3);
+        notice_ms.push((last_notice - t0).as_secs_f64() * 1e3);
         // Their close handshakes finish in the background.
         finishing.extend(tasks);
         if finishing.len() > 64 * n {
@@ -119,6 +125,8 @@ pub async fn run(cluster: &Cluster, sources: &Sources, tag: &str, p: KillParams)
     figure("kills", latencies.len(), "kills");
     latency_figures("kill_latency", latencies, &["p50", "p90", "p99", "max"]);
     latency_figures("kill_frame", frame_ms, &["p50", "p99"]);
+    latency_figures("kill_notice", notice_ms, &["p50", "p99"]);
+    figure("kill_notices", noticed, "sockets");
     latency_figures("kill_http", http_ms, &["p50", "p99"]);
     Ok(())
 }

@@ -30,6 +30,11 @@ pub struct Closed {
     pub at: Instant,
     /// When the close frame was read (the end, if there was none).
     pub frame_at: Instant,
+    /// When the `session_ended` frame was read, which comes before the close frame
+    /// and is what the web client acts on (the close frame, if there was none).
+    pub notice_at: Instant,
+    /// Whether a `session_ended` frame came before the close.
+    pub noticed: bool,
 }
 
 /// What a socket task does with what it reads.
@@ -91,6 +96,7 @@ pub async fn run(mut ws: Ws, role: Role, mut stop: watch::Receiver<bool>) -> Out
     let mut out = Outcome::default();
     let mut stopping = false;
     let mut frame_at = None;
+    let mut notice_at = None;
     loop {
         let msg = if stopping {
             match tokio::time::timeout(CLOSE_WAIT, ws.next()).await {
@@ -114,7 +120,12 @@ pub async fn run(mut ws: Ws, role: Role, mut stop: watch::Receiver<bool>) -> Out
             }
         };
         match msg {
-            Some(Ok(Message::Text(t))) => on_text(&role, t.as_str(), &mut out),
+            Some(Ok(Message::Text(t))) => {
+                if notice_at.is_none() && is_session_ended(t.as_str()) {
+                    notice_at = Some(Instant::now());
+                }
+                on_text(&role, t.as_str(), &mut out)
+            }
             Some(Ok(Message::Close(f))) => {
                 if out.close_code.is_none() {
                     out.close_code = Some(f.map_or(1005, |f| u16::from(f.code)));
@@ -135,11 +146,18 @@ pub async fn run(mut ws: Ws, role: Role, mut stop: watch::Receiver<bool>) -> Out
             code: out.close_code,
             at,
             frame_at: frame_at.unwrap_or(at),
+            notice_at: notice_at.or(frame_at).unwrap_or(at),
+            noticed: notice_at.is_some(),
         });
     }
     // Best effort: make sure the peer sees the end.
     let _ = ws.close(None).await;
     out
+}
+
+/// Whether a text frame is `session_ended`.
+fn is_session_ended(text: &str) -> bool {
+    serde_json::from_str::<Frame<'_>>(text).is_ok_and(|f| f.ty == "session_ended")
 }
 
 fn on_text(role: &Role, text: &str, out: &mut Outcome) {
