@@ -28,9 +28,10 @@ pub const SESSION_ID_LEN: usize = USER_TAG_LEN + 24;
 /// buckets: a node can then look at the sockets of one shard without walking all.
 pub const ID_SHARDS: usize = 256;
 
-/// The shard of a hex id (its first byte); 0 for an id that does not start with two
-/// hex digits (which a validated id always does).
-fn shard_of(id: &str) -> u8 {
+/// The shard of a string that starts with a user tag (a session or connection id,
+/// or the tag itself): its first byte. 0 for one that does not start with two hex
+/// digits (which a validated id always does). The Redis engine's bucket of an id.
+pub fn shard_of(id: &str) -> u8 {
     id.get(..2)
         .and_then(|h| u8::from_str_radix(h, 16).ok())
         .unwrap_or(0)

@@ -27,11 +27,7 @@ impl Bucket {
     /// or the tag itself). Ids are validated hex, so this cannot fail for them; a
     /// malformed string falls in bucket 00.
     pub fn of(tagged: &str) -> Bucket {
-        tagged
-            .get(..2)
-            .and_then(|h| u8::from_str_radix(h, 16).ok())
-            .map(Bucket)
-            .unwrap_or(Bucket(0))
+        Bucket(sessionhub_core::ids::shard_of(tagged))
     }
 
     /// The bucket named by exactly two hex digits.

@@ -1,7 +1,6 @@
 //! Keeping this node's sockets true to the shared state: applying engine events,
 //! resyncing after events may have been lost, and revalidating on a fixed interval.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -129,14 +128,17 @@ fn reason_for(expires_at: i64, now: i64) -> EndReason {
 /// Returns false if the store could not be reached.
 pub async fn resync(state: &AppState) -> bool {
     let records = state.hub.records();
-    let gone = match state.engine.reassert(&records).await {
+    let mut gone = match state.engine.reassert(&records).await {
         Ok(gone) => gone,
         Err(e) => {
             tracing::warn!(error = %e, "resync failed; retrying");
             return false;
         }
     };
-    end_gone(state, gone.into_iter().collect());
+    // One entry per socket of a gone session: each session once.
+    gone.sort_unstable();
+    gone.dedup();
+    end_gone(state, &gone);
     // A socket that closed while the resync ran may just have had its record put
     // back; take it out again.
     for r in &records {
@@ -148,12 +150,13 @@ pub async fn resync(state: &AppState) -> bool {
     true
 }
 
-fn end_gone(state: &AppState, gone: HashSet<SessionId>) {
+/// Closes the sockets of sessions the store no longer has (each listed once).
+fn end_gone(state: &AppState, gone: &[SessionId]) {
     if gone.is_empty() {
         return;
     }
     let now = now_ms();
-    for sid in &gone {
+    for sid in gone {
         if let Some(expires_at) = state.hub.session_expiry(sid) {
             state.hub.end_session(sid, reason_for(expires_at, now));
         }
@@ -216,13 +219,13 @@ async fn revalidate_slice_now(state: &AppState, slice: usize) {
     }
     match state.engine.sessions_alive(&sids).await {
         Ok(alive) => {
-            let gone = sids
+            let gone: Vec<SessionId> = sids
                 .into_iter()
                 .zip(alive)
                 .filter(|(_, a)| !a)
                 .map(|(s, _)| s)
                 .collect();
-            end_gone(state, gone);
+            end_gone(state, &gone);
         }
         Err(e) => tracing::debug!(error = %e, "revalidation skipped"),
     }
