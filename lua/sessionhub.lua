@@ -208,17 +208,34 @@ local EVENTS_MAXLEN_ARG = EVENTS_MAXLEN .. ''
 -- argument and every table.insert costs, and a kill makes several of these.
 local function emit(P, B, ev)
   if EVENTS_MAXLEN <= 0 then return end
-  local argv = { bkey(P, B, 'events'), 'MAXLEN', '~', EVENTS_MAXLEN_ARG, '*', 'type', ev[1] }
-  local n = 7
-  for i = 2, #ev, 2 do
-    local v = ev[i + 1]
-    if v ~= nil and v ~= '' then
-      argv[n + 1] = ev[i]
-      argv[n + 2] = tostring(v)
-      n = n + 2
+  local key = bkey(P, B, 'events')
+  -- The common case, every value a non-empty string, goes to XADD as `ev` itself:
+  -- growing an argument list one field at a time costs a table resize every few
+  -- fields, and a kill appends five events.
+  local plain = true
+  local last = #ev
+  for i = 3, last, 2 do
+    local v = ev[i]
+    if type(v) ~= 'string' or v == '' then
+      plain = false
+      break
     end
   end
-  redis.call('XADD', unpack(argv, 1, n))
+  if plain and last % 2 == 1 then
+    redis.call('XADD', key, 'MAXLEN', '~', EVENTS_MAXLEN_ARG, '*', 'type', unpack(ev, 1, last))
+  else
+    local argv = { key, 'MAXLEN', '~', EVENTS_MAXLEN_ARG, '*', 'type', ev[1] }
+    local n = 7
+    for i = 2, last, 2 do
+      local v = ev[i + 1]
+      if v ~= nil and v ~= '' then
+        argv[n + 1] = ev[i]
+        argv[n + 2] = tostring(v)
+        n = n + 2
+      end
+    end
+    redis.call('XADD', unpack(argv, 1, n))
+  end
   if rung then return end
   rung = true
   redis.call(in_cluster() and 'SPUBLISH' or 'PUBLISH', bkey(P, B, 'events:new'), '')
@@ -320,30 +337,58 @@ local function call_chunked(cmd, key, list)
   end
 end
 
+-- How many of `list`'s keys exist (EXISTS, in chunks).
+local function count_existing(list)
+  local n = 0
+  for i = 1, #list, UNPACK_CHUNK do
+    n = n + redis.call('EXISTS', unpack(list, i, math.min(i + UNPACK_CHUNK - 1, #list)))
+  end
+  return n
+end
+
 -- Removes every record of the given connections (all of bucket B), in one pass: the
 -- indexes they share (their node's, their user's, the online counts) take one
 -- command each rather than one per connection, which is most of a kill's time in
 -- Redis. `why` is the connection.closed events' reason (default "closed"); a user
 -- whose last connection went gets user.offline after them. With `session_going`
 -- the caller deletes the sessions' connection lists whole, so they are not edited.
+-- `known` (or nil) is what the caller already knows of the records: a session's
+-- {sid, uid, node = {cid -> node}} (from its connection list, written with the
+-- records by add_conn). When every record is there (one EXISTS), they are not read
+-- one by one. Likewise one EXISTS finds whether any connection is in a group.
 -- Returns {node -> true} for the nodes that held them (unknown ones are skipped).
-local function drop_conns(P, B, cids, why, session_going)
+local function drop_conns(P, B, cids, why, session_going, known)
   local nodes, keys, by_node, users, order = {}, {}, {}, {}, {}
-  for _, cid in ipairs(cids) do
-    local ck = conn_key(P, cid)
-    local rec = redis.call('HMGET', ck, 'session_id', 'user_id', 'node_id')
-    if rec[1] then
-      local sid, uid, node = rec[1], rec[2], rec[3]
+  local many = #cids > 1
+  local cks, gks = {}, {}
+  for i, cid in ipairs(cids) do
+    cks[i] = conn_key(P, cid)
+    gks[i] = cks[i] .. ':groups'
+  end
+  local all_there = known and many and count_existing(cks) == #cids
+  local grouped = not many or count_existing(gks) > 0
+  for i, cid in ipairs(cids) do
+    local ck = cks[i]
+    local sid, uid, node
+    if all_there then
+      sid, uid, node = known.sid, known.uid, known.node[cid]
+    else
+      local rec = redis.call('HMGET', ck, 'session_id', 'user_id', 'node_id')
+      sid, uid, node = rec[1], rec[2], rec[3]
+    end
+    if sid then
       nodes[node] = true
       if not session_going then redis.call('HDEL', session_key(P, sid) .. ':conns', cid) end
-      by_node[node] = by_node[node] or {}
-      table.insert(by_node[node], cid)
-      for _, group in ipairs(redis.call('SMEMBERS', ck .. ':groups')) do
-        redis.call('HDEL', bkey(P, B, 'group:' .. group), 'conn:' .. cid)
-        note_if_empty(P, B, group)
+      local list = by_node[node]
+      if list then list[#list + 1] = cid else by_node[node] = { cid } end
+      if grouped then
+        for _, group in ipairs(redis.call('SMEMBERS', gks[i])) do
+          redis.call('HDEL', bkey(P, B, 'group:' .. group), 'conn:' .. cid)
+          note_if_empty(P, B, group)
+        end
       end
       keys[#keys + 1] = ck
-      keys[#keys + 1] = ck .. ':groups'
+      keys[#keys + 1] = gks[i]
       emit(P, B, { 'connection.closed', 'user_id', uid, 'session_id', sid, 'connection_id', cid, 'node_id', node, 'reason', why or 'closed' })
       local u = users[uid]
       if not u then
@@ -400,14 +445,16 @@ local function end_session(P, sid, uid)
   local sk = session_key(P, sid)
   local B = bucket_of(sid)
   local flat = redis.call('HGETALL', sk .. ':conns')
-  local cids = {}
-  for i = 1, #flat, 2 do cids[#cids + 1] = flat[i] end
-  local nodes = drop_conns(P, B, cids, 'session_ended', true)
-  -- A listed connection whose record is gone still had a socket on its node.
-  for i = 2, #flat, 2 do
-    local node = string.match(flat[i], '^([^|]+)|')
-    if node then nodes[node] = true end
+  local cids, node_of, complete = {}, {}, true
+  for i = 1, #flat, 2 do
+    local node = string.match(flat[i + 1], '^([^|]+)|')
+    cids[#cids + 1] = flat[i]
+    if node then node_of[flat[i]] = node else complete = false end
   end
+  local known = complete and { sid = sid, uid = uid, node = node_of } or nil
+  local nodes = drop_conns(P, B, cids, 'session_ended', true, known)
+  -- A listed connection whose record is gone still had a socket on its node.
+  for _, node in pairs(node_of) do nodes[node] = true end
   redis.call('DEL', sk, sk .. ':conns')
   redis.call('HDEL', user_key(P, B, uid), sid)
   redis.call('ZREM', user_age_key(P, B, uid), sid)
@@ -445,13 +492,25 @@ local function history_key(P, B, uid)
 end
 
 -- The history size and TTLs from three arguments, or nil when history is off.
-local function history_cfg(size, ttl_ms, meta_ms)
+local function parse_history_cfg(size, ttl_ms, meta_ms)
   size, ttl_ms = tonumber(size or '0') or 0, tonumber(ttl_ms or '0') or 0
   if size <= 0 or ttl_ms <= 0 then return nil end
   meta_ms = tonumber(meta_ms or '') or HISTORY_META_TTL_MS
   -- The sizes and TTLs also as command arguments (see int).
   return { size = size, ttl_ms = ttl_ms, size_arg = int(size), ttl_arg = int(ttl_ms),
     meta_arg = int(math.max(ttl_ms, meta_ms)) }
+end
+
+-- The history size and TTLs from three arguments, or nil when history is off. The
+-- nodes send the same three on every call, so the last answer is kept (read-only
+-- for its users): parsing and printing the numbers again costs as much as a command.
+local cfg_seen, cfg_size, cfg_ttl, cfg_meta, cfg_last = false, nil, nil, nil, nil
+local function history_cfg(size, ttl_ms, meta_ms)
+  if not (cfg_seen and size == cfg_size and ttl_ms == cfg_ttl and meta_ms == cfg_meta) then
+    cfg_seen, cfg_size, cfg_ttl, cfg_meta = true, size, ttl_ms, meta_ms
+    cfg_last = parse_history_cfg(size, ttl_ms, meta_ms)
+  end
+  return cfg_last
 end
 
 -- A new epoch: Redis's clock in microseconds, in hex (alphanumeric, as clients

@@ -3,6 +3,7 @@
 //! checked by scanning the whole keyspace.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
@@ -263,4 +264,195 @@ async fn a_logins_redis_cost_does_not_grow_with_the_users_sessions() {
         .await
         .unwrap();
     assert_eq!(count, CAP, "the cap holds");
+}
+
+/// The bucket's lifecycle events as (type, fields) pairs, oldest first.
+async fn events_of(redis: &RedisServer, bucket: &str) -> Vec<HashMap<String, String>> {
+    let mut c = redis.conn().await;
+    let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+        .arg(format!("sh:{{{bucket}}}:events"))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    entries
+        .into_iter()
+        .map(|(_, flat)| {
+            flat.chunks(2)
+                .map(|kv| (kv[0].clone(), kv[1].clone()))
+                .collect()
+        })
+        .collect()
+}
+
+async fn hkeys(c: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<String> {
+    let mut keys: Vec<String> = redis::cmd("HKEYS").arg(key).query_async(c).await.unwrap();
+    keys.sort();
+    keys
+}
+
+/// A kill drops each of the session's connections from every index it is in (the
+/// node's, the user's, the online counts, its groups), whichever way the function
+/// finds them: at once when every record is there, one by one when one is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_drops_every_socket_of_the_session_from_every_index_on_three_nodes() {
+    let cluster = TestCluster::start(3).await;
+    let api = Api::new(&cluster.nodes[0]);
+    let s1 = api.create_session("alice", "laptop").await;
+    let s2 = api.create_session("alice", "phone").await;
+    let b = s1.session_id[..2].to_owned();
+    let mut w = Vec::new();
+    for node in &cluster.nodes {
+        w.push(WsClient::connect(node, &s1.token).await.unwrap());
+    }
+    let mut v = WsClient::connect(&cluster.nodes[1], &s2.token)
+        .await
+        .unwrap();
+    let cids: Vec<String> = w.iter().map(|x| x.connection_id().to_owned()).collect();
+    let vid = v.connection_id().to_owned();
+    for path in [
+        format!("/api/v1/groups/room/members/{}", cids[0]),
+        format!("/api/v1/groups/room/members/{}", cids[1]),
+        "/api/v1/groups/team/members/user:alice".to_owned(),
+    ] {
+        assert_eq!(
+            status(&api, Method::PUT, &path).await,
+            StatusCode::NO_CONTENT
+        );
+    }
+    let before = events_of(&cluster.redis, &b).await.len();
+
+    let kill = format!("/api/v1/sessions/{}", s1.session_id);
+    assert_eq!(
+        status(&Api::new(&cluster.nodes[2]), Method::DELETE, &kill).await,
+        StatusCode::NO_CONTENT
+    );
+    // The kill is one atomic call: its answer means every index is updated.
+    let mut c = cluster.redis.conn().await;
+    for cid in &cids {
+        for key in [
+            format!("sh:{{{b}}}:conn:{cid}"),
+            format!("sh:{{{b}}}:conn:{cid}:groups"),
+        ] {
+            let n: i64 = redis::cmd("EXISTS")
+                .arg(&key)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            assert_eq!(n, 0, "{key} outlived the kill");
+        }
+    }
+    let room: i64 = redis::cmd("EXISTS")
+        .arg(format!("sh:{{{b}}}:group:room"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(
+        room, 0,
+        "the group's connection members went with their sockets"
+    );
+    assert_eq!(
+        hkeys(&mut c, &format!("sh:{{{b}}}:group:team")).await,
+        ["user:alice"],
+        "a user member stays"
+    );
+    assert_eq!(
+        hkeys(&mut c, &format!("sh:{{{b}}}:user:alice:conns")).await,
+        [vid.clone()]
+    );
+    let per_node: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(format!("sh:{{{b}}}:user:alice:nodes"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(
+        per_node,
+        HashMap::from([(cluster.nodes[1].id.clone(), "1".to_owned())])
+    );
+    let online: String = redis::cmd("HGET")
+        .arg(format!("sh:{{{b}}}:online:conns"))
+        .arg("alice")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(online, "1");
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let held = hkeys(&mut c, &format!("sh:{{{b}}}:node:{}:conns", node.id)).await;
+        let want: Vec<String> = if i == 1 { vec![vid.clone()] } else { vec![] };
+        assert_eq!(held, want, "{}'s index", node.id);
+    }
+    let events = events_of(&cluster.redis, &b).await;
+    let kinds: Vec<&str> = events[before..]
+        .iter()
+        .map(|e| e["type"].as_str())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "session.ended",
+            "connection.closed",
+            "connection.closed",
+            "connection.closed"
+        ],
+        "alice keeps a socket, so no user.offline"
+    );
+    for e in &events[before + 1..] {
+        let i = cids.iter().position(|c| *c == e["connection_id"]).unwrap();
+        assert_eq!(e["node_id"], cluster.nodes[i].id);
+        assert_eq!(e["session_id"], s1.session_id);
+        assert_eq!(e["user_id"], "alice");
+        assert_eq!(e["reason"], "session_ended");
+    }
+    for ws in &mut w {
+        assert_eq!(ws.expect_close().await.0, 4001);
+    }
+    v.assert_alive().await;
+
+    // A listed connection whose record an operator deleted: the kill reads the
+    // records one by one, still tells that socket's node, and drops the other.
+    let s3 = api.create_session("alice", "tablet").await;
+    v.expect("session_created").await;
+    let mut x0 = WsClient::connect(&cluster.nodes[0], &s3.token)
+        .await
+        .unwrap();
+    let mut x2 = WsClient::connect(&cluster.nodes[2], &s3.token)
+        .await
+        .unwrap();
+    let (x0id, x2id) = (x0.connection_id().to_owned(), x2.connection_id().to_owned());
+    let _: i64 = redis::cmd("DEL")
+        .arg(format!("sh:{{{b}}}:conn:{x0id}"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let before = events_of(&cluster.redis, &b).await.len();
+    let kill = format!("/api/v1/sessions/{}", s3.session_id);
+    assert_eq!(
+        status(&api, Method::DELETE, &kill).await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(x0.expect_close().await.0, 4001);
+    assert_eq!(x2.expect_close().await.0, 4001);
+    let n: i64 = redis::cmd("EXISTS")
+        .arg(format!("sh:{{{b}}}:conn:{x2id}"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+    let events = events_of(&cluster.redis, &b).await;
+    let closed: Vec<&str> = events[before..]
+        .iter()
+        .filter(|e| e["type"] == "connection.closed")
+        .map(|e| e["connection_id"].as_str())
+        .collect();
+    assert_eq!(closed, [x2id.as_str()]);
+    assert_eq!(
+        hkeys(
+            &mut c,
+            &format!("sh:{{{b}}}:node:{}:conns", cluster.nodes[2].id)
+        )
+        .await,
+        Vec::<String>::new()
+    );
+    v.assert_alive().await;
 }
