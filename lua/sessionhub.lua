@@ -353,9 +353,11 @@ end
 -- whose last connection went gets user.offline after them. With `session_going`
 -- the caller deletes the sessions' connection lists whole, so they are not edited.
 -- `known` (or nil) is what the caller already knows of the records: a session's
--- {sid, uid, node = {cid -> node}} (from its connection list, written with the
--- records by add_conn). When every record is there (one EXISTS), they are not read
--- one by one. Likewise one EXISTS finds whether any connection is in a group.
+-- {sid, uid, node = {cid -> node}}, from its connection list. add_conn writes a
+-- record and its list entry with the same values, and nothing changes either after,
+-- so when every record is there (one EXISTS) they are not read one by one; when one
+-- is missing (an operator deleted it), each is read and the missing one skipped, as
+-- without `known`. Likewise one EXISTS finds whether any connection is in a group.
 -- Returns {node -> true} for the nodes that held them (unknown ones are skipped).
 local function drop_conns(P, B, cids, why, session_going, known)
   local nodes, keys, by_node, users, order = {}, {}, {}, {}, {}
