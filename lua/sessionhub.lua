@@ -203,12 +203,18 @@ end
 local EVENTS_MAXLEN = 1000
 local EVENTS_MAXLEN_ARG = EVENTS_MAXLEN .. ''
 
+-- The last stream key emit built, and its prefix and bucket (a kill appends five
+-- events to one stream; building the key is a concatenation and a string to intern).
+local events_P, events_B, events_key = nil, nil, nil
+
 -- Appends one event {type, field, value, field, value, ...} (values nil or "" are
--- left out) to bucket B's stream. Built as one argument list: every redis.call
--- argument and every table.insert costs, and a kill makes several of these.
+-- left out) to bucket B's stream, in one XADD.
 local function emit(P, B, ev)
   if EVENTS_MAXLEN <= 0 then return end
-  local key = bkey(P, B, 'events')
+  if P ~= events_P or B ~= events_B then
+    events_P, events_B, events_key = P, B, bkey(P, B, 'events')
+  end
+  local key = events_key
   -- The common case, every value a non-empty string, goes to XADD as `ev` itself:
   -- growing an argument list one field at a time costs a table resize every few
   -- fields, and a kill appends five events.
@@ -352,6 +358,7 @@ end
 -- Redis. `why` is the connection.closed events' reason (default "closed"); a user
 -- whose last connection went gets user.offline after them. With `session_going`
 -- the caller deletes the sessions' connection lists whole, so they are not edited.
+-- `also_del` (or nil) are more keys to delete with the records' own (one DEL).
 -- `known` (or nil) is what the caller already knows of the records: a session's
 -- {sid, uid, node = {cid -> node}}, from its connection list. add_conn writes a
 -- record and its list entry with the same values, and nothing changes either after,
@@ -359,7 +366,7 @@ end
 -- is missing (an operator deleted it), each is read and the missing one skipped, as
 -- without `known`. Likewise one EXISTS finds whether any connection is in a group.
 -- Returns {node -> true} for the nodes that held them (unknown ones are skipped).
-local function drop_conns(P, B, cids, why, session_going, known)
+local function drop_conns(P, B, cids, why, session_going, known, also_del)
   local nodes, keys, by_node, users, order = {}, {}, {}, {}, {}
   local many = #cids > 1
   local cks, gks = {}, {}
@@ -402,6 +409,9 @@ local function drop_conns(P, B, cids, why, session_going, known)
       u.nodes[node] = (u.nodes[node] or 0) + 1
       u.cids[#u.cids + 1] = cid
     end
+  end
+  if also_del then
+    for _, key in ipairs(also_del) do keys[#keys + 1] = key end
   end
   if #keys == 0 then return nodes end
   for node, list in pairs(by_node) do call_chunked('HDEL', node_index(P, B, node), list) end
@@ -454,10 +464,9 @@ local function end_session(P, sid, uid)
     if node then node_of[flat[i]] = node else complete = false end
   end
   local known = complete and { sid = sid, uid = uid, node = node_of } or nil
-  local nodes = drop_conns(P, B, cids, 'session_ended', true, known)
+  local nodes = drop_conns(P, B, cids, 'session_ended', true, known, { sk, sk .. ':conns' })
   -- A listed connection whose record is gone still had a socket on its node.
   for _, node in pairs(node_of) do nodes[node] = true end
-  redis.call('DEL', sk, sk .. ':conns')
   redis.call('HDEL', user_key(P, B, uid), sid)
   redis.call('ZREM', user_age_key(P, B, uid), sid)
   redis.call('ZREM', bkey(P, B, 'expiry'), sid)
