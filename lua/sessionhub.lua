@@ -29,8 +29,8 @@
 --                                    first when a login passes the per-user cap)
 --   P{B}:user:<uid>:nodes      hash  node_id -> the user's live connections there
 --   P{B}:user:<uid>:conns      hash  connection_id -> node_id: the user's live
---                                    connections (whom a login notifies, whatever the
---                                    number of sessions)
+--                                    connections (whom a login's notice and a message
+--                                    to the user go to, whatever the number of sessions)
 --   P{B}:conn:<cid>            hash  session_id user_id node_id connected_at
 --   P{B}:conn:<cid>:groups     set   the groups the connection was added to
 --   P{B}:group:<group>         hash  the bucket's members: "conn:<cid>" | "user:<uid>" -> added_at
@@ -983,7 +983,7 @@ local function publish_target(P, B, key, frame, cfg)
   local uid = string.match(key, '}:user:(.*):sessions$')
   if uid then
     if cfg then frame, offset = history_append(P, B, uid, cfg, 'user', frame) end
-    user_targets(P, B, uid, targets)
+    targets = user_conn_targets(P, B, uid)
   elseif string.match(key, '}:session:[0-9a-f]+$') then
     local sid = string.match(key, 'session:([0-9a-f]+)$')
     local owner = cfg and redis.call('HGET', key, 'user_id')

@@ -7,7 +7,8 @@ Starts redis-server under `valgrind --tool=callgrind` on a free port, loads the
 library, and drives the functions the way nodes do (FCALL with their arguments):
 400 logins, 1,200 registrations (three sockets per session, on three nodes), 400
 publishes to a user (with history), 50 batches of 32 messages to users of random
-buckets, 400 kills of a session with three sockets. The instruction count of each
+buckets, 400 kills of a session with three sockets, 100 publishes to a user with three
+sessions of one socket each. The instruction count of each
 phase is dumped (callgrind_control -d) and printed per call. Instructions are
 repeatable for one redis-server binary and one library whatever the machine is
 doing, unlike times on a shared 2-core VM. Needs valgrind, redis-server and the
@@ -91,6 +92,18 @@ dump('batch'); counts['batch message'] = 50 * 32
 for b, sid, _ in sessions:
     r.fcall('sh_kill_session', 1, f'sh:{{{b}}}:session:{sid}', 'killed', '', 0)
 dump('kill'); counts['kill (3 sockets)'] = N
+# A user logged in on three devices: three sessions with one socket each.
+multi = []
+for i in range(N // 4):
+    b = '%02x' % random.randrange(256)
+    for d in range(3):
+        _, sid, uid = login(f'm{i}', b)
+        register(b, sid, f'node-{d + 1}')
+    multi.append((b, f'um{i}'))
+dump('multi-setup')
+for b, uid in multi:
+    r.fcall('sh_publish', 1, f'sh:{{{b}}}:user:{uid}:sessions', FRAME, 0, *HIST)
+dump('publish-multi'); counts['publish, 3 sessions'] = len(multi)
 r.shutdown(nosave=True)
 vg.wait()
 
@@ -104,5 +117,6 @@ for f in glob.glob(f'{out}/cg.*'):
 print(f'library: {lib}, redis-server {subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()[2]}')
 print(f'batch calls: {"one per batch" if batch is batch_one_call else "one per target bucket"}')
 for phase, label in [('login', 'login'), ('register', 'register'), ('publish', 'publish'),
-                     ('batch', 'batch message'), ('kill', 'kill (3 sockets)')]:
+                     ('batch', 'batch message'), ('kill', 'kill (3 sockets)'),
+                     ('publish-multi', 'publish, 3 sessions')]:
     print(f'{label:18s} {got[phase] / counts[label]:10,.0f} instructions per call')

@@ -761,3 +761,51 @@ sessionhub_tests::on_both_topologies!(
     group_membership_follows_new_connections_and_vanishes_with_closed_ones,
     a_batch_publish_answers_in_order_and_refuses_bad_batches_whole,
 );
+
+/// A message to a user finds its sockets through the user's connection index
+/// (`{B}:user:<uid>:conns`), one read whatever the number of its sessions; a socket
+/// missing from that index (recorded by a version before it) is still reached,
+/// through the user's sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_to_a_user_reaches_every_socket_of_every_session_exactly_once() {
+    let cluster = Deployment::start(Topology::Single, 3).await;
+    let [a, b, c] = [&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]];
+    let sessionhub_tests::Store::Single(redis) = &cluster.store else {
+        unreachable!()
+    };
+    let api = Api::new(a);
+    let (laptop, mut sockets) = user_on(&api, "carol", &[a, b]).await;
+    for (i, n) in [b, c].into_iter().enumerate() {
+        let (_, mut more) = user_on(&api, "carol", &[n]).await;
+        // Each login tells the sockets already there.
+        for ws in sockets.iter_mut() {
+            ws.expect("session_created").await;
+        }
+        sockets.append(&mut more);
+        assert_eq!(sockets.len(), 3 + i);
+    }
+    let res = publish(&api, json!({ "user": "carol" }), "one", json!(1)).await;
+    assert_eq!(res, json!({ "nodes": 3, "connections": 4 }));
+    for ws in sockets.iter_mut() {
+        assert_eq!(expect_message(ws, "one").await, 1);
+    }
+
+    // The first socket's entry leaves the user's index, as if an older version had
+    // recorded it: the count of the user's sockets says one is missing.
+    let mut conn = redis.conn().await;
+    let b_ = &laptop[..2];
+    let removed: i64 = redis::cmd("HDEL")
+        .arg(format!("sh:{{{b_}}}:user:carol:conns"))
+        .arg(sockets[0].connection_id())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(removed, 1);
+    let res = publish(&api, json!({ "user": "carol" }), "two", json!(2)).await;
+    assert_eq!(res, json!({ "nodes": 3, "connections": 4 }));
+    for ws in sockets.iter_mut() {
+        assert_eq!(expect_message(ws, "two").await, 2);
+    }
+    let mut all: Vec<&mut WsClient> = sockets.iter_mut().collect();
+    assert_nothing_else(&api, &mut all).await;
+}
