@@ -359,7 +359,7 @@ async fn a_kill_drops_every_socket_of_the_session_from_every_index_on_three_node
     );
     assert_eq!(
         hkeys(&mut c, &format!("sh:{{{b}}}:user:alice:conns")).await,
-        [vid.clone()]
+        [vid.as_str()]
     );
     let per_node: HashMap<String, String> = redis::cmd("HGETALL")
         .arg(format!("sh:{{{b}}}:user:alice:nodes"))
