@@ -9,23 +9,34 @@ library, and drives the functions the way nodes do (FCALL with their arguments):
 publishes to a user (with history), 50 batches of 32 messages to users of random
 buckets, 400 kills of a session with three sockets, 100 publishes to a user with three
 sessions of one socket each. The instruction count of each
-phase is dumped (callgrind_control -d) and printed per call. Instructions are
+phase is dumped (callgrind_control -d) and printed per call, with the commands the
+functions ran per call (counted in a first run of the same workload without
+valgrind, from INFO commandstats). Instructions are
 repeatable for one redis-server binary and one library whatever the machine is
 doing, unlike times on a shared 2-core VM. Needs valgrind, redis-server and the
 Python package `redis` (pip install redis).
 """
-import glob, os, random, re, socket, subprocess, sys, tempfile, time
+import glob, json, os, random, re, socket, subprocess, sys, tempfile, time
 
 import redis
 
-lib = sys.argv[1] if len(sys.argv) > 1 else 'lua/sessionhub.lua'
+args = [a for a in sys.argv[1:] if a != '--count']
+lib = args[0] if args else 'lua/sessionhub.lua'
+# With --count the same workload runs on a plain redis-server and prints, per phase,
+# how many commands the functions ran (INFO commandstats); the callgrind run starts
+# one such run first, so that no INFO lands in its instruction counts.
+counting = '--count' in sys.argv
+if not counting:
+    per_call_commands = json.loads(subprocess.run(
+        [sys.executable, __file__, lib, '--count'], capture_output=True, text=True, check=True).stdout)
 random.seed(1)
 s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.close()
 out = tempfile.mkdtemp(prefix='lua-cost-')
-vg = subprocess.Popen(['valgrind', '--tool=callgrind', f'--callgrind-out-file={out}/cg.%p',
-                       'redis-server', '--port', str(port), '--bind', '127.0.0.1', '--save', '',
-                       '--appendonly', 'no', '--dir', out],
-                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+server = ['redis-server', '--port', str(port), '--bind', '127.0.0.1', '--save', '',
+          '--appendonly', 'no', '--dir', out]
+if not counting:
+    server = ['valgrind', '--tool=callgrind', f'--callgrind-out-file={out}/cg.%p'] + server
+vg = subprocess.Popen(server, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 r = redis.Redis(port=port)
 deadline = time.time() + 60
 while True:
@@ -36,8 +47,19 @@ while True:
             sys.exit('redis-server under valgrind did not start')
         time.sleep(0.2)
 
+def commands_run():
+    """Commands run so far, but FCALL, FUNCTION and INFO: those the functions ran."""
+    return sum(st['calls'] for name, st in r.info('commandstats').items()
+               if not name.startswith(('cmdstat_fcall', 'cmdstat_function', 'cmdstat_info')))
+
+inner, last = {}, [0]                        # phase -> commands its calls ran
+
 def dump(tag):
-    subprocess.run(['callgrind_control', '-d', tag, str(vg.pid)], capture_output=True, check=True)
+    if counting:
+        now = commands_run()
+        inner[tag], last[0] = now - last[0], now
+    else:
+        subprocess.run(['callgrind_control', '-d', tag, str(vg.pid)], capture_output=True, check=True)
 
 r.function_load(open(lib).read(), replace=True)
 H = '0123456789abcdef' * 4                   # the stored secret hash (and the one sent)
@@ -61,6 +83,9 @@ def register(b, sid, node):
 
 N = 400
 counts = {}
+PHASES = [('login', 'login'), ('register', 'register'), ('publish', 'publish'),
+          ('batch', 'batch message'), ('kill', 'kill (3 sockets)'),
+          ('publish-multi', 'publish, 3 sessions')]
 dump('setup')
 sessions = [login(i, '%02x' % random.randrange(256)) for i in range(N)]
 dump('login'); counts['login'] = N
@@ -106,6 +131,10 @@ for b, uid in multi:
 dump('publish-multi'); counts['publish, 3 sessions'] = len(multi)
 r.shutdown(nosave=True)
 vg.wait()
+if counting:
+    print(json.dumps({label: inner[phase] / n for (phase, label), n in
+                      ((p, counts[p[1]]) for p in PHASES)}))
+    sys.exit(0)
 
 got = {}
 for f in glob.glob(f'{out}/cg.*'):
@@ -116,7 +145,6 @@ for f in glob.glob(f'{out}/cg.*'):
         got[m.group(1)] = int(t.group(1))
 print(f'library: {lib}, redis-server {subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()[2]}')
 print(f'batch calls: {"one per batch" if batch is batch_one_call else "one per target bucket"}')
-for phase, label in [('login', 'login'), ('register', 'register'), ('publish', 'publish'),
-                     ('batch', 'batch message'), ('kill', 'kill (3 sockets)'),
-                     ('publish-multi', 'publish, 3 sessions')]:
-    print(f'{label:18s} {got[phase] / counts[label]:10,.0f} instructions per call')
+for phase, label in PHASES:
+    print(f'{label:20s} {got[phase] / counts[label]:10,.0f} instructions per call, '
+          f'{per_call_commands[label]:5.1f} commands')

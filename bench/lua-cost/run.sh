@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Redis's instructions per call of sessionhub's functions (see cost.py).
+# Redis's instructions and commands per call of sessionhub's functions (see cost.py).
 #   bench/lua-cost/run.sh                         # the working tree's library
 #   git show <commit>:lua/sessionhub.lua > /tmp/old.lua && bench/lua-cost/run.sh /tmp/old.lua
 set -euo pipefail
