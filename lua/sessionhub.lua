@@ -332,22 +332,16 @@ local function note_if_empty(P, B, group)
 end
 
 -- Calls `cmd key item...` for the items of `list`, in chunks (unpack has a limit).
+-- Returns the sum of the replies (commands that answer a count: HDEL, DEL, EXISTS).
 local UNPACK_CHUNK = 512
 local function call_chunked(cmd, key, list)
-  for i = 1, #list, UNPACK_CHUNK do
-    if key then
-      redis.call(cmd, key, unpack(list, i, math.min(i + UNPACK_CHUNK - 1, #list)))
-    else
-      redis.call(cmd, unpack(list, i, math.min(i + UNPACK_CHUNK - 1, #list)))
-    end
-  end
-end
-
--- How many of `list`'s keys exist (EXISTS, in chunks).
-local function count_existing(list)
   local n = 0
   for i = 1, #list, UNPACK_CHUNK do
-    n = n + redis.call('EXISTS', unpack(list, i, math.min(i + UNPACK_CHUNK - 1, #list)))
+    if key then
+      n = n + redis.call(cmd, key, unpack(list, i, math.min(i + UNPACK_CHUNK - 1, #list)))
+    else
+      n = n + redis.call(cmd, unpack(list, i, math.min(i + UNPACK_CHUNK - 1, #list)))
+    end
   end
   return n
 end
@@ -374,8 +368,8 @@ local function drop_conns(P, B, cids, why, session_going, known, also_del)
     cks[i] = conn_key(P, cid)
     gks[i] = cks[i] .. ':groups'
   end
-  local all_there = known and many and count_existing(cks) == #cids
-  local grouped = not many or count_existing(gks) > 0
+  local all_there = known and many and call_chunked('EXISTS', nil, cks) == #cids
+  local grouped = not many or call_chunked('EXISTS', nil, gks) > 0
   for i, cid in ipairs(cids) do
     local ck = cks[i]
     local sid, uid, node
