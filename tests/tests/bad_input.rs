@@ -143,6 +143,24 @@ async fn service_api_errors_are_clear() {
         )
         .await;
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    // A method a path does not have is not found, with the API's error body (a path
+    // with several methods is one actix resource, whose own answer would be a bare
+    // 405), on every such path.
+    for (method, path) in [
+        (
+            Method::PATCH,
+            "/api/v1/sessions/2bd806c9000000000000000000000000",
+        ),
+        (Method::POST, "/api/v1/users/alice/sessions"),
+        (Method::POST, "/api/v1/groups/g/members/user:alice"),
+        (Method::PUT, "/api/v1/me/sessions"),
+        (Method::DELETE, "/api/v1/groups/g"),
+    ] {
+        let res = api.service(method.clone(), path, None).await;
+        assert_eq!(res.status(), StatusCode::NOT_FOUND, "{method} {path}");
+        let err: Value = res.json().await.unwrap();
+        assert_eq!(err["error"], "not_found", "{method} {path}: {err}");
+    }
     // A cross-site page cannot use a victim's cookie to end sessions.
     let s = api.create_session("alice", "test").await;
     let res = api

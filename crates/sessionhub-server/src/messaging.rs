@@ -27,14 +27,14 @@ pub const MAX_BATCH_BODY: usize = 8 * 1024 * 1024;
 /// Registers the routes (inside `/api/v1`).
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/publish", web::post().to(publish))
-        .route("/groups/{group}/members", web::get().to(group_members))
-        .route(
-            "/groups/{group}/members/{member}",
-            web::put().to(group_membership),
-        )
-        .route(
-            "/groups/{group}/members/{member}",
-            web::delete().to(group_membership),
+        .service(
+            web::scope("/groups")
+                .route("/{group}/members", web::get().to(group_members))
+                .service(
+                    crate::api::resource("/{group}/members/{member}")
+                        .route(web::put().to(group_membership))
+                        .route(web::delete().to(group_membership)),
+                ),
         )
         .route("/users", web::get().to(online_users))
         .route("/presence", web::get().to(presence));
