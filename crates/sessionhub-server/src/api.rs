@@ -13,10 +13,10 @@ use crate::state::AppState;
 /// Registers every API route.
 ///
 /// A path with several methods is one resource, and the group routes sit in their
-/// own scope: actix matches a path with `{segments}` by running a regex (regex-lite)
-/// on each candidate in order, so a kill (`DELETE /sessions/{id}`) runs one instead
-/// of five: a third of the node's instructions for such a request (BENCHMARKS.md).
-/// A method a path does not have answers 404, as before.
+/// own scope, so a request is tried against fewer patterns: a kill
+/// (`DELETE /sessions/{id}`) against one with a `{segment}` instead of five (each
+/// was a regex run before the vendored actix-router; BENCHMARKS.md, "A kill request
+/// without regexes"). A method a path does not have answers 404, as before.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("/api/v1")
@@ -258,3 +258,79 @@ async fn logout(
     Ok(res.finish())
 }
 
+#[cfg(test)]
+mod tests {
+    use actix_web::dev::{Path, ResourceDef};
+
+    /// The vendored actix-router matches plain `{segment}` patterns by scanning
+    /// instead of running their regex (vendor/README.md); in a debug build (this
+    /// test's) it also runs the regex and panics on any difference, so every match
+    /// below is checked against the regex, segments and matched length included.
+    #[test]
+    fn plain_patterns_match_as_their_regex_would() {
+        let patterns = [
+            "/sessions/{session_id}",
+            "/users/{user_id}/sessions",
+            "/{group}/members/{member}",
+            "/{a}",
+            "/a/{b}/c/{d}/",
+            "{x}/y",
+            // Not plain (the regex answers): custom regex, tail, adjacent segments,
+            // a literal right after a segment.
+            "/n/{id:\\d+}",
+            "/files/{rest}*",
+            "/{a}{b}",
+            "/{name}.json",
+        ];
+        let paths = [
+            "",
+            "/",
+            "/sessions",
+            "/sessions/",
+            "/sessions/2bd806c9000000000000000000000000",
+            "/sessions/2bd806c9000000000000000000000000/",
+            "/sessions/abc/def",
+            "/sessions//",
+            "/users/al%20ice/sessions",
+            "/users/ålice/sessions",
+            "/users//sessions",
+            "/users/alice/sessions/x",
+            "/g/members/user:alice",
+            "/g/members/",
+            "/a/1/c/2/",
+            "/a/1/c/2",
+            "/a/1/c//",
+            "x/y",
+            "/y",
+            "/n/42",
+            "/files/a/b",
+            "/ab",
+            "/report.json",
+            "/line\nbreak",
+        ];
+        for pattern in patterns {
+            for def in [ResourceDef::new(pattern), ResourceDef::prefix(pattern)] {
+                for path in paths {
+                    let matched = def.is_match(path);
+                    assert_eq!(def.find_match(path).is_some(), matched, "{pattern} {path}");
+                    let mut p = Path::new(path);
+                    assert_eq!(def.capture_match_info(&mut p), matched, "{pattern} {path}");
+                }
+            }
+        }
+        let kill = ResourceDef::new("/sessions/{session_id}");
+        let mut p = Path::new("/sessions/2bd806c9000000000000000000000000");
+        assert!(kill.capture_match_info(&mut p));
+        assert_eq!(
+            p.get("session_id"),
+            Some("2bd806c9000000000000000000000000")
+        );
+        assert!(!kill.is_match("/sessions/"));
+        assert!(!kill.is_match("/sessions/a/"));
+        let scope = ResourceDef::prefix("/users/{user_id}");
+        let mut p = Path::new("/users/alice/sessions");
+        assert!(scope.capture_match_info(&mut p));
+        assert_eq!(p.get("user_id"), Some("alice"));
+        assert_eq!(p.unprocessed(), "/sessions");
+    }
+}
