@@ -161,3 +161,27 @@ async fn a_node_whose_log_nobody_reads_keeps_serving() {
     let s = api.create_session("alice", "a").await;
     WsClient::connect(&node, &s.token).await.unwrap();
 }
+
+/// A log that is not a terminal (a file here; a pipe to journald or a collector in
+/// production) is plain text: no colour escape codes for a parser to trip on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_is_not_a_terminal_has_no_colour_codes() {
+    let node = Node::start(NodeOptions {
+        node_id: "plain-log".into(),
+        ..Default::default()
+    })
+    .await;
+    let s = Api::new(&node).create_session("alice", "test").await;
+    let log = sessionhub_tests::wait_for(
+        "the session's log line",
+        sessionhub_tests::WAIT,
+        || {
+            let log = node.log();
+            let sid = s.session_id.clone();
+            async move { log.contains(&sid).then_some(log) }
+        },
+    )
+    .await;
+    assert!(log.contains("session created"), "{log}");
+    assert!(!log.contains('\u{1b}'), "escape codes in the log:\n{log}");
+}

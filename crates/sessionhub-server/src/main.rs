@@ -1,6 +1,6 @@
 //! `sessionhub`: run one node.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -155,8 +155,11 @@ fn init_tracing(json: bool) -> tracing_appender::non_blocking::WorkerGuard {
     let _ = sessionhub_server::metrics::LOG_LINES_DROPPED.set(writer.error_counter());
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal: a log that goes to a file, a pipe or
+    // journald is plain text for whatever parses it.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(writer);
     if json {
         builder.json().init();
