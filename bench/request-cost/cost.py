@@ -7,7 +7,9 @@ Runs the node twice under `valgrind --tool=callgrind`, on a free port: on the
 embedded in-memory engine (no Redis work anywhere), then on a private redis-server
 (the node's side of each Redis call counted too: encoding the command, reading the
 reply). Over one keep-alive connection it sends one request at a time: sessions to
-look up and to kill first, a warm-up of each route, then each route's requests. The
+look up and to kill first, a warm-up of each route, then each route's requests; the
+last phase publishes to a user with one WebSocket on the node and reads each message
+from it (less the publish phase, where the user has none: a delivery's cost). The
 instruction count of each phase (every thread of the node, its log line included:
 the default `info` level) is dumped with `callgrind_control -d` and printed per
 request. Counts repeat for one binary whatever the machine is doing (within ~1 %:
@@ -16,7 +18,7 @@ builds compare by running this on each. REQUEST_COST_KEEP=1 keeps the callgrind
 files (one per phase) for callgrind_annotate. Needs valgrind, python3 and
 redis-server.
 """
-import glob, http.client, json, os, re, shutil, socket, subprocess, sys, tempfile, time
+import base64, glob, http.client, json, os, re, shutil, socket, subprocess, sys, tempfile, time
 
 binary = sys.argv[1] if len(sys.argv) > 1 else 'target/release/sessionhub'
 KEY = 'request-cost-key-0123456789abcdef'
@@ -26,6 +28,45 @@ N = 500                                     # requests per phase
 def free_port():
     s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.close()
     return port
+
+
+def ws_connect(port, token):
+    """A WebSocket to the node with the session cookie, past its hello frame."""
+    sock = socket.create_connection(('127.0.0.1', port), timeout=30)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f'GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n'
+                  f'Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n'
+                  f'Origin: http://127.0.0.1:{port}\r\nCookie: sh_session={token}\r\n\r\n').encode())
+    head = b''
+    while b'\r\n\r\n' not in head:
+        head += sock.recv(1)
+    if not head.startswith(b'HTTP/1.1 101'):
+        sys.exit(f'request-cost: the upgrade answered {head!r}')
+    hello = json.loads(ws_read(sock))
+    if hello.get('type') != 'hello':
+        sys.exit(f'request-cost: the first frame was {hello!r}')
+    return sock
+
+
+def recv_exactly(sock, n):
+    data = b''
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            sys.exit('request-cost: the socket closed')
+        data += chunk
+    return data
+
+
+def ws_read(sock):
+    """The payload of the next (unmasked, unfragmented) server frame."""
+    b0, b1 = recv_exactly(sock, 2)
+    n = b1 & 0x7f
+    if n == 126:
+        n = int.from_bytes(recv_exactly(sock, 2), 'big')
+    elif n == 127:
+        n = int.from_bytes(recv_exactly(sock, 8), 'big')
+    return recv_exactly(sock, n)
 
 
 def measure(redis_url):
@@ -69,6 +110,17 @@ def measure(redis_url):
     # Sessions to look up and to kill, made before the measured phases.
     looked_up = new_session(0)
     doomed = iter([new_session(i) for i in range(1, N + 101)])
+    # A socket of user `ws`, to which the last phase publishes: that phase less the
+    # publish phase (user u1 has no socket) is the node's work to deliver a message.
+    status, body = call('POST', '/api/v1/sessions', {'user_id': 'ws'})
+    sock = ws_connect(port, json.loads(body)['token'])
+
+    def publish_and_read():
+        status, body = call('POST', '/api/v1/publish', {'to': {'user': 'ws'}, 'event': 'e', 'data': 1})
+        frame = json.loads(ws_read(sock))
+        if frame.get('type') != 'message':
+            sys.exit(f'request-cost: the socket got {frame!r}')
+        return status, body
     phases = [
         ('health', 'GET /healthz', lambda: call('GET', '/healthz'), 200),
         ('session', 'GET /api/v1/sessions/{id}', lambda: call('GET', f'/api/v1/sessions/{looked_up}'), 200),
@@ -76,6 +128,7 @@ def measure(redis_url):
         ('publish', 'POST /api/v1/publish (a user)',
          lambda: call('POST', '/api/v1/publish', {'to': {'user': 'u1'}, 'event': 'e', 'data': 1}), 202),
         ('members', 'GET /api/v1/groups/{g}/members', lambda: call('GET', '/api/v1/groups/g/members'), 200),
+        ('deliver', 'POST /api/v1/publish + its delivery', publish_and_read, 202),
     ]
 
     def dump(tag):
@@ -92,6 +145,7 @@ def measure(redis_url):
                 sys.exit(f'request-cost: {label} answered {got}, expected {want}: {body!r}')
         dump(phase)
     conn.close()
+    sock.close()
     vg.terminate(); vg.wait(timeout=60)
 
     got = {}
