@@ -172,15 +172,11 @@ async fn a_log_that_is_not_a_terminal_has_no_colour_codes() {
     })
     .await;
     let s = Api::new(&node).create_session("alice", "test").await;
-    let log = sessionhub_tests::wait_for(
-        "the session's log line",
-        sessionhub_tests::WAIT,
-        || {
-            let log = node.log();
-            let sid = s.session_id.clone();
-            async move { log.contains(&sid).then_some(log) }
-        },
-    )
+    let log = sessionhub_tests::wait_for("the session's log line", sessionhub_tests::WAIT, || {
+        let log = node.log();
+        let sid = s.session_id.clone();
+        async move { log.contains(&sid).then_some(log) }
+    })
     .await;
     assert!(log.contains("session created"), "{log}");
     assert!(!log.contains('\u{1b}'), "escape codes in the log:\n{log}");
