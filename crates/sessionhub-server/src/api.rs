@@ -333,4 +333,32 @@ mod tests {
         assert_eq!(p.get("user_id"), Some("alice"));
         assert_eq!(p.unprocessed(), "/sessions");
     }
+
+    proptest::proptest! {
+        /// Random patterns of literal parts and `{segments}`, against random paths:
+        /// whatever the scan or the regex answers, the debug build compares the two.
+        #[test]
+        fn random_patterns_match_as_their_regex_would(
+            parts in proptest::collection::vec(0usize..6, 1..5),
+            path in "[/ab.é%x]{0,12}",
+        ) {
+            let mut pattern = String::new();
+            for (i, part) in parts.iter().enumerate() {
+                match part {
+                    0 => pattern.push_str("/a"),
+                    1 => pattern.push('/'),
+                    2 => pattern.push_str("/x."),
+                    3 => pattern.push_str(&format!("/{{s{i}}}")),
+                    4 => pattern.push_str(&format!("{{s{i}}}")),
+                    _ => pattern.push_str(".b"),
+                }
+            }
+            for def in [ResourceDef::new(pattern.as_str()), ResourceDef::prefix(pattern.as_str())] {
+                let matched = def.is_match(&path);
+                proptest::prop_assert_eq!(def.find_match(&path).is_some(), matched);
+                let mut p = Path::new(path.as_str());
+                proptest::prop_assert_eq!(def.capture_match_info(&mut p), matched);
+            }
+        }
+    }
 }
