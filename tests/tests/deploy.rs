@@ -276,6 +276,112 @@ fn the_compose_file_is_valid_and_mounts_files_that_exist() {
     assert!(compose.contains("./deploy/nginx/sessionhub.conf:/etc/nginx/sessionhub.conf"));
 }
 
+/// Copies `from` (a file or a directory) to `to`, leaving out what .dockerignore
+/// leaves out of the build context (`target`, `artifacts`, `.git`, any
+/// `node_modules`).
+fn copy_as_docker_would(from: &Path, to: &Path) {
+    let name = from.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if ["target", "artifacts", ".git", "node_modules"].contains(&name) {
+        return;
+    }
+    if from.is_dir() {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            copy_as_docker_would(&entry.path(), &to.join(entry.file_name()));
+        }
+    } else {
+        std::fs::copy(from, to).unwrap();
+    }
+}
+
+/// Every `include_str!`/`include_bytes!` path in the Rust files below `dir`, resolved
+/// against the including file.
+fn included_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            included_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            for macro_name in ["include_str!(\"", "include_bytes!(\""] {
+                for (at, _) in text.match_indices(macro_name) {
+                    let rest = &text[at + macro_name.len()..];
+                    let target = &rest[..rest.find('"').unwrap()];
+                    out.push(path.parent().unwrap().join(target));
+                }
+            }
+        }
+    }
+}
+
+/// The Dockerfile's build stage sees what `cargo build --locked` reads: the image's
+/// build context is assembled from its `COPY` lines (as .dockerignore filters it),
+/// and cargo must resolve the workspace there (every member, every patched crate in
+/// vendor/, the lock file) and every file a crate includes must be in it. (Building
+/// the image needs a Docker daemon; this is the part that broke without one.)
+#[test]
+fn the_docker_build_stage_has_everything_the_build_reads() {
+    let root = repo_root();
+    let dockerfile = std::fs::read_to_string(root.join("deploy/Dockerfile")).unwrap();
+    let context = tempfile::tempdir().unwrap();
+    let mut stage = 0;
+    for line in dockerfile.lines() {
+        if line.starts_with("FROM ") {
+            stage += 1;
+        }
+        let Some(args) = line.strip_prefix("COPY ") else {
+            continue;
+        };
+        if stage != 1 || args.starts_with("--from") {
+            continue;
+        }
+        let parts: Vec<&str> = args.split_whitespace().collect();
+        let (sources, dest) = parts.split_at(parts.len() - 1);
+        for src in sources {
+            let to = if dest[0] == "./" {
+                context.path().join(src)
+            } else {
+                context.path().join(dest[0])
+            };
+            copy_as_docker_would(&root.join(src), &to);
+        }
+    }
+    // Offline, cargo has the crates this machine's builds downloaded: those of its own
+    // platform, so the resolve is filtered to it.
+    let rustc = std::process::Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .unwrap();
+    let rustc = String::from_utf8(rustc.stdout).unwrap();
+    let host = rustc
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .unwrap();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .current_dir(context.path())
+        .args(["metadata", "--locked", "--offline", "--format-version", "1"])
+        .args(["--filter-platform", host])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cargo cannot resolve the workspace in the Dockerfile's build context: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut included = Vec::new();
+    included_files(&context.path().join("crates"), &mut included);
+    assert!(!included.is_empty());
+    for file in included {
+        assert!(
+            file.exists(),
+            "{} is included by a crate but not copied into the build stage",
+            file.display()
+        );
+    }
+}
+
 /// A session for `user` through the demo login, as a browser on `base` would make it
 /// (its Origin, JSON body), sent from address `from`, with extra or replaced
 /// headers; returns the response's status, the session id and the Set-Cookie header.
