@@ -318,8 +318,9 @@ fn included_files(dir: &Path, out: &mut Vec<PathBuf>) {
 /// The Dockerfile's build stage sees what `cargo build --locked` reads: the image's
 /// build context is assembled from its `COPY` lines (as .dockerignore filters it),
 /// and cargo must resolve the workspace there (every member, every patched crate in
-/// vendor/, the lock file) and every file a crate includes must be in it. (Building
-/// the image needs a Docker daemon; this is the part that broke without one.)
+/// vendor/, the lock file) and every file a crate includes must be in it; the runtime
+/// stage must have the root certificates a `rediss://` URL trusts. (Building the image
+/// needs a Docker daemon, which this machine has not.)
 #[test]
 fn the_docker_build_stage_has_everything_the_build_reads() {
     let root = repo_root();
@@ -369,6 +370,14 @@ fn the_docker_build_stage_has_everything_the_build_reads() {
         out.status.success(),
         "cargo cannot resolve the workspace in the Dockerfile's build context: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    // The node trusts the system's root certificates for a rediss:// URL without a CA
+    // file (rustls-native-certs reads /etc/ssl/certs); the slim runtime image has none
+    // unless it installs them.
+    let runtime = &dockerfile[dockerfile.rfind("\nFROM ").unwrap()..];
+    assert!(
+        runtime.contains("install -y --no-install-recommends ca-certificates"),
+        "the runtime stage has no root certificates for rediss://:\n{runtime}"
     );
     let mut included = Vec::new();
     included_files(&context.path().join("crates"), &mut included);
