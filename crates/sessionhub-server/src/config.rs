@@ -1031,4 +1031,62 @@ mod tests {
         let embedded = parse(&["--webhook-url", "https://h/x", "--webhook-secret", SECRET]);
         assert!(embedded.unwrap_err().contains("needs Redis"));
     }
+
+    /// The `SESSIONHUB_*` names in `text` (upper-case letters, digits, `_`).
+    fn env_names(text: &str) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        for (at, _) in text.match_indices(ENV_PREFIX) {
+            let name: String = text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            out.insert(name.trim_end_matches('_').to_owned());
+        }
+        out
+    }
+
+    fn repo_file(path: &str) -> String {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        std::fs::read_to_string(root.join(path)).unwrap()
+    }
+
+    /// The README's settings table names every setting and nothing else, and every
+    /// variable the shipped deployments set is a setting: a node refuses one it does
+    /// not know, so a typo there would stop every node of that deployment.
+    #[test]
+    fn the_readme_and_the_shipped_deployments_name_exactly_the_settings() {
+        let known: std::collections::BTreeSet<String> = Cli::command()
+            .get_arguments()
+            .filter_map(|a| a.get_env())
+            .map(|e| e.to_string_lossy().into_owned())
+            .collect();
+        let readme = repo_file("README.md");
+        let table: String = readme
+            .lines()
+            .filter(|l| l.starts_with("| `SESSIONHUB_"))
+            .map(|l| l.split(" | ").next().unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert_eq!(
+            env_names(&table),
+            known,
+            "README's settings table against Cli"
+        );
+        for file in ["docker-compose.yml", "deploy/k8s/sessionhub.yaml"] {
+            let text = repo_file(file);
+            // Only what the file sets: YAML keys and `name:` entries, not comments.
+            let set: String = text
+                .lines()
+                .map(str::trim_start)
+                .filter(|l| !l.starts_with('#'))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let names = env_names(&set);
+            assert!(!names.is_empty(), "{file} sets no SESSIONHUB_ variable");
+            let vars = names.iter().map(|n| (n.into(), "x".into()));
+            if let Err(e) = check_environment(vars) {
+                panic!("{file}: {e}");
+            }
+        }
+    }
 }
