@@ -9,7 +9,8 @@ embedded in-memory engine (no Redis work anywhere), then on a private redis-serv
 reply). Over one keep-alive connection it sends one request at a time: sessions to
 look up and to kill first, a warm-up of each route, then each route's requests; the
 last phase publishes to a user with one WebSocket on the node and reads each message
-from it (less the publish phase, where the user has none: a delivery's cost). The
+from it (less the publish phase, where the user has none: a delivery's cost), then
+sends it batches of 32 messages (printed per message). The
 instruction count of each phase (every thread of the node, its log line included:
 the default `info` level) is dumped with `callgrind_control -d` and printed per
 request. Counts repeat for one binary whatever the machine is doing (within ~1 %:
@@ -23,6 +24,7 @@ import base64, glob, http.client, json, os, re, shutil, socket, subprocess, sys,
 binary = sys.argv[1] if len(sys.argv) > 1 else 'target/release/sessionhub'
 KEY = 'request-cost-key-0123456789abcdef'
 N = 500                                     # requests per phase
+BATCH = 32                                  # messages per request of the batch phase
 
 
 def free_port():
@@ -121,6 +123,14 @@ def measure(redis_url):
         if frame.get('type') != 'message':
             sys.exit(f'request-cost: the socket got {frame!r}')
         return status, body
+    def batch_and_read():
+        status, body = call('POST', '/api/v1/publish',
+                            [{'to': {'user': 'ws'}, 'event': 'e', 'data': i} for i in range(BATCH)])
+        for i in range(BATCH):
+            frame = json.loads(ws_read(sock))
+            if frame.get('type') != 'message' or frame.get('data') != i:
+                sys.exit(f'request-cost: the socket got {frame!r} as message {i} of a batch')
+        return status, body
     phases = [
         ('health', 'GET /healthz', lambda: call('GET', '/healthz'), 200),
         ('session', 'GET /api/v1/sessions/{id}', lambda: call('GET', f'/api/v1/sessions/{looked_up}'), 200),
@@ -129,6 +139,7 @@ def measure(redis_url):
          lambda: call('POST', '/api/v1/publish', {'to': {'user': 'u1'}, 'event': 'e', 'data': 1}), 202),
         ('members', 'GET /api/v1/groups/{g}/members', lambda: call('GET', '/api/v1/groups/g/members'), 200),
         ('deliver', 'POST /api/v1/publish + its delivery', publish_and_read, 202),
+        ('batch', f'a batch of {BATCH} + delivery, per message', batch_and_read, 202),
     ]
 
     def dump(tag):
@@ -159,7 +170,7 @@ def measure(redis_url):
         print(f'callgrind files kept in {out} (callgrind_annotate --inclusive=yes <file>)', file=sys.stderr)
     else:
         shutil.rmtree(out, ignore_errors=True)
-    return [(label, got[phase] / N) for phase, label, _, _ in phases]
+    return [(label, got[phase] / N / (BATCH if phase == 'batch' else 1)) for phase, label, _, _ in phases]
 
 
 memory = measure(None)
