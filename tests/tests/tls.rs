@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
 use sessionhub_tests::process::{NodeOptions, node_binary, wait_ready};
-use sessionhub_tests::{Api, Node, Pki, TlsRedis, WsClient};
+use sessionhub_tests::{Api, Node, Pki, RedisServer, TlsRedis, WsClient};
 
 /// How long a node whose Redis refuses it keeps retrying before it gives up.
 const CONNECT_TIMEOUT_SECS: &str = "2";
@@ -42,8 +42,14 @@ async fn serves(node: &Node) {
     assert_eq!(api.me_status(&s.token).await, StatusCode::UNAUTHORIZED);
 }
 
-/// Runs a node that cannot reach its Redis to its exit; returns its stderr.
+/// Runs a node that cannot reach its Redis over TLS to its exit; returns its stderr.
 async fn fails_to_start(url: String, env: Vec<(String, String)>) -> String {
+    fails_to_start_at("rediss://", url, env).await
+}
+
+/// Runs a node that cannot use its Redis (at a URL that starts with `scheme`) to
+/// its exit; returns its stderr.
+async fn fails_to_start_at(scheme: &str, url: String, env: Vec<(String, String)>) -> String {
     let mut cmd = tokio::process::Command::new(node_binary());
     cmd.env_clear()
         .env("SESSIONHUB_LISTEN", "127.0.0.1:0")
@@ -62,7 +68,7 @@ async fn fails_to_start(url: String, env: Vec<(String, String)>) -> String {
     assert_ne!(out.status.code(), Some(0), "{stderr}");
     let last = stderr.lines().last().unwrap_or_default();
     assert!(
-        last.starts_with("sessionhub: cannot start: Redis at rediss://")
+        last.starts_with(&format!("sessionhub: cannot start: Redis at {scheme}"))
             && last.contains("unreachable"),
         "one clear last line: {stderr}"
     );
@@ -142,4 +148,93 @@ async fn a_node_reaches_a_redis_cluster_over_tls() {
     let node = Node::start(opts).await;
     wait_ready(&node).await;
     serves(&node).await;
+}
+
+/// Over plain TCP the subscriber has its own link to Redis (not redis-rs's): it
+/// must authenticate as the URL's user, with the URL's password, like the command
+/// connection, and a user that may not subscribe must say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_plain_tcp_the_subscriber_authenticates_as_the_urls_user() {
+    let redis = RedisServer::start().await;
+    let mut c = redis.conn().await;
+    for acl in [
+        &["alice", "on", ">alice-pw-3318", "~*", "&*", "+@all"][..],
+        // carol may run every command on every key, but use no channel.
+        &[
+            "carol",
+            "on",
+            ">carol-pw-5120",
+            "~*",
+            "resetchannels",
+            "+@all",
+        ],
+        // From now on a client without a password is refused.
+        &["default", "on", ">default-pw-7741"],
+    ] {
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg(acl)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    let url = |cred: &str| format!("redis://{cred}@127.0.0.1:{}", redis.port());
+    let mut a = node(url("alice:alice-pw-3318"), vec![]).await;
+    let mut opts = NodeOptions::numbered(1, &[]);
+    opts.redis_url = Some(url(":default-pw-7741"));
+    let mut b = Node::start(opts).await;
+    wait_ready(&b).await;
+
+    // The two subscribers are in, one as alice and one as default.
+    let clients: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let mut users: Vec<&str> = clients
+        .lines()
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("user=")))
+        .collect();
+    users.sort_unstable();
+    assert_eq!(users, ["alice", "default"], "{clients}");
+
+    // A kill through node a reaches node b's socket over b's subscription.
+    let api = Api::new(&a);
+    let s = api.create_session("alice", "plain-auth-test").await;
+    let mut ws = WsClient::connect(&b, &s.token).await.unwrap();
+    let res = api
+        .service(
+            Method::DELETE,
+            &format!("/api/v1/sessions/{}", s.session_id),
+            None,
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    assert_eq!(ws.expect_close().await.0, 4001);
+    for node in [&mut a, &mut b] {
+        let log = node.stop_and_log().await;
+        assert!(
+            !log.contains("alice-pw-3318") && !log.contains("default-pw-7741"),
+            "a password was logged: {log}"
+        );
+    }
+
+    // carol's commands work, her SUBSCRIBE is refused: the node says why, and does
+    // not start.
+    let stderr = fails_to_start_at("redis://", url("carol:carol-pw-5120"), vec![]).await;
+    assert!(
+        stderr.contains("Redis refused SUBSCRIBE: NOPERM")
+            && stderr.contains("could not subscribe"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("carol-pw-5120"), "{stderr}");
+    // Open again for the check, on drop, that no raw token is stored.
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&["default", "nopass"])
+        .query_async(&mut c)
+        .await
+        .unwrap();
 }

@@ -148,6 +148,7 @@ async fn run(source: Source, events: EventSender, inner: Arc<Inner>, ready: ones
         }
         let ended = match link {
             Link::Single(pubsub, moved) => listen_single(pubsub, moved, &events, &inner).await,
+            Link::Plain(link, moved) => listen_plain(link, moved, &events, &inner).await,
             Link::Cluster(conn, pushes, overflow) => {
                 listen_cluster(conn, pushes, overflow, &events, &inner).await
             }
@@ -160,10 +161,16 @@ async fn run(source: Source, events: EventSender, inner: Arc<Inner>, ready: ones
     }
 }
 
+/// Tells that the sentinels named a new master (see [`master_moved`]).
+type Moved = Option<watch::Receiver<Option<String>>>;
+
 /// A subscribed link.
 enum Link {
-    /// One Redis; with Sentinel, the receiver that tells the master changed.
-    Single(redis::aio::PubSub, Option<watch::Receiver<Option<String>>>),
+    /// One Redis over TLS or a Unix socket, through redis-rs; with Sentinel, the
+    /// receiver that tells the master changed.
+    Single(redis::aio::PubSub, Moved),
+    /// One Redis over plain TCP, through the subscriber's own link.
+    Plain(crate::link::Link, Moved),
     Cluster(
         redis::cluster_async::ClusterConnection,
         mpsc::Receiver<PushInfo>,
@@ -171,14 +178,32 @@ enum Link {
     ),
 }
 
+/// Subscribes to one Redis: over plain TCP with the subscriber's own link
+/// ([`crate::link`]), else (TLS, a Unix socket) with redis-rs's.
+async fn subscribe_single(
+    client: &redis::Client,
+    channels: &[String],
+    moved: Moved,
+) -> redis::RedisResult<Link> {
+    let info = client.get_connection_info();
+    if let redis::ConnectionAddr::Tcp(host, port) = info.addr() {
+        let auth = info.redis_settings();
+        let link =
+            crate::link::Link::connect(host, *port, auth.username(), auth.password(), channels)
+                .await?;
+        return Ok(Link::Plain(link, moved));
+    }
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.subscribe(channels).await?;
+    Ok(Link::Single(pubsub, moved))
+}
+
 async fn connect(source: &Source, inner: &Inner) -> redis::RedisResult<Link> {
     let mut channels = bucket_channels(inner);
     match source {
         Source::Single(client) => {
             channels.push(inner.keys.all_channel());
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&channels).await?;
-            Ok(Link::Single(pubsub, None))
+            subscribe_single(client, &channels, None).await
         }
         Source::Sentinel => {
             let Some(sentinel) = &inner.sentinel else {
@@ -195,9 +220,7 @@ async fn connect(source: &Source, inner: &Inner) -> redis::RedisResult<Link> {
                 )));
             };
             channels.push(inner.keys.all_channel());
-            let mut pubsub = sentinel.client(&url)?.get_async_pubsub().await?;
-            pubsub.subscribe(&channels).await?;
-            Ok(Link::Single(pubsub, Some(moved)))
+            subscribe_single(&sentinel.client(&url)?, &channels, Some(moved)).await
         }
         Source::Cluster(seeds, tls) => {
             let (tx, rx) = mpsc::channel(PUSH_QUEUE);
@@ -264,24 +287,85 @@ fn probes_stale(inner: &Inner) -> bool {
     inner.subscribed_for() > max_age && (!inner.probes_proven() || inner.probe_lag() > max_lag)
 }
 
+/// Resolves when the sentinels name a new master; never without Sentinel.
+async fn master_moved(moved: Moved) {
+    match moved {
+        Some(mut rx) => {
+            // A closed channel (the engine is going) is no move.
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn listen_plain(
+    mut link: crate::link::Link,
+    moved: Moved,
+    events: &EventSender,
+    inner: &Inner,
+) -> Ended {
+    use crate::link::Push;
+    let master_moved = master_moved(moved);
+    tokio::pin!(master_moved);
+    let mut ping = tokio::time::interval(LINK_PING_INTERVAL);
+    ping.tick().await;
+    // The ping sent last is due back by this time.
+    let pong_due = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(pong_due);
+    let mut awaiting_pong = false;
+    loop {
+        let push = tokio::select! {
+            _ = inner.stop.cancelled() => return Ended::Stop,
+            _ = &mut master_moved => {
+                tracing::warn!("the sentinels named a new Redis master");
+                return Ended::Lost;
+            }
+            _ = &mut pong_due, if awaiting_pong => {
+                tracing::warn!("pub/sub link did not answer a ping");
+                return Ended::Lost;
+            }
+            _ = ping.tick(), if !awaiting_pong => {
+                if let Err(e) = link.ping().await {
+                    tracing::warn!(error = %e, "pub/sub link lost");
+                    return Ended::Lost;
+                }
+                awaiting_pong = true;
+                pong_due.as_mut().reset(tokio::time::Instant::now() + LINK_PING_TIMEOUT);
+                continue;
+            }
+            push = link.reader.next() => push,
+        };
+        match push {
+            Ok(Push::Message(channel, payload)) => {
+                let bytes = link.reader.bytes();
+                if !deliver(&bytes[channel], &bytes[payload], events, inner).await {
+                    return Ended::Stop;
+                }
+            }
+            Ok(Push::Pong) => awaiting_pong = false,
+            Ok(Push::Other) => {}
+            Ok(Push::Lost(why)) => {
+                tracing::warn!(%why, "pub/sub link lost");
+                return Ended::Lost;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "pub/sub link lost");
+                return Ended::Lost;
+            }
+        }
+    }
+}
+
 async fn listen_single(
     pubsub: redis::aio::PubSub,
-    moved: Option<watch::Receiver<Option<String>>>,
+    moved: Moved,
     events: &EventSender,
     inner: &Inner,
 ) -> Ended {
     let (mut sink, mut stream) = pubsub.split();
-    let master_moved = async move {
-        match moved {
-            Some(mut rx) => {
-                // A closed channel (the engine is going) is no move.
-                if rx.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            }
-            None => std::future::pending().await,
-        }
-    };
+    let master_moved = master_moved(moved);
     tokio::pin!(master_moved);
     let mut ping = tokio::time::interval(LINK_PING_INTERVAL);
     ping.tick().await;
