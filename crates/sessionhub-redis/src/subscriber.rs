@@ -310,21 +310,35 @@ async fn listen_plain(
     let master_moved = master_moved(moved);
     tokio::pin!(master_moved);
     let mut ping = tokio::time::interval(LINK_PING_INTERVAL);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
-    // The ping sent last is due back by this time.
+    // The ping sent last is due back by this time, unless pushes keep coming: the
+    // link is reading Redis's output in order, and a node slow to take its pushes
+    // reads the pong late while the link is alive (a link that sends nothing at all
+    // for LINK_PING_TIMEOUT after a ping is lost).
     let pong_due = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(pong_due);
     let mut awaiting_pong = false;
+    let (mut pushes, mut pushes_at_ping) = (0u64, 0u64);
     loop {
+        // Biased: what was read before a timer is looked at (after a pause of the
+        // whole node, the pong is there to read before its deadline is).
         let push = tokio::select! {
+            biased;
             _ = inner.stop.cancelled() => return Ended::Stop,
             _ = &mut master_moved => {
                 tracing::warn!("the sentinels named a new Redis master");
                 return Ended::Lost;
             }
+            push = link.reader.next() => push,
             _ = &mut pong_due, if awaiting_pong => {
-                tracing::warn!("pub/sub link did not answer a ping");
-                return Ended::Lost;
+                if pushes == pushes_at_ping {
+                    tracing::warn!("pub/sub link did not answer a ping");
+                    return Ended::Lost;
+                }
+                pushes_at_ping = pushes;
+                pong_due.as_mut().reset(tokio::time::Instant::now() + LINK_PING_TIMEOUT);
+                continue;
             }
             _ = ping.tick(), if !awaiting_pong => {
                 if let Err(e) = link.ping().await {
@@ -332,11 +346,12 @@ async fn listen_plain(
                     return Ended::Lost;
                 }
                 awaiting_pong = true;
+                pushes_at_ping = pushes;
                 pong_due.as_mut().reset(tokio::time::Instant::now() + LINK_PING_TIMEOUT);
                 continue;
             }
-            push = link.reader.next() => push,
         };
+        pushes += 1;
         match push {
             Ok(Push::Message(channel, payload)) => {
                 let bytes = link.reader.bytes();
