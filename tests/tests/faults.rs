@@ -645,3 +645,73 @@ async fn records_a_node_does_not_hold_are_removed_by_reconciliation() {
     assert!(!redis_exists(&cluster.redis, &format!("sh:{{{bucket}}}:conn:{ghost}")).await);
     live.assert_alive().await;
 }
+
+/// A node that falls behind its pub/sub messages (paused here; overloaded alike) is
+/// not queued for without bound: Redis keeps at most its `client-output-buffer-limit
+/// pubsub` for the subscriber, then drops the link, and the node subscribes again,
+/// resyncs and serves as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_behind_its_pubsub_messages_is_dropped_by_redis_and_subscribes_again() {
+    let redis = RedisServer::start().await;
+    let mut c = redis.conn().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("client-output-buffer-limit")
+        .arg("pubsub 64kb 0 0")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let slow = TestCluster::node(&redis, 0, &[]).await;
+    let other = TestCluster::node(&redis, 1, &[]).await;
+    let api = Api::new(&other);
+    let s = api.create_session("alice", "test").await;
+    let mut ws = WsClient::connect(&slow, &s.token).await.unwrap();
+    let pubsub_clients = || async {
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut redis.conn().await)
+            .await
+            .unwrap();
+        list.lines().count()
+    };
+    assert_eq!(pubsub_clients().await, 2);
+
+    // 16 MiB for the paused node's channel: more than the sockets' buffers (at
+    // most 6 + 4 MiB on Linux) and the limit. Each is a message for a socket it does not hold (ignored when read).
+    slow.signal("STOP");
+    let payload = format!(
+        "{{\"t\":\"message\",\"cids\":[\"{}\"]}}\n{{\"type\":\"message\",\"data\":\"{}\"}}",
+        "0".repeat(32),
+        "x".repeat(8 * 1024)
+    );
+    let channel = format!("sh:{{00}}:node:{}", slow.id);
+    let mut pipe = redis::pipe();
+    for _ in 0..2048 {
+        pipe.cmd("PUBLISH").arg(&channel).arg(&payload).ignore();
+    }
+    let _: () = pipe.query_async(&mut c).await.unwrap();
+    wait_for("Redis to drop the paused subscriber", WAIT, || async {
+        (pubsub_clients().await == 1).then_some(())
+    })
+    .await;
+    slow.signal("CONT");
+    let log = std::fs::read_to_string(redis.dir().join("redis.log")).unwrap();
+    assert!(
+        log.contains("scheduled to be closed ASAP for overcoming of output buffer limits"),
+        "{log}"
+    );
+
+    slow.wait_log("resubscribed; resyncing", WAIT).await;
+    wait_for("the node to subscribe again", WAIT, || async {
+        (pubsub_clients().await == 2).then_some(())
+    })
+    .await;
+    // Its socket is still served: a message and a kill through the other node.
+    api.publish(json!({ "user": "alice" }), "after", json!(1))
+        .await;
+    assert_eq!(ws.expect("message").await["event"], "after");
+    kill(&api, &s.session_id).await;
+    assert_eq!(ws.expect_close().await.0, 4001);
+}
