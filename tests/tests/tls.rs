@@ -27,9 +27,15 @@ async fn node(url: String, env: Vec<(String, String)>) -> Node {
 
 /// A login, a socket, a kill: the socket closes 4001 and the token is refused.
 async fn serves(node: &Node) {
-    let api = Api::new(node);
+    serves_across(node, node).await;
+}
+
+/// [`serves`] with the login and the kill through `api_node` and the socket on
+/// `socket_node`: with two nodes, the kill reaches the socket over pub/sub.
+async fn serves_across(api_node: &Node, socket_node: &Node) {
+    let api = Api::new(api_node);
     let s = api.create_session("alice", "tls-test").await;
-    let mut ws = WsClient::connect(node, &s.token).await.unwrap();
+    let mut ws = WsClient::connect(socket_node, &s.token).await.unwrap();
     let res = api
         .service(
             Method::DELETE,
@@ -201,18 +207,7 @@ async fn over_plain_tcp_the_subscriber_authenticates_as_the_urls_user() {
     assert_eq!(users, ["alice", "default"], "{clients}");
 
     // A kill through node a reaches node b's socket over b's subscription.
-    let api = Api::new(&a);
-    let s = api.create_session("alice", "plain-auth-test").await;
-    let mut ws = WsClient::connect(&b, &s.token).await.unwrap();
-    let res = api
-        .service(
-            Method::DELETE,
-            &format!("/api/v1/sessions/{}", s.session_id),
-            None,
-        )
-        .await;
-    assert_eq!(res.status(), StatusCode::NO_CONTENT);
-    assert_eq!(ws.expect_close().await.0, 4001);
+    serves_across(&a, &b).await;
     for node in [&mut a, &mut b] {
         let log = node.stop_and_log().await;
         assert!(

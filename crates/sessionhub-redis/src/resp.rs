@@ -60,11 +60,9 @@ fn parse_at(
         b'-' => Ok(Some((Reply::Error(line), next))),
         b':' => Ok(Some((Reply::Int(int(&buf[line])?), next))),
         b'$' => {
-            let len = int(&buf[line])?;
-            if len == -1 {
+            let Some(len) = length(&buf[line])? else {
                 return Ok(Some((Reply::Bulk(None), next)));
-            }
-            let len = usize::try_from(len).map_err(|_| ProtocolError("a negative length"))?;
+            };
             if len > MAX_BULK {
                 return Err(ProtocolError("a bulk string over 512 MiB"));
             }
@@ -78,11 +76,9 @@ fn parse_at(
             Ok(Some((Reply::Bulk(Some(next..end)), end + 2)))
         }
         b'*' => {
-            let len = int(&buf[line])?;
-            if len == -1 {
+            let Some(len) = length(&buf[line])? else {
                 return Ok(Some((Reply::Array(None), next)));
-            }
-            let len = usize::try_from(len).map_err(|_| ProtocolError("a negative length"))?;
+            };
             if len > MAX_ARRAY {
                 return Err(ProtocolError("an array of over 64 elements"));
             }
@@ -115,6 +111,16 @@ fn line(buf: &[u8], from: usize) -> Result<Option<(Range<usize>, usize)>, Protoc
         },
         None if rest.len() > MAX_LINE => Err(ProtocolError("a line over 64 KiB")),
         None => Ok(None),
+    }
+}
+
+/// A bulk string's or an array's length; `None` for -1 (the null one).
+fn length(s: &[u8]) -> Result<Option<usize>, ProtocolError> {
+    match int(s)? {
+        -1 => Ok(None),
+        n => usize::try_from(n)
+            .map(Some)
+            .map_err(|_| ProtocolError("a negative length")),
     }
 }
 
