@@ -10,6 +10,18 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// An interval whose first tick is one `period` from now.
+///
+/// Not `tokio::time::interval` and an awaited first tick: that tick is "at once" but
+/// is a timer like any other, which the runtime fires at its next millisecond
+/// boundary. A loop that awaited it before its `select!` was deaf for up to 1 ms; a
+/// socket task doing so after its `hello` missed a kill's close that came meanwhile
+/// until then (in the peers' harness, a third of the kills had one socket ~1 ms late:
+/// BENCHMARKS.md, "A millisecond a kill's socket waited").
+pub fn interval_from_now(period: Duration) -> tokio::time::Interval {
+    tokio::time::interval_at(tokio::time::Instant::now() + period, period)
+}
+
 /// RFC 3339 (UTC, millisecond precision) of a Unix-milliseconds time.
 pub fn rfc3339(ms: i64) -> String {
     let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);

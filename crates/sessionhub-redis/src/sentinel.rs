@@ -215,8 +215,7 @@ async fn listen(
     pubsub.subscribe(SWITCH_CHANNEL).await?;
     backoff.reset();
     let (mut sink, mut stream) = pubsub.split();
-    let mut ping = tokio::time::interval(WATCH_PING_INTERVAL);
-    ping.tick().await;
+    let mut ping = sessionhub_core::time::interval_from_now(WATCH_PING_INTERVAL);
     loop {
         let msg = tokio::select! {
             _ = ping.tick() => {

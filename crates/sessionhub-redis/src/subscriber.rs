@@ -309,9 +309,8 @@ async fn listen_plain(
     use crate::link::Push;
     let master_moved = master_moved(moved);
     tokio::pin!(master_moved);
-    let mut ping = tokio::time::interval(LINK_PING_INTERVAL);
+    let mut ping = sessionhub_core::time::interval_from_now(LINK_PING_INTERVAL);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ping.tick().await;
     // The ping sent last is due back by this time, unless pushes keep coming: the
     // link is reading Redis's output in order, and a node slow to take its pushes
     // reads the pong late while the link is alive (a link that sends nothing at all
@@ -382,8 +381,7 @@ async fn listen_single(
     let (mut sink, mut stream) = pubsub.split();
     let master_moved = master_moved(moved);
     tokio::pin!(master_moved);
-    let mut ping = tokio::time::interval(LINK_PING_INTERVAL);
-    ping.tick().await;
+    let mut ping = sessionhub_core::time::interval_from_now(LINK_PING_INTERVAL);
     loop {
         let msg = tokio::select! {
             _ = inner.stop.cancelled() => return Ended::Stop,
@@ -422,8 +420,7 @@ async fn listen_cluster(
     events: &EventSender,
     inner: &Inner,
 ) -> Ended {
-    let mut ping = tokio::time::interval(LINK_PING_INTERVAL);
-    ping.tick().await;
+    let mut ping = sessionhub_core::time::interval_from_now(LINK_PING_INTERVAL);
     loop {
         let push = tokio::select! {
             _ = inner.stop.cancelled() => return Ended::Stop,

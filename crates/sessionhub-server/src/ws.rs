@@ -528,8 +528,7 @@ impl Socket {
 
     async fn serve(&mut self, stream: &mut actix_ws::MessageStream, recovered_upto: u64) -> Exit {
         let limits = self.state.config.ws;
-        let mut ping = tokio::time::interval(limits.ping_interval);
-        ping.tick().await;
+        let mut ping = sessionhub_core::time::interval_from_now(limits.ping_interval);
         let mut last_pong = tokio::time::Instant::now();
         let mut rate = RateLimit::new(&limits);
         let mut fragments = Fragments::default();
