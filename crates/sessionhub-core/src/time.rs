@@ -35,3 +35,21 @@ pub mod as_rfc3339 {
         s.serialize_str(&super::rfc3339(*ms))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// tokio's own interval is ready at once (after its first timer fires); this
+    /// one first ticks a period from now, so a loop needs no await before its
+    /// `select!`.
+    #[tokio::test]
+    async fn an_interval_from_now_does_not_tick_at_once() {
+        const HOUR: Duration = Duration::from_secs(3600);
+        const BOUND: Duration = Duration::from_millis(200);
+        let mut theirs = tokio::time::interval(HOUR);
+        assert!(tokio::time::timeout(BOUND, theirs.tick()).await.is_ok());
+        let mut ours = interval_from_now(HOUR);
+        assert!(tokio::time::timeout(BOUND, ours.tick()).await.is_err());
+    }
+}
