@@ -25,6 +25,13 @@ pub struct Created {
     pub expires_at: String,
 }
 
+/// How long the test client keeps an idle keep-alive connection: well under the
+/// node's keep-alive (actix-web's default, 5 s), as a client behind a server with
+/// that timeout should. A connection kept longer can be closed by the node just as
+/// the client sends on it, and that request then fails with a reset (seen once,
+/// in a burst of logins whose pool held connections idle since an earlier burst).
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// HTTP calls against one node.
 #[derive(Clone)]
 pub struct Api {
@@ -41,7 +48,10 @@ impl Api {
     pub fn at(base: &str) -> Self {
         Self {
             base: base.trim_end_matches('/').to_owned(),
-            http: reqwest::Client::new(),
+            http: reqwest::Client::builder()
+                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                .build()
+                .unwrap(),
         }
     }
     /// `POST /api/v1/publish` of `data` as event `event` to `to`; asserts 202 and
