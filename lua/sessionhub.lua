@@ -12,10 +12,17 @@
 -- and connection ids). So a user, its sessions and connections, and the bucket's
 -- share of every index live in one slot; the 256 buckets spread over the shards.
 --
--- The nodes load this file at start-up (FUNCTION LOAD REPLACE) and call it with
--- FCALL; operators call the very same functions with redis-cli, for example
+-- The nodes load this file at start-up twice (FUNCTION LOAD REPLACE): as the library
+-- `sessionhub`, with the function names below, which operators call with redis-cli,
+-- for example
 --   redis-cli FCALL sh_kill_session 1 'sh:{<B>}:session:<session_id>'
--- On a Redis that no node has loaded it into yet:
+-- and as `sessionhub_<V>`, V the first 16 hex digits of SHA-256 of the library as
+-- the node loads it, with `_<V>` after every function name (FUNCTION_SUFFIX below),
+-- which is what the node itself calls. So in a rolling upgrade every node calls the
+-- functions of its own release (and its own settings), whichever node started last;
+-- the last one's is what `sessionhub` holds. A release's `sessionhub_<V>` stays
+-- until deleted (FUNCTION LIST LIBRARYNAME sessionhub_; FUNCTION DELETE once no node
+-- of that release runs). On a Redis that no node has loaded it into yet:
 --   redis-cli -x FUNCTION LOAD REPLACE < lua/sessionhub.lua
 --
 -- Key layout. P is the key prefix (default "sh:"), derived by every function from
@@ -137,13 +144,18 @@ local function fresh_per_call(fn)
   end
 end
 
+-- After every function's name: '' in the library `sessionhub`, '_<V>' in a node's
+-- own copy `sessionhub_<V>` (see the header; the node sets this line).
+local FUNCTION_SUFFIX = ''
+
 -- Registers a function (its per-call state fresh at every call).
 local function register(name, fn)
-  redis.register_function(name, fresh_per_call(fn))
+  redis.register_function(name .. FUNCTION_SUFFIX, fresh_per_call(fn))
 end
 
 -- The same for a function registered with flags ({function_name, flags, callback}).
 local function register_with(spec)
+  spec.function_name = spec.function_name .. FUNCTION_SUFFIX
   spec.callback = fresh_per_call(spec.callback)
   redis.register_function(spec)
 end

@@ -36,8 +36,15 @@ impl Monitor {
     }
 
     /// Everything Redis ran since the monitor attached, up to now: sends a marker
-    /// through `redis` and reads until the marker shows.
+    /// through `redis` and reads until the marker shows. Functions show by their
+    /// names (`"sh_publish"`), without the version a node calls them under (see
+    /// [`unversioned_calls`]; [`Monitor::seen_raw`] keeps it).
     pub async fn seen(&mut self, redis: &RedisServer, marker: &str) -> String {
+        unversioned_calls(&self.seen_raw(redis, marker).await)
+    }
+
+    /// As [`Monitor::seen`], the text as Redis printed it.
+    pub async fn seen_raw(&mut self, redis: &RedisServer, marker: &str) -> String {
         let mut c = redis.conn().await;
         redis::cmd("ECHO")
             .arg(marker)
@@ -55,5 +62,35 @@ impl Monitor {
         .await
         .expect("the marker reached the monitor in time");
         String::from_utf8_lossy(&self.captured).into_owned()
+    }
+}
+
+/// `text` with every quoted function name a node called (`"sh_<name>_<version>"`)
+/// as the name alone (`"sh_<name>"`), the name operators call.
+pub fn unversioned_calls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("\"sh_") {
+        out.push_str(&rest[..=i]);
+        rest = &rest[i + 1..];
+        let end = rest.find('"').unwrap_or(rest.len());
+        out.push_str(sessionhub_redis::unversioned(&rest[..end]));
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn function_names_lose_their_version_only() {
+        let text = r#"1.0 [0 127.0.0.1:1] "FCALL" "sh_publish_0123456789abcdef" "1" "sh:{ab}:x"
+1.1 [0 lua] "PUBLISH" "sh_x" "{\"a\":1}""#;
+        let want = r#"1.0 [0 127.0.0.1:1] "FCALL" "sh_publish" "1" "sh:{ab}:x"
+1.1 [0 lua] "PUBLISH" "sh_x" "{\"a\":1}""#;
+        assert_eq!(unversioned_calls(text), want);
     }
 }

@@ -220,10 +220,25 @@ fn parse_monitor_line(line: &str, own_addr: &str) -> Option<MonEvent> {
         return None;
     }
     let key = match (cmd.as_str(), args.get(1)) {
-        ("FCALL" | "FCALL_RO", Some(f)) => format!("{cmd} {f}"),
+        ("FCALL" | "FCALL_RO", Some(f)) => format!("{cmd} {}", unversioned(f)),
         _ => cmd,
     };
     Some(MonEvent::Cmd { key })
+}
+
+/// A function's name as operators call it: a node calls `sh_publish_<version>`, its
+/// own copy of the library (16 hex digits; see `lua/sessionhub.lua`).
+fn unversioned(name: &str) -> &str {
+    match name.rsplit_once('_') {
+        Some((base, v))
+            if v.len() == 16
+                && v.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) =>
+        {
+            base
+        }
+        _ => name,
+    }
 }
 
 impl Meter {
@@ -606,7 +621,7 @@ mod tests {
     #[test]
     fn monitor_lines_are_client_commands_inner_commands_or_ours() {
         let own = "127.0.0.1:5000";
-        let call = r#"1796169933.881529 [0 127.0.0.1:57742] "FCALL" "sh_publish" "1" "k""#;
+        let call = r#"1796169933.881529 [0 127.0.0.1:57742] "FCALL" "sh_publish_0123456789abcdef" "1" "k""#;
         assert!(matches!(
             parse_monitor_line(call, own),
             Some(MonEvent::Cmd { key }) if key == "FCALL sh_publish"

@@ -150,8 +150,9 @@ pub(crate) struct Inner {
     /// Records whose fate is unknown (their call failed or timed out), to remove
     /// until Redis confirms; see [`cleanup`].
     pub(crate) cleanup: cleanup::Queue,
-    /// The function library as loaded (with this node's event stream cap).
-    library: String,
+    /// The function library as loaded (with this node's event stream cap): the
+    /// shared `sessionhub` and the node's own `sessionhub_<V>`, which it calls.
+    library: crate::library::Library,
     /// Whether this node delivers lifecycle events (subscribes to their rings).
     pub(crate) deliver_events: bool,
     /// Per-bucket wake-ups of the event deliverer.
@@ -199,7 +200,7 @@ impl Inner {
             generation: AtomicU64::new(0),
             clock_offset: AtomicI64::new(0),
             cleanup: cleanup::Queue::default(),
-            library: crate::events::library(config.events_maxlen),
+            library: crate::library::Library::new(config.events_maxlen),
             deliver_events: config.deliver_events,
             event_wakes: crate::events::Wakes::default(),
         }
@@ -309,18 +310,22 @@ impl Inner {
         try_join_all(Bucket::all().map(op)).await
     }
 
+    /// Loads the library twice: the node's own copy (the names it calls), then the
+    /// shared one operators call (see [`crate::library`]).
     pub(crate) async fn load_library(&self) -> Result<(), CallError> {
-        let library = self.library.as_str();
-        self.call(|mut c| async move {
-            redis::cmd("FUNCTION")
-                .arg("LOAD")
-                .arg("REPLACE")
-                .arg(library)
-                .query_async::<String>(&mut c)
-                .await
-        })
-        .await
-        .map(drop)
+        for text in self.library.texts() {
+            self.call(|mut c| async move {
+                redis::cmd("FUNCTION")
+                    .arg("LOAD")
+                    .arg("REPLACE")
+                    .arg(text)
+                    .query_async::<String>(&mut c)
+                    .await
+            })
+            .await?;
+        }
+        tracing::debug!(library = %self.library.own_name(), "function library loaded");
+        Ok(())
     }
 
     /// Runs one Redis operation on the shared connection, bounded by the command
@@ -483,12 +488,14 @@ impl Inner {
             && OTHERS_FIRST.contains(&name)
             && self.in_flight.load(Ordering::Relaxed) == 0;
         let mut reloaded = false;
+        let function = self.library.function(name);
+        let function = function.as_str();
         loop {
             let args = args.clone();
             let res = self
                 .call(|mut c| async move {
                     let mut fcall = redis::cmd("FCALL");
-                    fcall.arg(name).arg(keys.len()).arg(keys).arg(args);
+                    fcall.arg(function).arg(keys.len()).arg(keys).arg(args);
                     if others_first {
                         let (v,): (T,) = redis::pipe()
                             .cmd("PING")

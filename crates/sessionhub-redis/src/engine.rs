@@ -883,32 +883,13 @@ const SINGLE_REDIS_BATCH_CALL: usize = 64;
 
 impl RedisEngine {
     /// Items `idx` of a batch, all user, session or connection targets (of one
-    /// bucket on Redis Cluster): one `sh_publish_batch`. A library loaded by an
-    /// older node (in a rolling upgrade the last node to start loads its own)
-    /// refuses targets of several buckets before doing anything: then one call per
-    /// bucket.
+    /// bucket on Redis Cluster): one `sh_publish_batch`.
     async fn publish_in_bucket(
         &self,
         items: &[(Target, String)],
         idx: &[usize],
     ) -> Result<Vec<Delivery>, EngineError> {
-        let replies = match self.batch_call(items, idx).await {
-            Err(FunctionError::BadArg(_)) if !self.inner.is_cluster() => {
-                let parts = by_bucket(idx.iter().filter_map(|&i| {
-                    target_key(&self.inner.keys, &items[i].0).map(|(b, _)| (i, b))
-                }));
-                let parts = try_join_all(parts.iter().map(|part| async move {
-                    let replies = self.batch_call(items, part).await?;
-                    Ok::<_, FunctionError>(part.iter().copied().zip(replies).collect::<Vec<_>>())
-                }))
-                .await?;
-                let mut by_item: HashMap<usize, Vec<i64>> = parts.into_iter().flatten().collect();
-                idx.iter()
-                    .map(|i| by_item.remove(i).unwrap_or_default())
-                    .collect()
-            }
-            res => res?,
-        };
+        let replies = self.batch_call(items, idx).await?;
         if replies.len() != idx.len() {
             return Err(corrupt(format!(
                 "sh_publish_batch answered {} results for {} messages",

@@ -23,6 +23,7 @@ mod error;
 pub mod events;
 pub mod keys;
 mod lease;
+mod library;
 mod link;
 mod reply;
 mod resp;
@@ -47,6 +48,7 @@ pub use conn::Topology;
 pub use events::{EventStreams, LifecycleEvent, StoredEvent, Take};
 pub use keys::{BUCKETS, Bucket, Keys};
 pub use lease::LeaseConfig;
+pub use library::unversioned;
 use sentinel::Sentinel;
 pub use tls::{ClientCert, RedisTls, TLS_SCHEME, TlsError};
 
