@@ -1178,10 +1178,15 @@ end)
 
 -- sh_reassert: after a resubscription or a new lease, put back the records of a
 -- node's live sockets in one bucket whose sessions still exist (Redis may have lost
--- them).
---   KEYS[1] P{B}:node:<node>:conns   ARGV lease expiry, now, then per socket: cid,
---   sid, user_id, connected_at (all of bucket B)
---   Returns the session ids (one per socket) that no longer exist.
+-- them), and find the sockets that missed recoverable frames meanwhile (published
+-- while the node was not subscribed: they reached none of its sockets).
+--   KEYS[1] P{B}:node:<node>:conns   ARGV lease expiry, now, history size, history
+--   TTL ms, meta TTL ms, then per socket: cid, sid, user_id, connected_at, the
+--   history epoch and the last offset the socket got ("" and "": none; all of
+--   bucket B)
+--   Returns {session ids (one per socket) that no longer exist, connection ids of
+--   sockets whose session may recover frames after their offset, or whose user's
+--   history was renumbered since}.
 --   Error FENCED if the node's lease has run out or was superseded.
 register('sh_reassert', function(keys, args)
   local P, B = split_key(keys[1])
@@ -1191,16 +1196,29 @@ register('sh_reassert', function(keys, args)
   if not lease_ok(P, B, node, args[1], now) then
     return redis.error_reply('FENCED node holds no current lease')
   end
-  local gone = {}
-  for i = 3, #args, 4 do
+  local cfg = history_cfg(args[3], args[4], args[5])
+  local gone, missed = {}, {}
+  for i = 6, #args, 6 do
     local cid, sid, uid, at = args[i], args[i + 1], args[i + 2], args[i + 3]
     if bucket_of(cid) == B and redis.call('EXISTS', session_key(P, sid)) == 1 then
       add_conn(P, cid, sid, uid, node, at)
+      local epoch, seen = args[i + 4], tonumber(args[i + 5])
+      if cfg and epoch ~= '' and seen then
+        local meta = redis.call('HMGET', history_key(P, B, uid) .. ':meta', 'epoch', 'offset')
+        local now_epoch, top = meta[1], tonumber(meta[2] or '0') or 0
+        -- No numbering now: nothing was published since the socket's one expired.
+        if now_epoch and now_epoch ~= epoch then
+          table.insert(missed, cid)
+        elseif now_epoch and top > seen then
+          local ok, frames = history_recover(P, B, uid, sid, cfg, now_epoch, top, args[i + 5], epoch)
+          if ok == 0 or #frames > 0 then table.insert(missed, cid) end
+        end
+      end
     else
       table.insert(gone, sid)
     end
   end
-  return gone
+  return { gone, missed }
 end)
 
 -- sh_reconcile: remove a node's records in one bucket that it does not hold: the

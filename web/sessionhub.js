@@ -26,7 +26,8 @@
 // browser's `offline` event drops the socket at once, and `online` reconnects at
 // once (a laptop waking up). Close 1001
 // (node shutting down) reconnects like any other drop; the load balancer sends the
-// new socket to a live node. It stops for good after `session_ended`, close 4001,
+// new socket to a live node. So does 1012 (the node could not hear messages for a
+// while and this socket missed some: the reconnect recovers them). It stops for good after `session_ended`, close 4001,
 // or close(). A refused upgrade (401: the session ended while the page was away)
 // looks to a browser like any failed connection, so after a socket that never
 // opened the client asks `sessionUrl` (GET /api/v1/me): a 401 there ends the

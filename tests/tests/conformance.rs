@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use sessionhub_core::memory::{MemoryEngine, MemoryStore};
 use sessionhub_core::{
-    ConnLimits, ConnectionId, EndReason, Engine, GroupName, HistoryConfig, HistoryState,
-    LocalRecord, Member, NewSession, NodeEvent, NodeId, Recovery, SessionId, Target, Token, UserId,
+    ConnLimits, ConnectionId, CreatedSession, EndReason, Engine, GroupName, HistoryConfig,
+    HistoryState, LocalRecord, Member, NewSession, NodeEvent, NodeId, Recovery, SessionId, Target,
+    Token, UserId,
 };
 use sessionhub_redis::{RedisConfig, RedisEngine, Topology};
 use sessionhub_tests::{RedisServer, WAIT, wait_for};
@@ -658,6 +659,69 @@ async fn history_recovers_exactly_the_gap_for_each_session(b: Backend) {
     }
 }
 
+/// After events may have been lost (a resubscription), reasserting a node's records
+/// finds the sockets that missed recoverable frames: those whose session may recover
+/// something after the point they reached, or whose user's history was renumbered;
+/// not those that got everything, nor one whose user only got frames for another
+/// session.
+async fn reassert_finds_the_sockets_that_missed_recoverable_frames(b: Backend) {
+    let a = b.node("a").await;
+    let s1 = a.engine.create_session(new_session("alice")).await.unwrap();
+    let s2 = a.engine.create_session(new_session("alice")).await.unwrap();
+    let (c1, h1) = register_since(&a, &s1.token, None).await;
+    let (c2, h2) = register_since(&a, &s2.token, None).await;
+    assert_eq!((h1.epoch.clone(), h1.offset), (h2.epoch.clone(), h2.offset));
+    let record = |c: &ConnectionId, s: &CreatedSession, epoch: &str, since: u64| LocalRecord {
+        connection_id: c.clone(),
+        session_id: s.session.session_id.clone(),
+        user_id: user("alice"),
+        connected_at: 1,
+        recovery: Some(Recovery {
+            since,
+            epoch: epoch.to_owned(),
+        }),
+    };
+    let t = h1.offset;
+    let e = h1.epoch.clone();
+    let missed = |records: Vec<LocalRecord>| {
+        let engine = a.engine.clone();
+        async move { engine.reassert(&records).await.unwrap().missed }
+    };
+    assert!(
+        missed(vec![record(&c1, &s1, &e, t), record(&c2, &s2, &e, t)])
+            .await
+            .is_empty()
+    );
+
+    // A message to s2 alone: s1's socket at t missed nothing, s2's did.
+    a.engine
+        .publish(
+            &Target::Session(s2.session.session_id.clone()),
+            &msg("for-s2"),
+        )
+        .await
+        .unwrap();
+    let got = missed(vec![record(&c1, &s1, &e, t), record(&c2, &s2, &e, t)]).await;
+    assert_eq!(got, [c2.clone()]);
+    // Once a socket got it, nothing is missed.
+    assert!(missed(vec![record(&c2, &s2, &e, t + 1)]).await.is_empty());
+    // A message to the user: both at t missed it; another epoch missed everything.
+    a.engine
+        .publish(&Target::User(user("alice")), &msg("for-all"))
+        .await
+        .unwrap();
+    let mut got = missed(vec![record(&c1, &s1, &e, t), record(&c2, &s2, &e, t + 1)]).await;
+    got.sort();
+    let mut want = vec![c1.clone(), c2.clone()];
+    want.sort();
+    assert_eq!(got, want);
+    assert_eq!(
+        missed(vec![record(&c1, &s1, "0other", t + 2)]).await,
+        [c1.clone()]
+    );
+    assert!(missed(vec![record(&c1, &s1, &e, t + 2)]).await.is_empty());
+}
+
 async fn history_is_bounded_by_size_and_time(b: Backend) {
     let cfg = HistoryConfig {
         size: 3,
@@ -922,10 +986,12 @@ async fn reassert_restores_records_of_live_sessions_only(b: Backend) {
             session_id: s.session.session_id.clone(),
             user_id: user("alice"),
             connected_at: 1,
+            recovery: None,
         })
         .collect();
-    let gone = a.engine.reassert(&records).await.unwrap();
-    assert_eq!(gone, [dead.session.session_id.clone()]);
+    let found = a.engine.reassert(&records).await.unwrap();
+    assert_eq!(found.gone, [dead.session.session_id.clone()]);
+    assert!(found.missed.is_empty());
     let s = a
         .engine
         .get_session(&live.session.session_id)
@@ -1039,6 +1105,7 @@ async fn reconcile_removes_only_the_records_a_node_does_not_hold() {
         session_id: s.session.session_id.clone(),
         user_id: user("alice"),
         connected_at: 1,
+        recovery: None,
     }];
     let listed = |a: &TestNode| {
         let (engine, sid) = (a.engine.clone(), s.session.session_id.clone());
@@ -1117,4 +1184,5 @@ conformance!(
     a_login_past_the_session_cap_ends_the_oldest_session,
     history_recovers_exactly_the_gap_for_each_session,
     history_is_bounded_by_size_and_time,
+    reassert_finds_the_sockets_that_missed_recoverable_frames,
 );

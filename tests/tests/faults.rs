@@ -608,20 +608,22 @@ async fn records_a_node_does_not_hold_are_removed_by_reconciliation() {
         .await
         .unwrap();
     let now = sessionhub_core::time::now_ms();
-    let gone: Vec<String> = redis::cmd("FCALL")
+    let (gone, missed): (Vec<String>, Vec<String>) = redis::cmd("FCALL")
         .arg("sh_reassert")
         .arg(1)
         .arg(format!("sh:{{{bucket}}}:node:node-a:conns"))
         .arg(lease as i64)
         .arg(now)
+        .arg((0, 0, 0)) // no history
         .arg(&ghost)
         .arg(&s.session_id)
         .arg("alice")
         .arg(now - 60_000)
+        .arg(("", ""))
         .query_async(&mut c)
         .await
         .unwrap();
-    assert!(gone.is_empty());
+    assert!(gone.is_empty() && missed.is_empty());
     let conns = |api: Api, sid: String| async move {
         let res = api
             .service(Method::GET, &format!("/api/v1/sessions/{sid}"), None)
@@ -649,7 +651,9 @@ async fn records_a_node_does_not_hold_are_removed_by_reconciliation() {
 /// A node that falls behind its pub/sub messages (paused here; overloaded alike) is
 /// not queued for without bound: Redis keeps at most its `client-output-buffer-limit
 /// pubsub` for the subscriber, then drops the link, and the node subscribes again,
-/// resyncs and serves as before.
+/// resyncs and serves as before. A socket that missed a recoverable message while
+/// its node was not subscribed is closed with 1012 and gets it on reconnecting with
+/// `since`; a socket that missed nothing stays open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_behind_its_pubsub_messages_is_dropped_by_redis_and_subscribes_again() {
     let redis = RedisServer::start().await;
@@ -666,6 +670,8 @@ async fn a_node_behind_its_pubsub_messages_is_dropped_by_redis_and_subscribes_ag
     let api = Api::new(&other);
     let s = api.create_session("alice", "test").await;
     let mut ws = WsClient::connect(&slow, &s.token).await.unwrap();
+    let bob = api.create_session("bob", "test").await;
+    let mut bob_ws = WsClient::connect(&slow, &bob.token).await.unwrap();
     let pubsub_clients = || async {
         let list: String = redis::cmd("CLIENT")
             .arg("LIST")
@@ -696,6 +702,9 @@ async fn a_node_behind_its_pubsub_messages_is_dropped_by_redis_and_subscribes_ag
         (pubsub_clients().await == 1).then_some(())
     })
     .await;
+    // Published while nobody listens for the paused node: in alice's history only.
+    api.publish(json!({ "user": "alice" }), "unheard", json!(1))
+        .await;
     slow.signal("CONT");
     let log = std::fs::read_to_string(redis.dir().join("redis.log")).unwrap();
     assert!(
@@ -708,7 +717,38 @@ async fn a_node_behind_its_pubsub_messages_is_dropped_by_redis_and_subscribes_ag
         (pubsub_clients().await == 2).then_some(())
     })
     .await;
-    // Its socket is still served: a message and a kill through the other node.
+    let (code, _) = ws.expect_close().await;
+    assert_eq!(code, 1012, "alice's socket missed a message");
+    slow.wait_log("closed sockets that missed messages", WAIT)
+        .await;
+    let (since, epoch) = (
+        ws.hello["offset"].as_str().unwrap().to_owned(),
+        ws.hello["epoch"].as_str().unwrap().to_owned(),
+    );
+    let mut ws = WsClient::connect_url(
+        &format!("{}?since={since}&epoch={epoch}", slow.ws_url()),
+        &s.token,
+    )
+    .await
+    .unwrap();
+    assert_eq!(ws.hello["recovered"], true, "{}", ws.hello);
+    assert_eq!(ws.hello["missed"], 1, "{}", ws.hello);
+    assert_eq!(ws.expect("message").await["event"], "unheard");
+    // Bob missed nothing: his socket stayed open.
+    api.publish(json!({ "user": "bob" }), "still", json!(1))
+        .await;
+    assert_eq!(bob_ws.expect("message").await["event"], "still");
+    let metrics = reqwest::get(format!("{}/metrics", slow.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("sessionhub_missed_closes_total 1\n"),
+        "{metrics}"
+    );
+    // The sockets are served: a message and a kill through the other node.
     api.publish(json!({ "user": "alice" }), "after", json!(1))
         .await;
     assert_eq!(ws.expect("message").await["event"], "after");

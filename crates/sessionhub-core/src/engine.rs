@@ -13,7 +13,7 @@ use crate::history::{Recovery, Registered};
 use crate::ids::{ConnectionId, GroupName, NodeId, SessionId, UserId};
 use crate::model::{
     CreatedSession, Delivery, EndReason, LocalRecord, Member, NewSession, NodeStatus, NodeView,
-    OnlineUser, PresenceCounts, Session, Target,
+    OnlineUser, PresenceCounts, Reasserted, Session, Target,
 };
 use crate::token::Token;
 
@@ -336,8 +336,9 @@ pub trait Engine: Send + Sync + 'static {
     async fn sessions_alive(&self, sessions: &[SessionId]) -> Result<Vec<bool>, EngineError>;
 
     /// Puts back the records of this node's live sockets whose sessions still exist
-    /// (after the store may have lost them); returns the sessions that are gone.
-    async fn reassert(&self, records: &[LocalRecord]) -> Result<Vec<SessionId>, EngineError>;
+    /// (after the store may have lost them); returns the sessions that are gone and
+    /// the sockets that missed recoverable frames (see [`Reasserted`]).
+    async fn reassert(&self, records: &[LocalRecord]) -> Result<Reasserted, EngineError>;
 
     /// Removes this node's records that `held` (the sockets it holds) does not list
     /// and that are older than `before` (Unix ms): records left by calls whose fate

@@ -313,6 +313,17 @@ impl UserHistory {
         }
     }
 
+    /// Whether a socket of `sid` at point `r` missed frames: its session may
+    /// recover some after `r.since`, or the frames after it are gone (another
+    /// epoch, trimmed, expired).
+    pub fn missed(&self, cfg: &HistoryConfig, now: i64, sid: &SessionId, r: &Recovery) -> bool {
+        if r.epoch == self.epoch && r.since == self.top {
+            return false;
+        }
+        let got = self.recover(cfg, now, sid, r);
+        !got.recovered || !got.frames.is_empty()
+    }
+
     fn recover(&self, cfg: &HistoryConfig, now: i64, sid: &SessionId, r: &Recovery) -> Recovered {
         let lost = Recovered {
             recovered: false,

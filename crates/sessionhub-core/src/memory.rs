@@ -17,7 +17,7 @@ use crate::history::{Audience, HistoryConfig, Recovery, Registered, UserHistory}
 use crate::ids::{ConnectionId, GroupName, NodeId, SessionId, UserId};
 use crate::model::{
     ConnLimits, ConnectionInfo, CreatedSession, Delivery, EndReason, LocalRecord, Member,
-    NewSession, NodeStatus, NodeView, OnlineUser, PresenceCounts, Session, Target,
+    NewSession, NodeStatus, NodeView, OnlineUser, PresenceCounts, Reasserted, Session, Target,
 };
 use crate::protocol::{SESSION_CREATED_MESSAGE, ServerFrame};
 use crate::time::now_ms;
@@ -721,10 +721,10 @@ impl Engine for MemoryEngine {
         Ok(sessions.iter().map(|s| st.alive(s, now)).collect())
     }
 
-    async fn reassert(&self, records: &[LocalRecord]) -> Result<Vec<SessionId>, EngineError> {
+    async fn reassert(&self, records: &[LocalRecord]) -> Result<Reasserted, EngineError> {
         let now = now_ms();
         let mut st = self.store.lock();
-        let mut gone = Vec::new();
+        let mut out = Reasserted::default();
         for r in records {
             if st.alive(&r.session_id, now) {
                 st.add_conn(
@@ -733,11 +733,23 @@ impl Engine for MemoryEngine {
                     &self.node_id,
                     r.connected_at,
                 );
+                // As the Redis engine: a history forgotten meanwhile had nothing
+                // published since.
+                let missed = self.history.is_on()
+                    && r.recovery.as_ref().is_some_and(|point| {
+                        st.histories.get(&r.user_id).is_some_and(|h| {
+                            !h.forgotten(&self.history, now)
+                                && h.missed(&self.history, now, &r.session_id, point)
+                        })
+                    });
+                if missed {
+                    out.missed.push(r.connection_id.clone());
+                }
             } else {
-                gone.push(r.session_id.clone());
+                out.gone.push(r.session_id.clone());
             }
         }
-        Ok(gone)
+        Ok(out)
     }
 
     async fn leave(&self) -> Result<(), EngineError> {

@@ -276,4 +276,20 @@ pub struct LocalRecord {
     pub user_id: UserId,
     /// When it connected (Unix ms).
     pub connected_at: i64,
+    /// Where the socket is in its user's history (the epoch it was given and the
+    /// last offset it got, or that its registration accounted for): what it would
+    /// recover from on a reconnect. `None` without history.
+    pub recovery: Option<crate::history::Recovery>,
+}
+
+/// What [`crate::Engine::reassert`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reasserted {
+    /// The sessions that no longer exist (one entry per socket of theirs).
+    pub gone: Vec<SessionId>,
+    /// The sockets whose session has recoverable frames after their
+    /// [`LocalRecord::recovery`] point, or whose user's history was renumbered:
+    /// frames published while this node could not hear them (it was not
+    /// subscribed) that they never got.
+    pub missed: Vec<ConnectionId>,
 }

@@ -21,6 +21,9 @@ pub mod close_code {
     pub const POLICY: u16 = 1008;
     /// Frame or message too large.
     pub const TOO_LARGE: u16 = 1009;
+    /// The node could not hear recoverable frames for a while (it was not
+    /// subscribed) and this socket missed some: reconnect with `since` to get them.
+    pub const SERVICE_RESTART: u16 = 1012;
     /// The client could not keep up with its outbound queue.
     pub const TRY_AGAIN_LATER: u16 = 1013;
 }

@@ -11,7 +11,8 @@ use sessionhub_core::time::now_ms;
 use sessionhub_core::{
     ConnectionId, CreatedSession, Delivery, EndReason, Engine, EngineError, EngineStats, GroupName,
     HeldSockets, LocalRecord, Member, NewSession, NodeId, NodeStatus, NodeView, OnlineUser,
-    PresenceCounts, Recovery, Registered, SecretHash, Session, SessionId, Target, Token, UserId,
+    PresenceCounts, Reasserted, Recovery, Registered, SecretHash, Session, SessionId, Target,
+    Token, UserId,
 };
 
 use crate::client::Inner;
@@ -761,7 +762,7 @@ impl Engine for RedisEngine {
         Ok(out)
     }
 
-    async fn reassert(&self, records: &[LocalRecord]) -> Result<Vec<SessionId>, EngineError> {
+    async fn reassert(&self, records: &[LocalRecord]) -> Result<Reasserted, EngineError> {
         let inner = &self.inner;
         let mut by_bucket: HashMap<Bucket, Vec<&LocalRecord>> = HashMap::new();
         for r in records {
@@ -774,30 +775,49 @@ impl Engine for RedisEngine {
         for b in by_bucket.keys() {
             inner.marks.registered(*b, lease);
         }
+        let history = inner.history;
         let calls = by_bucket.iter().flat_map(|(b, recs)| {
             recs.chunks(REASSERT_BATCH).map(move |chunk| {
-                let mut args: Vec<String> = Vec::with_capacity(2 + chunk.len() * 4);
+                let mut args: Vec<String> = Vec::with_capacity(5 + chunk.len() * 6);
                 args.push(lease.to_string());
                 args.push(now_ms().to_string());
+                args.push(history.size.to_string());
+                args.push(history.ttl_ms().to_string());
+                args.push(history.meta_ttl_ms().to_string());
                 for r in chunk {
                     args.push(r.connection_id.to_string());
                     args.push(r.session_id.to_string());
                     args.push(r.user_id.to_string());
                     args.push(r.connected_at.to_string());
+                    match &r.recovery {
+                        Some(point) => {
+                            args.push(point.epoch.clone());
+                            args.push(point.since.to_string());
+                        }
+                        None => {
+                            args.push(String::new());
+                            args.push(String::new());
+                        }
+                    }
                 }
                 let key = inner.keys.node_conns(*b, &inner.node_id);
                 async move {
                     inner
-                        .fcall::<Vec<String>>("sh_reassert", &[key], args)
+                        .fcall::<(Vec<String>, Vec<String>)>("sh_reassert", &[key], args)
                         .await
                 }
             })
         });
-        let mut gone = Vec::new();
-        for s in try_join_all(calls).await?.into_iter().flatten() {
-            gone.push(SessionId::parse(&s).map_err(corrupt)?);
+        let mut out = Reasserted::default();
+        for (gone, missed) in try_join_all(calls).await? {
+            for s in gone {
+                out.gone.push(SessionId::parse(&s).map_err(corrupt)?);
+            }
+            for c in missed {
+                out.missed.push(ConnectionId::parse(&c).map_err(corrupt)?);
+            }
         }
-        Ok(gone)
+        Ok(out)
     }
 
     async fn touch(&self, session_id: &SessionId) -> Result<(), EngineError> {

@@ -13,7 +13,8 @@ use bytestring::ByteString;
 use sessionhub_core::ids::ID_SHARDS;
 use sessionhub_core::protocol::{SESSION_CREATED_MESSAGE, ServerFrame};
 use sessionhub_core::{
-    ConnectionId, EndReason, HeldSockets, LocalRecord, NodeEvent, Session, SessionId, UserId,
+    ConnectionId, EndReason, HeldSockets, LocalRecord, NodeEvent, Recovery, Session, SessionId,
+    UserId,
 };
 use tokio::sync::Notify;
 
@@ -36,6 +37,9 @@ pub enum CloseCmd {
     SessionEnded(ByteString),
     /// The client did not keep up with its queue: close 1013.
     TooSlow,
+    /// The socket missed recoverable frames while this node was not subscribed:
+    /// close 1012, so that the client reconnects with `since` and gets them.
+    Missed,
 }
 
 /// The hub's handle on one socket task.
@@ -48,6 +52,10 @@ pub struct LocalConn {
     pub connected_at: i64,
     /// Its user and session expiry, once known (after registration).
     bound: Mutex<Option<(UserId, i64)>>,
+    /// Its user's history epoch, once registered with history on.
+    epoch: std::sync::OnceLock<Box<str>>,
+    /// The last history offset it got (or that its registration accounted for).
+    seen: AtomicU64,
     /// The outbound queue, bounded by [`OUTBOUND_QUEUE_CAPACITY`]. A plain deque and
     /// not a channel: an idle socket's queue then holds no memory (a tokio channel
     /// keeps a block of 32 slots from the start, 1.3 KiB per socket).
@@ -82,9 +90,31 @@ impl LocalConn {
             session_id,
             connected_at: sessionhub_core::time::now_ms(),
             bound: Mutex::new(None),
+            epoch: std::sync::OnceLock::new(),
+            seen: AtomicU64::new(0),
             outbox: Mutex::new(Outbox::default()),
             close: Mutex::new(None),
             wake: Notify::new(),
+        })
+    }
+
+    /// Where the socket starts in its user's history: the epoch it was given, and
+    /// the offset its registration accounted for.
+    pub fn start_history(&self, epoch: &str, offset: u64) {
+        let _ = self.epoch.set(epoch.into());
+        self.saw(offset);
+    }
+
+    /// The socket got the recoverable frame at `offset`.
+    pub fn saw(&self, offset: u64) {
+        self.seen.fetch_max(offset, Ordering::Relaxed);
+    }
+
+    /// Where the socket would recover from on a reconnect (`None` without history).
+    fn recovery(&self) -> Option<Recovery> {
+        self.epoch.get().map(|epoch| Recovery {
+            since: self.seen.load(Ordering::Relaxed),
+            epoch: epoch.to_string(),
         })
     }
 
@@ -285,6 +315,10 @@ pub struct Hub {
     message_events: AtomicU64,
     /// Sockets closed because their outbound queue was full.
     slow_closes: AtomicU64,
+    /// Where each socket stood in its user's history when the node last heard that
+    /// events may have been lost (see [`Hub::note_history_points`]), until a resync
+    /// has checked it.
+    points: Mutex<HashMap<ConnectionId, Recovery>>,
 }
 
 /// Counters of a hub, for `/healthz` and tests.
@@ -419,6 +453,49 @@ impl Hub {
             .unwrap_or_default()
     }
 
+    /// Notes where every socket stands in its user's history, at the event that
+    /// says events may have been lost (a resubscription; a fencing). Called by the
+    /// dispatcher in event order, so no frame heard after the gap has moved a point
+    /// past the frames lost in it: a resync checks from these points, not from where
+    /// the sockets are by the time it runs. A point noted earlier and not yet
+    /// checked is kept (it is the older one).
+    pub fn note_history_points(&self) {
+        let found: Vec<(ConnectionId, Recovery)> = {
+            let idx = lock(&self.index);
+            idx.by_conn
+                .values()
+                .filter_map(|c| c.recovery().map(|r| (c.id.clone(), r)))
+                .collect()
+        };
+        let mut points = lock(&self.points);
+        for (cid, point) in found {
+            points.entry(cid).or_insert(point);
+        }
+    }
+
+    /// The records to re-assert, each socket's history point the one noted
+    /// ([`Hub::note_history_points`]) if any, with the noted points taken: give
+    /// them back with [`Hub::keep_history_points`] if the resync fails.
+    pub fn records_to_resync(&self) -> (Vec<LocalRecord>, HashMap<ConnectionId, Recovery>) {
+        let points = std::mem::take(&mut *lock(&self.points));
+        let mut records = self.records();
+        for r in &mut records {
+            if let Some(p) = points.get(&r.connection_id) {
+                r.recovery = Some(p.clone());
+            }
+        }
+        (records, points)
+    }
+
+    /// Puts back points taken by a resync that failed; they are older than any
+    /// noted since, so they win.
+    pub fn keep_history_points(&self, taken: HashMap<ConnectionId, Recovery>) {
+        let mut points = lock(&self.points);
+        for (cid, point) in taken {
+            points.insert(cid, point);
+        }
+    }
+
     /// The records of every registered socket, to re-assert them in the engine.
     pub fn records(&self) -> Vec<LocalRecord> {
         let idx = lock(&self.index);
@@ -430,6 +507,7 @@ impl Hub {
                     session_id: c.session_id.clone(),
                     user_id: user.clone(),
                     connected_at: c.connected_at,
+                    recovery: c.recovery(),
                 })
             })
             .collect()
@@ -477,6 +555,21 @@ impl Hub {
             .get(sid)
             .cloned()
             .unwrap_or_default()
+    }
+
+    /// Closes these sockets with 1012 ([`CloseCmd::Missed`]); unknown ids are
+    /// skipped. Returns how many were asked to close.
+    pub fn close_missed(&self, cids: &[ConnectionId]) -> usize {
+        let conns: Vec<Arc<LocalConn>> = {
+            let idx = lock(&self.index);
+            cids.iter()
+                .filter_map(|c| idx.by_conn.get(c).cloned())
+                .collect()
+        };
+        for c in &conns {
+            c.request_close(CloseCmd::Missed);
+        }
+        conns.len()
     }
 
     /// Closes every socket of `sid` with `session_ended` and 4001.
@@ -562,6 +655,68 @@ mod tests {
     fn frame(conn: &LocalConn) -> Option<Next> {
         let next = std::pin::pin!(conn.next());
         futures_util::FutureExt::now_or_never(next)
+    }
+
+    /// A registered socket's record says where it is in its user's history: the
+    /// epoch it was given and the highest offset it got, or where it stood when
+    /// events may have been lost; closing the ones that missed frames asks exactly
+    /// those to close with 1012.
+    #[test]
+    fn records_carry_the_history_point_and_missed_sockets_close() {
+        let hub = Hub::default();
+        let (a, b) = (conn(), conn());
+        let alice = UserId::parse("alice").expect("user id");
+        for c in [&a, &b] {
+            hub.insert(c.clone());
+            hub.bind_user(c, &alice, 42);
+        }
+        a.start_history("e1", 3);
+        a.saw(5);
+        a.saw(4);
+        let point = |c: &LocalConn| {
+            hub.records()
+                .into_iter()
+                .find(|r| r.connection_id == c.id)
+                .expect("record")
+                .recovery
+        };
+        assert_eq!(
+            point(&a),
+            Some(Recovery {
+                since: 5,
+                epoch: "e1".into()
+            })
+        );
+        assert_eq!(point(&b), None, "no history: nothing to check");
+
+        // A resync checks from where the socket stood when events may have been
+        // lost, not from frames it got after; a failed one keeps the point.
+        hub.note_history_points();
+        a.saw(9);
+        hub.note_history_points();
+        let resync_point = |hub: &Hub| {
+            let (records, taken) = hub.records_to_resync();
+            let p = records
+                .into_iter()
+                .find(|r| r.connection_id == a.id)
+                .and_then(|r| r.recovery)
+                .map(|r| r.since);
+            (p, taken)
+        };
+        let (p, taken) = resync_point(&hub);
+        assert_eq!(p, Some(5));
+        hub.keep_history_points(taken);
+        assert_eq!(resync_point(&hub).0, Some(5), "kept after a failed resync");
+        assert_eq!(
+            resync_point(&hub).0,
+            Some(9),
+            "taken by a resync that went through"
+        );
+
+        let unknown = conn();
+        assert_eq!(hub.close_missed(&[a.id.clone(), unknown.id.clone()]), 1);
+        assert!(matches!(frame(&a), Some(Next::Close(CloseCmd::Missed))));
+        assert!(frame(&b).is_none());
     }
 
     /// A session is listed in its slice only, while it has a socket here, and its

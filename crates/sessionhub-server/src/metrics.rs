@@ -71,6 +71,9 @@ pub struct Metrics {
     pub recoveries_failed: AtomicU64,
     /// Frames sent from history to recovering sockets.
     pub recovered_messages: AtomicU64,
+    /// Sockets closed with 1012 after a resubscription because they missed
+    /// recoverable frames meanwhile (they recover them on reconnect).
+    pub missed_closes: AtomicU64,
     /// Time of `POST /api/v1/publish` calls into the store.
     pub publish_latency: Histogram,
     /// Time of session kills into the store.
@@ -195,6 +198,12 @@ impl Metrics {
             "sessionhub_recovered_messages_total",
             "Frames sent from history to reconnected sockets.",
             load(&self.recovered_messages),
+        );
+        counter(
+            &mut out,
+            "sessionhub_missed_closes_total",
+            "Sockets closed with 1012 after the node resubscribed: they missed recoverable messages meanwhile.",
+            load(&self.missed_closes),
         );
         counter(
             &mut out,

@@ -6,9 +6,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use sessionhub_core::time::now_ms;
-use sessionhub_core::{EndReason, NodeEvent, SessionId};
+use sessionhub_core::{EndReason, NodeEvent, Reasserted, SessionId};
 use tokio::sync::{Notify, mpsc};
 
+use crate::metrics::Metrics;
 use crate::state::AppState;
 
 /// Pause between attempts of a resync that failed (Redis still away).
@@ -83,7 +84,11 @@ pub async fn dispatch(mut events: mpsc::Receiver<NodeEvent>, state: AppState) {
             },
         };
         match event {
-            NodeEvent::Resync | NodeEvent::Fenced => wanted.notify_one(),
+            NodeEvent::Resync | NodeEvent::Fenced => {
+                // Before any event heard after the gap is applied.
+                state.hub.note_history_points();
+                wanted.notify_one();
+            }
             other => state.hub.apply(&other),
         }
     }
@@ -127,10 +132,11 @@ fn reason_for(expires_at: i64, now: i64) -> EndReason {
 /// them, or this node was fenced), and closes the sockets of sessions that are gone.
 /// Returns false if the store could not be reached.
 pub async fn resync(state: &AppState) -> bool {
-    let records = state.hub.records();
-    let mut gone = match state.engine.reassert(&records).await {
-        Ok(gone) => gone,
+    let (records, points) = state.hub.records_to_resync();
+    let Reasserted { mut gone, missed } = match state.engine.reassert(&records).await {
+        Ok(found) => found,
         Err(e) => {
+            state.hub.keep_history_points(points);
             tracing::warn!(error = %e, "resync failed; retrying");
             return false;
         }
@@ -139,6 +145,16 @@ pub async fn resync(state: &AppState) -> bool {
     gone.sort_unstable();
     gone.dedup();
     end_gone(state, &gone);
+    // Frames for them were published while this node heard nothing: they reconnect
+    // with `since` and get them from history, in order.
+    let closed = state.hub.close_missed(&missed);
+    if closed > 0 {
+        Metrics::add(&state.metrics.missed_closes, closed as u64);
+        tracing::info!(
+            sockets = closed,
+            "closed sockets that missed messages while unsubscribed; they recover on reconnect"
+        );
+    }
     // A socket that closed while the resync ran may just have had its record put
     // back; take it out again.
     for r in &records {

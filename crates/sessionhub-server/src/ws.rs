@@ -406,6 +406,11 @@ fn exit_for(cmd: CloseCmd) -> Exit {
             Exit::Close(close_code::SESSION_ENDED, "session ended", Some(frame))
         }
         CloseCmd::TooSlow => Exit::Close(close_code::TRY_AGAIN_LATER, "too slow", None),
+        CloseCmd::Missed => Exit::Close(
+            close_code::SERVICE_RESTART,
+            "missed messages while the node was not subscribed; reconnect with since",
+            None,
+        ),
     }
 }
 
@@ -484,6 +489,9 @@ impl Socket {
     /// frames have been accounted for: live ones up to it are not sent again.
     async fn greet(&mut self) -> Result<u64, actix_ws::Closed> {
         let mut history = self.history.take();
+        if let Some(h) = &history {
+            self.conn.start_history(&h.epoch, h.offset);
+        }
         let recovery = history.as_mut().and_then(|h| h.recovery.take());
         let recovered = match &recovery {
             Some(r) => Some(r.recovered),
@@ -561,6 +569,9 @@ impl Socket {
                     });
                     if let Some(exit) = sending.await {
                         return exit;
+                    }
+                    if offset != 0 {
+                        conn.saw(offset);
                     }
                 }
                 _ = shutdown.cancelled() => return going_away(),
