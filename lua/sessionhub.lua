@@ -20,9 +20,9 @@
 -- the node loads it, with `_<V>` after every function name (FUNCTION_SUFFIX below),
 -- which is what the node itself calls. So in a rolling upgrade every node calls the
 -- functions of its own release (and its own settings), whichever node started last;
--- the last one's is what `sessionhub` holds. A release's `sessionhub_<V>` stays
--- until deleted (FUNCTION LIST LIBRARYNAME sessionhub_; FUNCTION DELETE once no node
--- of that release runs). On a Redis that no node has loaded it into yet:
+-- the last one's is what `sessionhub` holds. A copy stays while a live node names
+-- it in its status (Pnode-status:<node_id>); a node deletes the others a few
+-- heartbeats after it starts. On a Redis that no node has loaded it into yet:
 --   redis-cli -x FUNCTION LOAD REPLACE < lua/sessionhub.lua
 --
 -- Key layout. P is the key prefix (default "sh:"), derived by every function from

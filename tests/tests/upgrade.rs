@@ -68,6 +68,29 @@ async fn libraries(redis: &RedisServer) -> Vec<String> {
     names
 }
 
+/// A node of another release as the store sees it: a lease an hour long and a
+/// status naming its copy of the library (it serves nothing here).
+async fn pretend_live_node(redis: &RedisServer, id: &str, version: &str) {
+    let mut c = redis.conn().await;
+    let until = sessionhub_core::time::now_ms() + 3_600_000;
+    let _: () = redis::cmd("ZADD")
+        .arg("sh:nodes")
+        .arg(until)
+        .arg(id)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let status = format!(
+        r#"{{"address":"127.0.0.1:1","sockets":0,"ready":true,"at":0,"library":"sessionhub_{version}"}}"#
+    );
+    let _: () = redis::cmd("SET")
+        .arg(format!("sh:node-status:{id}"))
+        .arg(status)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+}
+
 fn redis_node(id: &str, redis: &RedisServer, env: &[(&str, &str)]) -> NodeOptions {
     NodeOptions {
         node_id: id.into(),
@@ -87,8 +110,9 @@ fn redis_node(id: &str, redis: &RedisServer, env: &[(&str, &str)]) -> NodeOption
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_calls_its_own_library_whichever_release_loaded_last() {
     let redis = RedisServer::start().await;
-    let node = Node::start(redis_node("new", &redis, &[])).await;
     let older = "00000000000000aa";
+    pretend_live_node(&redis, "older-node", older).await;
+    let node = Node::start(redis_node("new", &redis, &[])).await;
     load(&redis, &other_release(Some(older))).await;
     load(&redis, &other_release(None)).await;
     let loaded = libraries(&redis).await;
@@ -226,4 +250,36 @@ async fn nodes_with_different_settings_do_not_overwrite_each_others_library() {
         3,
         "the shared library and one copy per setting: {loaded:?}"
     );
+}
+
+/// A release's copy of the library stays while a live node names it in its status
+/// and is deleted once none does: a node deletes such leftovers a few heartbeats
+/// after it starts. The shared library and the node's own copy stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_no_live_node_calls_are_deleted() {
+    let redis = RedisServer::start().await;
+    let (gone, kept) = ("00000000000000aa", "00000000000000bb");
+    load(&redis, &other_release(Some(gone))).await;
+    load(&redis, &other_release(Some(kept))).await;
+    pretend_live_node(&redis, "kept-node", kept).await;
+    let node = Node::start(redis_node("new", &redis, sessionhub_tests::FAST_LEASE)).await;
+    let gone_name = format!("sessionhub_{gone}");
+    sessionhub_tests::wait_for(
+        "the unused copy to be deleted",
+        sessionhub_tests::WAIT,
+        || async { (!libraries(&redis).await.contains(&gone_name)).then_some(()) },
+    )
+    .await;
+    let loaded = libraries(&redis).await;
+    assert_eq!(loaded.len(), 3, "{loaded:?}");
+    assert!(loaded.contains(&format!("sessionhub_{kept}")), "{loaded:?}");
+    assert!(loaded.contains(&"sessionhub".to_owned()), "{loaded:?}");
+    node.wait_log(
+        "deleted a function library no live node calls",
+        sessionhub_tests::WAIT,
+    )
+    .await;
+    // The node works on.
+    let s = Api::new(&node).create_session("frank", "laptop").await;
+    assert_eq!(Api::new(&node).me_status(&s.token).await, 200);
 }

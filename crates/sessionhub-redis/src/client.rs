@@ -152,7 +152,7 @@ pub(crate) struct Inner {
     pub(crate) cleanup: cleanup::Queue,
     /// The function library as loaded (with this node's event stream cap): the
     /// shared `sessionhub` and the node's own `sessionhub_<V>`, which it calls.
-    library: crate::library::Library,
+    pub(crate) library: crate::library::Library,
     /// Whether this node delivers lifecycle events (subscribes to their rings).
     pub(crate) deliver_events: bool,
     /// Per-bucket wake-ups of the event deliverer.

@@ -606,7 +606,19 @@ impl Engine for RedisEngine {
 
     async fn announce(&self, status: &NodeStatus) -> Result<(), EngineError> {
         let key = self.inner.keys.node_status(&self.inner.node_id);
-        let json = serde_json::to_string(status).map_err(corrupt)?;
+        // With the library copy it calls: nodes delete the copies no live node names
+        // (`Inner::forget_unused_libraries`).
+        #[derive(serde::Serialize)]
+        struct Announced<'a> {
+            #[serde(flatten)]
+            status: &'a NodeStatus,
+            library: String,
+        }
+        let json = serde_json::to_string(&Announced {
+            status,
+            library: self.inner.library_name(),
+        })
+        .map_err(corrupt)?;
         // It lives as long as the lease it was written under: a node that stops
         // renewing both leaves no status behind.
         let ttl = self.inner.lease.ttl_ms();

@@ -162,6 +162,7 @@ impl RedisEngine {
         let tasks = &engine.inner.tasks;
         tasks.spawn(lease::run(engine.inner.clone(), events));
         tasks.spawn(cleanup::run(engine.inner.clone()));
+        tasks.spawn(library::forget_unused_later(engine.inner.clone()));
         Ok(engine)
     }
 

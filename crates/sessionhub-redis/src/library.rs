@@ -7,7 +7,13 @@
 //! loaded last, and two nodes with different settings (the event stream cap) no
 //! longer overwrite each other's.
 
+use std::collections::HashSet;
+
+use sessionhub_core::EngineError;
+use sessionhub_core::time::now_ms;
 use sha2::{Digest, Sha256};
+
+use crate::client::Inner;
 
 /// The library's first line, naming it.
 const NAME_LINE: &str = "#!lua name=sessionhub\n";
@@ -70,19 +76,143 @@ impl Library {
     }
 }
 
+/// Whether `name` is a node's own copy of the library, `sessionhub_<V>`.
+fn is_copy(name: &str) -> bool {
+    name.strip_prefix("sessionhub_").is_some_and(is_version)
+}
+
+/// Whether `v` is a version: [`VERSION_DIGITS`] lowercase hex digits.
+fn is_version(v: &str) -> bool {
+    v.len() == VERSION_DIGITS && v.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The `library_name` of one library of a `FUNCTION LIST` answer (RESP2 pairs or a
+/// RESP3 map).
+fn name_in_list(lib: &redis::Value) -> Option<String> {
+    let pairs: Vec<(&redis::Value, &redis::Value)> = match lib {
+        redis::Value::Map(m) => m.iter().map(|(k, v)| (k, v)).collect(),
+        redis::Value::Array(a) => a.chunks_exact(2).map(|p| (&p[0], &p[1])).collect(),
+        _ => return None,
+    };
+    pairs.into_iter().find_map(|(k, v)| {
+        let k: String = redis::from_redis_value_ref(k).ok()?;
+        (k == "library_name").then(|| redis::from_redis_value_ref(v).ok())?
+    })
+}
+
+impl Inner {
+    /// Deletes the copies of the library that no live node calls, the leftovers of
+    /// releases (or settings) no longer run. Each node names its copy in its status
+    /// (`RedisEngine::announce`), which lives as long as its lease. A copy deleted
+    /// under a node that had not announced yet is loaded again by that node's next
+    /// call (`Inner::try_fcall`). Returns how many were deleted.
+    pub(crate) async fn forget_unused_libraries(&self) -> Result<usize, EngineError> {
+        let own = self.library.own_name();
+        let listed: Vec<redis::Value> = self
+            .run(|mut c| async move {
+                redis::cmd("FUNCTION")
+                    .arg("LIST")
+                    .arg("LIBRARYNAME")
+                    .arg("sessionhub_*")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        let copies: Vec<String> = listed
+            .iter()
+            .filter_map(name_in_list)
+            .filter(|n| is_copy(n) && *n != own)
+            .collect();
+        if copies.is_empty() {
+            return Ok(0);
+        }
+        let in_use = self.libraries_in_use().await?;
+        let mut deleted = 0;
+        for name in copies.iter().filter(|n| !in_use.contains(*n)) {
+            let res = self
+                .run(|mut c| async move {
+                    redis::cmd("FUNCTION")
+                        .arg("DELETE")
+                        .arg(name)
+                        .query_async::<()>(&mut c)
+                        .await
+                })
+                .await;
+            match res {
+                Ok(()) => {
+                    deleted += 1;
+                    tracing::info!(library = %name, "deleted a function library no live node calls");
+                }
+                // Deleted meanwhile by another node, say.
+                Err(e) => tracing::debug!(library = %name, error = %e, "library not deleted"),
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// The node's own copy's name, as it announces it.
+    pub(crate) fn library_name(&self) -> String {
+        self.library.own_name()
+    }
+
+    /// The library copies the nodes with a current lease say they call.
+    async fn libraries_in_use(&self) -> Result<HashSet<String>, EngineError> {
+        let key = self.keys.nodes();
+        let now = now_ms();
+        let live: Vec<String> = self
+            .run(|mut c| async move {
+                redis::cmd("ZRANGE")
+                    .arg(key)
+                    .arg(now)
+                    .arg("+inf")
+                    .arg("BYSCORE")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        let mut in_use = HashSet::new();
+        for id in live {
+            let Ok(node) = sessionhub_core::NodeId::parse(&id) else {
+                continue;
+            };
+            let key = self.keys.node_status(&node);
+            let status: Option<String> = self
+                .run(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
+                .await?;
+            let library = status
+                .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+                .and_then(|v| v.get("library")?.as_str().map(str::to_owned));
+            if let Some(l) = library {
+                in_use.insert(l);
+            }
+        }
+        Ok(in_use)
+    }
+}
+
 /// A function's name without a node's version suffix: `sh_publish_0123456789abcdef`
 /// → `sh_publish`; other names as they are. For tools that read `MONITOR`.
 pub fn unversioned(name: &str) -> &str {
     match name.rsplit_once('_') {
-        Some((base, v))
-            if v.len() == VERSION_DIGITS
-                && v.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) =>
-        {
-            base
-        }
+        Some((base, v)) if is_version(v) => base,
         _ => name,
     }
 }
+
+/// Once, some heartbeats after the node joined (so that nodes starting with it have
+/// announced their copies): deletes the copies no live node calls.
+pub(crate) async fn forget_unused_later(inner: std::sync::Arc<Inner>) {
+    tokio::select! {
+        _ = inner.stop.cancelled() => return,
+        _ = tokio::time::sleep(inner.lease.heartbeat * FORGET_AFTER_HEARTBEATS) => {}
+    }
+    if let Err(e) = inner.forget_unused_libraries().await {
+        tracing::debug!(error = %e, "old function libraries not looked at");
+    }
+}
+
+/// Heartbeats after joining before the node deletes unused library copies.
+const FORGET_AFTER_HEARTBEATS: u32 = 3;
 
 #[cfg(test)]
 mod tests {
@@ -104,6 +234,28 @@ mod tests {
         // Same text, same version; other settings, another.
         assert_eq!(Library::new(1000).own_name(), lib.own_name());
         assert_ne!(Library::new(0).own_name(), lib.own_name());
+    }
+
+    #[test]
+    fn copies_are_told_by_name_in_either_protocol() {
+        assert!(is_copy("sessionhub_0123456789abcdef"));
+        assert!(!is_copy("sessionhub"));
+        assert!(!is_copy("sessionhub_0123456789abcde"));
+        assert!(!is_copy("other_0123456789abcdef"));
+        let bulk = |s: &str| redis::Value::BulkString(s.as_bytes().to_vec());
+        let resp2 = redis::Value::Array(vec![
+            bulk("library_name"),
+            bulk("sessionhub_0123456789abcdef"),
+            bulk("engine"),
+            bulk("LUA"),
+        ]);
+        let resp3 = redis::Value::Map(vec![(bulk("library_name"), bulk("sessionhub"))]);
+        assert_eq!(
+            name_in_list(&resp2).as_deref(),
+            Some("sessionhub_0123456789abcdef")
+        );
+        assert_eq!(name_in_list(&resp3).as_deref(), Some("sessionhub"));
+        assert_eq!(name_in_list(&redis::Value::Nil), None);
     }
 
     #[test]
