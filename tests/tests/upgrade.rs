@@ -146,23 +146,22 @@ async fn a_node_calls_its_own_library_whichever_release_loaded_last() {
     let mut c = redis.conn().await;
     let s2 = api.create_session("bob", "phone").await;
     let key = format!("sh:{{{}}}:session:{}", &s2.session_id[..2], s2.session_id);
-    let ended: i64 = redis::cmd("FCALL")
-        .arg(format!("sh_kill_session_{older}"))
-        .arg(1)
-        .arg(&key)
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    let kill_as = |function: String| {
+        let (mut c, key) = (c.clone(), key.clone());
+        async move {
+            redis::cmd("FCALL")
+                .arg(function)
+                .arg(1)
+                .arg(key)
+                .query_async::<i64>(&mut c)
+                .await
+                .unwrap()
+        }
+    };
+    let ended = kill_as(format!("sh_kill_session_{older}")).await;
     assert_eq!(ended, 0, "the other release's function, unchanged");
     // The plain name is the shared library's: the other release loaded it last.
-    let ended: i64 = redis::cmd("FCALL")
-        .arg("sh_kill_session")
-        .arg(1)
-        .arg(&key)
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    assert_eq!(ended, 0);
+    assert_eq!(kill_as("sh_kill_session".into()).await, 0);
     assert_eq!(api.me_status(&s2.token).await, 200);
 
     // A node starting now loads the shared library again (its own copy is there
@@ -171,14 +170,11 @@ async fn a_node_calls_its_own_library_whichever_release_loaded_last() {
     let loaded = libraries(&redis).await;
     assert_eq!(loaded.len(), 3, "{loaded:?}");
     assert!(loaded.contains(&own), "{loaded:?}");
-    let ended: i64 = redis::cmd("FCALL")
-        .arg("sh_kill_session")
-        .arg(1)
-        .arg(&key)
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    assert_eq!(ended, 1, "an operator's kill with the plain name");
+    assert_eq!(
+        kill_as("sh_kill_session".into()).await,
+        1,
+        "an operator's kill with the plain name"
+    );
     assert_eq!(Api::new(&again).me_status(&s2.token).await, 401);
 
     // An operator deletes the copy while its nodes run: the next call loads it
