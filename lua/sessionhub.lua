@@ -1180,13 +1180,16 @@ end)
 -- node's live sockets in one bucket whose sessions still exist (Redis may have lost
 -- them), and find the sockets that missed recoverable frames meanwhile (published
 -- while the node was not subscribed: they reached none of its sockets).
---   KEYS[1] P{B}:node:<node>:conns   ARGV lease expiry, now, history size, history
---   TTL ms, meta TTL ms, then per socket: cid, sid, user_id, connected_at, the
---   history epoch and the last offset the socket got ("" and "": none; all of
---   bucket B)
+--   KEYS[1] P{B}:node:<node>:conns   ARGV lease expiry, now, "history", history
+--   size, history TTL ms, meta TTL ms, then per socket: cid, sid, user_id,
+--   connected_at, the history epoch and the last offset the socket got ("" and "":
+--   none; all of bucket B)
 --   Returns {session ids (one per socket) that no longer exist, connection ids of
 --   sockets whose session may recover frames after their offset, or whose user's
 --   history was renumbered since}.
+--   The form of 0.2 nodes, which call the shared library's plain names (still read,
+--   for a rolling upgrade from 0.2): ARGV lease expiry, now, then per socket cid,
+--   sid, user_id, connected_at; returns the session ids alone.
 --   Error FENCED if the node's lease has run out or was superseded.
 register('sh_reassert', function(keys, args)
   local P, B = split_key(keys[1])
@@ -1196,13 +1199,17 @@ register('sh_reassert', function(keys, args)
   if not lease_ok(P, B, node, args[1], now) then
     return redis.error_reply('FENCED node holds no current lease')
   end
-  local cfg = history_cfg(args[3], args[4], args[5])
+  local with_history = args[3] == 'history'
+  local cfg, first, step = nil, 3, 4
+  if with_history then
+    cfg, first, step = history_cfg(args[4], args[5], args[6]), 7, 6
+  end
   local gone, missed = {}, {}
-  for i = 6, #args, 6 do
+  for i = first, #args, step do
     local cid, sid, uid, at = args[i], args[i + 1], args[i + 2], args[i + 3]
     if bucket_of(cid) == B and redis.call('EXISTS', session_key(P, sid)) == 1 then
       add_conn(P, cid, sid, uid, node, at)
-      local epoch, seen = args[i + 4], tonumber(args[i + 5])
+      local epoch, seen = args[i + 4], tonumber(args[i + 5] or '')
       if cfg and epoch ~= '' and seen then
         local meta = redis.call('HMGET', history_key(P, B, uid) .. ':meta', 'epoch', 'offset')
         local now_epoch, top = meta[1], tonumber(meta[2] or '0') or 0
@@ -1218,6 +1225,7 @@ register('sh_reassert', function(keys, args)
       table.insert(gone, sid)
     end
   end
+  if not with_history then return gone end
   return { gone, missed }
 end)
 

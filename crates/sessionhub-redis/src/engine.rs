@@ -790,9 +790,10 @@ impl Engine for RedisEngine {
         let history = inner.history;
         let calls = by_bucket.iter().flat_map(|(b, recs)| {
             recs.chunks(REASSERT_BATCH).map(move |chunk| {
-                let mut args: Vec<String> = Vec::with_capacity(5 + chunk.len() * 6);
+                let mut args: Vec<String> = Vec::with_capacity(6 + chunk.len() * 6);
                 args.push(lease.to_string());
                 args.push(now_ms().to_string());
+                args.push("history".to_owned());
                 args.push(history.size.to_string());
                 args.push(history.ttl_ms().to_string());
                 args.push(history.meta_ttl_ms().to_string());
