@@ -80,6 +80,8 @@ struct Outbox {
     frames: VecDeque<Outbound>,
     /// The socket task is gone: frames are dropped.
     gone: bool,
+    /// Frames wait until released (see [`LocalConn::hold`]); a close still goes.
+    held: bool,
 }
 
 impl LocalConn {
@@ -149,7 +151,7 @@ impl LocalConn {
             }
             {
                 let mut out = lock(&self.outbox);
-                if let Some(f) = out.frames.pop_front() {
+                if let Some(f) = out.pop_front_unless_held() {
                     if out.frames.is_empty() {
                         // Let an idle socket's queue go back to holding nothing.
                         out.frames = VecDeque::new();
@@ -159,6 +161,21 @@ impl LocalConn {
             }
             self.wake.notified().await;
         }
+    }
+
+    /// Holds the frames queued from now on, and those not yet sent: events may have
+    /// been lost, and until a resync has said whether this socket missed any, no
+    /// frame heard after the gap may reach the client ahead of the ones it missed
+    /// (its next reconnect would then ask for what follows the newer one). A
+    /// requested close still goes.
+    pub fn hold(&self) {
+        lock(&self.outbox).held = true;
+    }
+
+    /// Lets held frames go (the socket missed nothing).
+    pub fn release(&self) {
+        lock(&self.outbox).held = false;
+        self.wake.notify_one();
     }
 
     /// The socket task is done: frames queued from now on are dropped.
@@ -187,6 +204,15 @@ impl LocalConn {
             // A queued frame wakes this too; it then waits again.
             self.wake.notified().await;
         }
+    }
+}
+
+impl Outbox {
+    fn pop_front_unless_held(&mut self) -> Option<Outbound> {
+        if self.held {
+            return None;
+        }
+        self.frames.pop_front()
     }
 }
 
@@ -454,17 +480,23 @@ impl Hub {
     }
 
     /// Notes where every socket stands in its user's history, at the event that
-    /// says events may have been lost (a resubscription; a fencing). Called by the
-    /// dispatcher in event order, so no frame heard after the gap has moved a point
-    /// past the frames lost in it: a resync checks from these points, not from where
-    /// the sockets are by the time it runs. A point noted earlier and not yet
-    /// checked is kept (it is the older one).
+    /// says events may have been lost (a resubscription; a fencing), and holds its
+    /// frames ([`LocalConn::hold`]) until a resync settles it
+    /// ([`Hub::settle_held`]). Called by the dispatcher in event order, so no frame
+    /// heard after the gap has moved a point past the frames lost in it, or reached
+    /// a client: a resync checks from these points, not from where the sockets are
+    /// by the time it runs. A point noted earlier and not yet checked is kept (it is
+    /// the older one).
     pub fn note_history_points(&self) {
         let found: Vec<(ConnectionId, Recovery)> = {
             let idx = lock(&self.index);
             idx.by_conn
                 .values()
-                .filter_map(|c| c.recovery().map(|r| (c.id.clone(), r)))
+                .filter_map(|c| {
+                    let point = c.recovery()?;
+                    c.hold();
+                    Some((c.id.clone(), point))
+                })
                 .collect()
         };
         let mut points = lock(&self.points);
@@ -557,19 +589,33 @@ impl Hub {
             .unwrap_or_default()
     }
 
-    /// Closes these sockets with 1012 ([`CloseCmd::Missed`]); unknown ids are
-    /// skipped. Returns how many were asked to close.
-    pub fn close_missed(&self, cids: &[ConnectionId]) -> usize {
+    /// Settles the sockets a resync checked (`checked`: the points it took): those
+    /// in `missed` close with 1012 ([`CloseCmd::Missed`]; their held frames go
+    /// with them, and the client's reconnect with `since` gets them all, in order),
+    /// the others get their held frames. Returns how many were asked to close.
+    pub fn settle_held(
+        &self,
+        checked: &HashMap<ConnectionId, Recovery>,
+        missed: &[ConnectionId],
+    ) -> usize {
+        let missed: HashSet<&ConnectionId> = missed.iter().collect();
         let conns: Vec<Arc<LocalConn>> = {
             let idx = lock(&self.index);
-            cids.iter()
+            checked
+                .keys()
                 .filter_map(|c| idx.by_conn.get(c).cloned())
                 .collect()
         };
+        let mut closed = 0;
         for c in &conns {
-            c.request_close(CloseCmd::Missed);
+            if missed.contains(&c.id) {
+                c.request_close(CloseCmd::Missed);
+                closed += 1;
+            } else {
+                c.release();
+            }
         }
-        conns.len()
+        closed
     }
 
     /// Closes every socket of `sid` with `session_ended` and 4001.
@@ -713,10 +759,27 @@ mod tests {
             "taken by a resync that went through"
         );
 
-        let unknown = conn();
-        assert_eq!(hub.close_missed(&[a.id.clone(), unknown.id.clone()]), 1);
-        assert!(matches!(frame(&a), Some(Next::Close(CloseCmd::Missed))));
+        // Noted sockets hold their frames until settled: a missed one closes (its
+        // held frames go with it), another gets them.
+        let c = conn();
+        hub.insert(c.clone());
+        hub.bind_user(&c, &alice, 42);
+        c.start_history("e1", 7);
+        assert!(c.send(ByteString::from_static("before"), 7));
+        hub.note_history_points();
+        assert!(c.send(ByteString::from_static("after"), 8));
+        assert!(a.send(ByteString::from_static("late"), 10));
+        assert!(frame(&c).is_none() && frame(&a).is_none(), "held");
         assert!(frame(&b).is_none());
+        let (_, taken) = hub.records_to_resync();
+        assert_eq!(hub.settle_held(&taken, std::slice::from_ref(&a.id)), 1);
+        assert!(matches!(frame(&a), Some(Next::Close(CloseCmd::Missed))));
+        for want in ["before", "after"] {
+            match frame(&c) {
+                Some(Next::Frame(f)) => assert_eq!(f.frame, want),
+                other => panic!("expected {want}, got {other:?}"),
+            }
+        }
     }
 
     /// A session is listed in its slice only, while it has a socket here, and its

@@ -147,7 +147,7 @@ pub async fn resync(state: &AppState) -> bool {
     end_gone(state, &gone);
     // Frames for them were published while this node heard nothing: they reconnect
     // with `since` and get them from history, in order.
-    let closed = state.hub.close_missed(&missed);
+    let closed = state.hub.settle_held(&points, &missed);
     if closed > 0 {
         Metrics::add(&state.metrics.missed_closes, closed as u64);
         tracing::info!(
