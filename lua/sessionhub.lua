@@ -22,7 +22,8 @@
 -- functions of its own release (and its own settings), whichever node started last;
 -- the last one's is what `sessionhub` holds. A copy stays while a live node names
 -- it in its status (Pnode-status:<node_id>); a node deletes the others a few
--- heartbeats after it starts. On a Redis that no node has loaded it into yet:
+-- heartbeats after it starts and every 10 minutes. On a Redis that no node has
+-- loaded it into yet:
 --   redis-cli -x FUNCTION LOAD REPLACE < lua/sessionhub.lua
 --
 -- Key layout. P is the key prefix (default "sh:"), derived by every function from

@@ -199,20 +199,31 @@ pub fn unversioned(name: &str) -> &str {
     }
 }
 
-/// Once, some heartbeats after the node joined (so that nodes starting with it have
-/// announced their copies): deletes the copies no live node calls.
+/// Some heartbeats after the node joined (so that nodes starting with it have
+/// announced their copies), then every [`FORGET_INTERVAL`]: deletes the copies no
+/// live node calls. The later rounds catch the copy of a node that died without
+/// giving up its lease while the others started (its lease ran out after).
 pub(crate) async fn forget_unused_later(inner: std::sync::Arc<Inner>) {
-    tokio::select! {
-        _ = inner.stop.cancelled() => return,
-        _ = tokio::time::sleep(inner.lease.heartbeat * FORGET_AFTER_HEARTBEATS) => {}
-    }
-    if let Err(e) = inner.forget_unused_libraries().await {
-        tracing::debug!(error = %e, "old function libraries not looked at");
+    let mut wait = inner.lease.heartbeat * FORGET_AFTER_HEARTBEATS;
+    loop {
+        tokio::select! {
+            _ = inner.stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        if let Err(e) = inner.forget_unused_libraries().await {
+            tracing::debug!(error = %e, "old function libraries not looked at");
+        }
+        wait = FORGET_INTERVAL;
     }
 }
 
 /// Heartbeats after joining before the node deletes unused library copies.
 const FORGET_AFTER_HEARTBEATS: u32 = 3;
+
+/// How often a node looks for unused library copies after its first look (a
+/// `FUNCTION LIST`; a `ZRANGE` and a `GET` per live node only when there are copies
+/// other than its own).
+const FORGET_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
 
 #[cfg(test)]
 mod tests {
