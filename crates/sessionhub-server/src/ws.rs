@@ -183,6 +183,11 @@ async fn accept(
             return Err(e.into());
         }
     };
+    // Where the socket starts in its user's history, before its record is listed
+    // for a resync (see `Hub::note_history_points`).
+    if let Some(h) = &history {
+        conn.start_history(&h.epoch, h.offset);
+    }
     state
         .hub
         .bind_user(&conn, &session.user_id, session.expires_at);
@@ -489,9 +494,6 @@ impl Socket {
     /// frames have been accounted for: live ones up to it are not sent again.
     async fn greet(&mut self) -> Result<u64, actix_ws::Closed> {
         let mut history = self.history.take();
-        if let Some(h) = &history {
-            self.conn.start_history(&h.epoch, h.offset);
-        }
         let recovery = history.as_mut().and_then(|h| h.recovery.take());
         let recovered = match &recovery {
             Some(r) => Some(r.recovered),
