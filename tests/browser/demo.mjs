@@ -747,6 +747,41 @@ async function recovery() {
   await closeAll();
 }
 
+// 10. A node that could not hear for a while. A page's socket stays open on node A
+//    while node A is stopped and Redis has dropped its pub/sub link; the user signs
+//    in on node B meanwhile (the notice for node A is lost on the way). Once node A
+//    runs and has subscribed again, the page's socket closes (1012), the client
+//    reconnects with since/epoch by itself, and the page shows the missed
+//    notification.
+async function unheardWhileUnsubscribed() {
+  const p = await newPage('10:unheard', UA.linuxChrome);
+  // The close events the page's own sockets get, as the browser reports them.
+  await p.page.addInitScript(() => {
+    window.closeCodes = [];
+    const Native = window.WebSocket;
+    window.WebSocket = class extends Native {
+      constructor(...args) {
+        super(...args);
+        this.addEventListener('close', (e) => window.closeCodes.push(e.code));
+      }
+    };
+  });
+  await login(p, NODE_A, 'heidi');
+  await connected(p.page, 'node-a');
+  await control('deafen node-a');
+  const other = await newPage('10:other', UA.macFirefox);
+  const s2 = await login(other, NODE_B, 'heidi');
+  await control('resume node-a');
+  await notification(p.page, s2).waitFor({ timeout: 20000 });
+  await p.page
+    .locator('[data-testid="status-message"]', { hasText: 'Back online: 1 missed update shown.' })
+    .waitFor();
+  await connected(p.page);
+  const codes = await p.page.evaluate(() => window.closeCodes);
+  assert.deepEqual(codes, [1012], `the page's socket closed once, with 1012: ${JSON.stringify(codes)}`);
+  await closeAll();
+}
+
 // 9. The admin console (/admin): a wrong key is refused with a clear message, the
 //    right one opens it (kept for the tab only); the nodes are listed; a user whose
 //    session has sockets on two nodes shows both; End session (confirmed) closes
@@ -831,6 +866,7 @@ const scenarios = [
   ['2. Dismiss hides the notification and ends nothing', dismiss],
   ['3. Sign out all other sessions, on both nodes', signOutOthers],
   ['client module: killSession, backoff ceilings, refused upgrade', clientModule],
+  ['10. a node that could not hear: its page closes 1012 and shows the missed notification', unheardWhileUnsubscribed],
   ['9. the admin console: key, nodes, a user on two nodes, End session, phone, nginx', adminConsole],
   ['4. node killed under a page: reconnect through the proxy, still notified', nodeKilled],
   ["5. the seeds' flow through the shipped nginx config (scripts/cluster.sh)", seedsThroughNginx],

@@ -99,7 +99,10 @@ async fn demo_app_in_headless_chromium() {
     });
 
     // The script's output, and its requests: "@@token <cookie>" (remember it for the
-    // leak scan) and "@@kill <node-id>" (SIGKILL that node, then answer "ok").
+    // leak scan), "@@kill <node-id>" (SIGKILL that node, then answer "ok"),
+    // "@@deafen <node-id>" (SIGSTOP it and have Redis drop the pub/sub links, so that
+    // what is published meanwhile never reaches it) and "@@resume <node-id>"
+    // (SIGCONT it).
     let mut out = String::new();
     let run = async {
         while let Some(line) = stdout.next_line().await.unwrap() {
@@ -114,6 +117,35 @@ async fn demo_app_in_headless_chromium() {
                 node.signal("KILL");
                 node.wait().await;
                 out.push_str(&format!("[test] {id} SIGKILLed\n"));
+                stdin.write_all(b"ok\n").await.unwrap();
+                stdin.flush().await.unwrap();
+            } else if let Some(id) = line.strip_prefix("@@deafen ") {
+                let node = cluster
+                    .nodes
+                    .iter()
+                    .find(|n| n.id == id)
+                    .unwrap_or_else(|| panic!("the script asked to deafen unknown node {id}"));
+                node.signal("STOP");
+                // Every subscriber's link: the stopped node's stays down, the other
+                // node subscribes again at once.
+                let _: i64 = redis::cmd("CLIENT")
+                    .arg("KILL")
+                    .arg("TYPE")
+                    .arg("pubsub")
+                    .query_async(&mut cluster.redis.conn().await)
+                    .await
+                    .unwrap();
+                out.push_str(&format!("[test] {id} SIGSTOPped, pub/sub links dropped\n"));
+                stdin.write_all(b"ok\n").await.unwrap();
+                stdin.flush().await.unwrap();
+            } else if let Some(id) = line.strip_prefix("@@resume ") {
+                let node = cluster
+                    .nodes
+                    .iter()
+                    .find(|n| n.id == id)
+                    .unwrap_or_else(|| panic!("the script asked to resume unknown node {id}"));
+                node.signal("CONT");
+                out.push_str(&format!("[test] {id} SIGCONTed\n"));
                 stdin.write_all(b"ok\n").await.unwrap();
                 stdin.flush().await.unwrap();
             } else {
@@ -149,7 +181,7 @@ async fn demo_app_in_headless_chromium() {
         Some(_) => println!("{report}"),
     }
     assert!(
-        out.contains("10 passed, 0 failed"),
+        out.contains("11 passed, 0 failed"),
         "{SCRIPT} did not run every scenario\n{report}"
     );
     drop(proxy);
