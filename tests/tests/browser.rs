@@ -108,44 +108,41 @@ async fn demo_app_in_headless_chromium() {
         while let Some(line) = stdout.next_line().await.unwrap() {
             if let Some(token) = line.strip_prefix("@@token ") {
                 secrets::remember(token);
-            } else if let Some(id) = line.strip_prefix("@@kill ") {
+            } else if let Some((verb, id)) = line
+                .strip_prefix("@@")
+                .and_then(|c| c.split_once(' '))
+                .filter(|(verb, _)| matches!(*verb, "kill" | "deafen" | "resume"))
+            {
                 let node = cluster
                     .nodes
                     .iter_mut()
                     .find(|n| n.id == id)
-                    .unwrap_or_else(|| panic!("the script asked to kill unknown node {id}"));
-                node.signal("KILL");
-                node.wait().await;
-                out.push_str(&format!("[test] {id} SIGKILLed\n"));
-                stdin.write_all(b"ok\n").await.unwrap();
-                stdin.flush().await.unwrap();
-            } else if let Some(id) = line.strip_prefix("@@deafen ") {
-                let node = cluster
-                    .nodes
-                    .iter()
-                    .find(|n| n.id == id)
-                    .unwrap_or_else(|| panic!("the script asked to deafen unknown node {id}"));
-                node.signal("STOP");
-                // Every subscriber's link: the stopped node's stays down, the other
-                // node subscribes again at once.
-                let _: i64 = redis::cmd("CLIENT")
-                    .arg("KILL")
-                    .arg("TYPE")
-                    .arg("pubsub")
-                    .query_async(&mut cluster.redis.conn().await)
-                    .await
-                    .unwrap();
-                out.push_str(&format!("[test] {id} SIGSTOPped, pub/sub links dropped\n"));
-                stdin.write_all(b"ok\n").await.unwrap();
-                stdin.flush().await.unwrap();
-            } else if let Some(id) = line.strip_prefix("@@resume ") {
-                let node = cluster
-                    .nodes
-                    .iter()
-                    .find(|n| n.id == id)
-                    .unwrap_or_else(|| panic!("the script asked to resume unknown node {id}"));
-                node.signal("CONT");
-                out.push_str(&format!("[test] {id} SIGCONTed\n"));
+                    .unwrap_or_else(|| panic!("the script asked to {verb} unknown node {id}"));
+                let done = match verb {
+                    "kill" => {
+                        node.signal("KILL");
+                        node.wait().await;
+                        "SIGKILLed"
+                    }
+                    "deafen" => {
+                        node.signal("STOP");
+                        // Every subscriber's link: the stopped node's stays down, the
+                        // other node subscribes again at once.
+                        let _: i64 = redis::cmd("CLIENT")
+                            .arg("KILL")
+                            .arg("TYPE")
+                            .arg("pubsub")
+                            .query_async(&mut cluster.redis.conn().await)
+                            .await
+                            .unwrap();
+                        "SIGSTOPped, pub/sub links dropped"
+                    }
+                    _ => {
+                        node.signal("CONT");
+                        "SIGCONTed"
+                    }
+                };
+                out.push_str(&format!("[test] {id} {done}\n"));
                 stdin.write_all(b"ok\n").await.unwrap();
                 stdin.flush().await.unwrap();
             } else {

@@ -98,12 +98,10 @@ pub(crate) fn history_state(rest: Vec<redis::Value>) -> Result<Option<HistorySta
     }))
 }
 
-/// `sh_expire`'s reply: the sessions ended and, when asked, the groups emptied with
-/// their counts (a library older than the node answers the number alone).
+/// `sh_expire`'s reply when the groups emptied are asked for: the sessions ended and
+/// the groups with their counts. (Asked without, as 0.2 nodes do, it answers the
+/// number alone; a node calls its own copy of the library, which always has this.)
 pub(crate) fn expire_reply(v: redis::Value) -> Result<(i64, Vec<(String, String)>), EngineError> {
-    if let redis::Value::Int(n) = v {
-        return Ok((n, Vec::new()));
-    }
     let (n, flat): (i64, Vec<String>) = redis::from_redis_value(v).map_err(corrupt)?;
     let pairs = flat
         .chunks_exact(2)
