@@ -773,12 +773,12 @@ async function unheardWhileUnsubscribed() {
   const s2 = await login(other, NODE_B, 'heidi');
   await control('resume node-a');
   await notification(p.page, s2).waitFor({ timeout: 20000 });
+  const codes = await p.page.evaluate(() => window.closeCodes);
+  assert.deepEqual(codes, [1012], `the page's socket closed once, with 1012: ${JSON.stringify(codes)}`);
   await p.page
     .locator('[data-testid="status-message"]', { hasText: 'Back online: 1 missed update shown.' })
     .waitFor();
   await connected(p.page);
-  const codes = await p.page.evaluate(() => window.closeCodes);
-  assert.deepEqual(codes, [1012], `the page's socket closed once, with 1012: ${JSON.stringify(codes)}`);
   await closeAll();
 }
 

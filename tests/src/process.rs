@@ -355,6 +355,32 @@ impl Node {
         self.child.wait().await.unwrap()
     }
 
+    /// Sends SIGSTOP and waits until every thread of the process has stopped: the
+    /// signal is only pending when `kill` returns, and a thread not yet stopped can
+    /// still act (read a closed link, subscribe again) on a loaded machine.
+    pub async fn pause(&self) {
+        self.signal("STOP");
+        let tasks = format!("/proc/{}/task", self.pid().expect("node already reaped"));
+        wait_for("the node's threads to stop", WAIT, || {
+            let tasks = tasks.clone();
+            async move {
+                let all_stopped = std::fs::read_dir(&tasks).ok()?.all(|t| {
+                    t.ok()
+                        .and_then(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+                        .and_then(|stat| {
+                            // The state follows the command name, which is in parentheses.
+                            stat.rsplit_once(')').and_then(|(_, rest)| {
+                                rest.split_whitespace().next().map(str::to_owned)
+                            })
+                        })
+                        .is_some_and(|state| state == "T" || state == "t")
+                });
+                all_stopped.then_some(())
+            }
+        })
+        .await;
+    }
+
     /// Sends a signal (`KILL`, `TERM`, `STOP`, `CONT`) to the process.
     pub fn signal(&self, sig: &str) {
         let pid = self.pid().expect("node already reaped").to_string();

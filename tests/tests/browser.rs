@@ -125,7 +125,7 @@ async fn demo_app_in_headless_chromium() {
                         "SIGKILLed"
                     }
                     "deafen" => {
-                        node.signal("STOP");
+                        node.pause().await;
                         // Every subscriber's link: the stopped node's stays down, the
                         // other node subscribes again at once.
                         let _: i64 = redis::cmd("CLIENT")

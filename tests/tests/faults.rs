@@ -686,7 +686,7 @@ async fn a_node_behind_its_pubsub_messages_is_dropped_by_redis_and_subscribes_ag
 
     // 16 MiB for the paused node's channel: more than the sockets' buffers (at
     // most 6 + 4 MiB on Linux) and the limit. Each is a message for a socket it does not hold (ignored when read).
-    slow.signal("STOP");
+    slow.pause().await;
     let payload = format!(
         "{{\"t\":\"message\",\"cids\":[\"{}\"]}}\n{{\"type\":\"message\",\"data\":\"{}\"}}",
         "0".repeat(32),
