@@ -20,6 +20,9 @@ HEADLINE = [("connect_rate", "hi"), ("rss_per_conn_mean", "lo"), ("kill_p50", "l
             ("fanout_probe_latency_p50", "lo"), ("fanout_http_delivered_rate", "hi"),
             ("fanout_http_latency_p99", "lo"), ("fanout_http_server_cpu_per_notify", "lo"),
             ("kill_http_response_p50", "lo"), ("fanout_inproc_delivered_rate", "hi")]
+# shown beside the headline, no verdict: what the probe's median is made of (the socket on
+# the node the message was sent to, and the two on the other nodes)
+DETAIL = ["fanout_probe_latency_local_p50", "fanout_probe_latency_remote_p50"]
 LOSS = ["kill_trials_failed", "fanout_http_lost", "fanout_misrouted", "connect_failed", "bg_conn_dropped"]
 
 def main():
@@ -58,7 +61,7 @@ def main():
                 figs[s].setdefault(m.group(1), []).append(v)
             print(f"round {r+1} {s}: ok in {time.time()-t:.0f} s", flush=True)
     med = {s: {k: statistics.median(v) for k, v in figs[s].items()} for s in systems}
-    w = max(len(k) for k, _ in HEADLINE + [(x, 0) for x in LOSS])
+    w = max(len(k) for k, _ in HEADLINE + [(x, 0) for x in LOSS + DETAIL])
     print("\n" + "figure".ljust(w) + "".join(s.rjust(14) for s in systems) + "   sessionhub vs best peer")
     behind = []
     for k, d in HEADLINE:
@@ -71,6 +74,8 @@ def main():
             row += f"   {ratio:.2f}x {'ahead' if ratio >= 1 else 'BEHIND'}"
             if ratio < 1: behind.append(k)
         print(row)
+    for k in DETAIL:
+        print(k.ljust(w) + "".join((f"{med[s][k]:.4g}" if k in med[s] else "-").rjust(14) for s in systems) + "   (detail)")
     for k in LOSS:
         print(k.ljust(w) + "".join((f"{max(figs[s].get(k, [0])):.4g}").rjust(14) for s in systems) + "   (worst run)")
     print(f"\nmedian of {max(len(v) for v in figs['sessionhub'].values()) if figs.get('sessionhub') else rounds} interleaved rounds; behind the best peer on: {', '.join(behind) or 'nothing'}")
