@@ -132,9 +132,14 @@ async fn create_authenticate_and_get(b: Backend) {
     assert_eq!(authed.user_agent.as_deref(), Some("Firefox on laptop"));
     assert_eq!(authed.ip.as_deref(), Some("192.0.2.1"));
 
-    // Same public id, different secret: refused.
+    // Same public id, different secret: refused, by the check in Rust and by the
+    // registration's own (in the Redis function), which records nothing.
     let forged = Token::parse(&format!("{}.{}", s.session_id, "0".repeat(64))).unwrap();
     assert!(a.engine.authenticate(&forged).await.unwrap().is_none());
+    let refused = a.engine.register_connection(&forged, &cid(&forged)).await;
+    assert!(refused.unwrap().is_none());
+    let got = a.engine.get_session(&s.session_id).await.unwrap().unwrap();
+    assert!(got.connections.is_empty());
     // Unknown session: refused.
     let other = Token::generate(&user("alice"));
     assert!(a.engine.authenticate(&other).await.unwrap().is_none());

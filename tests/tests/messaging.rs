@@ -769,8 +769,9 @@ sessionhub_tests::on_both_topologies!(
 
 /// A message to a user finds its sockets through the user's connection index
 /// (`{B}:user:<uid>:conns`), one read whatever the number of its sessions; a socket
-/// missing from that index (recorded by a version before it) is still reached,
-/// through the user's sessions.
+/// missing from that index (recorded by a version before it, 0.2.0 in a rolling
+/// upgrade, which counted it in `{B}:online:conns` only) is still reached, through
+/// the user's sessions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_to_a_user_reaches_every_socket_of_every_session_exactly_once() {
     let cluster = Deployment::start(Topology::Single, 3).await;
@@ -795,13 +796,22 @@ async fn a_message_to_a_user_reaches_every_socket_of_every_session_exactly_once(
         assert_eq!(expect_message(ws, "one").await, 1);
     }
 
-    // The first socket's entry leaves the user's index, as if an older version had
-    // recorded it: the count of the user's sockets says one is missing.
+    // The first socket (on node a) leaves the user's indexes that 0.2.0 did not
+    // keep, as if a 0.2.0 node had recorded it: only the user's count of live
+    // sockets says one is missing.
     let mut conn = redis.conn().await;
     let b_ = &laptop[..2];
     let removed: i64 = redis::cmd("HDEL")
         .arg(format!("sh:{{{b_}}}:user:carol:conns"))
         .arg(sockets[0].connection_id())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(removed, 1);
+    // Node a holds only that socket of the user's.
+    let removed: i64 = redis::cmd("HDEL")
+        .arg(format!("sh:{{{b_}}}:user:carol:nodes"))
+        .arg(&a.id)
         .query_async(&mut conn)
         .await
         .unwrap();
