@@ -60,7 +60,10 @@ impl Link {
         password: Option<&str>,
         channels: &[String],
     ) -> io::Result<Link> {
-        let (read, write) = TcpStream::connect((host, port)).await?.into_split();
+        let stream = TcpStream::connect((host, port)).await?;
+        // As the command links (`tls::tcp_settings`): its pings go out at once.
+        stream.set_nodelay(true)?;
+        let (read, write) = stream.into_split();
         let mut link = Link {
             reader: Reader {
                 read,
