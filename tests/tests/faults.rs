@@ -513,6 +513,26 @@ async fn calls_answered_503_during_a_redis_pause_have_no_later_effect() {
                 .status()
         }
     });
+    // A message and a batch to alice: neither may reach her socket or her history.
+    let publishes: Vec<_> = [
+        json!({ "to": { "user": "alice" }, "event": "ghost", "data": 1 }),
+        json!([
+            { "to": { "user": "alice" }, "event": "ghost", "data": 2 },
+            { "to": { "session": &s0.session_id }, "event": "ghost", "data": 3 },
+        ]),
+    ]
+    .into_iter()
+    .map(|body| {
+        let api = api.clone();
+        tokio::spawn(async move {
+            let res = api
+                .service(Method::POST, "/api/v1/publish", Some(body))
+                .await;
+            let status = res.status();
+            (status, res.text().await.unwrap_or_default())
+        })
+    })
+    .collect();
     for u in upgrades {
         match u.await.unwrap() {
             Err(sessionhub_tests::WsError::Http(503)) => {}
@@ -521,6 +541,10 @@ async fn calls_answered_503_during_a_redis_pause_have_no_later_effect() {
     }
     assert_eq!(create.await.unwrap(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(kill.await.unwrap(), StatusCode::SERVICE_UNAVAILABLE);
+    for p in publishes {
+        let (status, body) = p.await.unwrap();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    }
     let resumed = Instant::now();
     cluster.redis.signal("CONT");
 
@@ -546,8 +570,16 @@ async fn calls_answered_503_during_a_redis_pause_have_no_later_effect() {
     let mut want = vec![s0.session_id.as_str(), s.session_id.as_str()];
     want.sort_unstable();
     assert_eq!(ids, want, "no session from the refused login, none killed");
-    // The watcher saw no "You logged in to another session" for the refused login.
+    // The watcher saw no "You logged in to another session" for the refused login,
+    // and none of the refused messages: the next message is the next offset.
     watcher.assert_alive().await;
+    let res = api
+        .publish(json!({ "user": "alice" }), "after", json!(4))
+        .await;
+    let next = watcher.expect("message").await;
+    assert_eq!(next["event"], "after", "{next}");
+    let top: u64 = watcher.hello["offset"].as_str().unwrap().parse().unwrap();
+    assert_eq!(res["offset"], json!((top + 1).to_string()), "{res}");
     // The session is not locked out by its socket cap.
     for _ in 0..4 {
         let mut ws = WsClient::connect(node, &s.token).await.unwrap();
