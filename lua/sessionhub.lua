@@ -135,12 +135,14 @@ end
 -- serves all of it).
 local rung = false
 local call_now_ms = nil
+local call_now_arg = nil
 
 -- `fn`, with the per-call state starting afresh at every call.
 local function fresh_per_call(fn)
   return function(keys, args)
     rung = false
     call_now_ms = nil
+    call_now_arg = nil
     return fn(keys, args)
   end
 end
@@ -168,6 +170,13 @@ local function redis_now_ms()
     call_now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   end
   return call_now_ms
+end
+
+-- The same as a command argument, printed once per call (a batch appends many
+-- history entries).
+local function redis_now_arg()
+  if not call_now_arg then call_now_arg = string.format('%d', redis_now_ms()) end
+  return call_now_arg
 end
 
 -- Whether the optional deadline `d` (Unix ms, this server's clock) has passed.
@@ -552,7 +561,7 @@ local function history_meta(P, B, uid, cfg)
 end
 
 -- Appends a client frame (a JSON object) to the user's history for audience `to`.
--- Returns the frame with "offset" spliced in, and the offset.
+-- Returns the frame with "offset" spliced in, the offset, and the offset as text.
 local function history_append(P, B, uid, cfg, to, frame)
   local hk = history_key(P, B, uid)
   local mk = hk .. ':meta'
@@ -570,10 +579,10 @@ local function history_append(P, B, uid, cfg, to, frame)
     frame = string.sub(frame, 1, -2) .. ',"offset":"' .. o .. '"}'
   end
   redis.call('XADD', hk, 'MAXLEN', cfg.size_arg, o .. '-0', 'at',
-    int(redis_now_ms()), 'to', to, 'frame', frame)
+    redis_now_arg(), 'to', to, 'frame', frame)
   redis.call('PEXPIRE', hk, cfg.ttl_arg)
   redis.call('PEXPIRE', mk, cfg.meta_arg)
-  return frame, off
+  return frame, off, o
 end
 
 -- What session `sid` may recover after offset `since` of history `epoch`: returns
@@ -636,7 +645,7 @@ local function user_conn_targets(P, B, uid)
 end
 
 -- Publishes one client frame to the given sockets ({cid -> node}), one event per
--- node; `offset` (or nil) goes into the header. Returns {nodes, connections}.
+-- node; `offset` (text, or nil) goes into the header. Returns {nodes, connections}.
 local function publish_frame(P, B, targets, frame, offset)
   local per_node, nodes, conns = {}, 0, 0
   for cid, node in pairs(targets) do
@@ -649,7 +658,7 @@ local function publish_frame(P, B, targets, frame, offset)
   end
   -- The header is written out rather than cjson-encoded: the ids are hex and the
   -- offset an integer, so nothing needs escaping.
-  local o = offset and (',"o":' .. int(offset)) or ''
+  local o = offset and (',"o":' .. offset) or ''
   for node, cids in pairs(per_node) do
     publish(P, B, node, '{"t":"message","cids":["' .. table.concat(cids, '","') .. '"]' .. o .. '}\n' .. frame)
   end
@@ -725,7 +734,10 @@ register('sh_create_session', function(keys, args)
   if created_frame and created_frame ~= '' then
     local offset = nil
     local cfg = history_cfg(args[11], args[12], args[13])
-    if cfg then created_frame, offset = history_append(P, B, uid, cfg, 'others:' .. sid, created_frame) end
+    if cfg then
+      local _
+      created_frame, _, offset = history_append(P, B, uid, cfg, 'others:' .. sid, created_frame)
+    end
     return (publish_frame(P, B, user_conn_targets(P, B, uid), created_frame, offset))
   end
   local nodes = redis.call('HKEYS', user_nodes_key(P, B, uid))
@@ -981,15 +993,17 @@ end)
 -- another kind.
 local function publish_target(P, B, key, frame, cfg)
   local targets = {}
-  local offset = nil
+  local offset, offset_text = nil, nil
   local uid = string.match(key, '}:user:(.*):sessions$')
   if uid then
-    if cfg then frame, offset = history_append(P, B, uid, cfg, 'user', frame) end
+    if cfg then frame, offset, offset_text = history_append(P, B, uid, cfg, 'user', frame) end
     targets = user_conn_targets(P, B, uid)
   elseif string.match(key, '}:session:[0-9a-f]+$') then
     local sid = string.match(key, 'session:([0-9a-f]+)$')
     local owner = cfg and redis.call('HGET', key, 'user_id')
-    if owner then frame, offset = history_append(P, B, owner, cfg, 'session:' .. sid, frame) end
+    if owner then
+      frame, offset, offset_text = history_append(P, B, owner, cfg, 'session:' .. sid, frame)
+    end
     session_targets(P, sid, targets)
   elseif string.match(key, '}:conn:[0-9a-f]+$') then
     local node = redis.call('HGET', key, 'node_id')
@@ -1008,7 +1022,7 @@ local function publish_target(P, B, key, frame, cfg)
   else
     return nil
   end
-  local nodes, conns = publish_frame(P, B, targets, frame, offset)
+  local nodes, conns = publish_frame(P, B, targets, frame, offset_text)
   return nodes, conns, offset
 end
 

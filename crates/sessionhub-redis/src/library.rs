@@ -72,7 +72,11 @@ impl Library {
 
     /// The name under which the node calls function `name` (`sh_publish`, ...).
     pub(crate) fn function(&self, name: &str) -> String {
-        format!("{name}{}", self.suffix)
+        // Every Redis call makes one: two copies, not the formatting machinery.
+        let mut full = String::with_capacity(name.len() + self.suffix.len());
+        full.push_str(name);
+        full.push_str(&self.suffix);
+        full
     }
 }
 
