@@ -627,21 +627,15 @@ local function user_targets(P, B, uid, targets)
   end
 end
 
--- The user's live connections {cid -> node}, from P{B}:user:<uid>:conns: its cost
--- grows with the user's sockets, not its sessions. Connections recorded before that
--- index existed (by 0.2.0 nodes, in a rolling upgrade) are missing from it: it then
--- holds fewer than the user's live count in P{B}:online:conns, which every release
--- keeps, and the user's sessions are walked instead.
-local function user_conn_targets(P, B, uid)
-  local flat = redis.call('HGETALL', user_conns_key(P, B, uid))
-  local counted = tonumber(redis.call('HGET', bkey(P, B, 'online:conns'), uid) or '0')
-  local targets = {}
-  if counted > #flat / 2 then
-    user_targets(P, B, uid, targets)
-    return targets
+-- Publishes one client frame to sockets grouped by node ({node -> {cid, ...}}), one
+-- event per node; `offset` (text, or nil) goes into the header.
+local function publish_grouped(P, B, per_node, frame, offset)
+  -- The header is written out rather than cjson-encoded: the ids are hex and the
+  -- offset an integer, so nothing needs escaping.
+  local o = offset and (',"o":' .. offset) or ''
+  for node, cids in pairs(per_node) do
+    publish(P, B, node, '{"t":"message","cids":["' .. table.concat(cids, '","') .. '"]' .. o .. '}\n' .. frame)
   end
-  for i = 1, #flat, 2 do targets[flat[i]] = flat[i + 1] end
-  return targets
 end
 
 -- Publishes one client frame to the given sockets ({cid -> node}), one event per
@@ -649,20 +643,47 @@ end
 local function publish_frame(P, B, targets, frame, offset)
   local per_node, nodes, conns = {}, 0, 0
   for cid, node in pairs(targets) do
-    if not per_node[node] then
-      per_node[node] = {}
+    local cids = per_node[node]
+    if cids then
+      cids[#cids + 1] = cid
+    else
+      per_node[node] = { cid }
       nodes = nodes + 1
     end
-    table.insert(per_node[node], cid)
     conns = conns + 1
   end
-  -- The header is written out rather than cjson-encoded: the ids are hex and the
-  -- offset an integer, so nothing needs escaping.
-  local o = offset and (',"o":' .. offset) or ''
-  for node, cids in pairs(per_node) do
-    publish(P, B, node, '{"t":"message","cids":["' .. table.concat(cids, '","') .. '"]' .. o .. '}\n' .. frame)
-  end
+  publish_grouped(P, B, per_node, frame, offset)
   return nodes, conns
+end
+
+-- Publishes one client frame to the user's live sockets, found in
+-- P{B}:user:<uid>:conns (its cost grows with the user's sockets, not its sessions).
+-- Connections recorded before that index existed (by 0.2.0 nodes, in a rolling
+-- upgrade) are missing from it: it then holds fewer than the user's live count in
+-- P{B}:online:conns, which every release keeps, and the user's sessions are walked
+-- instead. Returns {nodes, connections}.
+local function publish_to_user(P, B, uid, frame, offset)
+  local flat = redis.call('HGETALL', user_conns_key(P, B, uid))
+  local counted = tonumber(redis.call('HGET', bkey(P, B, 'online:conns'), uid) or '0')
+  if counted > #flat / 2 then
+    local targets = {}
+    user_targets(P, B, uid, targets)
+    return publish_frame(P, B, targets, frame, offset)
+  end
+  -- Grouped by node straight from the index's pairs (cid, node).
+  local per_node, nodes = {}, 0
+  for i = 1, #flat, 2 do
+    local node = flat[i + 1]
+    local cids = per_node[node]
+    if cids then
+      cids[#cids + 1] = flat[i]
+    else
+      per_node[node] = { flat[i] }
+      nodes = nodes + 1
+    end
+  end
+  publish_grouped(P, B, per_node, frame, offset)
+  return nodes, #flat / 2
 end
 
 -- sh_create_session: create a session and tell the user's other sessions.
@@ -738,7 +759,7 @@ register('sh_create_session', function(keys, args)
       local _
       created_frame, _, offset = history_append(P, B, uid, cfg, 'others:' .. sid, created_frame)
     end
-    return (publish_frame(P, B, user_conn_targets(P, B, uid), created_frame, offset))
+    return (publish_to_user(P, B, uid, created_frame, offset))
   end
   local nodes = redis.call('HKEYS', user_nodes_key(P, B, uid))
   if #nodes > 0 then
@@ -992,13 +1013,15 @@ end)
 -- user's history. Returns nodes, connections, offset (or nil); nil for a key of
 -- another kind.
 local function publish_target(P, B, key, frame, cfg)
-  local targets = {}
   local offset, offset_text = nil, nil
   local uid = string.match(key, '}:user:(.*):sessions$')
   if uid then
     if cfg then frame, offset, offset_text = history_append(P, B, uid, cfg, 'user', frame) end
-    targets = user_conn_targets(P, B, uid)
-  elseif string.match(key, '}:session:[0-9a-f]+$') then
+    local nodes, conns = publish_to_user(P, B, uid, frame, offset_text)
+    return nodes, conns, offset
+  end
+  local targets = {}
+  if string.match(key, '}:session:[0-9a-f]+$') then
     local sid = string.match(key, 'session:([0-9a-f]+)$')
     local owner = cfg and redis.call('HGET', key, 'user_id')
     if owner then
