@@ -244,14 +244,20 @@ local function ring(P, B)
   redis.call(in_cluster() and 'SPUBLISH' or 'PUBLISH', bkey(P, B, 'events:new'), '')
 end
 
+-- Appends event `what` with its field, value, ... pairs as given (all non-empty
+-- strings) to B's stream, in one XADD, and rings.
+local function append_event(P, B, what, ...)
+  redis.call('XADD', events_stream(P, B), 'MAXLEN', '~', EVENTS_MAXLEN_ARG, '*', 'type', what, ...)
+  ring(P, B)
+end
+
 -- Appends one event {type, field, value, field, value, ...} (values nil or "" are
 -- left out) to bucket B's stream, in one XADD.
 local function emit(P, B, ev)
   if EVENTS_MAXLEN <= 0 then return end
-  local key = events_stream(P, B)
   -- The common case, every value a non-empty string, goes to XADD as `ev` itself:
   -- growing an argument list one field at a time costs a table resize every few
-  -- fields, and a kill appends five events.
+  -- fields.
   local plain = true
   local last = #ev
   for i = 3, last, 2 do
@@ -261,21 +267,18 @@ local function emit(P, B, ev)
       break
     end
   end
-  if plain and last % 2 == 1 then
-    redis.call('XADD', key, 'MAXLEN', '~', EVENTS_MAXLEN_ARG, '*', 'type', unpack(ev, 1, last))
-  else
-    local argv = { key, 'MAXLEN', '~', EVENTS_MAXLEN_ARG, '*', 'type', ev[1] }
-    local n = 7
-    for i = 2, last, 2 do
-      local v = ev[i + 1]
-      if v ~= nil and v ~= '' then
-        argv[n + 1] = ev[i]
-        argv[n + 2] = tostring(v)
-        n = n + 2
-      end
+  if plain and last % 2 == 1 then return append_event(P, B, unpack(ev, 1, last)) end
+  local argv = { events_stream(P, B), 'MAXLEN', '~', EVENTS_MAXLEN_ARG, '*', 'type', ev[1] }
+  local n = 7
+  for i = 2, last, 2 do
+    local v = ev[i + 1]
+    if v ~= nil and v ~= '' then
+      argv[n + 1] = ev[i]
+      argv[n + 2] = tostring(v)
+      n = n + 2
     end
-    redis.call('XADD', unpack(argv, 1, n))
   end
+  redis.call('XADD', unpack(argv, 1, n))
   ring(P, B)
 end
 
@@ -294,23 +297,19 @@ local function emit_conn(P, B, what, uid, sid, cid, node, reason)
     return emit(P, B, { what, 'user_id', uid, 'session_id', sid, 'connection_id', cid,
       'node_id', node, 'reason', reason })
   end
-  local key = events_stream(P, B)
   if reason then
-    redis.call('XADD', key, 'MAXLEN', '~', EVENTS_MAXLEN_ARG, '*', 'type', what, 'user_id', uid,
-      'session_id', sid, 'connection_id', cid, 'node_id', node, 'reason', reason)
+    append_event(P, B, what, 'user_id', uid, 'session_id', sid, 'connection_id', cid,
+      'node_id', node, 'reason', reason)
   else
-    redis.call('XADD', key, 'MAXLEN', '~', EVENTS_MAXLEN_ARG, '*', 'type', what, 'user_id', uid,
-      'session_id', sid, 'connection_id', cid, 'node_id', node)
+    append_event(P, B, what, 'user_id', uid, 'session_id', sid, 'connection_id', cid,
+      'node_id', node)
   end
-  ring(P, B)
 end
 
 local function emit_user(P, B, what, uid)
   if EVENTS_MAXLEN <= 0 then return end
   if not set(uid) then return emit(P, B, { what, 'user_id', uid }) end
-  redis.call('XADD', events_stream(P, B), 'MAXLEN', '~', EVENTS_MAXLEN_ARG, '*', 'type', what,
-    'user_id', uid)
-  ring(P, B)
+  append_event(P, B, what, 'user_id', uid)
 end
 
 -- session.ended for a session about to be ended by end_session (its connections'
@@ -320,9 +319,7 @@ local function emit_ended(P, B, sid, uid, reason)
   if not (set(uid) and set(sid) and set(reason)) then
     return emit(P, B, { 'session.ended', 'user_id', uid, 'session_id', sid, 'reason', reason })
   end
-  redis.call('XADD', events_stream(P, B), 'MAXLEN', '~', EVENTS_MAXLEN_ARG, '*', 'type',
-    'session.ended', 'user_id', uid, 'session_id', sid, 'reason', reason)
-  ring(P, B)
+  append_event(P, B, 'session.ended', 'user_id', uid, 'session_id', sid, 'reason', reason)
 end
 
 -- How long a session's keys outlive its absolute expiry, so that sh_expire, which

@@ -139,9 +139,9 @@ fn install_provider() {
 
 /// The TCP settings of every link to Redis: `TCP_NODELAY` (redis-rs leaves Nagle's
 /// algorithm on). With Nagle, a command written while an earlier one on the same
-/// multiplexed connection is still unacknowledged waits in the kernel until Redis's
-/// answer to the earlier one brings the ACK: under load, most calls would wait for
-/// another call's time in Redis before they even left the node.
+/// multiplexed connection is still unacknowledged waits in the kernel for that ACK:
+/// up to a round trip when Redis is on another machine (nothing measurable on
+/// loopback, BENCHMARKS.md).
 pub(crate) fn tcp_settings() -> redis::io::tcp::TcpSettings {
     redis::io::tcp::TcpSettings::default().set_nodelay(true)
 }
