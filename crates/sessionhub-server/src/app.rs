@@ -150,6 +150,11 @@ impl Application {
         // §7.1.1), not a second later. The socket task holds its response open until
         // the client's close frame is read (ws::HoldOpen), so nothing is left unread.
         .client_disconnect_timeout(Duration::ZERO)
+        // Every frame and answer goes out as soon as it is written: with Nagle's
+        // algorithm on (actix-web leaves it on), a frame written while the
+        // client's ACK of the previous one is delayed (up to 40 ms on Linux)
+        // waits for that ACK.
+        .tcp_nodelay(true)
         .workers(workers)
         .disable_signals()
         .shutdown_timeout(SERVER_STOP_TIMEOUT.as_secs())
