@@ -430,12 +430,20 @@ impl Engine for RedisEngine {
         // bucket (a call's keys share a slot), on one Redis one per
         // SINGLE_REDIS_BATCH_CALL targets of any buckets, in the batch's order
         // within each. Groups and "all" span buckets: as single publishes.
+        // Each target's key is built once (a user's bucket is a SHA-256 of its id).
+        let mut keys: Vec<Option<String>> = Vec::with_capacity(items.len());
         let mut targeted = Vec::new();
         let mut single = Vec::new();
         for (i, (target, _)) in items.iter().enumerate() {
             match target_key(&self.inner.keys, target) {
-                Some((b, _)) => targeted.push((i, b)),
-                None => single.push(i),
+                Some((b, key)) => {
+                    targeted.push((i, b));
+                    keys.push(Some(key));
+                }
+                None => {
+                    single.push(i);
+                    keys.push(None);
+                }
             }
         }
         let calls: Vec<Vec<usize>> = if self.inner.is_cluster() {
@@ -446,10 +454,18 @@ impl Engine for RedisEngine {
                 .map(|chunk| chunk.iter().map(|&(i, _)| i).collect())
                 .collect()
         };
-        let batches = futures_util::future::join_all(calls.into_iter().map(|idx| async move {
-            let res = self.publish_in_bucket(items, &idx).await;
-            (idx, res)
-        }));
+        let calls: Vec<(Vec<usize>, Vec<String>)> = calls
+            .into_iter()
+            .map(|idx| {
+                let call_keys = idx.iter().filter_map(|&i| keys[i].take()).collect();
+                (idx, call_keys)
+            })
+            .collect();
+        let batches =
+            futures_util::future::join_all(calls.into_iter().map(|(idx, call_keys)| async move {
+                let res = self.publish_in_bucket(items, &idx, &call_keys).await;
+                (idx, res)
+            }));
         let singles = futures_util::future::join_all(single.into_iter().map(|i| async move {
             let (target, frame) = &items[i];
             (i, self.publish(target, frame).await)
@@ -921,8 +937,9 @@ impl RedisEngine {
         &self,
         items: &[(Target, String)],
         idx: &[usize],
+        keys: &[String],
     ) -> Result<Vec<Delivery>, EngineError> {
-        let replies = self.batch_call(items, idx).await?;
+        let replies = self.batch_call(items, idx, keys).await?;
         if replies.len() != idx.len() {
             return Err(corrupt(format!(
                 "sh_publish_batch answered {} results for {} messages",
@@ -933,23 +950,21 @@ impl RedisEngine {
         replies.iter().map(|r| delivery_of(r)).collect()
     }
 
-    /// One `sh_publish_batch` for items `idx`: its replies as they are.
+    /// One `sh_publish_batch` for items `idx`, whose target keys are `keys`: its
+    /// replies as they are.
     async fn batch_call(
         &self,
         items: &[(Target, String)],
         idx: &[usize],
+        keys: &[String],
     ) -> Result<Vec<Vec<i64>>, FunctionError> {
         let inner = &self.inner;
-        let keys: Vec<String> = idx
-            .iter()
-            .filter_map(|&i| target_key(&inner.keys, &items[i].0).map(|(_, k)| k))
-            .collect();
         let history = inner.history;
         let frames: Vec<&str> = idx.iter().map(|&i| items[i].1.as_str()).collect();
         inner
             .try_fcall(
                 "sh_publish_batch",
-                &keys,
+                keys,
                 (
                     inner.deadline(),
                     history.size,

@@ -1,8 +1,11 @@
 //! Service API for messages, groups and presence.
 
 use actix_web::{HttpResponse, web};
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use serde_json::value::RawValue;
 use sessionhub_core::protocol::ServerFrame;
 use sessionhub_core::{ConnectionId, EngineError, GroupName, Member, SessionId, Target, UserId};
@@ -43,7 +46,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Publish<'a> {
-    to: Value,
+    #[serde(borrow)]
+    to: To<'a>,
     event: String,
     /// Kept as the raw JSON text: it is checked for size and forwarded, never
     /// rebuilt.
@@ -55,21 +59,125 @@ fn bad(msg: impl Into<String>) -> ApiError {
     ApiError::BadRequest(msg.into())
 }
 
-/// Parses `"all"` or `{"user"|"session"|"connection"|"group": id}`.
-fn parse_target(to: &Value) -> Result<Target, ApiError> {
-    const HINT: &str = "\"to\" must be \"all\" or one of {\"user\": id}, {\"session\": id}, {\"connection\": id}, {\"group\": name}";
-    if to.as_str() == Some("all") {
-        return Ok(Target::All);
+/// A publish's `to` as sent, read without building a `serde_json::Value` (a map
+/// and two strings per message of a batch): `"all"`, a one-entry object
+/// `{kind: id}` (the id `None` when it is not a string), or any other JSON value,
+/// which [`parse_target`] refuses after the body has parsed.
+enum To<'a> {
+    All,
+    One(Cow<'a, str>, Option<Cow<'a, str>>),
+    Other,
+}
+
+/// Any JSON value, kept only if it is a string (borrowed from the body unless it
+/// has escapes); anything else is read and dropped.
+struct AnyStr<'a>(Option<Cow<'a, str>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for AnyStr<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(AnyStrVisitor(std::marker::PhantomData))
     }
-    let Some(obj) = to.as_object().filter(|o| o.len() == 1) else {
-        return Err(bad(HINT));
+}
+
+struct AnyStrVisitor<'a>(std::marker::PhantomData<&'a ()>);
+
+impl<'de: 'a, 'a> Visitor<'de> for AnyStrVisitor<'a> {
+    type Value = AnyStr<'a>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(AnyStr(Some(Cow::Borrowed(v))))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(AnyStr(Some(Cow::Owned(v.to_owned()))))
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(AnyStr(None))
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(AnyStr(None))
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(AnyStr(None))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(AnyStr(None))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(AnyStr(None))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(AnyStr(None))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(AnyStr(None))
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for To<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ToVisitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for ToVisitor<'a> {
+            type Value = To<'a>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a publish target")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(if v == "all" { To::All } else { To::Other })
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(To::Other)
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(To::Other)
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(To::Other)
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(To::Other)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(To::Other)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                AnyStrVisitor(std::marker::PhantomData)
+                    .visit_seq(seq)
+                    .map(|_| To::Other)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let Some((AnyStr(kind), AnyStr(id))) =
+                    map.next_entry::<AnyStr<'a>, AnyStr<'a>>()?
+                else {
+                    return Ok(To::Other); // {}
+                };
+                // A second entry (even the same key again) makes it ambiguous.
+                if map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {
+                    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                    return Ok(To::Other);
+                }
+                Ok(kind.map_or(To::Other, |kind| To::One(kind, id)))
+            }
+        }
+        d.deserialize_any(ToVisitor(std::marker::PhantomData))
+    }
+}
+
+/// Parses `"all"` or `{"user"|"session"|"connection"|"group": id}`.
+fn parse_target(to: &To<'_>) -> Result<Target, ApiError> {
+    const HINT: &str = "\"to\" must be \"all\" or one of {\"user\": id}, {\"session\": id}, {\"connection\": id}, {\"group\": name}";
+    let (kind, id) = match to {
+        To::All => return Ok(Target::All),
+        To::One(kind, Some(id)) => (kind, id),
+        To::One(_, None) | To::Other => return Err(bad(HINT)),
     };
-    let Some((kind, id)) = obj.iter().next() else {
-        return Err(bad(HINT));
-    };
-    let id = id.as_str().ok_or_else(|| bad(HINT))?;
     let err = |e: sessionhub_core::IdError| bad(e.to_string());
-    Ok(match kind.as_str() {
+    Ok(match kind.as_ref() {
         "user" => Target::User(UserId::parse(id).map_err(err)?),
         "session" => Target::Session(SessionId::parse(id).map_err(err)?),
         "connection" => Target::Connection(ConnectionId::parse(id).map_err(err)?),
@@ -186,6 +294,13 @@ async fn publish(
     Ok(HttpResponse::Accepted().json(delivery))
 }
 
+/// A batch's answer: `{"results": [...]}`, one per message in order (serialised
+/// as it is, not through a `serde_json::Value`).
+#[derive(Serialize)]
+struct BatchAnswer {
+    results: Vec<BatchResult>,
+}
+
 /// One answer of a batch: where the message went, or why it did not.
 #[derive(Serialize)]
 #[serde(untagged)]
@@ -218,7 +333,9 @@ async fn publish_batch(
         .map(|(i, r)| prepare(r, max).map_err(|e| e.for_item(i)))
         .collect::<Result<Vec<_>, ApiError>>()?;
     if items.is_empty() {
-        return Ok(HttpResponse::Accepted().json(serde_json::json!({ "results": [] })));
+        return Ok(HttpResponse::Accepted().json(BatchAnswer {
+            results: Vec::new(),
+        }));
     }
     let started = std::time::Instant::now();
     let answers = state.engine.publish_batch(&items).await;
@@ -245,7 +362,7 @@ async fn publish_batch(
             }
         })
         .collect();
-    Ok(HttpResponse::Accepted().json(serde_json::json!({ "results": results })))
+    Ok(HttpResponse::Accepted().json(BatchAnswer { results }))
 }
 
 /// The status and message a failed batch item reports (without logging it again).
@@ -371,7 +488,67 @@ async fn presence(_: ServiceAuth, state: web::Data<AppState>) -> Result<HttpResp
 
 #[cfg(test)]
 mod tests {
-    use super::json_depth;
+    use super::{Publish, json_depth, parse_target};
+    use sessionhub_core::Target;
+
+    /// The target of a publish body, or the error text it answers.
+    fn target(body: &str) -> Result<Target, String> {
+        let req: Publish<'_> = serde_json::from_str(body).map_err(|e| format!("json: {e}"))?;
+        parse_target(&req.to).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn targets_are_read_without_a_json_value() {
+        let user = |id: &str| Ok(Target::User(sessionhub_core::UserId::parse(id).unwrap()));
+        assert_eq!(target(r#"{"to":"all","event":"e"}"#), Ok(Target::All));
+        assert_eq!(
+            target(r#"{"to":{"user":"alice"},"event":"e"}"#),
+            user("alice")
+        );
+        // Escapes in the key or the id (not borrowed from the body).
+        assert_eq!(
+            target(r#"{"to":{"us\u0065r":"al\u0069ce"},"event":"e"}"#),
+            user("alice")
+        );
+        assert!(matches!(
+            target(r#"{"event":"e","to":{"group":"g1"},"data":[1]}"#),
+            Ok(Target::Group(_))
+        ));
+        // Anything else is refused with the hint, once the body parsed.
+        for to in [
+            r#""everyone""#,
+            "null",
+            "1",
+            "true",
+            "[]",
+            r#"["all"]"#,
+            "{}",
+            r#"{"user":1}"#,
+            r#"{"user":{"id":"alice","more":[1,{"x":null}]}}"#,
+            r#"{"user":"alice","session":"00"}"#,
+            r#"{"user":"alice","user":"bob"}"#,
+            r#"{"bogus":"alice"}"#,
+        ] {
+            let err = target(&format!(r#"{{"to":{to},"event":"e"}}"#)).unwrap_err();
+            assert!(err.contains(r#""to" must be "all""#), "{to}: {err}");
+        }
+        // Ids are still validated, and a missing or malformed `to` is a JSON error.
+        assert!(
+            target(r#"{"to":{"user":"a b"},"event":"e"}"#)
+                .unwrap_err()
+                .contains("user_id")
+        );
+        assert!(
+            target(r#"{"event":"e"}"#)
+                .unwrap_err()
+                .contains("missing field `to`")
+        );
+        assert!(
+            target(r#"{"to":{"user":"alice""#)
+                .unwrap_err()
+                .starts_with("json: ")
+        );
+    }
 
     #[test]
     fn depth_counts_nesting_outside_strings() {
