@@ -416,7 +416,9 @@ end
 -- indexes they share (their node's, their user's, the online counts) take one
 -- command each rather than one per connection, which is most of a kill's time in
 -- Redis. `why` is the connection.closed events' reason (default "closed"); a user
--- whose last connection went gets user.offline after them. With `session_going`
+-- whose last connection went gets user.offline after them, and its per-node counts
+-- and connection index go whole with the records (nothing of them is read). With
+-- `session_going`
 -- the caller deletes the sessions' connection lists whole, so they are not edited.
 -- `also_del` (or nil) are more keys to delete with the records' own (one DEL).
 -- `known` (or nil) is what the caller already knows of the records: a session's
@@ -475,35 +477,40 @@ local function drop_conns(P, B, cids, why, session_going, known, also_del)
   end
   if #keys == 0 then return nodes end
   for node, list in pairs(by_node) do call_chunked('HDEL', node_index(P, B, node), list) end
-  call_chunked('DEL', nil, keys)
   local oc = bkey(P, B, 'online:conns')
   for _, uid in ipairs(order) do
     local u = users[uid]
-    -- The user's per-node counts: one read, then one write of those left and one
-    -- removal of those gone, whatever the number of nodes.
-    local un = user_nodes_key(P, B, uid)
-    local names = {}
-    for node in pairs(u.nodes) do names[#names + 1] = node end
-    local had = redis.call('HMGET', un, unpack(names))
-    local keep, gone = {}, {}
-    for i, node in ipairs(names) do
-      local left = (tonumber(had[i]) or 0) - u.nodes[node]
-      if left > 0 then
-        keep[#keep + 1] = node
-        keep[#keep + 1] = int(left)
-      else
-        gone[#gone + 1] = node
-      end
-    end
-    if #keep > 0 then redis.call('HSET', un, unpack(keep)) end
-    if #gone > 0 then redis.call('HDEL', un, unpack(gone)) end
-    call_chunked('HDEL', user_conns_key(P, B, uid), u.cids)
     if redis.call('HINCRBY', oc, uid, int(-u.n)) <= 0 then
+      -- The user's last sockets (the count covers every release's records): its
+      -- per-node counts and its connection index go whole, in the DEL below.
+      keys[#keys + 1] = user_nodes_key(P, B, uid)
+      keys[#keys + 1] = user_conns_key(P, B, uid)
       redis.call('HDEL', oc, uid)
       redis.call('ZREM', bkey(P, B, 'online'), uid)
       emit_user(P, B, 'user.offline', uid)
+    else
+      -- The user's per-node counts: one read, then one write of those left and one
+      -- removal of those gone, whatever the number of nodes.
+      local un = user_nodes_key(P, B, uid)
+      local names = {}
+      for node in pairs(u.nodes) do names[#names + 1] = node end
+      local had = redis.call('HMGET', un, unpack(names))
+      local keep, gone = {}, {}
+      for i, node in ipairs(names) do
+        local left = (tonumber(had[i]) or 0) - u.nodes[node]
+        if left > 0 then
+          keep[#keep + 1] = node
+          keep[#keep + 1] = int(left)
+        else
+          gone[#gone + 1] = node
+        end
+      end
+      if #keep > 0 then redis.call('HSET', un, unpack(keep)) end
+      if #gone > 0 then redis.call('HDEL', un, unpack(gone)) end
+      call_chunked('HDEL', user_conns_key(P, B, uid), u.cids)
     end
   end
+  call_chunked('DEL', nil, keys)
   return nodes
 end
 
