@@ -782,6 +782,31 @@ mod tests {
         }
     }
 
+    /// A hold that outlasts the outbound queue (a resync that does not go through
+    /// while messages keep coming) ends as a full queue does: the socket is asked to
+    /// close as too slow (1013), and a settle that comes after does not reopen it.
+    #[test]
+    fn a_hold_past_the_queue_bound_closes_the_socket_as_too_slow() {
+        let hub = Hub::default();
+        let c = conn();
+        hub.insert(c.clone());
+        hub.bind_user(&c, &UserId::parse("alice").expect("user id"), 42);
+        c.start_history("e1", 1);
+        hub.note_history_points();
+        for i in 0..OUTBOUND_QUEUE_CAPACITY {
+            assert!(
+                c.send(ByteString::from(format!("f{i}")), 2 + i as u64),
+                "frame {i}"
+            );
+        }
+        assert!(frame(&c).is_none(), "held");
+        assert!(!c.send(ByteString::from_static("one too many"), 999));
+        assert!(matches!(frame(&c), Some(Next::Close(CloseCmd::TooSlow))));
+        let (_, taken) = hub.records_to_resync();
+        assert_eq!(hub.settle_held(&taken, &[]), 0);
+        assert!(matches!(frame(&c), Some(Next::Close(CloseCmd::TooSlow))));
+    }
+
     /// A session is listed in its slice only, while it has a socket here, and its
     /// slice is emptied again when its last socket goes.
     #[test]
