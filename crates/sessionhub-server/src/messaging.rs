@@ -1,9 +1,9 @@
 //! Service API for messages, groups and presence.
 
-use actix_web::{HttpResponse, web};
 use std::borrow::Cow;
 use std::fmt;
 
+use actix_web::{HttpResponse, web};
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
