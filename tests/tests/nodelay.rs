@@ -1,5 +1,6 @@
 //! Nagle's algorithm is off on every TCP connection a node holds: its clients'
-//! (HTTP and WebSocket) and its links to Redis (commands, and the subscriber's own).
+//! (HTTP and WebSocket) and its links to Redis (commands, and the subscriber's own;
+//! on one Redis and on Redis Cluster).
 //! With it on, a frame written while the peer has not yet acknowledged the previous
 //! one waits for that ACK: a round trip, or the peer's delayed ACK (40 ms on Linux,
 //! up to 200 ms on Windows). Linux on loopback acknowledges as soon as the reader
@@ -13,7 +14,7 @@ use std::net::SocketAddr;
 use rustix::net::{getpeername, getsockname, sockopt};
 use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
 use sessionhub_tests::process::wait_ready;
-use sessionhub_tests::{Api, TestCluster, WsClient};
+use sessionhub_tests::{Api, Deployment, Store, Topology, WsClient};
 
 /// Every connected TCP socket of process `pid`: (local, peer, TCP_NODELAY).
 fn tcp_sockets(pid: u32) -> Vec<(SocketAddr, SocketAddr, bool)> {
@@ -52,16 +53,22 @@ fn tcp_sockets(pid: u32) -> Vec<(SocketAddr, SocketAddr, bool)> {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_tcp_connection_of_a_node_has_nagle_off() {
-    let cluster = TestCluster::start(1).await;
-    let node = &cluster.nodes[0];
+sessionhub_tests::on_both_topologies!(every_tcp_connection_of_a_node_has_nagle_off);
+
+async fn every_tcp_connection_of_a_node_has_nagle_off(topology: Topology) {
+    let d = Deployment::start(topology, 1).await;
+    let node = &d.nodes[0];
     wait_ready(node).await;
     let api = Api::new(node);
     let s = api.create_session("alice", "laptop").await;
     let _ws = WsClient::connect(node, &s.token).await.unwrap();
     let node_port: u16 = node.base.rsplit(':').next().unwrap().parse().unwrap();
-    let redis_port = cluster.redis.port();
+    let (store_ports, links) = match &d.store {
+        // The command link and the subscriber's own link.
+        Store::Single(r) => (vec![r.port()], 2),
+        // A command link and a subscriber link to each master, at least.
+        Store::Cluster(c) => (c.ports(), 2 * c.masters().await.len()),
+    };
 
     let sockets = tcp_sockets(node.pid().unwrap());
     let clients = sockets
@@ -70,15 +77,14 @@ async fn every_tcp_connection_of_a_node_has_nagle_off() {
         .count();
     let to_redis = sockets
         .iter()
-        .filter(|(_, peer, _)| peer.port() == redis_port)
+        .filter(|(_, peer, _)| store_ports.contains(&peer.port()))
         .count();
     // At least the WebSocket (held open above); the HTTP connection too unless its
     // keep-alive ran out meanwhile.
     assert!(clients >= 1, "no client connection among {sockets:?}");
-    // The command link and the subscriber's own link.
     assert!(
-        to_redis >= 2,
-        "fewer than two links to Redis among {sockets:?}"
+        to_redis >= links,
+        "fewer than {links} links to Redis among {sockets:?}"
     );
     let nagle_on: Vec<_> = sockets.iter().filter(|(.., nodelay)| !nodelay).collect();
     assert!(
