@@ -418,8 +418,8 @@ end
 -- Redis. `why` is the connection.closed events' reason (default "closed"); a user
 -- whose last connection went gets user.offline after them, and its per-node counts
 -- and connection index go whole with the records (nothing of them is read). With
--- `session_going`
--- the caller deletes the sessions' connection lists whole, so they are not edited.
+-- `session_going` the caller deletes the sessions' connection lists whole, so they
+-- are not edited.
 -- `also_del` (or nil) are more keys to delete with the records' own (one DEL).
 -- `known` (or nil) is what the caller already knows of the records: a session's
 -- {sid, uid, node = {cid -> node}}, from its connection list. add_conn writes a

@@ -60,111 +60,71 @@ fn bad(msg: impl Into<String>) -> ApiError {
 }
 
 /// A publish's `to` as sent, read without building a `serde_json::Value` (a map
-/// and two strings per message of a batch): `"all"`, a one-entry object
-/// `{kind: id}` (the id `None` when it is not a string), or any other JSON value,
-/// which [`parse_target`] refuses after the body has parsed.
+/// and two strings per message of a batch): a string, a one-entry object `{kind:
+/// id}` (the id `None` when it is not a string), or any other JSON value, read and
+/// dropped. [`parse_target`] takes `"all"` and `{kind: id}` and refuses the rest once
+/// the body has parsed. Strings are borrowed from the body unless they have escapes.
 enum To<'a> {
-    All,
+    Str(Cow<'a, str>),
     One(Cow<'a, str>, Option<Cow<'a, str>>),
     Other,
 }
 
-/// Any JSON value, kept only if it is a string (borrowed from the body unless it
-/// has escapes); anything else is read and dropped.
-struct AnyStr<'a>(Option<Cow<'a, str>>);
-
-impl<'de: 'a, 'a> Deserialize<'de> for AnyStr<'a> {
+impl<'de: 'a, 'a> Deserialize<'de> for To<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(AnyStrVisitor(std::marker::PhantomData))
+        d.deserialize_any(ToVisitor(std::marker::PhantomData))
     }
 }
 
-struct AnyStrVisitor<'a>(std::marker::PhantomData<&'a ()>);
+struct ToVisitor<'a>(std::marker::PhantomData<&'a ()>);
 
-impl<'de: 'a, 'a> Visitor<'de> for AnyStrVisitor<'a> {
-    type Value = AnyStr<'a>;
+impl<'de: 'a, 'a> Visitor<'de> for ToVisitor<'a> {
+    type Value = To<'a>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any JSON value")
     }
     fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-        Ok(AnyStr(Some(Cow::Borrowed(v))))
+        Ok(To::Str(Cow::Borrowed(v)))
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(AnyStr(Some(Cow::Owned(v.to_owned()))))
+        Ok(To::Str(Cow::Owned(v.to_owned())))
     }
     fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(AnyStr(None))
+        Ok(To::Other)
     }
     fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(AnyStr(None))
+        Ok(To::Other)
     }
     fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(AnyStr(None))
+        Ok(To::Other)
     }
     fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(AnyStr(None))
+        Ok(To::Other)
     }
     fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(AnyStr(None))
+        Ok(To::Other)
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(AnyStr(None))
+        Ok(To::Other)
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(AnyStr(None))
-    }
-}
-
-impl<'de: 'a, 'a> Deserialize<'de> for To<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct ToVisitor<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for ToVisitor<'a> {
-            type Value = To<'a>;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a publish target")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(if v == "all" { To::All } else { To::Other })
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(To::Other)
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(To::Other)
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(To::Other)
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(To::Other)
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(To::Other)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-                AnyStrVisitor(std::marker::PhantomData)
-                    .visit_seq(seq)
-                    .map(|_| To::Other)
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let Some((AnyStr(kind), AnyStr(id))) =
-                    map.next_entry::<AnyStr<'a>, AnyStr<'a>>()?
-                else {
-                    return Ok(To::Other); // {}
-                };
-                // A second entry (even the same key again) makes it ambiguous.
-                if map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {
-                    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                    return Ok(To::Other);
-                }
-                Ok(kind.map_or(To::Other, |kind| To::One(kind, id)))
-            }
+        let Some((To::Str(kind), id)) = map.next_entry::<To<'a>, To<'a>>()? else {
+            return Ok(To::Other); // {} (keys are always strings)
+        };
+        // A second entry (even the same key again) makes it ambiguous.
+        if map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            return Ok(To::Other);
         }
-        d.deserialize_any(ToVisitor(std::marker::PhantomData))
+        Ok(To::One(
+            kind,
+            match id {
+                To::Str(id) => Some(id),
+                _ => None,
+            },
+        ))
     }
 }
 
@@ -172,9 +132,9 @@ impl<'de: 'a, 'a> Deserialize<'de> for To<'a> {
 fn parse_target(to: &To<'_>) -> Result<Target, ApiError> {
     const HINT: &str = "\"to\" must be \"all\" or one of {\"user\": id}, {\"session\": id}, {\"connection\": id}, {\"group\": name}";
     let (kind, id) = match to {
-        To::All => return Ok(Target::All),
+        To::Str(s) if s == "all" => return Ok(Target::All),
         To::One(kind, Some(id)) => (kind, id),
-        To::One(_, None) | To::Other => return Err(bad(HINT)),
+        To::Str(_) | To::One(_, None) | To::Other => return Err(bad(HINT)),
     };
     let err = |e: sessionhub_core::IdError| bad(e.to_string());
     Ok(match kind.as_ref() {
