@@ -613,9 +613,13 @@ impl Config {
             ));
         }
         if cli.pong_timeout_ms <= cli.ping_interval_ms {
+            // Both values: the interval may be the default, which the user never wrote.
             return Err(bad(
                 "SESSIONHUB_PONG_TIMEOUT_MS (--pong-timeout-ms)",
-                "must be longer than SESSIONHUB_PING_INTERVAL_MS",
+                format!(
+                    "{} ms must be longer than SESSIONHUB_PING_INTERVAL_MS ({} ms)",
+                    cli.pong_timeout_ms, cli.ping_interval_ms
+                ),
             ));
         }
         let admin = match cli.admin {
@@ -892,6 +896,21 @@ mod tests {
         );
         let e = check_environment(vars(&["SESSIONHUB_FLUX_CAPACITOR"])).unwrap_err();
         assert_eq!(e.to_string(), "unknown setting SESSIONHUB_FLUX_CAPACITOR");
+    }
+
+    #[test]
+    fn a_pong_timeout_within_the_ping_interval_names_both_values() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.ws.ping_interval, Duration::from_secs(25));
+        assert!(c.ws.pong_timeout > c.ws.ping_interval);
+        // The interval is the default here: the message says what it is.
+        assert_eq!(
+            parse(&["--pong-timeout-ms", "21000"]).unwrap_err(),
+            "invalid SESSIONHUB_PONG_TIMEOUT_MS (--pong-timeout-ms): 21000 ms must be longer \
+             than SESSIONHUB_PING_INTERVAL_MS (25000 ms)"
+        );
+        let c = parse(&["--pong-timeout-ms", "21000", "--ping-interval-ms", "20000"]).unwrap();
+        assert_eq!(c.ws.pong_timeout, Duration::from_millis(21_000));
     }
 
     #[test]
