@@ -1,6 +1,7 @@
 //! The README's settings table against the binary's own `--help`: every setting the
 //! node takes is a row, every row is a setting, and each default the table shows is
-//! the one the node applies (a changed default must change the docs with it).
+//! the one the node applies (a changed default must change the docs with it). The
+//! shipped deployment files set only settings the binary knows.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::collections::BTreeMap;
@@ -91,4 +92,40 @@ fn the_readme_settings_table_matches_the_binary() {
         checked >= 30,
         "only {checked} literal defaults found in the README's table"
     );
+}
+
+/// The settings a deployment file sets: `SESSIONHUB_X: value` (compose) and
+/// `- name: SESSIONHUB_X` (Kubernetes), comments left out.
+fn settings_set_in(file: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(repo_root().join(file)).unwrap();
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let l = l.strip_prefix("- name: ").unwrap_or(l);
+            let name = l.split(':').next()?.trim();
+            (name.starts_with("SESSIONHUB_") && name.len() > "SESSIONHUB_".len())
+                .then(|| name.to_string())
+        })
+        .collect()
+}
+
+/// A node refuses an unknown `SESSIONHUB_*` variable at start-up, so a misspelt or
+/// retired setting in a shipped deployment file would stop every node it starts;
+/// CI has no Docker or Kubernetes to find that out by running them.
+#[test]
+fn the_shipped_deployment_files_set_only_real_settings() {
+    let help = help_defaults();
+    for file in ["docker-compose.yml", "deploy/k8s/sessionhub.yaml"] {
+        let set = settings_set_in(file);
+        assert!(
+            set.len() >= 3,
+            "{file}: only {set:?} found; has its form changed?"
+        );
+        let unknown: Vec<_> = set.iter().filter(|n| !help.contains_key(*n)).collect();
+        assert!(
+            unknown.is_empty(),
+            "{file} sets what is no setting: {unknown:?}"
+        );
+    }
 }
