@@ -213,8 +213,8 @@ pub struct Cli {
 
     // 25 s, as in Socket.IO, socketioxide and Centrifugo: well inside the idle
     // timeouts of common proxies and load balancers (60 s and up), and with the 45 s
-    // pong timeout a half-open socket is closed at its second unanswered ping (50 s;
-    // 60 s with the 20 s of earlier releases).
+    // pong timeout a half-open socket is closed when the second ping after its last
+    // pong falls due (50 s after it; 60 s with the 20 s of earlier releases).
     /// Interval in ms between the server's pings on each socket.
     #[arg(long, env = "SESSIONHUB_PING_INTERVAL_MS", default_value_t = 25_000,
           value_parser = clap::value_parser!(u64).range(1..))]
