@@ -11,7 +11,12 @@ use sessionhub_tests::process::{node_binary, repo_root};
 
 /// `SESSIONHUB_*` name → its default as `--help` prints it (None: no default).
 fn help_defaults() -> BTreeMap<String, Option<String>> {
-    let out = Command::new(node_binary()).arg("--help").output().unwrap();
+    // Without the environment: clap shows a set variable's value in its `[env: ...]`.
+    let out = Command::new(node_binary())
+        .arg("--help")
+        .env_clear()
+        .output()
+        .unwrap();
     assert!(out.status.success(), "sessionhub --help failed: {out:?}");
     let help = String::from_utf8(out.stdout).unwrap();
     let mut settings = BTreeMap::new();
