@@ -1,6 +1,6 @@
 //! Nagle's algorithm is off on every TCP connection a node holds: its clients'
-//! (HTTP and WebSocket) and its links to Redis (commands, and the subscriber's own;
-//! on one Redis and on Redis Cluster).
+//! (HTTP and WebSocket), its links to Redis (commands, and the subscriber's own; on
+//! one Redis and on Redis Cluster) and its webhook client's.
 //! With it on, a frame written while the peer has not yet acknowledged the previous
 //! one waits for that ACK: a round trip, or the peer's delayed ACK (40 ms on Linux,
 //! up to 200 ms on Windows). Linux on loopback acknowledges as soon as the reader
@@ -14,7 +14,8 @@ use std::net::SocketAddr;
 use rustix::net::{getpeername, getsockname, sockopt};
 use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
 use sessionhub_tests::process::wait_ready;
-use sessionhub_tests::{Api, Deployment, Store, Topology, WsClient};
+use sessionhub_tests::webhook::{EVENT_WAIT, Receiver, webhook_env};
+use sessionhub_tests::{Api, Deployment, Store, Topology, WsClient, wait_for};
 
 /// Every connected TCP socket of process `pid`: (local, peer, TCP_NODELAY).
 fn tcp_sockets(pid: u32) -> Vec<(SocketAddr, SocketAddr, bool)> {
@@ -56,13 +57,30 @@ fn tcp_sockets(pid: u32) -> Vec<(SocketAddr, SocketAddr, bool)> {
 sessionhub_tests::on_both_topologies!(every_tcp_connection_of_a_node_has_nagle_off);
 
 async fn every_tcp_connection_of_a_node_has_nagle_off(topology: Topology) {
-    let d = Deployment::start(topology, 1).await;
+    // A webhook receiver, so that the node also holds its webhook client's connection
+    // (kept alive between POSTs).
+    let receiver = Receiver::start().await;
+    let env = webhook_env(&receiver);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let d = Deployment::start_with(topology, 1, &env).await;
     let node = &d.nodes[0];
     wait_ready(node).await;
     let api = Api::new(node);
     let s = api.create_session("alice", "laptop").await;
     let _ws = WsClient::connect(node, &s.token).await.unwrap();
+    wait_for("the login's webhook POST", EVENT_WAIT, || async {
+        (!receiver.accepted_of("alice").is_empty()).then_some(())
+    })
+    .await;
     let node_port: u16 = node.base.rsplit(':').next().unwrap().parse().unwrap();
+    let hook_port: u16 = receiver
+        .url
+        .trim_end_matches("/hook")
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     let (store_ports, links) = match &d.store {
         // The command link and the subscriber's own link.
         Store::Single(r) => (vec![r.port()], 2),
@@ -79,9 +97,14 @@ async fn every_tcp_connection_of_a_node_has_nagle_off(topology: Topology) {
         .iter()
         .filter(|(_, peer, _)| store_ports.contains(&peer.port()))
         .count();
+    let to_hook = sockets
+        .iter()
+        .filter(|(_, peer, _)| peer.port() == hook_port)
+        .count();
     // At least the WebSocket (held open above); the HTTP connection too unless its
     // keep-alive ran out meanwhile.
     assert!(clients >= 1, "no client connection among {sockets:?}");
+    assert!(to_hook >= 1, "no webhook connection among {sockets:?}");
     assert!(
         to_redis >= links,
         "fewer than {links} links to Redis among {sockets:?}"

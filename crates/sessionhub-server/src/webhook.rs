@@ -261,6 +261,9 @@ pub async fn start(
         .timeout(config.timeout)
         .connect_timeout(config.timeout)
         .redirect(reqwest::redirect::Policy::none())
+        // reqwest's default too; said here since every other link sets it itself
+        // (tests/tests/nodelay.rs checks the connection).
+        .tcp_nodelay(true)
         .user_agent(concat!("sessionhub/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| StartError::Client(e.to_string()))?;
