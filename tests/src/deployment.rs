@@ -64,6 +64,15 @@ impl Deployment {
         Node::start(opts).await
     }
 
+    /// A connection to the Redis that holds `key` (on Redis Cluster, the master that
+    /// owns its slot).
+    pub async fn conn_for(&self, key: &str) -> redis::aio::MultiplexedConnection {
+        match &self.store {
+            Store::Single(r) => r.conn().await,
+            Store::Cluster(c) => c.conn(c.master_for_key(key).await).await,
+        }
+    }
+
     /// How many subscribers each channel has: `PUBSUB NUMSUB` on one Redis, `PUBSUB
     /// SHARDNUMSUB` on the master that owns the channel's slot on Redis Cluster.
     pub async fn numsub(&self, channels: &[String]) -> Vec<u64> {

@@ -1,6 +1,8 @@
 //! Targeted messaging, groups and presence across a real three-node cluster.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+use std::time::Duration;
+
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use sessionhub_tests::{
@@ -475,6 +477,73 @@ async fn group_membership_follows_new_connections_and_vanishes_with_closed_ones(
     assert_nothing_else(&api, &mut [&mut alice[0], &mut alice_c]).await;
 }
 
+/// A group's bucket index (`Pgroup:<g>:in_buckets`, no TTL) shrinks back: a refused
+/// add (404, the connection is not live) writes nothing, and a bucket whose count
+/// outlived its members (a socket closed between `sh_group_add` and the count's
+/// `HINCRBY`, with a sweep in between) is forgotten by the node that added them.
+async fn a_groups_bucket_index_keeps_no_bucket_without_members(topology: Topology) {
+    let cluster = Deployment::start(topology, 1).await;
+    let api = Api::new(&cluster.nodes[0]);
+    let res = api
+        .service(
+            Method::PUT,
+            "/api/v1/groups/ghost/members/2bd806c9000000000000000000000000",
+            None,
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    let ghost = "sh:group:ghost:in_buckets";
+    let mut c = cluster.conn_for(ghost).await;
+    let n: i64 = redis::cmd("EXISTS")
+        .arg(ghost)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "a refused add wrote {ghost}");
+
+    let (_, ws) = user_on(&api, "alice", &[&cluster.nodes[0]]).await;
+    let cid = ws[0].connection_id().to_owned();
+    let path = format!("/api/v1/groups/room/members/{cid}");
+    assert_eq!(
+        api.service(Method::PUT, &path, None).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    let index = "sh:group:room:in_buckets";
+    let mut c = cluster.conn_for(index).await;
+    let buckets: Vec<String> = redis::cmd("HKEYS")
+        .arg(index)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(buckets.len(), 1, "{buckets:?}");
+    // The race's outcome: the member gone from its bucket with no `groups:emptied`
+    // entry to tell the sweep, and the count still there.
+    let members = format!("sh:{{{}}}:group:room", buckets[0]);
+    let mut m = cluster.conn_for(&members).await;
+    let _: i64 = redis::cmd("HDEL")
+        .arg(&members)
+        .arg(format!("conn:{cid}"))
+        .query_async(&mut m)
+        .await
+        .unwrap();
+    wait_for(
+        "the node to forget the bucket left without members",
+        Duration::from_secs(40),
+        || {
+            let mut c = c.clone();
+            async move {
+                let n: i64 = redis::cmd("EXISTS")
+                    .arg(index)
+                    .query_async(&mut c)
+                    .await
+                    .ok()?;
+                (n == 0).then_some(())
+            }
+        },
+    )
+    .await;
+}
+
 async fn a_batch_publish_answers_in_order_and_refuses_bad_batches_whole(topology: Topology) {
     let cluster = Deployment::start(topology, 2).await;
     let [a, b] = [&cluster.nodes[0], &cluster.nodes[1]];
@@ -765,6 +834,7 @@ sessionhub_tests::on_both_topologies!(
     pagination_walks_2500_online_users_exactly_once,
     group_membership_follows_new_connections_and_vanishes_with_closed_ones,
     a_batch_publish_answers_in_order_and_refuses_bad_batches_whole,
+    a_groups_bucket_index_keeps_no_bucket_without_members,
 );
 
 /// A message to a user finds its sockets through the user's connection index

@@ -525,6 +525,11 @@ impl Engine for RedisEngine {
         // Both must hold before the add is acknowledged, in this order: the sweep
         // that forgets emptied buckets relies on the count moving after the add.
         let n = add.await?;
+        if n == 0 {
+            // Refused (the connection is not live): nothing was added, so nothing
+            // may point at the bucket; a 404 has no later effect.
+            return Ok(false);
+        }
         inner.marks.group_added(group, b);
         let buckets = inner.keys.group_buckets(group);
         inner
@@ -537,7 +542,7 @@ impl Engine for RedisEngine {
                     .await
             })
             .await?;
-        Ok(n > 0)
+        Ok(true)
     }
 
     async fn group_remove(&self, group: &GroupName, member: &Member) -> Result<bool, EngineError> {

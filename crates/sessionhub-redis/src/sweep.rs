@@ -345,12 +345,16 @@ impl Inner {
         .await;
         let now = now_ms();
         let mut gone = Vec::new();
+        let mut emptied = Vec::new();
         let mut failed = None;
         {
             let mut groups = lock(&self.marks.groups);
             for (g, b, exists) in checks {
                 match exists {
-                    Ok(0) => gone.push((b, now)),
+                    Ok(0) => {
+                        gone.push((b, now));
+                        emptied.push((g, b));
+                    }
                     Ok(_) => {
                         groups.insert((g, b));
                     }
@@ -364,6 +368,14 @@ impl Inner {
         gone.sort_unstable();
         gone.dedup();
         self.note_due(&gone).await?;
+        // The sweep forgets a bucket where a group emptied, but only one its
+        // `groups:emptied` lists: a member whose socket closed between this node's
+        // `sh_group_add` and its count's `HINCRBY`, with a sweep in between, would
+        // leave the count behind for good. Forgetting here is as safe as there (the
+        // count is read before the members are looked at).
+        for (g, b) in emptied {
+            self.forget_group_bucket(g.as_str(), b).await?;
+        }
         if let Some(e) = failed {
             return Err(e);
         }
