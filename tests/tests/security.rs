@@ -626,3 +626,97 @@ async fn the_single_node_engine_enforces_the_same_limits() {
         other => panic!("expected 429, got {:?}", other.map(|_| ())),
     }
 }
+
+/// Opens `/ws` by hand on a raw TCP connection and reads the `101` head: for tests
+/// that write bytes no WebSocket library would.
+async fn raw_upgrade(node: &Node, token: &str) -> tokio::net::TcpStream {
+    let addr = node.base.trim_start_matches("http://").to_owned();
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Cookie: sh_session={token}\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            tcp.read(&mut byte).await.unwrap(),
+            1,
+            "the upgrade's answer ended"
+        );
+        got.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&got);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    tcp
+}
+
+/// Reads server frames (unmasked) until a close frame, and returns its code.
+async fn read_close_code(tcp: &mut tokio::net::tcp::OwnedReadHalf) -> Option<u16> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        // Whole frames at the front of `buf`.
+        while buf.len() >= 2 {
+            let (len, at) = match buf[1] & 0x7f {
+                126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+                127 if buf.len() >= 10 => (
+                    u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
+                    10,
+                ),
+                126 | 127 => break,
+                n => (n as usize, 2),
+            };
+            if buf.len() < at + len {
+                break;
+            }
+            if buf[0] & 0x0f == 0x8 {
+                return (len >= 2).then(|| u16::from_be_bytes([buf[at], buf[at + 1]]));
+            }
+            buf.drain(..at + len);
+        }
+        match tcp.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// A frame is refused as soon as its header declares more than the limit: the node
+/// does not buffer a declared gigabyte while a client sends it (it did, until the
+/// ping timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_declared_over_the_limit_is_refused_from_its_header() {
+    let (_redis, node) = cluster_with(&[]).await;
+    let s = Api::new(&node).create_session("alice", "test").await;
+    let tcp = raw_upgrade(&node, &s.token).await;
+    let (mut rx, mut tx) = tcp.into_split();
+    // A masked binary frame of 1 GiB, then its first 8 MiB, slowly.
+    let writer = tokio::spawn(async move {
+        let mut header = vec![0x82, 0xff];
+        header.extend_from_slice(&(1u64 << 30).to_be_bytes());
+        header.extend_from_slice(&[1, 2, 3, 4]);
+        if tx.write_all(&header).await.is_err() {
+            return;
+        }
+        let chunk = vec![0u8; 64 * 1024];
+        for _ in 0..128 {
+            if tx.write_all(&chunk).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Kept open: only the node may end it.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(tx);
+    });
+    let code = tokio::time::timeout(WAIT, read_close_code(&mut rx))
+        .await
+        .expect("no close frame while the oversized frame was being sent");
+    assert_eq!(code, Some(1009));
+    writer.abort();
+    // The node still serves everyone else.
+    assert_eq!(node.health().await["status"], "ok");
+}

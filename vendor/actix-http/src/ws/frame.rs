@@ -167,6 +167,13 @@ impl Parser {
             None => return Err(ProtocolError::Overflow),
         };
 
+        // sessionhub: a frame declared larger than allowed is refused from its header,
+        // not once all of it has arrived (until then every byte would be buffered: a
+        // client declaring a 1 GiB frame held the node's memory for as long as it sent).
+        if length > max_size {
+            return Err(ProtocolError::Overflow);
+        }
+
         // not enough data
         if src.len() < frame_len {
             let min_length = min(length, max_size);
