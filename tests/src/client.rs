@@ -6,6 +6,7 @@ use futures_util::{SinkExt, StreamExt};
 use reqwest::{Method, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -352,4 +353,35 @@ impl WsClient {
         self.send(json!({ "type": "ping" })).await;
         self.expect("pong").await;
     }
+}
+
+/// Opens `/ws` by hand on a raw TCP connection (with this receive buffer, if given,
+/// set before connecting) and reads the `101` head: for tests that write bytes no
+/// WebSocket library would, or that must not read.
+pub async fn raw_upgrade(node: &Node, token: &str, recv_buffer: Option<u32>) -> TcpStream {
+    let addr = node.base.trim_start_matches("http://").to_owned();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    if let Some(size) = recv_buffer {
+        socket.set_recv_buffer_size(size).unwrap();
+    }
+    let mut tcp = socket.connect(addr.parse().unwrap()).await.unwrap();
+    let head = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Cookie: sh_session={token}\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            tcp.read(&mut byte).await.unwrap(),
+            1,
+            "the upgrade's answer ended"
+        );
+        got.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&got);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    tcp
 }

@@ -463,6 +463,45 @@ async fn a_client_that_stops_reading_is_closed_with_1013_and_nobody_else_waits()
     good.assert_alive().await;
 }
 
+/// A client that stops reading is closed within the pong timeout even while the
+/// node waits to write to it (every send is bounded): before, its task waited in
+/// that write for good, deaf to its own ping timeout, while its queue stayed under
+/// the 1013 limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_closed_within_the_pong_timeout() {
+    let env = [
+        ("SESSIONHUB_PING_INTERVAL_MS", "500"),
+        ("SESSIONHUB_PONG_TIMEOUT_MS", "1500"),
+    ];
+    let cluster = TestCluster::start_with(1, &env).await;
+    let node = &cluster.nodes[0];
+    let api = Api::new(node);
+    let s = api.create_session("deaf", "test").await;
+    // Never read: once its small window and the node's buffers are full, the
+    // node's writes wait.
+    let _deaf = sessionhub_tests::raw_upgrade(node, &s.token, Some(4096)).await;
+    let big = "x".repeat(60 * 1024);
+    // 150 frames: far more than TCP and actix-ws take, under the 256 that close a
+    // socket with 1013 when its queue overflows.
+    for _ in 0..150 {
+        let res = api
+            .service(
+                Method::POST,
+                "/api/v1/publish",
+                Some(json!({ "to": { "session": s.session_id }, "event": "e", "data": big })),
+            )
+            .await;
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+    }
+    assert_eq!(node.health().await["hub"]["slow_closes"], 0);
+    api.wait_no_connections(
+        &s.session_id,
+        "the client that stopped reading to be closed",
+    )
+    .await;
+    assert_eq!(node.health().await["hub"]["sockets"], 0);
+}
+
 /// Every key of the test Redis matching `pattern`.
 async fn redis_keys(redis: &RedisServer, pattern: &str) -> Vec<String> {
     let mut c = redis.conn().await;

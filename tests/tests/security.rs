@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use sessionhub_tests::process::{Node, NodeOptions};
-use sessionhub_tests::{Api, Monitor, RedisServer, TestCluster, WAIT, WsClient, WsError, secrets};
+use sessionhub_tests::{
+    Api, Monitor, RedisServer, TestCluster, WAIT, WsClient, WsError, raw_upgrade, secrets,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
@@ -627,32 +629,6 @@ async fn the_single_node_engine_enforces_the_same_limits() {
     }
 }
 
-/// Opens `/ws` by hand on a raw TCP connection and reads the `101` head: for tests
-/// that write bytes no WebSocket library would.
-async fn raw_upgrade(node: &Node, token: &str) -> tokio::net::TcpStream {
-    let addr = node.base.trim_start_matches("http://").to_owned();
-    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let head = format!(
-        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-         Cookie: sh_session={token}\r\n\r\n"
-    );
-    tcp.write_all(head.as_bytes()).await.unwrap();
-    let mut got = Vec::new();
-    let mut byte = [0u8; 1];
-    while !got.ends_with(b"\r\n\r\n") {
-        assert_eq!(
-            tcp.read(&mut byte).await.unwrap(),
-            1,
-            "the upgrade's answer ended"
-        );
-        got.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&got);
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    tcp
-}
-
 /// Reads server frames (unmasked) until a close frame, and returns its code.
 async fn read_close_code(tcp: &mut tokio::net::tcp::OwnedReadHalf) -> Option<u16> {
     let mut buf = Vec::new();
@@ -691,7 +667,7 @@ async fn read_close_code(tcp: &mut tokio::net::tcp::OwnedReadHalf) -> Option<u16
 async fn a_frame_declared_over_the_limit_is_refused_from_its_header() {
     let (_redis, node) = cluster_with(&[]).await;
     let s = Api::new(&node).create_session("alice", "test").await;
-    let tcp = raw_upgrade(&node, &s.token).await;
+    let tcp = raw_upgrade(&node, &s.token, None).await;
     let (mut rx, mut tx) = tcp.into_split();
     // A masked binary frame of 1 GiB, then its first 8 MiB, slowly.
     let writer = tokio::spawn(async move {

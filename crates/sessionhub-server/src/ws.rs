@@ -15,6 +15,7 @@ use futures_util::StreamExt;
 use sessionhub_core::protocol::{ClientFrame, ServerFrame, close_code};
 use sessionhub_core::{ConnectionId, EndReason, HistoryState, Recovery, Session};
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::auth::{cookie_token, origin_allowed};
@@ -401,6 +402,32 @@ enum Exit {
     Close(u16, &'static str, Option<ByteString>),
 }
 
+/// Waits for `send`, a write that waits while actix-ws's queue is full (as it is
+/// once a client stops reading), but no longer than a close request for the socket
+/// (a kill, a 1013), the node's shutdown, or `limit` (the pong timeout: a client
+/// that takes nothing for that long is as good as one that stopped answering
+/// pings). Unbounded, one send held such a client's task deaf to all three.
+async fn bounded(
+    conn: &LocalConn,
+    shutdown: &CancellationToken,
+    limit: Duration,
+    send: impl Future<Output = Result<(), actix_ws::Closed>>,
+) -> Result<(), Exit> {
+    tokio::select! {
+        // Closing wins over the send, as in the socket's loop; the send comes before
+        // the rarer endings, whose futures it then never polls when it is ready.
+        biased;
+        cmd = conn.closed() => Err(exit_for(cmd)),
+        sent = send => sent.map_err(|actix_ws::Closed| Exit::Gone),
+        () = shutdown.cancelled() => Err(going_away()),
+        () = tokio::time::sleep(limit) => Err(too_slow()),
+    }
+}
+
+fn too_slow() -> Exit {
+    Exit::Close(close_code::TRY_AGAIN_LATER, "too slow", None)
+}
+
 fn going_away() -> Exit {
     Exit::Close(close_code::GOING_AWAY, "node shutting down", None)
 }
@@ -410,7 +437,7 @@ fn exit_for(cmd: CloseCmd) -> Exit {
         CloseCmd::SessionEnded(frame) => {
             Exit::Close(close_code::SESSION_ENDED, "session ended", Some(frame))
         }
-        CloseCmd::TooSlow => Exit::Close(close_code::TRY_AGAIN_LATER, "too slow", None),
+        CloseCmd::TooSlow => too_slow(),
         CloseCmd::Missed => Exit::Close(
             close_code::SERVICE_RESTART,
             "missed messages while the node was not subscribed; reconnect with since",
@@ -435,7 +462,7 @@ impl Socket {
             });
             let exit = match greeting.instrument(span).await {
                 Ok(top) => self.serve(&mut stream, top).await,
-                Err(actix_ws::Closed) => Exit::Gone,
+                Err(exit) => exit,
             };
             let span = self.span();
             Box::pin(self.finish(exit, stream)).instrument(span).await;
@@ -492,7 +519,7 @@ impl Socket {
     /// Sends `hello`, then the recovered frames (and an `error` frame for a recovery
     /// request that could not be read). Returns the offset up to which recoverable
     /// frames have been accounted for: live ones up to it are not sent again.
-    async fn greet(&mut self) -> Result<u64, actix_ws::Closed> {
+    async fn greet(&mut self) -> Result<u64, Exit> {
         let mut history = self.history.take();
         let recovery = history.as_mut().and_then(|h| h.recovery.take());
         let recovered = match &recovery {
@@ -530,8 +557,10 @@ impl Socket {
         } else if self.asked {
             Metrics::inc(&self.state.metrics.recoveries_failed);
         }
-        if let Some(why) = self.bad_recovery.take() {
-            self.error("bad_recovery", &why).await;
+        if let Some(why) = self.bad_recovery.take()
+            && let Some(exit) = self.error("bad_recovery", &why).await
+        {
+            return Err(exit);
         }
         Ok(history.map_or(0, |h| h.offset))
     }
@@ -559,17 +588,10 @@ impl Socket {
                         continue;
                     }
                     // A client that stops reading blocks this send; a close request
-                    // (too slow, session ended) must still get through. Boxed, like
-                    // the other sends: kept inline, the largest of them would size
-                    // the task of every idle socket.
-                    let sending = Box::pin(async {
-                        tokio::select! {
-                            biased;
-                            cmd = conn.closed() => Some(exit_for(cmd)),
-                            sent = self.send(frame) => sent.is_err().then_some(Exit::Gone),
-                        }
-                    });
-                    if let Some(exit) = sending.await {
+                    // (too slow, session ended) must still get through (`bounded`).
+                    // Boxed, like the other sends: kept inline, the largest of them
+                    // would size the task of every idle socket.
+                    if let Err(exit) = Box::pin(self.send(frame)).await {
                         return exit;
                     }
                     if offset != 0 {
@@ -604,11 +626,15 @@ impl Socket {
                         }
                         Message::Binary(_) => {
                             Metrics::inc(&self.state.metrics.messages_in);
-                            Box::pin(self.error("binary_unsupported", "only JSON text frames are accepted")).await;
+                            let refused = self.error("binary_unsupported", "only JSON text frames are accepted");
+                            if let Some(exit) = Box::pin(refused).await {
+                                return exit;
+                            }
                         }
                         Message::Ping(data) => {
-                            if Box::pin(self.ws.pong(&data)).await.is_err() {
-                                return Exit::Gone;
+                            let pong = bounded(&conn, &shutdown, limits.pong_timeout, self.ws.pong(&data));
+                            if let Err(exit) = Box::pin(pong).await {
+                                return exit;
                             }
                         }
                         Message::Pong(_) => last_pong = tokio::time::Instant::now(),
@@ -619,8 +645,9 @@ impl Socket {
                     if last_pong.elapsed() > limits.pong_timeout {
                         return Exit::Close(close_code::POLICY, "ping timeout", None);
                     }
-                    if Box::pin(self.ws.ping(b"")).await.is_err() {
-                        return Exit::Gone;
+                    let ping = bounded(&conn, &shutdown, limits.pong_timeout, self.ws.ping(b""));
+                    if let Err(exit) = Box::pin(ping).await {
+                        return exit;
                     }
                 }
             }
@@ -631,18 +658,17 @@ impl Socket {
     /// stays usable.
     async fn on_text(&mut self, text: &str) -> Option<Exit> {
         match ClientFrame::decode(text) {
-            Ok(ClientFrame::Ping) => {
-                if self.send(ServerFrame::Pong.to_json()).await.is_err() {
-                    return Some(Exit::Gone);
-                }
-            }
+            Ok(ClientFrame::Ping) => return self.send(ServerFrame::Pong.to_json()).await.err(),
             Ok(ClientFrame::KillSession { session_id }) => {
                 let owner = Some(&self.session.user_id);
                 let res =
                     crate::lifecycle::kill(&self.state, &session_id, owner, EndReason::Killed)
                         .await;
                 match res {
-                    Ok(true) => tracing::info!(killed = %session_id, "session killed by its user"),
+                    Ok(true) => {
+                        tracing::info!(killed = %session_id, "session killed by its user");
+                        None
+                    }
                     Ok(false) => self.error("not_found", "no such session").await,
                     Err(e) => {
                         tracing::warn!(error = %e, "kill_session failed");
@@ -653,7 +679,6 @@ impl Socket {
             }
             Err(e) => self.error(e.code, &e.message).await,
         }
-        None
     }
 
     /// A client message is activity: it keeps the session from idling out (written
@@ -667,15 +692,18 @@ impl Socket {
         }
     }
 
-    async fn error(&mut self, code: &str, message: &str) {
-        let _ = self
-            .send(ServerFrame::Error { code, message }.to_json())
-            .await;
+    /// Sends an `error` frame; `Some` if the socket must end instead.
+    async fn error(&mut self, code: &str, message: &str) -> Option<Exit> {
+        self.send(ServerFrame::Error { code, message }.to_json())
+            .await
+            .err()
     }
 
-    /// Sends one text frame, counted.
-    async fn send(&mut self, frame: impl Into<ByteString>) -> Result<(), actix_ws::Closed> {
-        self.ws.text(frame).await?;
+    /// Sends one text frame, counted; bounded as [`bounded`] says.
+    async fn send(&mut self, frame: impl Into<ByteString>) -> Result<(), Exit> {
+        let limit = self.state.config.ws.pong_timeout;
+        let text = self.ws.text(frame);
+        bounded(&self.conn, &self.state.shutdown, limit, text).await?;
         Metrics::inc(&self.state.metrics.messages_out);
         Ok(())
     }
