@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use sessionhub_tests::{
     Api, Created, FAST_LEASE, FAST_REAP_BOUND, RedisServer, TestCluster, WAIT, WsClient, wait_for,
 };
+use tokio::io::AsyncWriteExt;
 
 /// Revalidation interval of FAST_LEASE plus slack for a loaded machine.
 const REVALIDATE_BOUND: Duration = Duration::from_millis(1000 + 1500);
@@ -500,6 +501,42 @@ async fn a_client_that_stops_reading_is_closed_within_the_pong_timeout() {
     )
     .await;
     assert_eq!(node.health().await["hub"]["sockets"], 0);
+}
+
+/// Clients that reset the connection while their socket registers leave nothing in
+/// the node's hub: actix drops the upgrade's handler mid-call then, and the socket
+/// stayed listed (counted in `/healthz` and `/metrics`, queued for by broadcasts)
+/// for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_reset_while_registering_leave_no_socket_in_the_hub() {
+    let cluster = TestCluster::start(1).await;
+    let node = &cluster.nodes[0];
+    let api = Api::new(node);
+    let s = api.create_session("flaky", "test").await;
+    let addr: std::net::SocketAddr = node.base.trim_start_matches("http://").parse().unwrap();
+    let head = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Cookie: sh_session={}\r\n\r\n",
+        s.token
+    );
+    for i in 0..300u64 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        // Closing with a zero linger sends a reset instead of a FIN.
+        socket.set_zero_linger().unwrap();
+        let mut tcp = socket.connect(addr).await.unwrap();
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        // Spread over the registration's time: 0 to ~3 ms after the request.
+        tokio::time::sleep(Duration::from_micros(i * 397 % 3000)).await;
+        drop(tcp);
+    }
+    wait_for("the hub to hold no socket", WAIT, || async {
+        (node.health().await["hub"]["sockets"] == 0).then_some(())
+    })
+    .await;
+    // The node still serves the session.
+    let mut ws = WsClient::connect(node, &s.token).await.unwrap();
+    ws.assert_alive().await;
 }
 
 /// Every key of the test Redis matching `pattern`.

@@ -21,7 +21,7 @@ use tracing::Instrument;
 use crate::auth::{cookie_token, origin_allowed};
 use crate::config::WsLimits;
 use crate::error::ApiError;
-use crate::hub::{CloseCmd, LocalConn, Next, Outbound};
+use crate::hub::{CloseCmd, Hub, LocalConn, Next, Outbound};
 use crate::metrics::Metrics;
 use crate::state::AppState;
 
@@ -169,21 +169,20 @@ async fn accept(
         token.session_id().clone(),
     );
     state.hub.insert(conn.clone());
+    let listed = Listed {
+        hub: &state.hub,
+        conn: Some(conn.clone()),
+    };
     let registered = state
         .engine
         .register_recovering(&token, &conn.id, recovery.as_ref())
         .await;
     let (session, history) = match registered {
         Ok(Some(r)) => (r.session, r.history),
-        Ok(None) => {
-            state.hub.remove(&conn);
-            return Err(ApiError::Unauthorized);
-        }
-        Err(e) => {
-            state.hub.remove(&conn);
-            return Err(e.into());
-        }
+        Ok(None) => return Err(ApiError::Unauthorized),
+        Err(e) => return Err(e.into()),
     };
+    listed.keep();
     // Where the socket starts in its user's history, before its record is listed
     // for a resync (see `Hub::note_history_points`).
     if let Some(h) = &history {
@@ -215,6 +214,33 @@ async fn accept(
     };
     actix_web::rt::spawn(tracker.track_future(sock.run(stream)));
     Ok(response)
+}
+
+/// A socket in the hub whose task has not started: taken out again when dropped,
+/// unless kept. The upgrade's handler holds it while the socket registers: a
+/// refused or failed registration returns early, and a client that resets the
+/// connection meanwhile makes actix drop the handler's future mid-call. Either way
+/// nothing else would remove the socket from the hub, which would go on counting it
+/// and queueing frames for it. (A record the call wrote in Redis goes with the
+/// node's reconciliation.)
+struct Listed<'a> {
+    hub: &'a Hub,
+    conn: Option<Arc<LocalConn>>,
+}
+
+impl Listed<'_> {
+    /// The socket's task takes over.
+    fn keep(mut self) {
+        self.conn = None;
+    }
+}
+
+impl Drop for Listed<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.hub.remove(&conn);
+        }
+    }
 }
 
 /// A fragmented message being put together (RFC 6455 §5.4).
