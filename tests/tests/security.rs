@@ -78,12 +78,28 @@ async fn forwarded_host_counts_from_a_trusted_proxy_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_site_cookie_calls_are_refused() {
-    let (_redis, node) =
-        cluster_with(&[("SESSIONHUB_ALLOWED_ORIGINS", "https://app.example")]).await;
+    // Activity is recorded on every call, so a refused call that recorded it shows.
+    let (_redis, node) = cluster_with(&[
+        ("SESSIONHUB_ALLOWED_ORIGINS", "https://app.example"),
+        ("SESSIONHUB_IDLE_REFRESH_SECS", "0"),
+    ])
+    .await;
     let api = Api::new(&node);
     let a = api.create_session("alice", "test").await;
     let b = api.create_session("alice", "test").await;
     let path = format!("/api/v1/me/sessions/{}", b.session_id);
+    let last_seen = || async {
+        let res = api
+            .service(
+                Method::GET,
+                &format!("/api/v1/sessions/{}", a.session_id),
+                None,
+            )
+            .await;
+        let s: Value = res.json().await.unwrap();
+        s["last_seen_at"].as_str().unwrap().to_owned()
+    };
+    let seen = last_seen().await;
     for (origin, site) in [
         (Some("https://evil.example"), None),
         (None, Some("cross-site")),
@@ -106,6 +122,7 @@ async fn cross_site_cookie_calls_are_refused() {
         StatusCode::OK,
         "nothing was ended"
     );
+    assert_eq!(last_seen().await, seen, "a refused call recorded activity");
     let res = api
         .request(Method::DELETE, &path)
         .header("Cookie", format!("sh_session={}", a.token))

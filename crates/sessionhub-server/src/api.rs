@@ -1,11 +1,11 @@
 //! The HTTP API: service calls (API key) and self-service calls (session cookie).
 
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpResponse, web};
 use serde::Serialize;
 use sessionhub_core::time::rfc3339;
 use sessionhub_core::{EndReason, Session, SessionId, UserId};
 
-use crate::auth::{CookieSession, ServiceAuth, check_same_origin, removal_cookies};
+use crate::auth::{CookieSession, ServiceAuth, removal_cookies};
 use crate::error::ApiError;
 use crate::lifecycle::{self, CreateSession, create, kill, new_session};
 use crate::state::AppState;
@@ -213,12 +213,10 @@ async fn my_sessions(
 }
 
 async fn kill_my_session(
-    req: HttpRequest,
     caller: CookieSession,
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    check_same_origin(&req, &state.config)?;
     let sid = parse_sid(&path)?;
     let user = &caller.session.user_id;
     // Another user's session is "not found", exactly like an unknown id.
@@ -230,11 +228,9 @@ async fn kill_my_session(
 }
 
 async fn kill_my_other_sessions(
-    req: HttpRequest,
     caller: CookieSession,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    check_same_origin(&req, &state.config)?;
     let s = &caller.session;
     let killed =
         lifecycle::kill_user(&state, &s.user_id, Some(&s.session_id), EndReason::Killed).await?;
@@ -243,11 +239,9 @@ async fn kill_my_other_sessions(
 }
 
 async fn logout(
-    req: HttpRequest,
     caller: CookieSession,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    check_same_origin(&req, &state.config)?;
     let s = &caller.session;
     kill(&state, &s.session_id, Some(&s.user_id), EndReason::Logout).await?;
     tracing::info!(session_id = %s.session_id, "session logged out");

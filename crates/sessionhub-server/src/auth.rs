@@ -132,7 +132,10 @@ pub fn removal_cookies() -> [Cookie<'static>; 2] {
     [plain, secure]
 }
 
-/// A request authenticated by its session cookie.
+/// A request authenticated by its session cookie. A state-changing one (any method
+/// but GET, HEAD, OPTIONS and TRACE) must also pass [`check_same_origin`], checked
+/// first: refused, it has no effect at all, not even the session activity the
+/// authentication records.
 pub struct CookieSession {
     /// The caller's session (no connections filled in).
     pub session: Session,
@@ -145,8 +148,11 @@ impl FromRequest for CookieSession {
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let req = req.clone();
         Box::pin(async move {
-            let token = cookie_token(&req)?;
             let state = state(&req)?;
+            if !req.method().is_safe() {
+                check_same_origin(&req, &state.config)?;
+            }
+            let token = cookie_token(&req)?;
             let session = state
                 .engine
                 .authenticate(&token)
