@@ -131,6 +131,68 @@ async fn service_api_errors_are_clear() {
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    // Every answer below is the API's JSON error, with a status that says what.
+    let error = |res: reqwest::Response| async move {
+        let status = res.status();
+        let err: Value = res.json().await.expect("a JSON error body");
+        (
+            status,
+            err["error"].as_str().unwrap().to_owned(),
+            err["message"].as_str().unwrap().to_owned(),
+        )
+    };
+    let huge = json!({ "user_id": "a", "user_agent": "x".repeat(70 * 1024) });
+    let (status, code, message) = error(
+        api.service(Method::POST, "/api/v1/sessions", Some(huge))
+            .await,
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+        "{message}"
+    );
+    let res = api
+        .request(Method::POST, "/api/v1/sessions")
+        .bearer_auth(sessionhub_tests::API_KEY)
+        .body(r#"{"user_id":"a"}"#)
+        .send()
+        .await
+        .unwrap();
+    let (status, _, message) = error(res).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        message.contains("Content-Type: application/json"),
+        "{message}"
+    );
+    for query in ["online=yes", "limit=abc"] {
+        let path = format!("/api/v1/users?{query}");
+        let (status, code, message) = error(api.service(Method::GET, &path, None).await).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (StatusCode::BAD_REQUEST, "bad_request"),
+            "{query}"
+        );
+        assert!(
+            message.starts_with("invalid query string"),
+            "{query}: {message}"
+        );
+    }
+    // A batch names its message that is not one (counting from 0).
+    let batch = json!([
+        { "to": "all", "event": "a" },
+        { "to": "all", "event": "b", "foo": 1 },
+    ]);
+    let (status, _, message) = error(
+        api.service(Method::POST, "/api/v1/publish", Some(batch))
+            .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        message.starts_with("message 1: ") && message.contains("foo"),
+        "{message}"
+    );
     let res = api
         .service(Method::GET, "/api/v1/sessions/not-a-session", None)
         .await;

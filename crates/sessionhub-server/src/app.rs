@@ -118,10 +118,11 @@ impl Application {
                 .app_data(
                     web::JsonConfig::default()
                         .limit(MAX_JSON_BODY)
-                        .error_handler(|err, _| {
-                            ApiError::BadRequest(format!("invalid JSON body: {err}")).into()
-                        }),
+                        .error_handler(|err, _| json_body_error(err).into()),
                 )
+                .app_data(web::QueryConfig::default().error_handler(|err, _| {
+                    ApiError::BadRequest(format!("invalid query string: {err}")).into()
+                }))
                 .app_data(
                     web::PathConfig::default().error_handler(|_, _| ApiError::NotFound.into()),
                 )
@@ -410,4 +411,22 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
 async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     state.check_ready().await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready" })))
+}
+
+/// The API's answer to a JSON body actix could not take: too large is 413, like
+/// every other size limit; a body not declared as JSON says which header to set.
+fn json_body_error(err: actix_web::error::JsonPayloadError) -> ApiError {
+    use actix_web::error::JsonPayloadError;
+    match err {
+        JsonPayloadError::OverflowKnownLength { length, limit } => ApiError::TooLarge(format!(
+            "the JSON body is {length} bytes; the limit is {limit}"
+        )),
+        JsonPayloadError::Overflow { limit } => {
+            ApiError::TooLarge(format!("the JSON body is over the limit of {limit} bytes"))
+        }
+        JsonPayloadError::ContentType => ApiError::BadRequest(
+            "the body must be JSON, sent with Content-Type: application/json".to_owned(),
+        ),
+        other => ApiError::BadRequest(format!("invalid JSON body: {other}")),
+    }
 }

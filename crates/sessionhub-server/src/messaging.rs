@@ -269,6 +269,18 @@ enum BatchResult {
     Failed { error: String, status: u16 },
 }
 
+/// When a batch is a JSON array but one of its messages is not a message (a field
+/// missing, unknown or of the wrong type): that message's error, naming it. Looked
+/// for only once the whole batch failed to parse.
+fn bad_item(body: &[u8]) -> Option<ApiError> {
+    let items: Vec<&RawValue> = serde_json::from_slice(body).ok()?;
+    items.iter().enumerate().find_map(|(i, raw)| {
+        serde_json::from_str::<Publish<'_>>(raw.get())
+            .err()
+            .map(|e| bad(format!("invalid message: {e}")).for_item(i))
+    })
+}
+
 /// A batch publish. Every message is checked first: one bad message refuses the
 /// whole batch (400 or 413, naming it) and nothing is sent. Then one Redis call per
 /// bucket the batch touches; 202 with one result per message, in order. A message
@@ -279,8 +291,12 @@ async fn publish_batch(
     body: &[u8],
     max: usize,
 ) -> Result<HttpResponse, ApiError> {
-    let reqs: Vec<Publish<'_>> =
-        serde_json::from_slice(body).map_err(|e| bad(format!("invalid JSON body: {e}")))?;
+    let reqs: Vec<Publish<'_>> = match serde_json::from_slice(body) {
+        Ok(reqs) => reqs,
+        Err(e) => {
+            return Err(bad_item(body).unwrap_or_else(|| bad(format!("invalid JSON body: {e}"))));
+        }
+    };
     if reqs.len() > MAX_BATCH {
         return Err(ApiError::TooLarge(format!(
             "a batch holds at most {MAX_BATCH} messages; this one has {}",
