@@ -337,6 +337,16 @@ local function deadline(expires_at, last_seen_at, idle_ms)
   return math.min(tonumber(expires_at), tonumber(last_seen_at) + tonumber(idle_ms))
 end
 
+-- Whether the session at key sk ran out by `now` (Unix ms; nil: not asked). Such a
+-- session is the sweep's to end (as expired or idle): a kill leaves it alone and
+-- answers as for one that is gone, as reading it does.
+local function lapsed(sk, now)
+  now = tonumber(now)
+  if not now then return false end
+  local f = redis.call('HMGET', sk, 'expires_at', 'last_seen_at', 'idle_ms')
+  return f[1] ~= false and deadline(f[1], f[2], f[3]) <= now
+end
+
 local function bad_key(what)
   return redis.error_reply('BADKEY expected ' .. what)
 end
@@ -990,7 +1000,8 @@ end)
 -- sh_kill_session: end one session everywhere.
 --   KEYS[1] P{B}:session:<sid>
 --   ARGV reason (killed | logout | expired; default killed), owner user_id or ""
---   (a session of another user is treated exactly like an unknown one), [deadline]
+--   (a session of another user is treated exactly like an unknown one), [deadline],
+--   [now: a session whose lifetime ran out by then is treated as gone too]
 --   Returns 1 if ended, 0 if there was none. Publishes
 --   {"t":"session_ended","session_ids":[sid],"reason":...} to each node holding one
 --   of its sockets.
@@ -1003,6 +1014,7 @@ register('sh_kill_session', function(keys, args)
   local uid = redis.call('HGET', sk, 'user_id')
   if not uid then return 0 end
   if owner ~= '' and owner ~= uid then return 0 end
+  if lapsed(sk, args[4]) then return 0 end
   local per_node = {}
   emit_ended(P, B, sid, uid, reason_arg(args[1]))
   for node in pairs(end_session(P, sid, uid)) do per_node[node] = { sid } end
@@ -1012,7 +1024,8 @@ end)
 
 -- sh_kill_user_sessions: end every session of a user but one.
 --   KEYS[1] P{B}:user:<uid>:sessions
---   ARGV reason (default killed), session_id to keep or "", [deadline]
+--   ARGV reason (default killed), session_id to keep or "", [deadline], [now: sessions
+--   whose lifetime ran out by then are left to the sweep, and not counted]
 --   Returns the number of sessions ended; one session_ended event per node.
 register('sh_kill_user_sessions', function(keys, args)
   local uk = keys[1]
@@ -1023,7 +1036,7 @@ register('sh_kill_user_sessions', function(keys, args)
   local keep = args[2] or ''
   local per_node, killed = {}, 0
   for _, sid in ipairs(redis.call('HKEYS', uk)) do
-    if sid ~= keep then
+    if sid ~= keep and not lapsed(session_key(P, sid), args[4]) then
       if redis.call('EXISTS', session_key(P, sid)) == 1 then
         killed = killed + 1
         emit_ended(P, B, sid, uid, reason_arg(args[1]))

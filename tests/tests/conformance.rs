@@ -508,6 +508,23 @@ async fn sessions_expire(b: Backend) {
             .unwrap()
             .is_empty()
     );
+    // Ran out but not yet ended by the sweep (none runs here): a kill finds nothing,
+    // as reading it does, and leaves it to the sweep to end as expired.
+    let sid = s.token.session_id();
+    assert!(
+        !a.engine
+            .kill_session(sid, None, EndReason::Killed)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        a.engine
+            .kill_user_sessions(&user("alice"), None, EndReason::Killed)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(a.engine.expire_due().await.unwrap(), 1, "the sweep ends it");
 }
 
 /// Registers a socket of `token` on `node`, asking to recover after `since`.

@@ -269,7 +269,7 @@ impl Engine for RedisEngine {
             .fcall(
                 "sh_kill_session",
                 &[self.inner.keys.session(session_id)],
-                (reason.as_str(), owner, self.inner.deadline()),
+                (reason.as_str(), owner, self.inner.deadline(), now_ms()),
             )
             .await?;
         Ok(n > 0)
@@ -287,7 +287,7 @@ impl Engine for RedisEngine {
             .fcall(
                 "sh_kill_user_sessions",
                 &[self.inner.keys.user_sessions(user_id)],
-                (reason.as_str(), keep, self.inner.deadline()),
+                (reason.as_str(), keep, self.inner.deadline(), now_ms()),
             )
             .await?;
         Ok(n.max(0) as u64)
