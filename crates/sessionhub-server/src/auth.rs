@@ -99,11 +99,34 @@ pub fn client_ip(req: &HttpRequest, config: &Config) -> Option<IpAddr> {
         .get("x-forwarded-for")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    forwarded
-        .rsplit(',')
-        .filter_map(|a| a.trim().parse::<IpAddr>().ok())
-        .find(|ip| !config.sessions.trusted_proxies.contains(ip))
-        .or(Some(peer))
+    Some(forwarded_client(
+        peer,
+        forwarded,
+        &config.sessions.trusted_proxies,
+    ))
+}
+
+/// The client's address in a trusted proxy's `X-Forwarded-For`: walking from the
+/// right (the hop nearest us), the first address that is not a trusted proxy. An
+/// entry may carry a port (`203.0.113.9:51234`, `[2001:db8::1]:443`: some load
+/// balancers write one). An entry that is no address ends the walk, and the peer is
+/// the answer: what lies left of it was not written by a proxy we trust, and
+/// skipping it would let the client name its own address.
+fn forwarded_client(peer: IpAddr, forwarded: &str, trusted: &[IpAddr]) -> IpAddr {
+    for entry in forwarded.rsplit(',') {
+        let entry = entry.trim();
+        let Some(ip) = entry
+            .parse::<IpAddr>()
+            .ok()
+            .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+        else {
+            break;
+        };
+        if !trusted.contains(&ip) {
+            return ip;
+        }
+    }
+    peer
 }
 
 /// The session cookie for `token`: HttpOnly, SameSite=Lax, Path=/, no expiry (it
@@ -232,4 +255,34 @@ pub fn check_same_origin(req: &HttpRequest, config: &Config) -> Result<(), ApiEr
         return Err(ApiError::Forbidden("origin not allowed"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::forwarded_client;
+    use std::net::IpAddr;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn the_client_is_the_first_untrusted_hop_from_the_right() {
+        let peer = ip("10.0.0.2");
+        let trusted = [ip("10.0.0.2"), ip("10.0.0.3")];
+        let client = |xff| forwarded_client(peer, xff, &trusted);
+        assert_eq!(client("203.0.113.9"), ip("203.0.113.9"));
+        // What the client wrote itself is left of its real address.
+        assert_eq!(client("6.6.6.6, 203.0.113.9"), ip("203.0.113.9"));
+        assert_eq!(client("6.6.6.6, 203.0.113.9, 10.0.0.3"), ip("203.0.113.9"));
+        // A port, as some load balancers write it.
+        assert_eq!(client("6.6.6.6, 203.0.113.9:51234"), ip("203.0.113.9"));
+        assert_eq!(client("[2001:db8::1]:443"), ip("2001:db8::1"));
+        assert_eq!(client("2001:db8::1"), ip("2001:db8::1"));
+        // An entry that is no address ends the walk: nothing left of it is believed.
+        assert_eq!(client("6.6.6.6, unknown"), peer);
+        assert_eq!(client("6.6.6.6, garbage, 10.0.0.3"), peer);
+        assert_eq!(client(""), peer);
+        assert_eq!(client("10.0.0.3"), peer);
+    }
 }
