@@ -120,8 +120,9 @@ impl LocalConn {
         })
     }
 
-    /// Queues a frame (`offset` 0: not recoverable); a full queue closes the
-    /// socket as too slow (and returns false).
+    /// Queues a frame (`offset` 0: not recoverable). A full queue drops it and
+    /// closes the socket as too slow: false when this frame's overflow is what
+    /// closed it, so that a socket is counted once, not once per frame dropped.
     pub fn send(&self, frame: ByteString, offset: u64) -> bool {
         {
             let mut out = lock(&self.outbox);
@@ -131,8 +132,7 @@ impl LocalConn {
             }
             if out.frames.len() >= OUTBOUND_QUEUE_CAPACITY {
                 drop(out);
-                self.request_close(CloseCmd::TooSlow);
-                return false;
+                return !self.request_close(CloseCmd::TooSlow);
             }
             out.frames.push_back(Outbound { frame, offset });
         }
@@ -186,13 +186,15 @@ impl LocalConn {
     }
 
     /// Asks the socket task to close. The first request wins.
-    pub fn request_close(&self, cmd: CloseCmd) {
+    pub fn request_close(&self, cmd: CloseCmd) -> bool {
         let mut slot = lock(&self.close);
-        if slot.is_none() {
-            *slot = Some(cmd);
-            // notify_one stores a permit if the task is not waiting right now.
-            self.wake.notify_one();
+        if slot.is_some() {
+            return false;
         }
+        *slot = Some(cmd);
+        // notify_one stores a permit if the task is not waiting right now.
+        self.wake.notify_one();
+        true
     }
 
     /// Resolves when a close has been requested, with the request.
@@ -545,6 +547,12 @@ impl Hub {
             .collect()
     }
 
+    /// Counts a socket closed as too slow by its own task (a write to it waited
+    /// past the pong timeout), with those whose queue overflowed.
+    pub fn count_slow_close(&self) {
+        self.slow_closes.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The hub's counters.
     pub fn stats(&self) -> HubStats {
         HubStats {
@@ -894,8 +902,25 @@ mod tests {
             assert!(c.send("x".into(), 0));
         }
         assert!(!c.send("one too many".into(), 0));
+        // Dropped too, but the socket is closing already: counted once.
+        assert!(c.send("two too many".into(), 0));
         assert_eq!(lock(&c.outbox).frames.len(), OUTBOUND_QUEUE_CAPACITY);
         assert!(matches!(frame(&c), Some(Next::Close(CloseCmd::TooSlow))));
+    }
+
+    /// `slow_closes` counts sockets closed as too slow, not the frames dropped.
+    #[test]
+    fn a_socket_closed_as_too_slow_is_counted_once() {
+        let hub = Hub::default();
+        let c = conn();
+        hub.insert(c.clone());
+        let frame = ByteString::from_static("x");
+        for _ in 0..OUTBOUND_QUEUE_CAPACITY + 50 {
+            hub.deliver(None, &frame, None);
+        }
+        assert_eq!(hub.stats().slow_closes, 1);
+        hub.count_slow_close();
+        assert_eq!(hub.stats().slow_closes, 2);
     }
 
     #[test]

@@ -434,6 +434,7 @@ enum Exit {
 /// that takes nothing for that long is as good as one that stopped answering
 /// pings). Unbounded, one send held such a client's task deaf to all three.
 async fn bounded(
+    hub: &Hub,
     conn: &LocalConn,
     shutdown: &CancellationToken,
     limit: Duration,
@@ -446,7 +447,11 @@ async fn bounded(
         cmd = conn.closed() => Err(exit_for(cmd)),
         sent = send => sent.map_err(|actix_ws::Closed| Exit::Gone),
         () = shutdown.cancelled() => Err(going_away()),
-        () = tokio::time::sleep(limit) => Err(too_slow()),
+        () = tokio::time::sleep(limit) => {
+            // Closed as a socket whose queue overflowed is, and counted with them.
+            hub.count_slow_close();
+            Err(too_slow())
+        }
     }
 }
 
@@ -658,7 +663,7 @@ impl Socket {
                             }
                         }
                         Message::Ping(data) => {
-                            let pong = bounded(&conn, &shutdown, limits.pong_timeout, self.ws.pong(&data));
+                            let pong = bounded(&self.state.hub, &conn, &shutdown, limits.pong_timeout, self.ws.pong(&data));
                             if let Err(exit) = Box::pin(pong).await {
                                 return exit;
                             }
@@ -671,7 +676,7 @@ impl Socket {
                     if last_pong.elapsed() > limits.pong_timeout {
                         return Exit::Close(close_code::POLICY, "ping timeout", None);
                     }
-                    let ping = bounded(&conn, &shutdown, limits.pong_timeout, self.ws.ping(b""));
+                    let ping = bounded(&self.state.hub, &conn, &shutdown, limits.pong_timeout, self.ws.ping(b""));
                     if let Err(exit) = Box::pin(ping).await {
                         return exit;
                     }
@@ -729,7 +734,8 @@ impl Socket {
     async fn send(&mut self, frame: impl Into<ByteString>) -> Result<(), Exit> {
         let limit = self.state.config.ws.pong_timeout;
         let text = self.ws.text(frame);
-        bounded(&self.conn, &self.state.shutdown, limit, text).await?;
+        let state = &self.state;
+        bounded(&state.hub, &self.conn, &state.shutdown, limit, text).await?;
         Metrics::inc(&self.state.metrics.messages_out);
         Ok(())
     }
