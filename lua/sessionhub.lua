@@ -1413,10 +1413,27 @@ register_with{
 --   of another consumer idle for claim_idle_ms or more (a node that died
 --   mid-delivery: XAUTOCLAIM), or else new ones (XREADGROUP); "deleted ids": pending
 --   entries the stream's cap trimmed away before delivery. {"busy", ms}: another
---   consumer holds this bucket's batch, claimable in ms if it stays idle. The nodes
+--   consumer holds this bucket's batch, claimable in ms if it stays idle. With nothing
+--   pending and nothing new, consumers idle for claim_idle_ms or more are forgotten
+--   (forget_idle_consumers). The nodes
 --   create the group at the stream's end when they start delivering (XGROUP CREATE
 --   ... $ MKSTREAM); if it is missing here (Redis restarted empty, an operator
 --   removed it), it is created at the stream's start: nothing written is skipped.
+-- Forgets the consumers of a group that has nothing pending, but for `me`, that
+-- have been idle for `idle_ms` or more. A consumer is a node id, new at every start
+-- of a node: without this the group's list grew by one per node start, for good.
+-- Forgetting a consumer that holds nothing loses nothing (XREADGROUP makes it again
+-- if its node is still there).
+local function forget_idle_consumers(sk, group, me, idle_ms)
+  for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', sk, group)) do
+    local f = {}
+    for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+    if f.name ~= me and tonumber(f.pending) == 0 and tonumber(f.idle) >= idle_ms then
+      redis.call('XGROUP', 'DELCONSUMER', sk, group, f.name)
+    end
+  end
+end
+
 register('sh_events_take', function(keys, args)
   local sk, group, me, count, claim = keys[1], args[1], args[2], tonumber(args[3]), tonumber(args[4])
   if not string.match(sk, '}:events$') then return bad_key('P{B}:events') end
@@ -1433,7 +1450,11 @@ register('sh_events_take', function(keys, args)
     return { 'mine', got[2], got[3] or {} }
   end
   local got = redis.call('XREADGROUP', 'GROUP', group, me, 'COUNT', count, 'STREAMS', sk, '>')
-  if not got then return { 'new', {}, {} } end
+  if not got then
+    -- Nothing pending and nothing new: the bucket's delivery is idle.
+    forget_idle_consumers(sk, group, me, claim)
+    return { 'new', {}, {} }
+  end
   return { 'new', got[1][2], {} }
 end)
 -- The sweep index. Psweep (no hash tag) is a zset: bucket (two hex digits) -> the

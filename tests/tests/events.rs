@@ -272,6 +272,36 @@ async fn a_node_killed_while_the_receiver_is_down_loses_no_event() {
         .wait_log("taking over pending lifecycle events", WAIT)
         .await;
     receiver.assert_all_signed();
+    // And the dead node's consumer is forgotten once its buckets are idle: every
+    // node start names a new one, and the groups' lists must not keep them all.
+    let streams: HashSet<String> = sessions
+        .iter()
+        .map(|sid| format!("sh:{{{}}}:events", &sid[..2]))
+        .collect();
+    wait_for("node-a's consumers to be forgotten", EVENT_WAIT, || {
+        let mut c = c.clone();
+        let streams = streams.clone();
+        async move {
+            for key in &streams {
+                let consumers: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+                    .arg("CONSUMERS")
+                    .arg(key)
+                    .arg("sessionhub-webhook")
+                    .query_async(&mut c)
+                    .await
+                    .ok()?;
+                let named_a = consumers.iter().any(|m| {
+                    m.get("name")
+                        .is_some_and(|n| matches!(n, redis::Value::BulkString(b) if b == b"node-a"))
+                });
+                if named_a {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
