@@ -1119,6 +1119,12 @@ local function publish_target(P, B, key, frame, cfg)
   return nodes, conns, offset
 end
 
+-- Whether `key` names something publish_target can publish to.
+local function is_publish_target(key)
+  return string.match(key, '}:user:.*:sessions$') or string.match(key, '}:session:[0-9a-f]+$')
+    or string.match(key, '}:conn:[0-9a-f]+$') or string.match(key, '}:group:.+$')
+end
+
 local function delivery_reply(nodes, conns, offset)
   if offset then return { nodes, conns, offset } end
   return { nodes, conns }
@@ -1166,6 +1172,9 @@ register('sh_publish_batch', function(keys, args)
     if one_bucket and kb ~= B then
       return redis.error_reply('BADARG every key of a batch must be in one bucket on Redis Cluster')
     end
+    -- Every key is checked before the first message goes out: a bad one refuses
+    -- the whole call, with nothing published or written to history.
+    if not is_publish_target(key) then return bad_key('a user, session, connection or group key') end
     buckets[i] = kb
   end
   if past_deadline(args[1]) then return deadline_reply() end
@@ -1191,6 +1200,11 @@ register('sh_group_add', function(keys, args)
   local group = string.match(keys[1], '}:group:(.+)$')
   if not P or not group then return bad_key('P{B}:group:<group>') end
   if past_deadline(args[4]) then return deadline_reply() end
+  -- Checked before any write: a call without the time would fail at its HSET,
+  -- after the SADD (a function's writes are not undone by an error).
+  if not args[2] or not tonumber(args[3]) then
+    return redis.error_reply('BADARG sh_group_add takes a kind, an id and the time')
+  end
   if args[1] == 'conn' then
     if bucket_of(args[2]) ~= B then return redis.error_reply('BADARG connection of another bucket') end
     local ck = conn_key(P, args[2])

@@ -456,3 +456,51 @@ async fn a_kill_drops_every_socket_of_the_session_from_every_index_on_three_node
     );
     v.assert_alive().await;
 }
+
+/// A function called wrongly (as only an operator's `FCALL` can) answers an error
+/// and writes nothing: its arguments and keys are checked before its first write,
+/// since a Redis function's writes are not undone by a later error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_called_wrongly_writes_nothing() {
+    let redis = RedisServer::start().await;
+    let mut c = redis.conn().await;
+    redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg("REPLACE")
+        .arg(sessionhub_redis::LIBRARY)
+        .query_async::<String>(&mut c)
+        .await
+        .unwrap();
+    let cid = "2bd806c9000000000000000000000000";
+    let conn = format!("sh:{{2b}}:conn:{cid}");
+    let _: i64 = redis::cmd("HSET")
+        .arg(&conn)
+        .arg("node_id")
+        .arg("node-a")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    // A group add without the time.
+    let err = redis::cmd("FCALL")
+        .arg("sh_group_add")
+        .arg(1)
+        .arg("sh:{2b}:group:g")
+        .arg(("conn", cid))
+        .query_async::<i64>(&mut c)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("BADARG"), "{err}");
+    // A batch whose second key is not a target: the first is not published either.
+    let err = redis::cmd("FCALL")
+        .arg("sh_publish_batch")
+        .arg(2)
+        .arg("sh:{2b}:user:alice:sessions")
+        .arg("sh:{2b}:online")
+        .arg((0, 100, 300_000, 86_400_000))
+        .arg((r#"{"type":"message","event":"e","data":1}"#, "{}"))
+        .query_async::<redis::Value>(&mut c)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("BADKEY"), "{err}");
+    assert_eq!(all_keys(&redis).await, vec![conn]);
+}
