@@ -1325,7 +1325,12 @@ register('sh_reassert', function(keys, args)
   for i = first, #args, step do
     local cid, sid, uid, at = args[i], args[i + 1], args[i + 2], args[i + 3]
     if bucket_of(cid) == B and redis.call('EXISTS', session_key(P, sid)) == 1 then
-      add_conn(P, cid, sid, uid, node, at)
+      if add_conn(P, cid, sid, uid, node, at) then
+        -- The session's socket list lives as long as the session, as a registration
+        -- leaves it (it may be made afresh here, after Redis lost it).
+        local expires = redis.call('HGET', session_key(P, sid), 'expires_at')
+        redis.call('PEXPIREAT', session_key(P, sid) .. ':conns', int(tonumber(expires) + EXPIRY_GRACE_MS))
+      end
       local epoch, seen = args[i + 4], tonumber(args[i + 5] or '')
       if cfg and epoch ~= '' and seen then
         local meta = redis.call('HMGET', history_key(P, B, uid) .. ':meta', 'epoch', 'offset')

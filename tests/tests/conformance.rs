@@ -1022,6 +1022,20 @@ async fn reassert_restores_records_of_live_sessions_only(b: Backend) {
         .unwrap();
     assert_eq!(s.connections.len(), 1);
     assert_eq!(s.connections[0].connection_id, c1);
+    // On Redis the session's socket list, made afresh, expires as the session does.
+    if let Backend::Redis(server) = &b {
+        let key = format!(
+            "sh:{{{}}}:session:{}:conns",
+            &live.session.session_id.as_str()[..2],
+            live.session.session_id
+        );
+        let ttl: i64 = ::redis::cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut server.conn().await)
+            .await
+            .unwrap();
+        assert!(ttl > 3_600_000, "{key}: PTTL {ttl}");
+    }
     let alive = a
         .engine
         .sessions_alive(&[
