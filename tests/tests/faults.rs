@@ -504,9 +504,10 @@ async fn a_client_that_stops_reading_is_closed_within_the_pong_timeout() {
 }
 
 /// Clients that reset the connection while their socket registers leave nothing in
-/// the node's hub: actix drops the upgrade's handler mid-call then, and the socket
-/// stayed listed (counted in `/healthz` and `/metrics`, queued for by broadcasts)
-/// for good.
+/// the node's hub or in Redis: actix drops the upgrade's handler mid-call then, and
+/// the socket stayed listed (counted in `/healthz` and `/metrics`, queued for by
+/// broadcasts) for good, its record until reconciliation (refusing the session's
+/// next sockets with 429 meanwhile).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_reset_while_registering_leave_no_socket_in_the_hub() {
     let cluster = TestCluster::start(1).await;
@@ -533,6 +534,20 @@ async fn clients_that_reset_while_registering_leave_no_socket_in_the_hub() {
     wait_for("the hub to hold no socket", WAIT, || async {
         (node.health().await["hub"]["sockets"] == 0).then_some(())
     })
+    .await;
+    // Nor in Redis: a registration whose handler was dropped may still have run,
+    // and its record would count against the session's 32 sockets.
+    // Well before reconciliation (~10 s here) would find them.
+    wait_for(
+        "the reset upgrades' records to go",
+        Duration::from_secs(5),
+        || async {
+            api.connection_nodes(&s.session_id)
+                .await
+                .is_some_and(|n| n.is_empty())
+                .then_some(())
+        },
+    )
     .await;
     // The node still serves the session.
     let mut ws = WsClient::connect(node, &s.token).await.unwrap();

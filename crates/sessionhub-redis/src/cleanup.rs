@@ -40,6 +40,36 @@ pub(crate) enum Item {
     Due(Bucket, i64),
 }
 
+/// Queues its item when dropped, unless disarmed: for a call whose future may be
+/// dropped before its answer is seen.
+pub(crate) struct OnDrop<'a> {
+    queue: &'a Queue,
+    item: Option<Item>,
+}
+
+impl<'a> OnDrop<'a> {
+    /// Armed with `item`.
+    pub(crate) fn new(queue: &'a Queue, item: Item) -> Self {
+        Self {
+            queue,
+            item: Some(item),
+        }
+    }
+
+    /// The answer was seen: nothing to undo.
+    pub(crate) fn disarm(mut self) {
+        self.item = None;
+    }
+}
+
+impl Drop for OnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(item) = self.item.take() {
+            self.queue.push(item);
+        }
+    }
+}
+
 /// The queue, shared by the engine's calls and the retry task.
 #[derive(Default)]
 pub(crate) struct Queue {

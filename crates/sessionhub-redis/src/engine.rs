@@ -310,6 +310,13 @@ impl Engine for RedisEngine {
         self.inner
             .marks
             .registered(Bucket::of(connection_id.as_str()), lease);
+        // Dropped mid-call (a client that resets its upgrade makes actix drop the
+        // handler), the call may still run: its record must not outlive it, counted
+        // against the socket limits until reconciliation found it.
+        let undo = cleanup::OnDrop::new(
+            &self.inner.cleanup,
+            cleanup::Item::Connection(connection_id.clone()),
+        );
         let reply: Result<Option<Vec<redis::Value>>, _> = self
             .inner
             .fcall(
@@ -337,15 +344,13 @@ impl Engine for RedisEngine {
             )
             .await;
         let reply = match reply {
-            Err(e @ EngineError::Unavailable { .. }) => {
-                // It may still run (before its deadline) or have run with the
-                // answer lost: make sure no record outlives this failed upgrade.
-                self.inner
-                    .cleanup
-                    .push(cleanup::Item::Connection(connection_id.clone()));
-                return Err(e);
+            // It may still run (before its deadline) or have run with the answer
+            // lost: the undo stays armed, so no record outlives this failed upgrade.
+            Err(e @ EngineError::Unavailable { .. }) => return Err(e),
+            other => {
+                undo.disarm();
+                other?
             }
-            other => other?,
         };
         let Some(mut reply) = reply else {
             return Ok(None);

@@ -440,12 +440,19 @@ async fn bounded(
     limit: Duration,
     send: impl Future<Output = Result<(), actix_ws::Closed>>,
 ) -> Result<(), Exit> {
+    let mut send = std::pin::pin!(send);
+    // Usually there is room: the send is done on its first poll, with nothing else
+    // to watch, no close request to look up and no timer made. (A close requested
+    // meanwhile is the next thing the socket's loop sees.)
+    let first = std::future::poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await;
+    if let Poll::Ready(sent) = first {
+        return sent.map_err(|actix_ws::Closed| Exit::Gone);
+    }
     tokio::select! {
-        // Closing wins over the send, as in the socket's loop; the send comes before
-        // the rarer endings, whose futures it then never polls when it is ready.
+        // Closing wins over the send, as in the socket's loop.
         biased;
         cmd = conn.closed() => Err(exit_for(cmd)),
-        sent = send => sent.map_err(|actix_ws::Closed| Exit::Gone),
+        sent = &mut send => sent.map_err(|actix_ws::Closed| Exit::Gone),
         () = shutdown.cancelled() => Err(going_away()),
         () = tokio::time::sleep(limit) => {
             // Closed as a socket whose queue overflowed is, and counted with them.
