@@ -22,7 +22,9 @@
 //                  missed (gone from the hub's history): reload the page's state
 //
 // Reconnects: exponential backoff with full jitter (a random delay between 0 and
-// min(maxDelay, minDelay * 2^attempt)), reset once a socket gets `hello`. The
+// min(maxDelay, minDelay * 2^attempt)), reset once a socket has stayed open for
+// STABLE_AFTER (10 s) after its `hello` (a server that closes each socket right
+// after its hello is not hammered). The
 // browser's `offline` event drops the socket at once, and `online` reconnects at
 // once (a laptop waking up). Close 1001
 // (node shutting down) reconnects like any other drop; the load balancer sends the
@@ -43,12 +45,15 @@
 /** Close code of an ended session: do not reconnect. */
 export const SESSION_ENDED = 4001;
 
+/** How long a socket stays open after its hello before the backoff starts over. */
+const STABLE_AFTER = 10000;
+
 const DEFAULTS = {
   url: null, // default: ws(s)://<this page's host>/ws
   sessionUrl: undefined, // default: /api/v1/me when `url` is the default, else null
   minDelay: 500, // ms, the first backoff ceiling
   maxDelay: 30000, // ms, the cap of the backoff ceiling
-  pingInterval: 25000, // ms between application pings (0: none)
+  pingInterval: 25000, // ms between application pings, whatever else comes (0: none)
   pongTimeout: 10000, // ms to wait for a pong before dropping a half-open socket
   WebSocket: globalThis.WebSocket, // injectable, e.g. for Node.js
   fetch: globalThis.fetch?.bind(globalThis),
@@ -74,6 +79,8 @@ export class SessionHub {
     this._attempt = 0;
     this._timer = null;
     this._pingTimer = null;
+    this._lastFrameAt = 0; // Date.now() of the last server frame
+    this._helloAt = null; // Date.now() of this socket's hello
     this._pending = []; // FIFO of requests answered by the next pong
     this._ended = false;
     /** Where to resume: {userId, epoch, offset} from the last hello and frames. */
@@ -179,12 +186,12 @@ export class SessionHub {
       return;
     }
     if (!frame || typeof frame.type !== 'string') return;
-    this._schedulePing(); // any frame shows the socket is alive
+    this._lastFrameAt = Date.now(); // any frame shows the socket is alive
     const followUp = [];
     switch (frame.type) {
       case 'hello': {
         this.hello = frame;
-        this._attempt = 0; // a healthy connection resets the backoff
+        this._helloAt = Date.now(); // the backoff starts over once this lasts
         const asked = this._asked;
         const sameUser = asked && asked.userId === frame.user_id;
         if (frame.epoch === undefined) {
@@ -215,7 +222,11 @@ export class SessionHub {
         }
         break;
     }
-    if (frame.offset !== undefined && this.position) this.position.offset = frame.offset;
+    // hello's offset is the user's latest, not where this client is: after a
+    // recovering hello the missed frames follow and move the position themselves.
+    if (frame.type !== 'hello' && frame.offset !== undefined && this.position) {
+      this.position.offset = frame.offset;
+    }
     this._emit('frame', frame);
     this._emit(frame.type, frame);
     for (const [type, detail] of followUp) this._emit(type, detail);
@@ -225,6 +236,8 @@ export class SessionHub {
     this._drop();
     if (this.state === 'closed') return;
     this.state = 'connecting';
+    if (this._helloAt !== null && Date.now() - this._helloAt >= STABLE_AFTER) this._attempt = 0;
+    this._helloAt = null;
     if (ev.code === SESSION_ENDED && !this._ended) {
       // Closed as ended without the frame (e.g. by a fenced node): say so anyway.
       this._end('closed');
@@ -235,6 +248,8 @@ export class SessionHub {
       this._end('unauthorized');
     }
     if (this.state === 'closed') return;
+    // The browser came back online meanwhile and a socket is already opening.
+    if (this._ws && !this._ended) return;
     let reconnectIn = null;
     if (this._ended) {
       this.state = 'closed';
@@ -242,7 +257,10 @@ export class SessionHub {
       const ceiling = Math.min(this.options.maxDelay, this.options.minDelay * 2 ** this._attempt);
       reconnectIn = Math.round(Math.random() * ceiling); // full jitter
       this._attempt = Math.min(this._attempt + 1, 30);
-      this._timer = setTimeout(() => this.state === 'connecting' && this._open(), reconnectIn);
+      this._timer = setTimeout(
+        () => this.state === 'connecting' && !this._ws && this._open(),
+        reconnectIn,
+      );
     }
     this._emit('disconnected', {
       code: ev.code,
@@ -325,8 +343,10 @@ export class SessionHub {
     }
   }
 
-  /** Application-level keepalive: browsers hide protocol pings, so a half-open
-   *  socket is only noticed by a pong that does not come. */
+  /** Application-level keepalive, every pingInterval whatever else comes: the
+   *  server counts only what the client sends as activity, so a page that only
+   *  receives would otherwise idle out while open; and browsers hide protocol
+   *  pings, so a half-open socket is only noticed by a pong that does not come. */
   _schedulePing() {
     const { pingInterval, pongTimeout } = this.options;
     clearTimeout(this._pingTimer);
@@ -334,15 +354,22 @@ export class SessionHub {
     const ws = this._ws;
     this._pingTimer = setTimeout(() => {
       if (ws !== this._ws) return;
+      const sentAt = Date.now();
       this.ping().catch(() => {});
       this._pingTimer = setTimeout(() => {
+        if (ws !== this._ws) return;
+        // Any frame since the ping shows the socket alive (its pong may be queued
+        // behind a burst of messages).
+        if (this._lastFrameAt >= sentAt) {
+          this._schedulePing();
+          return;
+        }
         // No frame at all since: give up on this socket now (its close handshake
         // could hang as long as TCP does) and reconnect.
-        if (ws !== this._ws) return;
         this._onClose({ code: 4000, reason: 'pong timeout', wasClean: false }, true);
         ws.close(4000, 'pong timeout');
       }, pongTimeout);
-    }, pingInterval);
+    }, Math.max(0, pingInterval - pongTimeout));
   }
 }
 
