@@ -311,6 +311,49 @@ async function signOutOthers() {
   await closeAll();
 }
 
+// 11. With the network gone, End Session, Sign out all other sessions and Sign out
+//     say the server is not reachable and stay usable (End Session stuck on
+//     "Ending…" and Sign out claiming success were the bugs); back online, they work.
+async function offline() {
+  const one = await newPage('11:ctx1', UA.linuxChrome);
+  await login(one, NODE_A, 'oscar');
+  await connected(one.page, 'node-a');
+  const two = await newPage('11:ctx2', UA.macFirefox);
+  const other = await login(two, NODE_B, 'oscar');
+  await connected(two.page, 'node-b');
+  await notification(one.page, other).waitFor();
+
+  await one.ctx.setOffline(true);
+  await one.page.locator('[data-testid="conn-status"]:not([data-state="open"])').waitFor();
+  const unreachable = (what) =>
+    byId(one.page, 'status-message').filter({ hasText: `Could not ${what}: the server is not reachable` });
+  const end = notification(one.page, other).getByTestId('notification-end');
+  await end.click();
+  await unreachable('end the session').waitFor();
+  await one.page.waitForFunction(
+    (sid) => {
+      const b = document.querySelector(`[data-session-id="${sid}"] [data-testid="notification-end"]`);
+      return b && !b.disabled && b.textContent === 'End Session';
+    },
+    other,
+    { timeout: WAIT },
+  );
+  await byId(one.page, 'signout-others').click();
+  await unreachable('sign out the other sessions').waitFor();
+  assert.equal(await byId(one.page, 'signout-others').isDisabled(), false);
+  await byId(one.page, 'logout-button').click();
+  await unreachable('sign out').waitFor();
+  await view(one.page, 'app');
+
+  await one.ctx.setOffline(false);
+  await connected(one.page);
+  await end.click();
+  await signedOutForGood(two, 'killed');
+  await byId(one.page, 'logout-button').click();
+  await signedOutForGood(one, 'logout');
+  await closeAll();
+}
+
 // The client module on its own, in a page of node B: the backoff ceilings, a refused
 // upgrade, killSession's answers.
 async function clientModule() {
@@ -865,6 +908,7 @@ const scenarios = [
   ['1. notification within 2 s; End Session logs the other page out', notifyAndEnd],
   ['2. Dismiss hides the notification and ends nothing', dismiss],
   ['3. Sign out all other sessions, on both nodes', signOutOthers],
+  ['11. offline: End Session and both sign-outs say so and stay usable', offline],
   ['client module: killSession, backoff ceilings, refused upgrade', clientModule],
   ['10. a node that could not hear: its page closes 1012 and shows the missed notification', unheardWhileUnsubscribed],
   ['9. the admin console: key, nodes, a user on two nodes, End session, phone, nginx', adminConsole],

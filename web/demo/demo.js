@@ -42,6 +42,9 @@ async function api(method, path, body) {
   return fetch(path, init);
 }
 
+/** What to say when a call did not reach the server at all. */
+const UNREACHABLE = (what) => `Could not ${what}: the server is not reachable. Try again.`;
+
 async function errorText(res) {
   try {
     const e = await res.json();
@@ -262,13 +265,18 @@ async function endSession(sessionId, button) {
     if (e.frame?.code === 'not_found') {
       ok = true; // already gone
     } else {
-      const res = await api('DELETE', `/api/v1/me/sessions/${encodeURIComponent(sessionId)}`);
-      if (res.status === 401) {
+      let res = null;
+      try {
+        res = await api('DELETE', `/api/v1/me/sessions/${encodeURIComponent(sessionId)}`);
+      } catch {
+        flash(UNREACHABLE('end the session'));
+      }
+      if (res?.status === 401) {
         signedOut('unauthorized');
         return false;
       }
-      ok = res.status === 204 || res.status === 404;
-      if (!ok) flash(`Could not end the session: ${await errorText(res)}`);
+      ok = res?.status === 204 || res?.status === 404;
+      if (res && !ok) flash(`Could not end the session: ${await errorText(res)}`);
     }
   }
   if (button) button.disabled = false;
@@ -284,7 +292,14 @@ async function endSession(sessionId, button) {
 async function signOutOthers() {
   const btn = $('signout-others');
   btn.disabled = true;
-  const res = await api('DELETE', '/api/v1/me/sessions');
+  let res;
+  try {
+    res = await api('DELETE', '/api/v1/me/sessions');
+  } catch {
+    btn.disabled = false;
+    flash(UNREACHABLE('sign out the other sessions'));
+    return;
+  }
   if (res.status === 401) return signedOut('unauthorized');
   if (res.ok) {
     const { killed } = await res.json();
@@ -296,9 +311,22 @@ async function signOutOthers() {
   await refresh();
 }
 
+/** Signs out: only once the server has ended the session (on a shared computer a
+ *  page that said "signed out" while the session lived on would be worse than an
+ *  error). 401: it had ended already. */
 async function logout() {
-  await api('POST', '/api/v1/me/logout').catch(() => {});
-  signedOut('logout');
+  let res;
+  try {
+    res = await api('POST', '/api/v1/me/logout');
+  } catch {
+    flash(UNREACHABLE('sign out'));
+    return;
+  }
+  if (res.ok || res.status === 401) {
+    signedOut('logout');
+  } else {
+    flash(`Could not sign out: ${await errorText(res)}`);
+  }
 }
 
 async function login(ev) {
