@@ -23,8 +23,10 @@ pub(crate) enum CallError {
 
 impl CallError {
     /// Whether Redis could not be reached or did not answer (retry later), as
-    /// opposed to answering with an error. A replica's `READONLY` (a master demoted
-    /// in a Sentinel failover; the write was not done) counts too.
+    /// opposed to answering with an error. So do the answers of a Redis that cannot
+    /// serve yet and did nothing: a replica's `READONLY` (a master demoted in a
+    /// Sentinel failover), `LOADING` (restarting, reading its AOF or RDB),
+    /// `MASTERDOWN`, `TRYAGAIN` and `CLUSTERDOWN`.
     pub(crate) fn is_unavailable(&self) -> bool {
         match self {
             CallError::TimedOut => true,
@@ -33,7 +35,16 @@ impl CallError {
                     || e.is_timeout()
                     || e.is_connection_dropped()
                     || e.is_connection_refusal()
-                    || self.is_read_only()
+                    || matches!(
+                        e.kind(),
+                        ErrorKind::Server(
+                            ServerErrorKind::ReadOnly
+                                | ServerErrorKind::BusyLoading
+                                | ServerErrorKind::MasterDown
+                                | ServerErrorKind::TryAgain
+                                | ServerErrorKind::ClusterDown
+                        )
+                    )
             }
         }
     }
@@ -149,6 +160,20 @@ mod tests {
         let value = redis::parse_redis_value(format!("-{line}\r\n").as_bytes())
             .expect("an error reply parses");
         CallError::Redis(value.extract_error().expect_err("an error reply"))
+    }
+
+    #[test]
+    fn a_redis_that_cannot_serve_yet_is_unavailable_not_broken() {
+        for line in [
+            "LOADING Redis is loading the dataset in memory",
+            "READONLY You can't write against a read only replica.",
+            "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+            "TRYAGAIN Multiple keys request during rehashing of slot",
+            "CLUSTERDOWN The cluster is down",
+        ] {
+            assert!(reply(line).is_unavailable(), "{line}");
+        }
+        assert!(!reply("ERR unknown command").is_unavailable());
     }
 
     #[test]
