@@ -134,3 +134,47 @@ fn the_shipped_deployment_files_set_only_real_settings() {
         );
     }
 }
+
+/// The compose file runs the demo (any visitor signs in as anyone) with a
+/// placeholder API key: what it publishes must be reachable from this machine only,
+/// and every long-running service comes back after a restart of Docker.
+#[test]
+fn the_compose_file_publishes_on_loopback_only_and_restarts_its_services() {
+    let text = std::fs::read_to_string(repo_root().join("docker-compose.yml")).unwrap();
+    let published: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("- \"") && l.matches(':').count() >= 1 && l.ends_with('"'))
+        .filter(|l| {
+            l.trim_start_matches("- \"")
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_digit())
+        })
+        .collect();
+    assert!(published.len() >= 3, "ports found: {published:?}");
+    for p in &published {
+        assert!(
+            p.starts_with("- \"127.0.0.1:"),
+            "published beyond loopback: {p}"
+        );
+    }
+    for service in ["redis", "nginx"] {
+        let block: String = text
+            .split(&format!("\n  {service}:\n"))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no service {service}"))
+            .lines()
+            .take_while(|l| l.is_empty() || l.starts_with("    "))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            block.contains("restart: unless-stopped"),
+            "{service} has no restart policy"
+        );
+    }
+    assert!(
+        text.contains("restart: unless-stopped\n  stop_grace_period"),
+        "the nodes' restart policy"
+    );
+}

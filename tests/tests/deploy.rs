@@ -109,6 +109,22 @@ async fn the_whole_flow_through_nginx_ops_scripts_and_metrics() {
     );
     assert_eq!(app_status(&nginx, &s2.token).await.0, StatusCode::OK);
 
+    // A batch as large as the API takes gets through nginx (its body limit once
+    // refused anything over 128 KiB: a batch of 1,000 messages is about 250 KB).
+    let batch: Vec<serde_json::Value> = (0..1000)
+        .map(|i| {
+            serde_json::json!({ "to": { "user": "alice" }, "event": "e", "data": format!("{i:0>200}") })
+        })
+        .collect();
+    let res = api
+        .service(
+            Method::POST,
+            "/api/v1/publish",
+            Some(serde_json::Value::Array(batch)),
+        )
+        .await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+
     // The ops scripts, as documented, against the same cluster.
     let mut s2_ws = Vec::new();
     for _ in 0..3 {
