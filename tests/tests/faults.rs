@@ -124,6 +124,14 @@ async fn a_paused_node_fences_itself_and_closes_a_session_killed_meanwhile() {
     })
     .await;
     kill(&api, &victim.session_id).await;
+    // Upgrades that reach B while it is paused: registered under the lease it lost,
+    // they are answered FENCED once it resumes, after (or while) it rejoins.
+    let late: Vec<_> = (0..2)
+        .map(|_| {
+            let (url, token) = (cluster.nodes[1].ws_url(), keeper.token.clone());
+            tokio::spawn(async move { WsClient::connect_url(&url, &token).await.map(drop) })
+        })
+        .collect();
 
     cluster.nodes[1].signal("CONT");
     let resumed = Instant::now();
@@ -149,10 +157,29 @@ async fn a_paused_node_fences_itself_and_closes_a_session_killed_meanwhile() {
         async move { (api.connection_nodes(&sid).await.unwrap() == ["node-b"]).then_some(()) }
     })
     .await;
-    assert_eq!(
-        node_records(&cluster.redis, "node-b").await,
-        [keeper_on_b.connection_id()]
-    );
+    for upgrade in late {
+        let _ = upgrade.await.unwrap();
+    }
+    // One rejoin: a FENCED answer to a call made under the old lease does not make
+    // B rejoin again (which dropped the records the first rejoin restored). Three
+    // heartbeats for a second one to show.
+    cluster.nodes[1]
+        .wait_log("rejoined under a new lease", WAIT)
+        .await;
+    let rejoins = || {
+        cluster.nodes[1]
+            .log()
+            .matches("rejoined under a new lease")
+            .count()
+    };
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        assert_eq!(rejoins(), 1, "node-b rejoined again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut live = node_records(&cluster.redis, "node-b").await;
+    live.retain(|c| c == keeper_on_b.connection_id());
+    assert_eq!(live, [keeper_on_b.connection_id()]);
     keeper_on_b.assert_alive().await;
 }
 

@@ -85,7 +85,15 @@ pub(crate) async fn run(inner: Arc<Inner>, events: EventSender) {
                 }
                 probe(&inner).await;
             }
-            _ = inner.rejoin.notified() => rejoin(&inner, &events).await,
+            // A call was answered FENCED. It may have been made under the lease a
+            // rejoin just replaced (calls sent while the node was paused come back
+            // after it), and a second rejoin would fence the new lease and drop the
+            // records the first one restored: rejoin only if the lease is gone.
+            _ = inner.rejoin.notified() => {
+                if !renew(&inner).await {
+                    rejoin(&inner, &events).await;
+                }
+            }
             _ = reap.tick() => reap_dead(&inner).await,
         }
     }
