@@ -581,6 +581,32 @@ async fn clients_that_reset_while_registering_leave_no_socket_in_the_hub() {
     ws.assert_alive().await;
 }
 
+/// A node that leaves while one of its heartbeats waits in a paused Redis leaves no
+/// lease behind: the heartbeat lands first and extended the lease past what the
+/// node then removed, so it stayed listed (and counted) until reaped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_leaving_while_a_heartbeat_waits_in_redis_leaves_no_lease() {
+    let mut cluster = TestCluster::start_with(2, FAST_LEASE).await;
+    cluster.redis.signal("STOP");
+    // Longer than the heartbeat (500 ms): node-b's next one is sent into the pause.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    cluster.nodes[1].signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.redis.signal("CONT");
+    let status = tokio::time::timeout(Duration::from_secs(15), cluster.nodes[1].wait())
+        .await
+        .expect("the node must exit");
+    assert!(status.success(), "{status:?}");
+    let mut c = cluster.redis.conn().await;
+    let score: Option<f64> = redis::cmd("ZSCORE")
+        .arg("sh:nodes")
+        .arg("node-b")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(score, None, "the node's lease outlived it");
+}
+
 /// Every key of the test Redis matching `pattern`.
 async fn redis_keys(redis: &RedisServer, pattern: &str) -> Vec<String> {
     let mut c = redis.conn().await;

@@ -878,7 +878,14 @@ impl Engine for RedisEngine {
     async fn leave(&self) -> Result<(), EngineError> {
         let inner = &self.inner;
         inner.stop.cancel();
-        let upto = inner.lease_until.load(Ordering::Acquire).max(now_ms());
+        // Past any lease a heartbeat already on its way may set (one sent just before
+        // the stop, waiting in Redis's socket, lands before the calls below): with
+        // only the lease seen so far, such a heartbeat outlived the node in sh:nodes,
+        // listed and counted until it was reaped.
+        let upto = inner
+            .lease_until
+            .load(Ordering::Acquire)
+            .max(now_ms().saturating_add(i64::try_from(inner.lease.ttl_ms()).unwrap_or(i64::MAX)));
         let n = inner.drop_node(&inner.node_id, upto).await?;
         inner
             .fcall::<i64>(

@@ -105,6 +105,11 @@ async fn renew(inner: &Inner) -> bool {
     if let Err(e) = inner.measure_clock().await {
         tracing::debug!(error = %e, "could not read Redis's clock");
     }
+    // The node may have left while the clock was read (Redis paused): a heartbeat
+    // sent now would come after its leaving and list it again.
+    if inner.stop.is_cancelled() {
+        return true;
+    }
     let res: Result<i64, _> = inner
         .fcall(
             "sh_node_heartbeat",
