@@ -614,12 +614,23 @@ impl Hub {
                 .filter_map(|c| idx.by_conn.get(c).cloned())
                 .collect()
         };
+        // Sockets noted again since this resync took their points: events may have
+        // been lost once more, and the next resync settles them; releasing them now
+        // would let frames heard after that second gap through ahead of its losses.
+        let noted_since: HashSet<ConnectionId> = {
+            let points = lock(&self.points);
+            conns
+                .iter()
+                .filter(|c| points.contains_key(&c.id))
+                .map(|c| c.id.clone())
+                .collect()
+        };
         let mut closed = 0;
         for c in &conns {
             if missed.contains(&c.id) {
                 c.request_close(CloseCmd::Missed);
                 closed += 1;
-            } else {
+            } else if !noted_since.contains(&c.id) {
                 c.release();
             }
         }
@@ -788,6 +799,27 @@ mod tests {
                 other => panic!("expected {want}, got {other:?}"),
             }
         }
+    }
+
+    /// A resync settles only the sockets whose hold it checked: one noted again
+    /// meanwhile (a second gap while the first resync ran) stays held for the next
+    /// resync, which checks from the newer point.
+    #[test]
+    fn a_second_gap_during_a_resync_keeps_the_socket_held() {
+        let hub = Hub::default();
+        let c = conn();
+        hub.insert(c.clone());
+        hub.bind_user(&c, &UserId::parse("alice").expect("user id"), 42);
+        c.start_history("e1", 1);
+        hub.note_history_points();
+        let (_, first) = hub.records_to_resync();
+        hub.note_history_points(); // gap 2, while the first resync runs
+        assert!(c.send(ByteString::from_static("after gap 2"), 5));
+        assert_eq!(hub.settle_held(&first, &[]), 0);
+        assert!(frame(&c).is_none(), "released across the second gap");
+        let (_, second) = hub.records_to_resync();
+        assert_eq!(hub.settle_held(&second, &[]), 0);
+        assert!(matches!(frame(&c), Some(Next::Frame(f)) if f.frame == "after gap 2"));
     }
 
     /// A hold that outlasts the outbound queue (a resync that does not go through
