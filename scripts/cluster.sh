@@ -9,7 +9,7 @@
 #
 # RUN_DIR (default: a new temp dir) holds the logs, the AOF, the generated nginx
 # config, the PIDs and `env`: NGINX_URL, REDIS_PORT, NODE_URLS, SESSIONHUB_API_KEY.
-# Settings: SESSIONHUB_BIN (default target/release/sessionhub, else target/debug),
+# Settings: SESSIONHUB_BIN (default the newer of target/release and target/debug),
 # NODES (3), NGINX_PORT (default: a free port), SESSIONHUB_API_KEY (a dev key), and
 # any other SESSIONHUB_* variable, passed to the nodes.
 set -euo pipefail
@@ -60,6 +60,11 @@ wait_for() {
   done
 }
 
+# Whether the node with this stdout file and PID listens, or is gone.
+listening_or_gone() {
+  grep -q "listening on" "$1" || ! kill -0 "$2" 2>/dev/null
+}
+
 start() {
   local run=${1:-$(mktemp -d -t sessionhub-cluster.XXXXXX)}
   mkdir -p "$run/tmp"
@@ -67,8 +72,9 @@ start() {
   [ -e "$run/pids" ] && die "$run already has a running cluster (stop it first)"
   local bin=${SESSIONHUB_BIN:-}
   if [ -z "$bin" ]; then
+    # The newer build: a fresh `cargo build` must not lose to an old release build.
     for b in "$root/target/release/sessionhub" "$root/target/debug/sessionhub"; do
-      [ -x "$b" ] && { bin=$b; break; }
+      [ -x "$b" ] && { [ -z "$bin" ] || [ "$b" -nt "$bin" ]; } && bin=$b
     done
   fi
   [ -x "${bin:-}" ] || die "no sessionhub binary: run 'cargo build --release --bin sessionhub' first"
@@ -113,8 +119,11 @@ start() {
       SESSIONHUB_REDIS_URL="redis://127.0.0.1:$redis_port" SESSIONHUB_API_KEY="$key" \
       SESSIONHUB_TRUSTED_PROXIES="${SESSIONHUB_TRUSTED_PROXIES:-127.0.0.1}" \
       "$bin" </dev/null >"$run/node-$i.out" 2>"$run/node-$i.log" &
-    echo "node-$i $!" >>"$run/pids"
-    wait_for 30 "node-$i to listen" grep -q "listening on" "$run/node-$i.out"
+    local pid=$!
+    echo "node-$i $pid" >>"$run/pids"
+    # A node that stops at once (a bad setting) says why on its last line.
+    wait_for 30 "node-$i to listen" listening_or_gone "$run/node-$i.out" "$pid"
+    kill -0 "$pid" 2>/dev/null || die "node-$i exited: $(tail -1 "$run/node-$i.log")"
     local addr
     addr=$(grep -o 'http://[0-9.:]*' "$run/node-$i.out" | head -1)
     urls+=("$addr")
