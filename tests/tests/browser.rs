@@ -178,7 +178,7 @@ async fn demo_app_in_headless_chromium() {
         Some(_) => println!("{report}"),
     }
     assert!(
-        out.contains("11 passed, 0 failed"),
+        out.contains("12 passed, 0 failed"),
         "{SCRIPT} did not run every scenario\n{report}"
     );
     drop(proxy);

@@ -289,19 +289,28 @@ function say(text) {
   st.hidden = !text;
 }
 
+/** Which openUser call is the latest: an older one's answer is dropped. */
+let userLoads = 0;
+
 async function openUser(user, message = '') {
   selected = user;
+  const load = ++userLoads;
   $('user-card').hidden = false;
   $('user-name').textContent = user;
+  // Another user's rows never stay under this user's name, not even while loading
+  // or when the load fails (their End session would end that user's session).
+  $('sessions-list').replaceChildren();
   say(message);
   let sessions;
   try {
     const res = await api('GET', `/api/v1/users/${encodeURIComponent(user)}/sessions`);
+    if (load !== userLoads) return;
     if (!res.ok) return say(`could not load the sessions (${res.status})`);
     sessions = await res.json();
   } catch {
     return;
   }
+  if (load !== userLoads) return;
   const tpl = $('session-template');
   const items = sessions.map((s) => {
     const li = tpl.content.firstElementChild.cloneNode(true);
@@ -335,7 +344,7 @@ async function openUser(user, message = '') {
 
 async function endSession(s) {
   const agent = describeAgent(s.user_agent).label;
-  if (!confirm(`End this session of ${selected} (${agent})? Its sockets close on every node and its cookie stops working.`)) return;
+  if (!confirm(`End this session of ${s.user_id} (${agent})? Its sockets close on every node and its cookie stops working.`)) return;
   const res = await api('DELETE', `/api/v1/sessions/${encodeURIComponent(s.session_id)}`).catch(() => null);
   if (!res) return;
   const text = res.status === 204 ? 'Session ended.' : res.status === 404 ? 'That session had already ended.' : `The node answered ${res.status}.`;
