@@ -25,6 +25,20 @@ async fn all_keys(redis: &RedisServer) -> Vec<String> {
     keys
 }
 
+/// A redis-server with the function library loaded (no node), and a connection.
+async fn redis_with_library() -> (RedisServer, redis::aio::MultiplexedConnection) {
+    let redis = RedisServer::start().await;
+    let mut c = redis.conn().await;
+    redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg("REPLACE")
+        .arg(sessionhub_redis::LIBRARY)
+        .query_async::<String>(&mut c)
+        .await
+        .unwrap();
+    (redis, c)
+}
+
 async fn status(api: &Api, method: Method, path: &str) -> StatusCode {
     api.service(method, path, None).await.status()
 }
@@ -197,15 +211,7 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_logins_redis_cost_does_not_grow_with_the_users_sessions() {
-    let redis = RedisServer::start().await;
-    let mut c = redis.conn().await;
-    redis::cmd("FUNCTION")
-        .arg("LOAD")
-        .arg("REPLACE")
-        .arg(sessionhub_redis::LIBRARY)
-        .query_async::<String>(&mut c)
-        .await
-        .unwrap();
+    let (_redis, mut c) = redis_with_library().await;
     const CAP: usize = 300;
     let bucket = "3f";
     let mut n = 0usize;
@@ -462,15 +468,7 @@ async fn a_kill_drops_every_socket_of_the_session_from_every_index_on_three_node
 /// since a Redis function's writes are not undone by a later error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_function_called_wrongly_writes_nothing() {
-    let redis = RedisServer::start().await;
-    let mut c = redis.conn().await;
-    redis::cmd("FUNCTION")
-        .arg("LOAD")
-        .arg("REPLACE")
-        .arg(sessionhub_redis::LIBRARY)
-        .query_async::<String>(&mut c)
-        .await
-        .unwrap();
+    let (redis, mut c) = redis_with_library().await;
     let cid = "2bd806c9000000000000000000000000";
     let conn = format!("sh:{{2b}}:conn:{cid}");
     let _: i64 = redis::cmd("HSET")

@@ -420,14 +420,11 @@ async fn sigterm_closes_every_socket_with_1001_removes_the_nodes_records_and_exi
     assert!(status.success(), "{status:?}");
     assert!(started.elapsed() <= Duration::from_secs(10));
     assert!(node_records(&cluster.redis, "node-b").await.is_empty());
-    let mut c = cluster.redis.conn().await;
-    let score: Option<f64> = redis::cmd("ZSCORE")
-        .arg("sh:nodes")
-        .arg("node-b")
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    assert_eq!(score, None, "the node's lease is gone");
+    assert_eq!(
+        lease_of(&cluster.redis, "node-b").await,
+        None,
+        "the node's lease is gone"
+    );
     let counts: Value = api
         .service(Method::GET, "/api/v1/presence", None)
         .await
@@ -597,14 +594,22 @@ async fn a_node_leaving_while_a_heartbeat_waits_in_redis_leaves_no_lease() {
         .await
         .expect("the node must exit");
     assert!(status.success(), "{status:?}");
-    let mut c = cluster.redis.conn().await;
-    let score: Option<f64> = redis::cmd("ZSCORE")
+    assert_eq!(
+        lease_of(&cluster.redis, "node-b").await,
+        None,
+        "the node's lease outlived it"
+    );
+}
+
+/// The node's lease in `sh:nodes`, if it has one.
+async fn lease_of(redis: &RedisServer, node: &str) -> Option<f64> {
+    let mut c = redis.conn().await;
+    redis::cmd("ZSCORE")
         .arg("sh:nodes")
-        .arg("node-b")
+        .arg(node)
         .query_async(&mut c)
         .await
-        .unwrap();
-    assert_eq!(score, None, "the node's lease outlived it");
+        .unwrap()
 }
 
 /// Every key of the test Redis matching `pattern`.
