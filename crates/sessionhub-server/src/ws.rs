@@ -221,8 +221,8 @@ async fn accept(
 /// refused or failed registration returns early, and a client that resets the
 /// connection meanwhile makes actix drop the handler's future mid-call. Either way
 /// nothing else would remove the socket from the hub, which would go on counting it
-/// and queueing frames for it. (A record the call wrote in Redis goes with the
-/// node's reconciliation.)
+/// and queueing frames for it. (A record the dropped call may still write in Redis
+/// is the engine's to remove: it queues the removal when its call is dropped.)
 struct Listed<'a> {
     hub: &'a Hub,
     conn: Option<Arc<LocalConn>>,
