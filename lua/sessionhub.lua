@@ -1082,9 +1082,11 @@ end)
 -- sh_publish's KEYS[1]); with `cfg`, a frame for a user or a session joins the
 -- user's history. Returns nodes, connections, offset (or nil); nil for a key of
 -- another kind.
-local function publish_target(P, B, key, frame, cfg)
+-- `uid`: the user of a user key if the caller has matched it already (false: the
+-- key is known to be no user key; nil: not matched yet).
+local function publish_target(P, B, key, frame, cfg, uid)
   local offset, offset_text = nil, nil
-  local uid = string.match(key, '}:user:(.*):sessions$')
+  if uid == nil then uid = string.match(key, '}:user:(.*):sessions$') end
   if uid then
     if cfg then frame, offset, offset_text = history_append(P, B, uid, cfg, 'user', frame) end
     local nodes, conns = publish_to_user(P, B, uid, frame, offset_text)
@@ -1119,10 +1121,10 @@ local function publish_target(P, B, key, frame, cfg)
   return nodes, conns, offset
 end
 
--- Whether `key` names something publish_target can publish to.
-local function is_publish_target(key)
-  return string.match(key, '}:user:.*:sessions$') or string.match(key, '}:session:[0-9a-f]+$')
-    or string.match(key, '}:conn:[0-9a-f]+$') or string.match(key, '}:group:.+$')
+-- Whether `key`, no user key, names something else publish_target can publish to.
+local function is_other_target(key)
+  return string.match(key, '}:session:[0-9a-f]+$') or string.match(key, '}:conn:[0-9a-f]+$')
+    or string.match(key, '}:group:.+$')
 end
 
 local function delivery_reply(nodes, conns, offset)
@@ -1165,7 +1167,7 @@ register('sh_publish_batch', function(keys, args)
   local P, B = split_key(keys[1])
   if not P then return bad_key('a user, session, connection or group key') end
   local one_bucket = in_cluster()
-  local buckets = {}
+  local buckets, uids = {}, {}
   for i, key in ipairs(keys) do
     local kp, kb = split_key(key)
     if kp ~= P then return redis.error_reply('BADARG every key of a batch must have one prefix') end
@@ -1173,15 +1175,19 @@ register('sh_publish_batch', function(keys, args)
       return redis.error_reply('BADARG every key of a batch must be in one bucket on Redis Cluster')
     end
     -- Every key is checked before the first message goes out: a bad one refuses
-    -- the whole call, with nothing published or written to history.
-    if not is_publish_target(key) then return bad_key('a user, session, connection or group key') end
+    -- the whole call, with nothing published or written to history. (A user key,
+    -- the usual one, is matched once: publish_target takes the match.)
+    uids[i] = string.match(key, '}:user:(.*):sessions$') or false
+    if not uids[i] and not is_other_target(key) then
+      return bad_key('a user, session, connection or group key')
+    end
     buckets[i] = kb
   end
   if past_deadline(args[1]) then return deadline_reply() end
   local cfg = history_cfg(args[2], args[3], args[4])
   local out = {}
   for i, key in ipairs(keys) do
-    local nodes, conns, offset = publish_target(P, buckets[i], key, args[4 + i], cfg)
+    local nodes, conns, offset = publish_target(P, buckets[i], key, args[4 + i], cfg, uids[i])
     if not nodes then return bad_key('a user, session, connection or group key') end
     out[i] = delivery_reply(nodes, conns, offset)
   end
