@@ -790,3 +790,33 @@ async fn the_compose_nginx_config_serves_browsers() {
     drop(ws);
     drop(nginx);
 }
+
+/// With no node able to answer, nginx answers as a node would: 503, the API's JSON
+/// error and `Retry-After` (it answered its own 502 HTML page, through a Redis
+/// outage too, once every node was marked failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_node_left_nginx_answers_the_apis_503() {
+    let cluster = ScriptCluster::start();
+    let nginx = cluster.nginx().to_owned();
+    let pids = std::fs::read_to_string(cluster.run_dir().join("pids")).unwrap();
+    let nodes: Vec<&str> = pids
+        .lines()
+        .filter(|l| l.starts_with("node-"))
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(nodes.len(), 3, "{pids}");
+    for pid in &nodes {
+        let ok = std::process::Command::new("kill")
+            .args(["-KILL", pid])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+    for path in ["/api/v1/presence", "/healthz"] {
+        let res = reqwest::get(format!("{nginx}{path}")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE, "{path}");
+        assert_eq!(res.headers()["retry-after"], "1", "{path}");
+        let body: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(body["error"], "unavailable", "{path}: {body}");
+    }
+}
