@@ -365,12 +365,9 @@ pub async fn raw_upgrade(node: &Node, token: &str, recv_buffer: Option<u32>) -> 
         socket.set_recv_buffer_size(size).unwrap();
     }
     let mut tcp = socket.connect(addr.parse().unwrap()).await.unwrap();
-    let head = format!(
-        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-         Cookie: sh_session={token}\r\n\r\n"
-    );
-    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(upgrade_head(&addr, token).as_bytes())
+        .await
+        .unwrap();
     let mut got = Vec::new();
     let mut byte = [0u8; 1];
     while !got.ends_with(b"\r\n\r\n") {
@@ -384,4 +381,13 @@ pub async fn raw_upgrade(node: &Node, token: &str, recv_buffer: Option<u32>) -> 
     let head = String::from_utf8_lossy(&got);
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     tcp
+}
+
+/// The request head of a `/ws` upgrade to `addr` (host:port) with a session cookie.
+pub fn upgrade_head(addr: &str, token: &str) -> String {
+    format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Cookie: sh_session={token}\r\n\r\n"
+    )
 }

@@ -17,7 +17,7 @@ pub mod sentinel;
 pub mod tls;
 pub mod webhook;
 
-pub use client::{Api, CloseEvent, Created, WsClient, WsError, raw_upgrade};
+pub use client::{Api, CloseEvent, Created, WsClient, WsError, raw_upgrade, upgrade_head};
 pub use deployment::{Deployment, Store, Topology};
 pub use monitor::Monitor;
 pub use process::{FAST_LEASE, FAST_REAP_BOUND, Node, NodeOptions, RedisServer, TestCluster};

@@ -539,12 +539,7 @@ async fn clients_that_reset_while_registering_leave_no_socket_in_the_hub() {
     let api = Api::new(node);
     let s = api.create_session("flaky", "test").await;
     let addr: std::net::SocketAddr = node.base.trim_start_matches("http://").parse().unwrap();
-    let head = format!(
-        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-         Cookie: sh_session={}\r\n\r\n",
-        s.token
-    );
+    let head = sessionhub_tests::upgrade_head(&addr.to_string(), &s.token);
     for i in 0..300u64 {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         // Closing with a zero linger sends a reset instead of a FIN.

@@ -801,17 +801,23 @@ mod tests {
         }
     }
 
-    /// A resync settles only the sockets whose hold it checked: one noted again
-    /// meanwhile (a second gap while the first resync ran) stays held for the next
-    /// resync, which checks from the newer point.
-    #[test]
-    fn a_second_gap_during_a_resync_keeps_the_socket_held() {
+    /// A hub with one socket of alice's, at history point 1, noted (its frames held).
+    fn held_conn() -> (Hub, Arc<LocalConn>) {
         let hub = Hub::default();
         let c = conn();
         hub.insert(c.clone());
         hub.bind_user(&c, &UserId::parse("alice").expect("user id"), 42);
         c.start_history("e1", 1);
         hub.note_history_points();
+        (hub, c)
+    }
+
+    /// A resync settles only the sockets whose hold it checked: one noted again
+    /// meanwhile (a second gap while the first resync ran) stays held for the next
+    /// resync, which checks from the newer point.
+    #[test]
+    fn a_second_gap_during_a_resync_keeps_the_socket_held() {
+        let (hub, c) = held_conn();
         let (_, first) = hub.records_to_resync();
         hub.note_history_points(); // gap 2, while the first resync runs
         assert!(c.send(ByteString::from_static("after gap 2"), 5));
@@ -827,12 +833,7 @@ mod tests {
     /// close as too slow (1013), and a settle that comes after does not reopen it.
     #[test]
     fn a_hold_past_the_queue_bound_closes_the_socket_as_too_slow() {
-        let hub = Hub::default();
-        let c = conn();
-        hub.insert(c.clone());
-        hub.bind_user(&c, &UserId::parse("alice").expect("user id"), 42);
-        c.start_history("e1", 1);
-        hub.note_history_points();
+        let (hub, c) = held_conn();
         for i in 0..OUTBOUND_QUEUE_CAPACITY {
             assert!(
                 c.send(ByteString::from(format!("f{i}")), 2 + i as u64),
