@@ -52,6 +52,8 @@
 --   P{B}:expiry                zset  session_id -> when it ends by itself (the earlier
 --                                    of expires_at and last_seen_at + idle_ms)
 --   Pnodes                     zset  node_id -> lease expiry (no hash tag)
+--   Pnode-claim:<node_id>      string the nonce of the process running under the id,
+--                                    TTL the lease's: one process per node id
 --   P{B}:groups:emptied        hash  group -> times its members in B were all gone (the
 --                                    sweep forgets B in Pgroup:<group>:in_buckets)
 --   Pgroup:<group>:in_buckets  hash  bucket -> adds it has seen: the buckets that may
@@ -1285,6 +1287,40 @@ register('sh_node_heartbeat', function(keys, args)
   local lease = now + tonumber(args[3])
   redis.call('ZADD', keys[1], lease, node)
   return lease
+end)
+
+-- sh_node_claim: take or renew a node id for one process (by its random nonce), so
+-- that two processes never run under one id: a second node started by mistake with
+-- the id of a running one, or a node that resumes after another process took its id
+-- while it was paused. The claim lapses `ttl_ms` after its last renewal (a node
+-- renews it with every heartbeat), so a restart after a crash waits at most that.
+--   KEYS[1] Pnode-claim:<node_id>   ARGV nonce, ttl_ms
+--   Returns 0 if the process holds the id now; else the ms left on another
+--   process's claim (at least 1; -1 when it was set without a TTL).
+register('sh_node_claim', function(keys, args)
+  if not string.match(keys[1], 'node%-claim:.') then return bad_key('Pnode-claim:<node_id>') end
+  local ttl = tonumber(args[2])
+  if not args[1] or args[1] == '' or not ttl or ttl < 1 then
+    return redis.error_reply('BADARG nonce and ttl_ms (> 0) expected')
+  end
+  local holder = redis.call('GET', keys[1])
+  if holder and holder ~= args[1] then
+    local left = redis.call('PTTL', keys[1])
+    if left == -1 then return -1 end
+    return math.max(left, 1)
+  end
+  redis.call('SET', keys[1], args[1], 'PX', int(ttl))
+  return 0
+end)
+
+-- sh_node_release: give up a node id's claim when the node leaves.
+--   KEYS[1] Pnode-claim:<node_id>   ARGV nonce
+--   Returns 1 if this process held it (now released), else 0.
+register('sh_node_release', function(keys, args)
+  if not string.match(keys[1], 'node%-claim:.') then return bad_key('Pnode-claim:<node_id>') end
+  if redis.call('GET', keys[1]) ~= args[1] then return 0 end
+  redis.call('DEL', keys[1])
+  return 1
 end)
 
 -- sh_node_forget: remove a node's lease once its records are dropped from every

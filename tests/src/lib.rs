@@ -20,7 +20,9 @@ pub mod webhook;
 pub use client::{Api, CloseEvent, Created, WsClient, WsError, raw_upgrade, upgrade_head};
 pub use deployment::{Deployment, Store, Topology};
 pub use monitor::Monitor;
-pub use process::{FAST_LEASE, FAST_REAP_BOUND, Node, NodeOptions, RedisServer, TestCluster};
+pub use process::{
+    FAST_LEASE, FAST_REAP_BOUND, Node, NodeOptions, NotStarted, RedisServer, TestCluster,
+};
 pub use redis_cluster::RedisCluster;
 pub use script_cluster::ScriptCluster;
 pub use tls::{Pki, TlsRedis};

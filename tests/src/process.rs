@@ -240,6 +240,18 @@ pub struct NodeOptions {
     pub stderr_unread: bool,
 }
 
+/// A node that did not start: what its stdout gave instead of the "listening"
+/// line, how it exited, and its log.
+#[derive(Debug)]
+pub struct NotStarted {
+    /// The first line's read, as it failed (end of output, timeout).
+    pub line: String,
+    /// Its exit status (`None`: it had to be killed).
+    pub status: Option<std::process::ExitStatus>,
+    /// Its log.
+    pub log: String,
+}
+
 /// A running sessionhub node process, killed on drop.
 pub struct Node {
     child: Child,
@@ -256,6 +268,18 @@ pub struct Node {
 impl Node {
     /// Starts a node on a free port and waits for its "listening" line.
     pub async fn start(opts: NodeOptions) -> Self {
+        let id = opts.node_id.clone();
+        match Self::try_start(opts).await {
+            Ok(node) => node,
+            Err(NotStarted { line, log, .. }) => {
+                panic!("node {id} did not start ({line:?}); its log:\n{log}")
+            }
+        }
+    }
+
+    /// Starts a node on a free port; if it exits (or stays silent for 30 s) before
+    /// its "listening" line, says how, with its log.
+    pub async fn try_start(opts: NodeOptions) -> Result<Self, NotStarted> {
         let logdir = tempfile::tempdir().unwrap();
         let log = logdir.path().join("node.log");
         let mut cmd = Command::new(node_binary());
@@ -288,25 +312,38 @@ impl Node {
         let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await;
         let line = match line {
             Ok(Ok(Some(l))) => l,
-            other => panic!(
-                "node {} did not start ({other:?}); its log:\n{}",
-                opts.node_id,
-                std::fs::read_to_string(&log).unwrap_or_default()
-            ),
+            other => {
+                // Its stdout closed: it is exiting. Otherwise it is stuck.
+                let status = match &other {
+                    Ok(Ok(None)) => tokio::time::timeout(WAIT, child.wait())
+                        .await
+                        .ok()
+                        .and_then(Result::ok),
+                    _ => None,
+                };
+                if status.is_none() {
+                    let _ = child.kill().await;
+                }
+                return Err(NotStarted {
+                    line: format!("{other:?}"),
+                    status,
+                    log: std::fs::read_to_string(&log).unwrap_or_default(),
+                });
+            }
         };
         let addr = line
             .split_whitespace()
             .find_map(|w| w.strip_prefix("http://"))
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_owned();
-        Self {
+        Ok(Self {
             child,
             base: format!("http://{addr}"),
             id: opts.node_id,
             log,
             _logdir: logdir,
             _stderr: unread,
-        }
+        })
     }
 
     /// `ws://…/ws` of this node.

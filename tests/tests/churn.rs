@@ -122,15 +122,23 @@ async fn an_idle_cluster_returns_to_a_bounded_key_count_after_churn() {
         assert_eq!(res.status(), StatusCode::OK);
     }
 
-    // Idle: only the live nodes' lease set and their status keys stay (one each, gone
-    // with the lease), and the lifecycle event streams, which are bounded by their
-    // cap, not by activity.
+    // Idle: only the live nodes' lease set and their claim and status keys stay (one
+    // each, gone with the lease), and the lifecycle event streams, which are bounded
+    // by their cap, not by activity.
     let mut last = Vec::new();
     let settled = tokio::time::timeout(SHRINK_BOUND, async {
         loop {
             last = all_keys(&cluster.redis).await;
             last.retain(|k| !is_event_stream(k));
-            if last == ["sh:node-status:node-a", "sh:node-status:node-b", "sh:nodes"] {
+            if last
+                == [
+                    "sh:node-claim:node-a",
+                    "sh:node-claim:node-b",
+                    "sh:node-status:node-a",
+                    "sh:node-status:node-b",
+                    "sh:nodes",
+                ]
+            {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use sessionhub_tests::{
-    Api, Created, FAST_LEASE, FAST_REAP_BOUND, RedisServer, TestCluster, WAIT, WsClient, wait_for,
+    Api, Created, FAST_LEASE, FAST_REAP_BOUND, Node, NodeOptions, RedisServer, TestCluster, WAIT,
+    WsClient, wait_for,
 };
 use tokio::io::AsyncWriteExt;
 
@@ -930,4 +931,140 @@ async fn a_node_behind_its_pubsub_messages_is_dropped_by_redis_and_subscribes_ag
     assert_eq!(ws.expect("message").await["event"], "after");
     kill(&api, &s.session_id).await;
     assert_eq!(ws.expect_close().await.0, 4001);
+}
+
+/// Options for another process under node id `id`, with [`FAST_LEASE`], on `redis`.
+fn same_id(redis: &RedisServer, id: &str) -> NodeOptions {
+    let mut opts = NodeOptions::numbered(0, FAST_LEASE);
+    opts.node_id = id.to_owned();
+    opts.redis_url = Some(redis.url());
+    opts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_node_under_a_running_nodes_id_refuses_to_start_and_harms_nothing() {
+    let cluster = TestCluster::start_with(1, FAST_LEASE).await;
+    let api = Api::new(&cluster.nodes[0]);
+    let bob = api.create_session("bob", "test").await;
+    let mut ws = WsClient::connect(&cluster.nodes[0], &bob.token)
+        .await
+        .unwrap();
+
+    // Its claim is renewed throughout: the second process gives up after a
+    // lease and a heartbeat (2 s), with the reason.
+    let started = Instant::now();
+    let refused = Node::try_start(same_id(&cluster.redis, "node-a"))
+        .await
+        .err()
+        .expect("a second node-a started beside the running one");
+    let status = refused.status.expect("the second node-a did not exit");
+    assert!(!status.success(), "{status:?}");
+    assert!(
+        refused
+            .log
+            .contains("node id node-a is in use by another running node"),
+        "{}",
+        refused.log
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "gave up after {:?}, before a claim could lapse",
+        started.elapsed()
+    );
+
+    // The running node-a is untouched: its socket, its record, its lease.
+    ws.assert_alive().await;
+    assert_eq!(
+        api.connection_nodes(&bob.session_id).await.unwrap(),
+        ["node-a"]
+    );
+    let lease = lease_of(&cluster.redis, "node-a").await.unwrap();
+    let redis = &cluster.redis;
+    wait_for("node-a's lease to be renewed", WAIT, || async move {
+        lease_of(redis, "node-a")
+            .await
+            .filter(|l| *l > lease)
+            .map(drop)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_after_a_crash_takes_its_id_back_within_a_lease() {
+    let mut cluster = TestCluster::start_with(1, FAST_LEASE).await;
+    let api = Api::new(&cluster.nodes[0]);
+    let bob = api.create_session("bob", "test").await;
+    let _ws = WsClient::connect(&cluster.nodes[0], &bob.token)
+        .await
+        .unwrap();
+    cluster.nodes[0].signal("KILL");
+    cluster.nodes[0].wait().await;
+
+    // The dead run's claim is still there; the new run waits for it to lapse.
+    let restarted = Node::start(same_id(&cluster.redis, "node-a")).await;
+    assert!(
+        restarted.log().contains("waiting for the claim to lapse"),
+        "{}",
+        restarted.log()
+    );
+    let api = Api::new(&restarted);
+    // The dead run's record went at start-up; the new run serves.
+    assert_eq!(
+        api.connection_nodes(&bob.session_id).await.unwrap(),
+        Vec::<String>::new()
+    );
+    let mut ws = WsClient::connect(&restarted, &bob.token).await.unwrap();
+    ws.assert_alive().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_resuming_after_its_id_was_taken_stops_and_leaves_the_new_runs_records() {
+    let mut cluster = TestCluster::start_with(2, FAST_LEASE).await;
+    let api = Api::new(&cluster.nodes[1]);
+    let alice = api.create_session("alice", "test").await;
+    let bob = api.create_session("bob", "test").await;
+    let mut alice_ws = WsClient::connect(&cluster.nodes[0], &alice.token)
+        .await
+        .unwrap();
+
+    // node-a pauses past its lease; a new process takes the id meanwhile.
+    cluster.nodes[0].pause().await;
+    wait_for("node-a to be reaped", FAST_REAP_BOUND, || {
+        let (api, sid) = (api.clone(), alice.session_id.clone());
+        async move {
+            api.connection_nodes(&sid)
+                .await
+                .unwrap()
+                .is_empty()
+                .then_some(())
+        }
+    })
+    .await;
+    let successor = Node::start(same_id(&cluster.redis, "node-a")).await;
+    let mut bob_ws = WsClient::connect(&successor, &bob.token).await.unwrap();
+    let bob_cid = bob_ws.connection_id().to_owned();
+
+    // The paused run resumes: it finds its id taken, and stops.
+    cluster.nodes[0].signal("CONT");
+    let status = tokio::time::timeout(WAIT, cluster.nodes[0].wait())
+        .await
+        .expect("the superseded node-a did not exit");
+    assert!(!status.success(), "{status:?}");
+    let log = cluster.nodes[0].log();
+    assert!(
+        log.contains("another process runs under this node's id"),
+        "{log}"
+    );
+    let (code, _) = alice_ws.expect_close().await;
+    assert_eq!(code, 1001);
+
+    // The new run's record, lease and socket are all still there.
+    let tag = &bob.session_id[..2];
+    assert!(redis_exists(&cluster.redis, &format!("sh:{{{tag}}}:conn:{bob_cid}")).await);
+    assert_eq!(
+        api.connection_nodes(&bob.session_id).await.unwrap(),
+        ["node-a"]
+    );
+    assert!(lease_of(&cluster.redis, "node-a").await.is_some());
+    bob_ws.assert_alive().await;
 }

@@ -114,6 +114,11 @@ pub enum NodeEvent {
     /// The node lost its lease (it was paused or cut off) and its records were
     /// dropped; it holds a new lease now and must re-assert its sockets' records.
     Fenced,
+    /// Another process runs under this node's id now (this one was paused or cut
+    /// off past its lease, and a node started with the same id meanwhile). The
+    /// engine has stopped renewing and will leave the id's records alone; the node
+    /// must shut down.
+    Superseded,
 }
 
 /// Where an engine delivers this node's events. Bounded: a full queue slows the

@@ -108,6 +108,12 @@ pub(crate) struct Inner {
     pub(crate) lease_until: AtomicI64,
     pub(crate) keys: Keys,
     pub(crate) node_id: NodeId,
+    /// This process's random nonce in its node id's claim (`sh_node_claim`).
+    pub(crate) claim_nonce: String,
+    /// Another process took this node's id (it was paused past its lease, and a
+    /// node started under the same id meanwhile): the records under the id are that
+    /// process's now, so this one must stop without touching them.
+    pub(crate) superseded: AtomicBool,
     command_timeout: Duration,
     pub(crate) lease: LeaseConfig,
     pub(crate) limits: ConnLimits,
@@ -180,6 +186,11 @@ impl Inner {
             lease_until: AtomicI64::new(0),
             keys: Keys::new(config.key_prefix.clone()),
             node_id,
+            claim_nonce: sessionhub_core::ids::random_bytes::<8>()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+            superseded: AtomicBool::new(false),
             command_timeout: config.command_timeout,
             lease: config.lease,
             limits: config.limits,

@@ -82,6 +82,18 @@ pub enum ConnectError {
         /// The last error.
         reason: String,
     },
+    /// Another running node holds this node's id.
+    #[error(
+        "node id {node} is in use by another running node (its claim in Redis was \
+         renewed throughout {:.1}s of waiting): give every node its own node id",
+        waited.as_secs_f64()
+    )]
+    NodeIdInUse {
+        /// The node id.
+        node: String,
+        /// How long start-up waited for the claim to lapse.
+        waited: Duration,
+    },
 }
 
 /// Hides the password of a Redis URL, for logs and errors.

@@ -878,6 +878,11 @@ impl Engine for RedisEngine {
     async fn leave(&self) -> Result<(), EngineError> {
         let inner = &self.inner;
         inner.stop.cancel();
+        if inner.superseded.load(Ordering::Acquire) {
+            // The id's records and lease are another process's now.
+            tracing::info!("left the cluster (this node's id is another process's)");
+            return self.stop_tasks().await;
+        }
         // Past any lease a heartbeat already on its way may set (one sent just before
         // the stop, waiting in Redis's socket, lands before the calls below): with
         // only the lease seen so far, such a heartbeat outlived the node in sh:nodes,
@@ -894,7 +899,16 @@ impl Engine for RedisEngine {
                 (inner.node_id.as_str(), upto),
             )
             .await?;
+        inner.release_id().await?;
         tracing::info!(records = n, "left the cluster");
+        self.stop_tasks().await
+    }
+}
+
+impl RedisEngine {
+    /// Waits (a while) for the engine's tasks to return once stopped.
+    async fn stop_tasks(&self) -> Result<(), EngineError> {
+        let inner = &self.inner;
         inner.tasks.close();
         if tokio::time::timeout(TASKS_STOP_TIMEOUT, inner.tasks.wait())
             .await

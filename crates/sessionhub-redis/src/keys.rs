@@ -158,6 +158,11 @@ impl Keys {
         format!("{}nodes", self.prefix)
     }
 
+    /// Which process runs under a node id (its nonce; expires with the lease).
+    pub fn node_claim(&self, node: &NodeId) -> String {
+        format!("{}node-claim:{node}", self.prefix)
+    }
+
     /// A node's last status (JSON, for operators; expires on its own).
     pub fn node_status(&self, node: &NodeId) -> String {
         format!("{}node-status:{node}", self.prefix)

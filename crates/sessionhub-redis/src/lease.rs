@@ -80,8 +80,14 @@ pub(crate) async fn run(inner: Arc<Inner>, events: EventSender) {
         tokio::select! {
             _ = inner.stop.cancelled() => return,
             _ = heartbeat.tick() => {
-                if !renew(&inner).await {
-                    rejoin(&inner, &events).await;
+                match renew(&inner).await {
+                    Renewal::Held => {}
+                    Renewal::Lost => {
+                        if !rejoin(&inner, &events).await {
+                            return;
+                        }
+                    }
+                    Renewal::Superseded => return supersede(&inner, &events).await,
                 }
                 probe(&inner).await;
             }
@@ -90,8 +96,14 @@ pub(crate) async fn run(inner: Arc<Inner>, events: EventSender) {
             // after it), and a second rejoin would fence the new lease and drop the
             // records the first one restored: rejoin only if the lease is gone.
             _ = inner.rejoin.notified() => {
-                if !renew(&inner).await {
-                    rejoin(&inner, &events).await;
+                match renew(&inner).await {
+                    Renewal::Held => {}
+                    Renewal::Lost => {
+                        if !rejoin(&inner, &events).await {
+                            return;
+                        }
+                    }
+                    Renewal::Superseded => return supersede(&inner, &events).await,
                 }
             }
             _ = reap.tick() => reap_dead(&inner).await,
@@ -99,16 +111,34 @@ pub(crate) async fn run(inner: Arc<Inner>, events: EventSender) {
     }
 }
 
-/// Renews the lease; false if the node was fenced. Also re-measures Redis's clock,
+/// What a renewal found.
+enum Renewal {
+    /// The lease is renewed, or could not be (Redis unreachable: try again).
+    Held,
+    /// The lease had run out: the node is fenced and must rejoin.
+    Lost,
+    /// Another process holds the node's id.
+    Superseded,
+}
+
+/// Renews the node id's claim and the lease. Also re-measures Redis's clock,
 /// which the functions' deadlines are in.
-async fn renew(inner: &Inner) -> bool {
+async fn renew(inner: &Inner) -> Renewal {
     if let Err(e) = inner.measure_clock().await {
         tracing::debug!(error = %e, "could not read Redis's clock");
     }
     // The node may have left while the clock was read (Redis paused): a heartbeat
     // sent now would come after its leaving and list it again.
     if inner.stop.is_cancelled() {
-        return true;
+        return Renewal::Held;
+    }
+    match inner.claim_id().await {
+        Ok(None) => {}
+        Ok(Some(_)) => return Renewal::Superseded,
+        Err(e) => {
+            tracing::warn!(error = %e, "node id claim renewal failed");
+            return Renewal::Held;
+        }
     }
     let res: Result<i64, _> = inner
         .fcall(
@@ -120,27 +150,47 @@ async fn renew(inner: &Inner) -> bool {
     match res {
         Ok(0) => {
             tracing::warn!("lease lost (paused or cut off too long); fencing and rejoining");
-            false
+            Renewal::Lost
         }
         Ok(lease) => {
             inner.lease_until.fetch_max(lease, Ordering::AcqRel);
-            true
+            Renewal::Held
         }
         Err(e) => {
             tracing::warn!(error = %e, "lease renewal failed");
-            true
+            Renewal::Held
         }
     }
 }
 
-async fn rejoin(inner: &Inner, events: &EventSender) {
-    if let Err(e) = inner.startup().await {
-        tracing::warn!(error = %e, "rejoin failed; will retry");
-        return;
+/// Takes a new lease after the old one ran out; false if the node's id turned out
+/// to be another process's (the node is superseded, and told so).
+async fn rejoin(inner: &Inner, events: &EventSender) -> bool {
+    match inner.startup().await {
+        Ok(Startup::Joined) => {
+            tracing::info!("rejoined under a new lease");
+            inner.bump_generation();
+            let _ = events.send(NodeEvent::Fenced).await;
+        }
+        Ok(Startup::IdHeld(_)) => {
+            supersede(inner, events).await;
+            return false;
+        }
+        Err(e) => tracing::warn!(error = %e, "rejoin failed; will retry"),
     }
-    tracing::info!("rejoined under a new lease");
-    inner.bump_generation();
-    let _ = events.send(NodeEvent::Fenced).await;
+    true
+}
+
+/// Another process runs under this node's id: stop renewing, leave its records
+/// alone (they are that process's now), and tell the node to stop.
+async fn supersede(inner: &Inner, events: &EventSender) {
+    inner.superseded.store(true, Ordering::Release);
+    tracing::error!(
+        node = %inner.node_id,
+        "another process runs under this node's id (started while this one was paused \
+         or cut off past its lease); stopping without touching the id's records"
+    );
+    let _ = events.send(NodeEvent::Superseded).await;
 }
 
 /// Sends this node's probe on this heartbeat's share of its bucket channels (all
@@ -207,13 +257,50 @@ async fn reap_once(inner: &Inner) -> Result<(u64, u64), EngineError> {
     Ok((nodes, records))
 }
 
+/// What [`Inner::startup`] did.
+pub(crate) enum Startup {
+    /// The node holds its id and a new lease.
+    Joined,
+    /// Another process holds the node's id, for this many ms yet (-1: without
+    /// expiry); nothing was changed.
+    IdHeld(i64),
+}
+
 impl Inner {
-    /// Loads the library and takes this node's lease, first dropping every record
-    /// left under its id (by a previous run, or by this process before it was
-    /// fenced) and fencing off the old lease in every bucket.
-    pub(crate) async fn startup(&self) -> Result<(), EngineError> {
+    /// Takes or renews this process's claim on its node id (`sh_node_claim`):
+    /// `None` if it holds the id now, else the ms left on another process's claim.
+    pub(crate) async fn claim_id(&self) -> Result<Option<i64>, EngineError> {
+        let left: i64 = self
+            .fcall(
+                "sh_node_claim",
+                &[self.keys.node_claim(&self.node_id)],
+                (self.claim_nonce.as_str(), self.lease.ttl_ms()),
+            )
+            .await?;
+        Ok((left != 0).then_some(left))
+    }
+
+    /// Gives up this process's claim on its node id, when it leaves.
+    pub(crate) async fn release_id(&self) -> Result<(), EngineError> {
+        self.fcall::<i64>(
+            "sh_node_release",
+            &[self.keys.node_claim(&self.node_id)],
+            self.claim_nonce.as_str(),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Loads the library, claims the node's id and takes its lease, first dropping
+    /// every record left under its id (by a previous run, or by this process before
+    /// it was fenced) and fencing off the old lease in every bucket. Changes nothing
+    /// if another process holds the id.
+    pub(crate) async fn startup(&self) -> Result<Startup, EngineError> {
         self.load_library().await?;
         self.measure_clock().await?;
+        if let Some(left) = self.claim_id().await? {
+            return Ok(Startup::IdHeld(left));
+        }
         let nodes = self.keys.nodes();
         let id = self.node_id.as_str();
         let old: Option<f64> = self
@@ -244,7 +331,7 @@ impl Inner {
         // The sweep's backstop: whatever its index missed while no node ran (or
         // before this version) is looked at once now.
         self.note_all_due().await?;
-        Ok(())
+        Ok(Startup::Joined)
     }
 
     /// Drops a node's records from every bucket and fences off its leases up to

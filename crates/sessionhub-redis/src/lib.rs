@@ -52,6 +52,9 @@ pub use library::unversioned;
 use sentinel::Sentinel;
 pub use tls::{ClientCert, RedisTls, TLS_SCHEME, TlsError};
 
+/// How often start-up looks again at a node id claimed by another process.
+const CLAIM_POLL: Duration = Duration::from_millis(200);
+
 /// The function library, loaded into Redis at start-up and after Redis lost it.
 pub const LIBRARY: &str = include_str!("../../../lua/sessionhub.lua");
 
@@ -132,9 +135,35 @@ impl RedisEngine {
             reason,
         };
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        // Since when another process has held this node's id, as start-up found.
+        let mut id_held_since: Option<tokio::time::Instant> = None;
         loop {
             let err = match engine.inner.startup().await {
-                Ok(()) => break,
+                Ok(lease::Startup::Joined) => break,
+                Ok(lease::Startup::IdHeld(left_ms)) => {
+                    // A previous run that did not leave (killed, crashed) holds the
+                    // claim until it lapses, within a lease's lifetime; a process
+                    // still running renews it for good.
+                    let since = *id_held_since.get_or_insert_with(|| {
+                        tracing::info!(
+                            node = %engine.inner.node_id,
+                            left_ms,
+                            "this node id is claimed by another process (a previous run \
+                             that did not leave, or a node running under the same id); \
+                             waiting for the claim to lapse"
+                        );
+                        tokio::time::Instant::now()
+                    });
+                    let patience = config.lease.ttl + config.lease.heartbeat;
+                    if since.elapsed() > patience {
+                        return Err(ConnectError::NodeIdInUse {
+                            node: engine.inner.node_id.to_string(),
+                            waited: since.elapsed(),
+                        });
+                    }
+                    tokio::time::sleep(CLAIM_POLL).await;
+                    continue;
+                }
                 Err(e) => e,
             };
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());

@@ -208,10 +208,11 @@ impl Application {
             state,
             ..
         } = self;
-        tokio::select! {
+        let halted = tokio::select! {
             res = &mut server => return res,
-            () = stop => {}
-        }
+            () = stop => false,
+            () = state.halt.cancelled() => true,
+        };
         tracing::info!(sockets = state.hub.len(), "shutting down");
         // In order: the sockets close (1001) and end their tasks; then the node's
         // records and lease go in one step; then the HTTP server stops; then the
@@ -240,6 +241,11 @@ impl Application {
             tracing::warn!("background tasks did not stop in time");
         }
         tracing::info!("stopped");
+        if halted {
+            return Err(std::io::Error::other(
+                "another process took this node's id while it was paused",
+            ));
+        }
         res
     }
 }
@@ -350,6 +356,7 @@ async fn build_state(config: Config, addr: SocketAddr) -> Result<AppState, Start
         tasks: TaskTracker::new(),
         metrics: Arc::default(),
         synced: Arc::new(AtomicU64::new(0)),
+        halt: CancellationToken::new(),
     };
     let tasks = &state.tasks;
     if let (Some(streams), Some(webhook)) = (streams, state.config.webhook.clone()) {

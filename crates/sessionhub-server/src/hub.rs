@@ -680,8 +680,9 @@ impl Hub {
         }
     }
 
-    /// Applies an engine event (all but [`NodeEvent::Resync`] and
-    /// [`NodeEvent::Fenced`], which need the engine).
+    /// Applies an engine event (all but [`NodeEvent::Resync`],
+    /// [`NodeEvent::Fenced`] and [`NodeEvent::Superseded`], which the dispatcher
+    /// handles).
     pub fn apply(&self, event: &NodeEvent) {
         match event {
             NodeEvent::SessionCreated { session } => self.session_created(session),
@@ -700,7 +701,7 @@ impl Hub {
             } => {
                 self.deliver(connections.as_deref(), frame, *offset);
             }
-            NodeEvent::Resync | NodeEvent::Fenced => {}
+            NodeEvent::Resync | NodeEvent::Fenced | NodeEvent::Superseded => {}
         }
     }
 }

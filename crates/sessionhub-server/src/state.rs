@@ -36,6 +36,10 @@ pub struct AppState {
     /// the engine's (events may have been lost, records may be missing), the node
     /// is not ready.
     pub synced: Arc<AtomicU64>,
+    /// Cancelled when the node must stop on its own (another process took its
+    /// node id): [`crate::app::Application::run_until`] then shuts down as on a
+    /// signal and returns an error.
+    pub halt: CancellationToken,
 }
 
 impl AppState {

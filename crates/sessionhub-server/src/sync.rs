@@ -89,6 +89,10 @@ pub async fn dispatch(mut events: mpsc::Receiver<NodeEvent>, state: AppState) {
                 state.hub.note_history_points();
                 wanted.notify_one();
             }
+            NodeEvent::Superseded => {
+                tracing::info!("stopping: this node's id is another process's now");
+                state.halt.cancel();
+            }
             other => state.hub.apply(&other),
         }
     }
