@@ -1068,3 +1068,45 @@ async fn a_node_resuming_after_its_id_was_taken_stops_and_leaves_the_new_runs_re
     assert!(lease_of(&cluster.redis, "node-a").await.is_some());
     bob_ws.assert_alive().await;
 }
+
+/// Whether this machine has an established TCP connection to `port` on loopback
+/// (from `/proc/net/tcp`: the remote address's port, state 01).
+fn connected_to(port: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let remote = format!("0100007F:{port:04X}");
+    table.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 3 && f[2] == remote && f[3] == "01"
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_node_refuses_connections_until_it_has_reached_redis() {
+    let redis = RedisServer::start().await;
+    redis.signal("STOP");
+    let port = sessionhub_tests::process::free_port();
+    let mut opts = NodeOptions::numbered(0, &[]);
+    opts.redis_url = Some(redis.url());
+    opts.env
+        .push(("SESSIONHUB_LISTEN".into(), format!("127.0.0.1:{port}")));
+    let starting = tokio::spawn(Node::try_start(opts));
+
+    // The node has reached Redis's socket (the kernel took the connection; Redis,
+    // paused, does not answer): its own port must refuse, so that a load balancer
+    // tries another node at once rather than waiting on this one.
+    wait_for("the node to connect to Redis", WAIT, || async {
+        connected_to(redis.port()).then_some(())
+    })
+    .await;
+    let refused = tokio::net::TcpStream::connect(("127.0.0.1", port)).await;
+    assert_eq!(
+        refused.map(drop).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "the node took connections before it could answer them"
+    );
+
+    redis.signal("CONT");
+    let node = starting.await.unwrap().expect("the node did not start");
+    assert_eq!(node.base, format!("http://127.0.0.1:{port}"));
+    sessionhub_tests::process::wait_ready(&node).await;
+}

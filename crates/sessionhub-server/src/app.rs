@@ -38,6 +38,9 @@ pub const SOCKET_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub const TASKS_STOP_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the HTTP server then gives in-flight requests.
 pub const SERVER_STOP_TIMEOUT: Duration = Duration::from_secs(3);
+/// Connections the kernel queues for the listener before the node accepts them
+/// (actix-web's default).
+pub const LISTEN_BACKLOG: i32 = 2048;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +90,24 @@ impl Application {
         let workers = config.workers;
         let demo = config.demo;
         let admin = config.admin;
-        let boot = Arc::new(Boot::new(config));
+        // Bound now (so the address is known, and taken), but listening only once the
+        // node has reached its store and built its state: until then a connection is
+        // refused, and a load balancer tries another node at once instead of waiting
+        // on one that cannot answer (up to the Redis connect timeout, and the wait
+        // for a crashed run's node id claim to lapse).
+        let socket = bound_socket(listen).map_err(|source| StartError::Bind {
+            addr: listen,
+            source,
+        })?;
+        let addr = socket
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .unwrap_or(listen);
+        let to_listen = socket
+            .try_clone()
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let boot = Arc::new(Boot::new(config, to_listen));
         let factory_boot = boot.clone();
         let server = HttpServer::new(move || {
             let boot = factory_boot.clone();
@@ -159,12 +179,8 @@ impl Application {
         .workers(workers)
         .disable_signals()
         .shutdown_timeout(SERVER_STOP_TIMEOUT.as_secs())
-        .bind(listen)
-        .map_err(|source| StartError::Bind {
-            addr: listen,
-            source,
-        })?;
-        let addr = server.addrs().first().copied().unwrap_or(listen);
+        .listen(std::net::TcpListener::from(socket))
+        .map_err(|source| StartError::Bind { addr, source })?;
         let _ = boot.addr.set(addr);
         let mut server = Box::pin(server.run());
         let handle = server.handle();
@@ -269,15 +285,32 @@ struct Boot {
     addr: std::sync::OnceLock<SocketAddr>,
     built: tokio::sync::watch::Sender<Built>,
     error: std::sync::Mutex<Option<StartError>>,
+    /// The server's socket, bound but not listening: made to listen once the state
+    /// is built, before any worker reports it has started (the acceptor registers
+    /// the socket only then).
+    listener: std::sync::Mutex<Option<socket2::Socket>>,
 }
 
 impl Boot {
-    fn new(config: Config) -> Self {
+    fn new(config: Config, listener: socket2::Socket) -> Self {
         Self {
             config: std::sync::Mutex::new(Some(config)),
             addr: std::sync::OnceLock::new(),
             built: tokio::sync::watch::Sender::new(Built::Pending),
             error: std::sync::Mutex::new(None),
+            listener: std::sync::Mutex::new(Some(listener)),
+        }
+    }
+
+    /// Makes the server's socket listen: the node takes connections from now on.
+    fn start_listening(&self) -> Result<(), StartError> {
+        let socket = self.listener.lock().ok().and_then(|mut l| l.take());
+        let addr = self.addr.get().copied();
+        match (socket, addr) {
+            (Some(socket), Some(addr)) => socket
+                .listen(LISTEN_BACKLOG)
+                .map_err(|source| StartError::Bind { addr, source }),
+            _ => Ok(()),
         }
     }
 
@@ -287,7 +320,11 @@ impl Boot {
         let config = self.config.lock().ok().and_then(|mut c| c.take());
         if let Some(config) = config {
             let addr = self.addr.get().copied().unwrap_or(config.listen);
-            return match build_state(config, addr).await {
+            let built = match build_state(config, addr).await {
+                Ok(state) => self.start_listening().map(|()| state),
+                Err(e) => Err(e),
+            };
+            return match built {
                 Ok(state) => {
                     self.built.send_replace(Built::Ready(state.clone()));
                     Ok(state)
@@ -436,4 +473,14 @@ fn json_body_error(err: actix_web::error::JsonPayloadError) -> ApiError {
         ),
         other => ApiError::BadRequest(format!("invalid JSON body: {other}")),
     }
+}
+
+/// A TCP socket bound to `addr` (with `SO_REUSEADDR`, as actix-web binds), not yet
+/// listening.
+fn bound_socket(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
 }
