@@ -60,6 +60,20 @@ wait_for() {
   done
 }
 
+# The program a running process executes ("" if it is gone): recorded with its PID,
+# so that `stop` never signals a process that merely got the same PID later. A
+# program replaced on disk since (a rebuild) reads "<path> (deleted)".
+program_of() {
+  local exe
+  exe=$(readlink "/proc/$1/exe" 2>/dev/null) || return 0
+  echo "${exe% (deleted)}"
+}
+
+# Records process $2 as $1 in the run's PID file, with its program.
+record() {
+  echo "$1 $2 $(program_of "$2")" >>"$3/pids"
+}
+
 # Whether the node with this stdout file and PID listens, or is gone.
 listening_or_gone() {
   grep -q "listening on" "$1" || ! kill -0 "$2" 2>/dev/null
@@ -107,7 +121,7 @@ start() {
     wait "$redis_pid" 2>/dev/null || true
   done
   [ -n "$redis_port" ] || die "redis-server did not start: $(tail -3 "$run/redis.log" 2>/dev/null)"
-  echo "redis $redis_pid" >>"$run/pids"
+  record redis "$redis_pid" "$run"
 
   local urls=() upstreams=""
   # nginx reaches the nodes from 127.0.0.1: they believe its X-Forwarded-For (the
@@ -120,10 +134,10 @@ start() {
       SESSIONHUB_TRUSTED_PROXIES="${SESSIONHUB_TRUSTED_PROXIES:-127.0.0.1}" \
       "$bin" </dev/null >"$run/node-$i.out" 2>"$run/node-$i.log" &
     local pid=$!
-    echo "node-$i $pid" >>"$run/pids"
     # A node that stops at once (a bad setting) says why on its last line.
     wait_for 30 "node-$i to listen" listening_or_gone "$run/node-$i.out" "$pid"
     kill -0 "$pid" 2>/dev/null || die "node-$i exited: $(tail -1 "$run/node-$i.log")"
+    record "node-$i" "$pid" "$run"
     local addr
     addr=$(grep -o 'http://[0-9.:]*' "$run/node-$i.out" | head -1)
     urls+=("$addr")
@@ -153,17 +167,25 @@ http {
 }
 CONF
   # A port taken between the check and nginx's bind makes nginx exit: try another.
+  # A port asked for must be free: nginx keeps retrying its bind for seconds, and
+  # whatever answers there meanwhile is not this cluster.
+  if [ -n "${NGINX_PORT:-}" ] && (exec 3<>"/dev/tcp/127.0.0.1/$NGINX_PORT") 2>/dev/null; then
+    die "NGINX_PORT $NGINX_PORT is in use by another program: pick a free port, or leave NGINX_PORT unset"
+  fi
   local port="" nginx_pid
   for _ in 1 2 3; do
     local try=${NGINX_PORT:-$(free_port)}
     echo "listen 127.0.0.1:$try;" >"$run/sessionhub-listen.conf"
     "$nginx" -p "$run" -c "$run/nginx.conf" -t -q 2>"$run/nginx-test.log" ||
       die "nginx rejected the config: $(cat "$run/nginx-test.log")"
+    : >"$run/nginx-error.log"
     "$nginx" -p "$run" -c "$run/nginx.conf" </dev/null >"$run/nginx.out" 2>&1 &
     nginx_pid=$!
     local deadline=$((SECONDS + 20))
     while ((SECONDS < deadline)) && kill -0 "$nginx_pid" 2>/dev/null; do
-      if nginx_answers "$try"; then
+      # Ours answers only once it has bound the port (it logs a failed bind).
+      if ! grep -q "bind() to" "$run/nginx.out" "$run/nginx-error.log" 2>/dev/null &&
+        nginx_answers "$try"; then
         port=$try
         break
       fi
@@ -174,7 +196,7 @@ CONF
     wait "$nginx_pid" 2>/dev/null || true
   done
   [ -n "$port" ] || die "nginx did not start: $(tail -3 "$run/nginx-error.log" 2>/dev/null)"
-  echo "nginx $nginx_pid" >>"$run/pids"
+  record nginx "$nginx_pid" "$run"
 
   cat >"$run/env" <<ENV
 NGINX_URL=http://127.0.0.1:$port
@@ -197,8 +219,14 @@ stop() {
   # nginx first (no new traffic), then the nodes (they close sockets with 1001 and
   # remove their records), then Redis (it writes its AOF).
   for name in nginx node redis; do
-    while read -r what pid; do
+    while read -r what pid program; do
       [[ $what == $name* ]] || continue
+      # Only the process started there: one that exited may have left its PID to
+      # another program since.
+      if [ -z "${program:-}" ] || [ "$(program_of "$pid")" != "$program" ]; then
+        echo "$what (PID $pid) is not running any more" >&2
+        continue
+      fi
       kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
     done <"$run/pids"
     for pid in "${pids[@]}"; do

@@ -820,3 +820,83 @@ async fn with_no_node_left_nginx_answers_the_apis_503() {
         assert_eq!(body["error"], "unavailable", "{path}: {body}");
     }
 }
+
+/// `scripts/cluster.sh` with an `NGINX_PORT` somebody else's server answers on:
+/// an error naming the port, and nothing left running (it reported the cluster up
+/// behind the other server, which answered while its own nginx retried the bind).
+#[test]
+fn cluster_sh_refuses_a_busy_nginx_port() {
+    require("redis-server", "apt-get install -y redis-server");
+    require("nginx", "apt-get install -y nginx");
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = other.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        for stream in other.incoming() {
+            let Ok(mut s) = stream else { break };
+            let _ = s.write_all(b"HTTP/1.0 200 OK\r\nServer: nginx\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    let run = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(repo_root().join("scripts/cluster.sh"))
+        .arg("start")
+        .arg(run.path())
+        .env("SESSIONHUB_BIN", sessionhub_tests::process::node_binary())
+        .env("NGINX_PORT", port.to_string())
+        .env_remove("SESSIONHUB_UPDATE_DOCS")
+        .env(
+            "PATH",
+            format!("/usr/sbin:{}", std::env::var("PATH").unwrap_or_default()),
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "started behind another server: {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("NGINX_PORT {port} is in use")),
+        "{stderr}"
+    );
+    assert!(
+        !run.path().join("pids").exists(),
+        "a failed start left processes"
+    );
+}
+
+/// `scripts/cluster.sh stop` signals only the processes its `start` started: a
+/// recorded PID that another program holds now (the process exited, the PID was
+/// reused) is left alone.
+#[test]
+fn cluster_sh_stop_leaves_a_reused_pid_alone() {
+    let mut bystander = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let pid = bystander.id();
+    let run = tempfile::tempdir().unwrap();
+    let node = sessionhub_tests::process::node_binary();
+    std::fs::write(
+        run.path().join("pids"),
+        format!("node-1 {pid} {}\nredis {pid}\n", node.display()),
+    )
+    .unwrap();
+    let out = std::process::Command::new(repo_root().join("scripts/cluster.sh"))
+        .arg("stop")
+        .arg(run.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        bystander.try_wait().unwrap().is_none(),
+        "cluster.sh stop killed PID {pid}, a process it did not start"
+    );
+    assert!(
+        stderr.contains(&format!("node-1 (PID {pid}) is not running any more")),
+        "{stderr}"
+    );
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+}

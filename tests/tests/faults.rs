@@ -597,6 +597,19 @@ async fn a_node_leaving_while_a_heartbeat_waits_in_redis_leaves_no_lease() {
     );
 }
 
+/// A metric's value in the node's `/metrics` (a line `<name> <value>`).
+async fn metric(node: &Node, name: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", node.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+}
+
 /// The node's lease in `sh:nodes`, if it has one.
 async fn lease_of(redis: &RedisServer, node: &str) -> Option<f64> {
     let mut c = redis.conn().await;
@@ -690,6 +703,13 @@ async fn calls_answered_503_during_a_redis_pause_have_no_later_effect() {
         let (status, body) = p.await.unwrap();
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     }
+    // What the failed calls may have left waits in the node's clean-up queue, in
+    // view on /metrics.
+    let pending = metric(node, "sessionhub_cleanup_pending").await;
+    assert!(
+        pending >= 1.0,
+        "clean-ups pending during the pause: {pending}"
+    );
     let resumed = Instant::now();
     cluster.redis.signal("CONT");
 
@@ -697,6 +717,11 @@ async fn calls_answered_503_during_a_redis_pause_have_no_later_effect() {
     // bound; the refused kill did not happen later; no phantom session was made.
     api.wait_no_connections(&s.session_id, "the failed upgrades' records to go")
         .await;
+    wait_for("the clean-up queue to empty", WAIT, || async {
+        (metric(node, "sessionhub_cleanup_pending").await == 0.0).then_some(())
+    })
+    .await;
+    assert_eq!(metric(node, "sessionhub_cleanup_dropped_total").await, 0.0);
     assert!(
         resumed.elapsed() < Duration::from_secs(10),
         "{:?}",
@@ -1109,4 +1134,39 @@ async fn a_starting_node_refuses_connections_until_it_has_reached_redis() {
     let node = starting.await.unwrap().expect("the node did not start");
     assert_eq!(node.base, format!("http://127.0.0.1:{port}"));
     sessionhub_tests::process::wait_ready(&node).await;
+}
+
+/// Shutdown's worst case: a client that stopped reading (its socket cannot take its
+/// close frame) and a Redis that does not answer (the node cannot leave). Each step
+/// gives up in time, and the node exits within the README's 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_within_10_s_with_a_deaf_client_and_redis_paused() {
+    let mut cluster = TestCluster::start(1).await;
+    let api = Api::new(&cluster.nodes[0]);
+    let s = api.create_session("deaf", "test").await;
+    let _deaf = sessionhub_tests::raw_upgrade(&cluster.nodes[0], &s.token, Some(4096)).await;
+    let big = "x".repeat(60 * 1024);
+    for _ in 0..150 {
+        let res = api
+            .service(
+                Method::POST,
+                "/api/v1/publish",
+                Some(json!({ "to": { "session": s.session_id }, "event": "e", "data": big })),
+            )
+            .await;
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+    }
+    cluster.redis.signal("STOP");
+    let started = Instant::now();
+    cluster.nodes[0].signal("TERM");
+    let status = tokio::time::timeout(Duration::from_secs(30), cluster.nodes[0].wait())
+        .await
+        .expect("the node did not exit within 30 s of SIGTERM");
+    let took = started.elapsed();
+    cluster.redis.signal("CONT");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        took <= Duration::from_secs(10),
+        "exited {took:?} after SIGTERM"
+    );
 }

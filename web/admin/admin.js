@@ -160,7 +160,12 @@ async function refreshNodes() {
   if (me) $('served-by').textContent = `Served by ${me.node_id}`;
 }
 
-// ---- live counters (this node's /metrics) ------------------------------------
+// ---- live counters (/metrics of every node) -----------------------------------
+//
+// Behind a load balancer consecutive scrapes of /metrics reach different nodes. Each
+// node's samples are kept apart (by `sessionhub_node_info`), its rates computed from
+// its own previous sample, and the charts show the sum over the nodes heard from in
+// the last NODE_FRESH_MS: the cluster's figures, however the scrapes are spread.
 
 const CHARTS = [
   { id: 'connections', label: 'Connections', metric: 'sessionhub_connections', rate: false },
@@ -169,7 +174,18 @@ const CHARTS = [
   { id: 'kills', label: 'Kills /s', metric: 'sessionhub_sessions_ended_total{reason="killed"}', rate: true },
 ];
 const series = new Map(CHARTS.map((c) => [c.id, []]));
-let last = null; // {at, values}
+const NODE_FRESH_MS = 20_000;
+// node_id -> {at, values, rates (metric -> per second; null until a second sample)}
+const sampled = new Map();
+
+// The node that answered a scrape ('' from a node too old to say).
+function nodeOf(values) {
+  for (const key of values.keys()) {
+    const m = /^sessionhub_node_info\{node_id="([^"]*)"\}$/.exec(key);
+    if (m) return m[1];
+  }
+  return '';
+}
 
 function parseMetrics(text) {
   const values = new Map();
@@ -220,19 +236,36 @@ async function sampleMetrics() {
   }
   const at = performance.now();
   const values = parseMetrics(text);
-  for (const c of CHARTS) {
-    const v = values.get(c.metric) ?? 0;
-    let point = v;
-    if (c.rate) {
-      if (!last) continue;
-      const dt = (at - last.at) / 1000;
-      point = dt > 0 ? Math.max(0, (v - (last.values.get(c.metric) ?? 0)) / dt) : 0;
+  const node = nodeOf(values);
+  const prev = sampled.get(node);
+  let rates = null;
+  if (prev && at > prev.at) {
+    rates = new Map();
+    const dt = (at - prev.at) / 1000;
+    for (const c of CHARTS.filter((c) => c.rate)) {
+      const v = values.get(c.metric) ?? 0;
+      // A restarted node's counters start again from 0.
+      rates.set(c.metric, Math.max(0, (v - (prev.values.get(c.metric) ?? 0)) / dt));
     }
+  }
+  sampled.set(node, { at, values, rates });
+  for (const [id, s] of sampled) if (at - s.at > NODE_FRESH_MS) sampled.delete(id);
+  for (const c of CHARTS) {
+    let point = 0;
+    let known = false;
+    for (const s of sampled.values()) {
+      const v = c.rate ? s.rates?.get(c.metric) : s.values.get(c.metric) ?? 0;
+      if (v === undefined) continue;
+      point += v;
+      known = true;
+    }
+    if (!known) continue;
     const pts = series.get(c.id);
     pts.push(point);
     if (pts.length > SAMPLES) pts.shift();
   }
-  last = { at, values };
+  $('charts').dataset.nodes = String(sampled.size);
+  $('charts-sub').textContent = `${sampled.size} node${sampled.size === 1 ? '' : 's'}, every 2 s`;
   drawCharts();
 }
 

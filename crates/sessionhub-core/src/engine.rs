@@ -134,6 +134,11 @@ pub struct EngineStats {
     pub reconnects: u64,
     /// Connection records of dead nodes this node removed.
     pub reaped_records: u64,
+    /// Clean-ups waiting for the store to answer (records a failed call may have
+    /// left, removed once it does).
+    pub cleanup_pending: u64,
+    /// Clean-ups given up because their queue was full.
+    pub cleanup_dropped: u64,
 }
 
 /// The registered sockets a node holds, by shard ([`crate::ids::ID_SHARDS`]), as

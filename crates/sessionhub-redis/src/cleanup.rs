@@ -76,6 +76,8 @@ pub(crate) struct Queue {
     items: Mutex<VecDeque<Item>>,
     wake: Notify,
     dropped: AtomicU64,
+    /// Items taken out by the retry task and not yet done or put back.
+    working: AtomicU64,
 }
 
 impl Queue {
@@ -116,6 +118,16 @@ impl Queue {
         }
     }
 
+    /// Items not done yet: waiting, or being retried.
+    pub(crate) fn pending(&self) -> u64 {
+        self.len() as u64 + self.working.load(Ordering::Relaxed)
+    }
+
+    /// Items given up because the queue was full.
+    pub(crate) fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
     /// Items waiting.
     pub(crate) fn len(&self) -> usize {
         match self.items.lock() {
@@ -136,6 +148,10 @@ pub(crate) async fn run(inner: Arc<Inner>) {
             _ = tokio::time::sleep(RETRY_INTERVAL), if waiting => {}
         }
         let items = inner.cleanup.take();
+        inner
+            .cleanup
+            .working
+            .store(items.len() as u64, Ordering::Relaxed);
         let mut done = 0usize;
         for item in &items {
             match undo(&inner, item).await {
@@ -152,6 +168,7 @@ pub(crate) async fn run(inner: Arc<Inner>) {
         inner
             .cleanup
             .put_back(items.into_iter().skip(done).collect());
+        inner.cleanup.working.store(0, Ordering::Relaxed);
     }
 }
 

@@ -53,6 +53,8 @@ impl Engine for RedisEngine {
             store_errors: self.inner.errors.load(Ordering::Relaxed),
             reconnects: self.inner.reconnects.load(Ordering::Relaxed),
             reaped_records: self.inner.reaped.load(Ordering::Relaxed),
+            cleanup_pending: self.inner.cleanup.pending(),
+            cleanup_dropped: self.inner.cleanup.dropped(),
         }
     }
 

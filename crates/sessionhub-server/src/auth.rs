@@ -70,9 +70,72 @@ pub fn cookie_token(req: &HttpRequest) -> Result<Token, ApiError> {
     Token::parse(cookie.value()).map_err(|_| ApiError::Unauthorized)
 }
 
+/// A trusted proxy: one address, or a range in CIDR notation (`10.0.0.0/8`,
+/// `fd00::/8`: proxies whose addresses change, as an ingress controller's pods do).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyRange {
+    net: IpAddr,
+    prefix: u8,
+}
+
+impl ProxyRange {
+    /// Parses `addr` or `addr/prefix`; the address is taken as its network.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let net: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP address or CIDR range"))?;
+        let bits = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => bits,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= bits)
+                .ok_or_else(|| format!("{s:?}: the prefix length must be 0 to {bits}"))?,
+        };
+        // An IPv4 range written as IPv6 (`::ffff:10.0.0.0/104`) is that IPv4 range.
+        match net.to_canonical() {
+            IpAddr::V4(v4) if net.is_ipv6() && prefix >= 96 => Ok(Self {
+                net: IpAddr::V4(v4),
+                prefix: prefix - 96,
+            }),
+            _ => Ok(Self { net, prefix }),
+        }
+    }
+
+    /// Whether `ip` is in the range (an IPv4 address written as IPv6,
+    /// `::ffff:a.b.c.d`, as a node listening on `[::]` sees IPv4 peers, counts as
+    /// the IPv4 one).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.net, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+fn trusted(ip: IpAddr, proxies: &[ProxyRange]) -> bool {
+    proxies.iter().any(|p| p.contains(ip))
+}
+
 fn from_trusted_proxy(req: &HttpRequest, config: &Config) -> bool {
     req.peer_addr()
-        .is_some_and(|a| config.sessions.trusted_proxies.contains(&a.ip()))
+        .is_some_and(|a| trusted(a.ip(), &config.sessions.trusted_proxies))
 }
 
 /// Whether the client reached us over TLS: always with `SESSIONHUB_COOKIE_SECURE`,
@@ -112,7 +175,7 @@ pub fn client_ip(req: &HttpRequest, config: &Config) -> Option<IpAddr> {
 /// balancers write one). An entry that is no address ends the walk, and the peer is
 /// the answer: what lies left of it was not written by a proxy we trust, and
 /// skipping it would let the client name its own address.
-fn forwarded_client(peer: IpAddr, forwarded: &str, trusted: &[IpAddr]) -> IpAddr {
+fn forwarded_client(peer: IpAddr, forwarded: &str, proxies: &[ProxyRange]) -> IpAddr {
     for entry in forwarded.rsplit(',') {
         let entry = entry.trim();
         let Some(ip) = entry
@@ -122,8 +185,8 @@ fn forwarded_client(peer: IpAddr, forwarded: &str, trusted: &[IpAddr]) -> IpAddr
         else {
             break;
         };
-        if !trusted.contains(&ip) {
-            return ip;
+        if !trusted(ip, proxies) {
+            return ip.to_canonical();
         }
     }
     peer
@@ -259,7 +322,7 @@ pub fn check_same_origin(req: &HttpRequest, config: &Config) -> Result<(), ApiEr
 
 #[cfg(test)]
 mod tests {
-    use super::forwarded_client;
+    use super::{ProxyRange, forwarded_client};
     use std::net::IpAddr;
 
     fn ip(s: &str) -> IpAddr {
@@ -269,7 +332,10 @@ mod tests {
     #[test]
     fn the_client_is_the_first_untrusted_hop_from_the_right() {
         let peer = ip("10.0.0.2");
-        let trusted = [ip("10.0.0.2"), ip("10.0.0.3")];
+        let trusted = [
+            ProxyRange::parse("10.0.0.2").unwrap(),
+            ProxyRange::parse("10.0.0.3").unwrap(),
+        ];
         let client = |xff| forwarded_client(peer, xff, &trusted);
         assert_eq!(client("203.0.113.9"), ip("203.0.113.9"));
         // What the client wrote itself is left of its real address.
@@ -284,5 +350,44 @@ mod tests {
         assert_eq!(client("6.6.6.6, garbage, 10.0.0.3"), peer);
         assert_eq!(client(""), peer);
         assert_eq!(client("10.0.0.3"), peer);
+    }
+
+    #[test]
+    fn proxy_ranges_hold_their_addresses_only() {
+        let r = |s: &str| ProxyRange::parse(s).unwrap();
+        assert!(r("10.0.0.0/8").contains(ip("10.200.3.4")));
+        assert!(!r("10.0.0.0/8").contains(ip("11.0.0.1")));
+        assert!(
+            r("10.1.2.3/8").contains(ip("10.9.9.9")),
+            "the network of the address"
+        );
+        assert!(r("192.168.1.7").contains(ip("192.168.1.7")));
+        assert!(!r("192.168.1.7").contains(ip("192.168.1.8")));
+        assert!(r("0.0.0.0/0").contains(ip("203.0.113.9")));
+        assert!(!r("0.0.0.0/0").contains(ip("2001:db8::1")));
+        assert!(r("fd00::/8").contains(ip("fd12:3456::1")));
+        assert!(!r("fd00::/8").contains(ip("fe80::1")));
+        // An IPv4 peer as a dual-stack listener sees it.
+        assert!(r("127.0.0.1").contains(ip("::ffff:127.0.0.1")));
+        assert!(r("::ffff:10.0.0.0/104").contains(ip("10.3.3.3")));
+        for bad in [
+            "10.0.0.0/33",
+            "fd00::/129",
+            "10.0.0.0/",
+            "10.0.0/8",
+            "nginx",
+            "/8",
+        ] {
+            assert!(ProxyRange::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_client_behind_a_proxy_range_is_found() {
+        let peer = ip("10.244.1.7");
+        let trusted = [ProxyRange::parse("10.244.0.0/16").unwrap()];
+        let client = |xff| forwarded_client(peer, xff, &trusted);
+        assert_eq!(client("203.0.113.9, 10.244.2.9"), ip("203.0.113.9"));
+        assert_eq!(client("::ffff:203.0.113.9"), ip("203.0.113.9"));
     }
 }

@@ -2,7 +2,7 @@
 //! command-line flag, validated before anything starts.
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -138,8 +138,8 @@ pub struct Cli {
           value_parser = BoolishValueParser::new())]
     pub cookie_secure: bool,
 
-    /// Comma-separated IPs of proxies whose `X-Forwarded-Proto` and
-    /// `X-Forwarded-For` are believed (e.g. `127.0.0.1`).
+    /// Comma-separated IPs or CIDR ranges of proxies whose `X-Forwarded-Proto` and
+    /// `X-Forwarded-For` are believed (e.g. `127.0.0.1`, `10.0.0.0/8`).
     #[arg(long, env = "SESSIONHUB_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Vec<String>,
 
@@ -347,7 +347,7 @@ pub struct SessionPolicy {
     /// Always issue `Secure` cookies.
     pub cookie_secure: bool,
     /// Proxies whose forwarding headers are believed.
-    pub trusted_proxies: Vec<IpAddr>,
+    pub trusted_proxies: Vec<crate::auth::ProxyRange>,
 }
 
 /// Limits on one WebSocket.
@@ -598,12 +598,8 @@ impl Config {
             .map(|p| p.trim())
             .filter(|p| !p.is_empty())
             .map(|p| {
-                p.parse::<IpAddr>().map_err(|_| {
-                    bad(
-                        "SESSIONHUB_TRUSTED_PROXIES (--trusted-proxies)",
-                        format!("{p:?} is not an IP address"),
-                    )
-                })
+                crate::auth::ProxyRange::parse(p)
+                    .map_err(|e| bad("SESSIONHUB_TRUSTED_PROXIES (--trusted-proxies)", e))
             })
             .collect::<Result<Vec<_>, _>>()?;
         if cli.idle_refresh_secs > cli.idle_timeout_secs {

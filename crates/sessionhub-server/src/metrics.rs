@@ -5,7 +5,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use sessionhub_core::{EndReason, EngineStats};
+use sessionhub_core::{EndReason, EngineStats, NodeId};
 
 use crate::hub::HubStats;
 
@@ -115,10 +115,17 @@ impl Metrics {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// The text exposition.
-    pub fn render(&self, hub: HubStats, engine: EngineStats) -> String {
+    /// The text exposition of node `node`.
+    pub fn render(&self, node: &NodeId, hub: HubStats, engine: EngineStats) -> String {
         let mut out = String::with_capacity(4096);
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        // Which node answered: behind a load balancer, consecutive scrapes of one
+        // URL reach different nodes (the admin console keeps them apart by it).
+        let _ = writeln!(
+            out,
+            "# HELP sessionhub_node_info The node that answered.\n\
+             # TYPE sessionhub_node_info gauge\nsessionhub_node_info{{node_id=\"{node}\"}} 1"
+        );
         let _ = writeln!(
             out,
             "# HELP sessionhub_connections Live WebSocket connections on this node.\n\
@@ -223,6 +230,19 @@ impl Metrics {
             "Connection records of dead nodes removed by this node.",
             engine.reaped_records,
         );
+        let _ = writeln!(
+            out,
+            "# HELP sessionhub_cleanup_pending Records a failed store call may have left, \
+             waiting for the store to answer to be removed.\n\
+             # TYPE sessionhub_cleanup_pending gauge\nsessionhub_cleanup_pending {}",
+            engine.cleanup_pending
+        );
+        counter(
+            &mut out,
+            "sessionhub_cleanup_dropped_total",
+            "Clean-ups given up because their queue was full (the records go when their session ends or their node is reaped).",
+            engine.cleanup_dropped,
+        );
         self.publish_latency.render(
             &mut out,
             "sessionhub_publish_seconds",
@@ -248,6 +268,7 @@ mod tests {
         m.kill_latency.observe(Duration::from_micros(700));
         m.ended(EndReason::Expired, 2);
         let text = m.render(
+            &NodeId::parse("node-a").unwrap(),
             HubStats {
                 sockets: 3,
                 message_events: 0,
@@ -256,6 +277,7 @@ mod tests {
             EngineStats::default(),
         );
         assert!(text.contains("sessionhub_connections 3\n"));
+        assert!(text.contains("sessionhub_node_info{node_id=\"node-a\"} 1\n"));
         assert!(text.contains("sessionhub_sessions_ended_total{reason=\"expired\"} 2\n"));
         assert!(text.contains("sessionhub_kill_seconds_bucket{le=\"0.001\"} 1\n"));
         assert!(text.contains("sessionhub_kill_seconds_bucket{le=\"0.0005\"} 0\n"));
