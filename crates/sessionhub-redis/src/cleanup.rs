@@ -96,12 +96,21 @@ impl Queue {
         self.wake.notify_one();
     }
 
+    /// Takes every item out to be retried (they count as pending until done or
+    /// put back).
     fn take(&self) -> Vec<Item> {
         let mut items = match self.items.lock() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         };
-        items.drain(..).collect()
+        let taken: Vec<Item> = items.drain(..).collect();
+        self.working.store(taken.len() as u64, Ordering::Relaxed);
+        taken
+    }
+
+    /// One taken item is done.
+    fn done_one(&self) {
+        self.working.fetch_sub(1, Ordering::Relaxed);
     }
 
     fn put_back(&self, rest: Vec<Item>) {
@@ -109,6 +118,7 @@ impl Queue {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         };
+        self.working.store(0, Ordering::Relaxed);
         for item in rest.into_iter().rev() {
             if items.len() >= CAPACITY {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -120,7 +130,11 @@ impl Queue {
 
     /// Items not done yet: waiting, or being retried.
     pub(crate) fn pending(&self) -> u64 {
-        self.len() as u64 + self.working.load(Ordering::Relaxed)
+        let items = match self.items.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        items.len() as u64 + self.working.load(Ordering::Relaxed)
     }
 
     /// Items given up because the queue was full.
@@ -148,14 +162,13 @@ pub(crate) async fn run(inner: Arc<Inner>) {
             _ = tokio::time::sleep(RETRY_INTERVAL), if waiting => {}
         }
         let items = inner.cleanup.take();
-        inner
-            .cleanup
-            .working
-            .store(items.len() as u64, Ordering::Relaxed);
         let mut done = 0usize;
         for item in &items {
             match undo(&inner, item).await {
-                Ok(()) => done += 1,
+                Ok(()) => {
+                    done += 1;
+                    inner.cleanup.done_one();
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, left = items.len() - done, "cleanup waits for Redis");
                     break;
@@ -168,7 +181,6 @@ pub(crate) async fn run(inner: Arc<Inner>) {
         inner
             .cleanup
             .put_back(items.into_iter().skip(done).collect());
-        inner.cleanup.working.store(0, Ordering::Relaxed);
     }
 }
 

@@ -85,7 +85,7 @@ pub enum ConnectError {
     /// Another running node holds this node's id.
     #[error(
         "node id {node} is in use by another running node (its claim in Redis was \
-         renewed throughout {:.1}s of waiting): give every node its own node id",
+         renewed while this one waited {:.1}s): give every node its own node id",
         waited.as_secs_f64()
     )]
     NodeIdInUse {

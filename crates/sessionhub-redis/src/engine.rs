@@ -880,8 +880,12 @@ impl Engine for RedisEngine {
     async fn leave(&self) -> Result<(), EngineError> {
         let inner = &self.inner;
         inner.stop.cancel();
-        if inner.superseded.load(Ordering::Acquire) {
-            // The id's records and lease are another process's now.
+        // Whose id is it? Asked afresh: the lease task may be finding out right now
+        // (a node paused past its lease gets SIGTERM while another process took its
+        // id), and dropping the id's records then would drop that process's.
+        let superseded = inner.superseded.load(Ordering::Acquire)
+            || matches!(inner.claim_id().await, Ok(Some(_)));
+        if superseded {
             tracing::info!("left the cluster (this node's id is another process's)");
             return self.stop_tasks().await;
         }

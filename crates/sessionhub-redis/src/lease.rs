@@ -127,18 +127,22 @@ async fn renew(inner: &Inner) -> Renewal {
     if let Err(e) = inner.measure_clock().await {
         tracing::debug!(error = %e, "could not read Redis's clock");
     }
-    // The node may have left while the clock was read (Redis paused): a heartbeat
-    // sent now would come after its leaving and list it again.
+    // Nor a claim, which would outlive the node's release of it.
     if inner.stop.is_cancelled() {
         return Renewal::Held;
     }
     match inner.claim_id().await {
         Ok(None) => {}
         Ok(Some(_)) => return Renewal::Superseded,
-        Err(e) => {
-            tracing::warn!(error = %e, "node id claim renewal failed");
-            return Renewal::Held;
-        }
+        // Still renew the lease: on Redis Cluster the claim may live on a shard
+        // that is failing over while `Pnodes`'s answers, and the lease must not
+        // lapse for that.
+        Err(e) => tracing::warn!(error = %e, "node id claim renewal failed"),
+    }
+    // The node may have left while the clock was read or the claim renewed (Redis
+    // paused): a heartbeat sent now would come after its leaving and list it again.
+    if inner.stop.is_cancelled() {
+        return Renewal::Held;
     }
     let res: Result<i64, _> = inner
         .fcall(

@@ -54,6 +54,9 @@ pub use tls::{ClientCert, RedisTls, TLS_SCHEME, TlsError};
 
 /// How often start-up looks again at a node id claimed by another process.
 const CLAIM_POLL: Duration = Duration::from_millis(200);
+/// How much later than first seen another process's claim must end for start-up to
+/// count it as renewed (that process is running): more than a round trip's jitter.
+const CLAIM_RENEWED_BY: Duration = Duration::from_millis(500);
 
 /// The function library, loaded into Redis at start-up and after Redis lost it.
 pub const LIBRARY: &str = include_str!("../../../lua/sessionhub.lua");
@@ -135,16 +138,22 @@ impl RedisEngine {
             reason,
         };
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
-        // Since when another process has held this node's id, as start-up found.
-        let mut id_held_since: Option<tokio::time::Instant> = None;
+        // When another process's claim on this node's id first seen would lapse, and
+        // since when start-up has waited for it.
+        let mut id_held: Option<(tokio::time::Instant, tokio::time::Instant)> = None;
         loop {
             let err = match engine.inner.startup().await {
                 Ok(lease::Startup::Joined) => break,
                 Ok(lease::Startup::IdHeld(left_ms)) => {
                     // A previous run that did not leave (killed, crashed) holds the
-                    // claim until it lapses, within a lease's lifetime; a process
-                    // still running renews it for good.
-                    let since = *id_held_since.get_or_insert_with(|| {
+                    // claim until it lapses; a process still running renews it,
+                    // which moves its end. A claim without a TTL (set by hand) is
+                    // given a lease and a heartbeat.
+                    let now = tokio::time::Instant::now();
+                    let left = u64::try_from(left_ms)
+                        .map(Duration::from_millis)
+                        .unwrap_or(config.lease.ttl + config.lease.heartbeat);
+                    let (first_end, since) = *id_held.get_or_insert_with(|| {
                         tracing::info!(
                             node = %engine.inner.node_id,
                             left_ms,
@@ -152,10 +161,9 @@ impl RedisEngine {
                              that did not leave, or a node running under the same id); \
                              waiting for the claim to lapse"
                         );
-                        tokio::time::Instant::now()
+                        (now + left, now)
                     });
-                    let patience = config.lease.ttl + config.lease.heartbeat;
-                    if since.elapsed() > patience {
+                    if now + left > first_end + CLAIM_RENEWED_BY || now > first_end + CLAIM_POLL {
                         return Err(ConnectError::NodeIdInUse {
                             node: engine.inner.node_id.to_string(),
                             waited: since.elapsed(),

@@ -48,8 +48,8 @@ pub const TASKS_STOP_TIMEOUT: Duration = Duration::from_secs(1);
 /// unit). Every socket has been closed (or given up on) by then.
 pub const SERVER_STOP_TIMEOUT: Duration = Duration::from_secs(1);
 /// Connections the kernel queues for the listener before the node accepts them
-/// (actix-web's default).
-pub const LISTEN_BACKLOG: i32 = 2048;
+/// (actix-web's default, which `HttpServer::bind` used).
+pub const LISTEN_BACKLOG: i32 = 1024;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -99,11 +99,13 @@ impl Application {
         let workers = config.workers;
         let demo = config.demo;
         let admin = config.admin;
-        // Bound now (so the address is known, and taken), but listening only once the
-        // node has reached its store and built its state: until then a connection is
-        // refused, and a load balancer tries another node at once instead of waiting
-        // on one that cannot answer (up to the Redis connect timeout, and the wait
-        // for a crashed run's node id claim to lapse).
+        // Bound now (so the address is known, and a port another program listens on
+        // is refused at once), but listening only once the node has reached its
+        // store and built its state: until then a connection is refused, and a load
+        // balancer tries another node at once instead of waiting on one that cannot
+        // answer (up to the Redis connect timeout, and the wait for a crashed run's
+        // node id claim to lapse). Two nodes starting on one port both bind (neither
+        // listens yet); the second finds out at `listen` and leaves the cluster.
         let socket = bound_socket(listen).map_err(|source| StartError::Bind {
             addr: listen,
             source,
@@ -335,7 +337,17 @@ impl Boot {
         if let Some(config) = config {
             let addr = self.addr.get().copied().unwrap_or(config.listen);
             let built = match build_state(config, addr).await {
-                Ok(state) => self.start_listening().map(|()| state),
+                Ok(state) => match self.start_listening() {
+                    Ok(()) => Ok(state),
+                    Err(e) => {
+                        // It joined the cluster: leave it (records, lease, id claim).
+                        state.shutdown.cancel();
+                        if let Err(e) = state.engine.leave().await {
+                            tracing::warn!(error = %e, "could not leave the cluster");
+                        }
+                        Err(e)
+                    }
+                },
                 Err(e) => Err(e),
             };
             return match built {
@@ -456,7 +468,8 @@ async fn healthz(state: web::Data<AppState>) -> HttpResponse {
     }))
 }
 
-async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+/// The node's metrics, Prometheus text.
+pub(crate) async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(state.metrics.render(
