@@ -69,9 +69,31 @@ program_of() {
   echo "${exe% (deleted)}"
 }
 
-# Records process $2 as $1 in the run's PID file, with its program.
+# Records process $2 as $1 in the run's PID file, with its program: $4, the
+# program it was started with (resolved as /proc shows it), else what it runs now.
 record() {
-  echo "$1 $2 $(program_of "$2")" >>"$3/pids"
+  local program=${4:+$(readlink -f "$4")}
+  echo "$1 $2 ${program:-$(program_of "$2")}" >>"$3/pids"
+}
+
+# Whether process $2, recorded as $1 with program $3, is still that process. A PID
+# file of an older cluster.sh has no program: the process's name must match.
+still_ours() {
+  local what=$1 pid=$2 program=${3:-}
+  # Explicit statuses: a bare `return` in a function run by the EXIT trap returns
+  # the status from before the trap.
+  if [ -n "$program" ]; then
+    if [ "$(program_of "$pid")" = "$program" ]; then return 0; else return 1; fi
+  fi
+  local comm want
+  comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
+  case $what in
+    node-*) want=sessionhub ;;
+    redis) want=redis-server ;;
+    nginx) want=nginx ;;
+    *) return 1 ;;
+  esac
+  if [ "$comm" = "$want" ]; then return 0; else return 1; fi
 }
 
 # Whether the node with this stdout file and PID listens, or is gone.
@@ -134,10 +156,11 @@ start() {
       SESSIONHUB_TRUSTED_PROXIES="${SESSIONHUB_TRUSTED_PROXIES:-127.0.0.1}" \
       "$bin" </dev/null >"$run/node-$i.out" 2>"$run/node-$i.log" &
     local pid=$!
+    # Recorded at once: a start that times out below stops it too.
+    record "node-$i" "$pid" "$run" "$bin"
     # A node that stops at once (a bad setting) says why on its last line.
-    wait_for 30 "node-$i to listen" listening_or_gone "$run/node-$i.out" "$pid"
+    wait_for 40 "node-$i to listen" listening_or_gone "$run/node-$i.out" "$pid"
     kill -0 "$pid" 2>/dev/null || die "node-$i exited: $(tail -1 "$run/node-$i.log")"
-    record "node-$i" "$pid" "$run"
     local addr
     addr=$(grep -o 'http://[0-9.:]*' "$run/node-$i.out" | head -1)
     urls+=("$addr")
@@ -223,18 +246,19 @@ stop() {
       [[ $what == $name* ]] || continue
       # Only the process started there: one that exited may have left its PID to
       # another program since.
-      if [ -z "${program:-}" ] || [ "$(program_of "$pid")" != "$program" ]; then
+      if ! still_ours "$what" "$pid" "${program:-}"; then
         echo "$what (PID $pid) is not running any more" >&2
         continue
       fi
-      kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
+      kill -TERM "$pid" 2>/dev/null && pids+=("$what $pid ${program:-}")
     done <"$run/pids"
-    for pid in "${pids[@]}"; do
+    for entry in "${pids[@]}"; do
+      read -r what pid program <<<"$entry"
       for _ in $(seq 1 150); do
-        kill -0 "$pid" 2>/dev/null || break
+        still_ours "$what" "$pid" "${program:-}" || break
         sleep 0.1
       done
-      kill -KILL "$pid" 2>/dev/null || true
+      if still_ours "$what" "$pid" "${program:-}"; then kill -KILL "$pid" 2>/dev/null || true; fi
     done
     pids=()
   done

@@ -829,7 +829,7 @@ async function unheardWhileUnsubscribed() {
 //    right one opens it (kept for the tab only); the nodes are listed; a user whose
 //    session has sockets on two nodes shows both; End session (confirmed) closes
 //    both sockets with 4001; the page fits a phone; through the shipped nginx too,
-//    where its live counters add up the three nodes' /metrics.
+//    where its live counters add up the three nodes.
 async function adminConsole() {
   const user = await newPage('9:user', UA.macFirefox);
   await login(user, NODE_A, 'grace');
@@ -900,9 +900,8 @@ async function adminConsole() {
   // Through nginx it lists the three nodes of scripts/cluster.sh.
   const n = await phone.page.locator('[data-testid="node-row"][data-alive="true"]').count();
   assert.equal(n, 3, 'the three nodes of scripts/cluster.sh, listed through nginx');
-  // nginx spreads the console's /metrics scrapes over the nodes: the counters are
-  // the sum over the three (each node's rates from its own samples), not one
-  // node's counters against another's.
+  // Through nginx the counters are still the whole cluster's: the three nodes'
+  // announced statuses added up (not the counters of whichever node answered).
   await phone.page.locator('[data-testid="charts"][data-nodes="3"]').waitFor({ timeout: 30_000 });
   await closeAll();
 }

@@ -201,6 +201,26 @@ async fn the_whole_flow_through_nginx_ops_scripts_and_metrics() {
     assert!(metric(&nodes, "sessionhub_kill_seconds_count").await >= 1.0);
     // 7 hellos, 3 session_created, 7 session_ended.
     assert!(metric(&nodes, "sessionhub_messages_out_total").await >= 17.0);
+
+    // The nodes' /metrics is private behind nginx; the service API serves it with
+    // the key, naming the node that answered.
+    let res = reqwest::get(format!("{nginx}/metrics")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["error"], "not_found");
+    let res = reqwest::get(format!("{nginx}/api/v1/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    let res = api.service(Method::GET, "/api/v1/metrics", None).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let text = res.text().await.unwrap();
+    assert!(
+        ["node-1", "node-2", "node-3"]
+            .iter()
+            .any(|n| text.contains(&format!("sessionhub_node_info{{node_id=\"{n}\"}} 1"))),
+        "{text}"
+    );
 }
 
 fn compose_command() -> Option<Vec<String>> {
@@ -861,8 +881,23 @@ fn cluster_sh_refuses_a_busy_nginx_port() {
     );
     assert!(
         !run.path().join("pids").exists(),
-        "a failed start left processes"
+        "a failed start left its PID file"
     );
+    // The nodes it had started are stopped: their ports refuse.
+    let mut nodes = 0;
+    for i in 1..=3 {
+        let out = std::fs::read_to_string(run.path().join(format!("node-{i}.out"))).unwrap();
+        let addr = out
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("http://"))
+            .unwrap_or_else(|| panic!("node-{i}.out: {out:?}"));
+        assert!(
+            std::net::TcpStream::connect(addr).is_err(),
+            "node-{i} ({addr}) still runs after the failed start"
+        );
+        nodes += 1;
+    }
+    assert_eq!(nodes, 3);
 }
 
 /// `scripts/cluster.sh stop` signals only the processes its `start` started: a

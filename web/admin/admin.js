@@ -94,9 +94,7 @@ function start() {
   timer = setInterval(() => {
     if (document.visibilityState !== 'visible') return;
     refreshNodes();
-    sampleMetrics();
   }, NODES_MS);
-  sampleMetrics();
 }
 
 // ---- nodes -----------------------------------------------------------------
@@ -123,6 +121,7 @@ async function refreshNodes() {
   } catch {
     return;
   }
+  sampleNodes(body.nodes);
   const rows = body.nodes.map((n) => {
     const tr = document.createElement('tr');
     tr.dataset.testid = 'node-row';
@@ -160,41 +159,63 @@ async function refreshNodes() {
   if (me) $('served-by').textContent = `Served by ${me.node_id}`;
 }
 
-// ---- live counters (/metrics of every node) -----------------------------------
+// ---- live counters (every node's announced status) ---------------------------------
 //
-// Behind a load balancer consecutive scrapes of /metrics reach different nodes. Each
-// node's samples are kept apart (by `sessionhub_node_info`), its rates computed from
-// its own previous sample, and the charts show the sum over the nodes heard from in
-// the last NODE_FRESH_MS: the cluster's figures, however the scrapes are spread.
+// Every node announces its socket count and counters with its status each heartbeat
+// (2 s), and any node lists them all (GET /api/v1/nodes): the charts add up the live
+// nodes, each node's rates from its own consecutive statuses. Behind a load balancer
+// that spreads the console's requests over the nodes, that is still the whole
+// cluster, counted once.
 
 const CHARTS = [
-  { id: 'connections', label: 'Connections', metric: 'sessionhub_connections', rate: false },
-  { id: 'messages', label: 'Messages out /s', metric: 'sessionhub_messages_out_total', rate: true },
-  { id: 'logins', label: 'Logins /s', metric: 'sessionhub_sessions_created_total', rate: true },
-  { id: 'kills', label: 'Kills /s', metric: 'sessionhub_sessions_ended_total{reason="killed"}', rate: true },
+  { id: 'connections', label: 'Connections', rate: false },
+  { id: 'messages', label: 'Messages out /s', counter: 'messages_out', rate: true },
+  { id: 'logins', label: 'Logins /s', counter: 'sessions_created', rate: true },
+  { id: 'kills', label: 'Kills /s', counter: 'sessions_killed', rate: true },
 ];
 const series = new Map(CHARTS.map((c) => [c.id, []]));
-const NODE_FRESH_MS = 20_000;
-// node_id -> {at, values, rates (metric -> per second; null until a second sample)}
-const sampled = new Map();
+// node_id -> {at, counters, rates (counter -> per second; null until a second status)}
+const announced = new Map();
 
-// The node that answered a scrape ('' from a node too old to say).
-function nodeOf(values) {
-  for (const key of values.keys()) {
-    const m = /^sessionhub_node_info\{node_id="([^"]*)"\}$/.exec(key);
-    if (m) return m[1];
+function sampleNodes(nodes) {
+  const live = nodes.filter((n) => n.alive && n.status_at != null && n.counters);
+  for (const n of live) {
+    const prev = announced.get(n.node_id);
+    if (prev && prev.at === n.status_at) continue;
+    let rates = null;
+    if (prev && n.status_at > prev.at) {
+      rates = new Map();
+      const dt = (n.status_at - prev.at) / 1000;
+      for (const c of CHARTS.filter((c) => c.rate)) {
+        // A restarted node's counters start again from 0.
+        rates.set(c.counter, Math.max(0, (n.counters[c.counter] - prev.counters[c.counter]) / dt));
+      }
+    }
+    announced.set(n.node_id, { at: n.status_at, counters: n.counters, rates });
   }
-  return '';
-}
-
-function parseMetrics(text) {
-  const values = new Map();
-  for (const line of text.split('\n')) {
-    if (!line || line.startsWith('#')) continue;
-    const sp = line.lastIndexOf(' ');
-    values.set(line.slice(0, sp), Number(line.slice(sp + 1)));
+  const ids = new Set(live.map((n) => n.node_id));
+  for (const id of announced.keys()) if (!ids.has(id)) announced.delete(id);
+  for (const c of CHARTS) {
+    let point = 0;
+    let known = false;
+    if (c.rate) {
+      for (const a of announced.values()) {
+        if (!a.rates) continue;
+        point += a.rates.get(c.counter);
+        known = true;
+      }
+    } else {
+      for (const n of live) point += n.sockets ?? 0;
+      known = live.length > 0;
+    }
+    if (!known) continue;
+    const pts = series.get(c.id);
+    pts.push(point);
+    if (pts.length > SAMPLES) pts.shift();
   }
-  return values;
+  $('charts').dataset.nodes = String(live.length);
+  $('charts-sub').textContent = `${live.length} node${live.length === 1 ? '' : 's'}, every 2 s`;
+  drawCharts();
 }
 
 function drawCharts() {
@@ -223,50 +244,6 @@ function drawCharts() {
       pts.map((v, i) => `${off + i},${(40 - (v / max) * 38).toFixed(1)}`).join(' '),
     );
   }
-}
-
-async function sampleMetrics() {
-  let text;
-  try {
-    const res = await fetch('/metrics', { cache: 'no-store', credentials: 'omit' });
-    if (!res.ok) return;
-    text = await res.text();
-  } catch {
-    return;
-  }
-  const at = performance.now();
-  const values = parseMetrics(text);
-  const node = nodeOf(values);
-  const prev = sampled.get(node);
-  let rates = null;
-  if (prev && at > prev.at) {
-    rates = new Map();
-    const dt = (at - prev.at) / 1000;
-    for (const c of CHARTS.filter((c) => c.rate)) {
-      const v = values.get(c.metric) ?? 0;
-      // A restarted node's counters start again from 0.
-      rates.set(c.metric, Math.max(0, (v - (prev.values.get(c.metric) ?? 0)) / dt));
-    }
-  }
-  sampled.set(node, { at, values, rates });
-  for (const [id, s] of sampled) if (at - s.at > NODE_FRESH_MS) sampled.delete(id);
-  for (const c of CHARTS) {
-    let point = 0;
-    let known = false;
-    for (const s of sampled.values()) {
-      const v = c.rate ? s.rates?.get(c.metric) : s.values.get(c.metric) ?? 0;
-      if (v === undefined) continue;
-      point += v;
-      known = true;
-    }
-    if (!known) continue;
-    const pts = series.get(c.id);
-    pts.push(point);
-    if (pts.length > SAMPLES) pts.shift();
-  }
-  $('charts').dataset.nodes = String(sampled.size);
-  $('charts-sub').textContent = `${sampled.size} node${sampled.size === 1 ? '' : 's'}, every 2 s`;
-  drawCharts();
 }
 
 // ---- online users ----------------------------------------------------------------

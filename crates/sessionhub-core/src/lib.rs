@@ -25,6 +25,7 @@ pub use history::{HistoryConfig, HistoryState, Recovered, Recovery, Registered};
 pub use ids::{ConnectionId, GroupName, IdError, NodeId, SessionId, UserId};
 pub use model::{
     ConnLimits, ConnectionInfo, CreatedSession, Delivery, EndReason, LocalRecord, Member,
-    NewSession, NodeStatus, NodeView, OnlineUser, PresenceCounts, Reasserted, Session, Target,
+    NewSession, NodeCounters, NodeStatus, NodeView, OnlineUser, PresenceCounts, Reasserted,
+    Session, Target,
 };
 pub use token::{SecretHash, Token, TokenError};

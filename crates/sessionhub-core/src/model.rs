@@ -251,6 +251,21 @@ pub struct NodeStatus {
     pub ready: bool,
     /// When it said so (Unix ms).
     pub at: i64,
+    /// Its counters at that moment (zero from a node too old to say): the admin
+    /// console's rates, from consecutive statuses of each node.
+    #[serde(default)]
+    pub counters: NodeCounters,
+}
+
+/// Counters a node announces with its status (as on its `/metrics`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCounters {
+    /// Frames sent to its sockets.
+    pub messages_out: u64,
+    /// Sessions created through it.
+    pub sessions_created: u64,
+    /// Sessions it ended as killed.
+    pub sessions_killed: u64,
 }
 
 /// A node of the cluster as the store knows it.

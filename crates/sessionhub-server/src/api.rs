@@ -22,6 +22,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         web::scope("/api/v1")
             .configure(crate::messaging::routes)
             .route("/nodes", web::get().to(nodes))
+            .route("/metrics", web::get().to(service_metrics))
             .route("/sessions", web::post().to(create_session))
             .service(
                 resource("/sessions/{session_id}")
@@ -80,6 +81,12 @@ fn parse_uid(s: &str) -> Result<UserId, ApiError> {
 
 /// `GET /api/v1/nodes`: every node with a lease (live, or dead and not yet reaped),
 /// its lease and its last announced status, with times made relative to now.
+/// `/metrics` through the service API, with the key: for the admin console behind a
+/// load balancer that keeps the nodes' own `/metrics` private.
+async fn service_metrics(_: ServiceAuth, state: web::Data<AppState>) -> HttpResponse {
+    crate::app::metrics(state).await
+}
+
 async fn nodes(_: ServiceAuth, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let now = sessionhub_core::time::now_ms();
     let nodes = state.engine.nodes().await?;
@@ -96,6 +103,8 @@ async fn nodes(_: ServiceAuth, state: web::Data<AppState>) -> Result<HttpRespons
                 "sockets": n.status.as_ref().map(|s| s.sockets),
                 "ready": n.status.as_ref().map(|s| s.ready),
                 "status_age_ms": n.status.as_ref().map(|s| now - s.at),
+                "status_at": n.status.as_ref().map(|s| s.at),
+                "counters": n.status.as_ref().map(|s| s.counters),
                 "this_node": &n.node_id == state.engine.node_id(),
             })
         })

@@ -105,6 +105,15 @@ impl Metrics {
         self.ended[reason_index(reason)].fetch_add(n, Ordering::Relaxed);
     }
 
+    /// The counters a node announces with its status.
+    pub fn announced(&self) -> sessionhub_core::NodeCounters {
+        sessionhub_core::NodeCounters {
+            messages_out: self.messages_out.load(Ordering::Relaxed),
+            sessions_created: self.sessions_created.load(Ordering::Relaxed),
+            sessions_killed: self.ended[reason_index(EndReason::Killed)].load(Ordering::Relaxed),
+        }
+    }
+
     /// Adds one to a counter.
     pub fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);

@@ -47,6 +47,7 @@ pub async fn announce_forever(state: AppState, address: String) {
             sockets: state.hub.len() as u64,
             ready: state.is_ready().await,
             at: sessionhub_core::time::now_ms(),
+            counters: state.metrics.announced(),
         };
         if let Err(e) = state.engine.announce(&status).await {
             tracing::debug!(error = %e, "node status not announced");
