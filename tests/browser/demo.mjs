@@ -900,6 +900,14 @@ async function adminConsole() {
   // Through nginx it lists the three nodes of scripts/cluster.sh.
   const n = await phone.page.locator('[data-testid="node-row"][data-alive="true"]').count();
   assert.equal(n, 3, 'the three nodes of scripts/cluster.sh, listed through nginx');
+  // Every column a phone shows is on the screen, without scrolling the table
+  // sideways: State and Lease too (long node ids wrap).
+  await phone.page.setViewportSize({ width: 360, height: 800 });
+  const rights = await phone.page.$$eval('[data-testid="node-row"] td', (tds) =>
+    tds.filter((td) => td.offsetParent !== null).map((td) => td.getBoundingClientRect().right));
+  assert.ok(rights.length >= 12, `node cells: ${rights.length}`);
+  assert.ok(Math.max(...rights) <= 360, `a node cell ends at ${Math.max(...rights)} px of 360`);
+  await phone.page.setViewportSize(PHONE.viewport);
   // Through nginx the counters are still the whole cluster's: the three nodes'
   // announced statuses added up (not the counters of whichever node answered).
   await phone.page.locator('[data-testid="charts"][data-nodes="3"]').waitFor({ timeout: 30_000 });
