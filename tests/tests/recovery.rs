@@ -210,3 +210,41 @@ async fn an_empty_redis_restart_starts_a_new_epoch() {
     assert_eq!(ws.hello["recovered"], false, "{}", ws.hello);
     assert_ne!(ws.hello["epoch"], epoch.as_str());
 }
+
+/// A socket that stays open while its user's history numbering restarts (the
+/// history's meta key expired, or Redis lost it) gets the messages numbered afresh:
+/// their offsets are at or below the one it registered at, and it dropped them as
+/// already sent from history, reporting them delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_socket_gets_messages_after_its_users_numbering_restarts() {
+    let cluster = TestCluster::start(1).await;
+    let node = &cluster.nodes[0];
+    let api = Api::new(node);
+    let s = api.create_session("alice", "laptop").await;
+    for data in ["a", "b", "c"] {
+        publish(&api, json!({ "user": "alice" }), data).await;
+    }
+    let mut ws = WsClient::connect(node, &s.token).await.unwrap();
+    // The three messages (and the login's notice): the new numbering's first
+    // offsets are at or below where the socket registered.
+    assert!(hello_point(&ws).0 >= 3, "{}", ws.hello);
+
+    let tag = &s.session_id[..2];
+    let mut c = cluster.redis.conn().await;
+    let gone: u64 = redis::cmd("DEL")
+        .arg(format!("sh:{{{tag}}}:user:alice:history:meta"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(gone, 1);
+
+    let mut sent = Vec::new();
+    for data in ["x", "y", "z"] {
+        sent.push((
+            data.to_owned(),
+            publish(&api, json!({ "user": "alice" }), data).await,
+        ));
+    }
+    assert_eq!(sent.iter().map(|(_, o)| *o).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(messages(&mut ws, 3).await, sent);
+}

@@ -141,6 +141,11 @@ impl LocalConn {
         true
     }
 
+    /// Frames queued and not yet taken.
+    pub fn queued(&self) -> usize {
+        lock(&self.outbox).frames.len()
+    }
+
     /// The next thing to do: a requested close, else the next queued frame,
     /// waiting for either. Cancel-safe: a frame leaves the queue only in the poll
     /// that returns it.

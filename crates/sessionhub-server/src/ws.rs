@@ -611,6 +611,11 @@ impl Socket {
         let mut fragments = Fragments::default();
         let conn = self.conn.clone();
         let shutdown = self.state.shutdown.clone();
+        // Only frames queued before the greeting was done can be ones it sent from
+        // history (queued while the socket registered): later ones are newer, even
+        // when their offset is lower (the user's numbering restarted: its history
+        // key expired or was lost while the socket stayed open).
+        let mut early = conn.queued();
         loop {
             tokio::select! {
                 // Closing wins over anything still queued, then a shutdown.
@@ -622,7 +627,9 @@ impl Socket {
                         Next::Frame(f) => f,
                     };
                     // Queued while the socket registered, and already sent from history.
-                    if offset != 0 && offset <= recovered_upto {
+                    let was_early = early > 0;
+                    early = early.saturating_sub(1);
+                    if was_early && offset != 0 && offset <= recovered_upto {
                         continue;
                     }
                     // A client that stops reading blocks this send; a close request
