@@ -98,3 +98,39 @@ async fn a_session_the_index_never_heard_of_ends_with_the_next_full_sweep() {
         started.elapsed()
     );
 }
+
+/// A session given an idle timeout shorter than the node's refresh interval (60 s)
+/// does not idle out while its socket is in use: its activity is recorded at least
+/// every half of its own idle timeout (it was written once a minute, and such a
+/// session ended at its idle timeout however busy its socket).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_idle_timeout_is_kept_alive_by_activity() {
+    let cluster = TestCluster::start(1).await;
+    let node = &cluster.nodes[0];
+    let api = Api::new(node);
+    let res = api
+        .service(
+            Method::POST,
+            "/api/v1/sessions",
+            Some(json!({ "user_id": "busy", "idle_timeout_secs": 2 })),
+        )
+        .await;
+    let s: Value = res.json().await.unwrap();
+    let token = s["token"].as_str().unwrap().to_owned();
+    let sid = s["session_id"].as_str().unwrap().to_owned();
+    secrets::remember(&token);
+    let mut ws = WsClient::connect(node, &token).await.unwrap();
+    // Activity every 0.4 s for 6 s: three idle timeouts.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(6) {
+        ws.assert_alive().await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert!(
+        api.connection_nodes(&sid).await.is_some(),
+        "the session idled out while its socket was in use"
+    );
+    // Left alone, it ends by its idle timeout.
+    let (code, _) = ws.expect_close().await;
+    assert_eq!(code, 4001);
+}

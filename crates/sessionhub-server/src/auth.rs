@@ -250,11 +250,19 @@ impl FromRequest for CookieSession {
     }
 }
 
-/// Records activity for the idle timeout, at most once per refresh interval, so
-/// that Redis is not written on every request.
-pub async fn touch_if_due(state: &AppState, session: &Session) {
+/// How long after its last recorded activity a session's activity is recorded
+/// again: the refresh interval, or half the session's own idle timeout if that is
+/// shorter (a session given a 30 s idle timeout must not idle out while in use
+/// because the node writes activity once a minute).
+pub fn refresh_ms(state: &AppState, session: &Session) -> i64 {
     let refresh = state.config.sessions.idle_refresh.as_millis() as i64;
-    if now_ms() - session.last_seen_at < refresh {
+    refresh.min(session.idle_ms() / 2)
+}
+
+/// Records activity for the idle timeout, at most once per refresh interval (see
+/// [`refresh_ms`]), so that Redis is not written on every request.
+pub async fn touch_if_due(state: &AppState, session: &Session) {
+    if now_ms() - session.last_seen_at < refresh_ms(state, session) {
         return;
     }
     if let Err(e) = state.engine.touch(&session.session_id).await {

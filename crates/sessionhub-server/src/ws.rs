@@ -729,11 +729,13 @@ impl Socket {
     /// A client message is activity: it keeps the session from idling out (written
     /// to the store at most once per refresh interval).
     async fn activity(&mut self) {
-        let refresh = self.state.config.sessions.idle_refresh.as_millis() as i64;
         let now = sessionhub_core::time::now_ms();
-        if now - self.session.last_seen_at >= refresh {
+        if now - self.session.last_seen_at >= crate::auth::refresh_ms(&self.state, &self.session) {
             crate::auth::touch_if_due(&self.state, &self.session).await;
+            // Its idle timeout stays what it was.
+            let idle = self.session.idle_ms();
             self.session.last_seen_at = now;
+            self.session.idle_expires_at = now + idle;
         }
     }
 
