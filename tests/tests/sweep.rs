@@ -134,3 +134,42 @@ async fn a_short_idle_timeout_is_kept_alive_by_activity() {
     let (code, _) = ws.expect_close().await;
     assert_eq!(code, 4001);
 }
+
+/// The sweep index lost with Redis's link (a restart or failover that lost its
+/// latest writes; here deleted by hand, then the node's subscriber link cut): on
+/// resubscribing the node marks every bucket due, so sessions still end on time
+/// (they waited for the ten-minute full sweep, their sockets open meanwhile).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_index_lost_with_the_link_is_rebuilt_on_resubscription() {
+    let cluster = TestCluster::start(1).await;
+    let node = &cluster.nodes[0];
+    let api = Api::new(node);
+    let started = Instant::now();
+    let res = api
+        .service(
+            Method::POST,
+            "/api/v1/sessions",
+            Some(json!({ "user_id": "short", "ttl_secs": 3 })),
+        )
+        .await;
+    let s: Value = res.json().await.unwrap();
+    let token = s["token"].as_str().unwrap().to_owned();
+    secrets::remember(&token);
+    let mut ws = WsClient::connect(node, &token).await.unwrap();
+    let mut c = cluster.redis.conn().await;
+    let gone: u64 = redis::cmd("DEL")
+        .arg("sh:sweep")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(gone, 1);
+    assert!(cluster.redis.kill_pubsub_clients().await >= 1);
+    node.wait_log("resubscribed", Duration::from_secs(10)).await;
+    let (code, _) = ws.expect_close().await;
+    assert_eq!(code, 4001);
+    assert!(
+        started.elapsed() <= Duration::from_secs(3) + ON_TIME,
+        "ended {:?} after its login, its lifetime 3 s",
+        started.elapsed()
+    );
+}

@@ -413,23 +413,24 @@ impl Inner {
         };
         let found = tokio::time::timeout(self.command_timeout, find).await;
         match found {
-            Ok(Ok(url)) => {
-                if sentinel.set_current(&url) {
-                    match sentinel
-                        .client(&url)
-                        .and_then(|c| single_manager(c, self.command_timeout))
-                    {
-                        Ok(fresh) => {
-                            self.replace_conn(Conn::Single(fresh));
-                            self.failures_in_a_row.store(0, Ordering::Release);
-                            tracing::warn!(redis = %crate::config::redact_url(&url), "following the new Redis master");
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot connect to the new Redis master")
-                        }
-                    }
+            // The master is recorded (which moves the subscriber too) only once its
+            // connection is made: recorded first, a failure here left every later
+            // look finding it "current" and the commands on the old master.
+            Ok(Ok(url)) if !sentinel.is_current(&url) => match sentinel
+                .client(&url)
+                .and_then(|c| single_manager(c, self.command_timeout))
+            {
+                Ok(fresh) => {
+                    self.replace_conn(Conn::Single(fresh));
+                    sentinel.set_current(&url);
+                    self.failures_in_a_row.store(0, Ordering::Release);
+                    tracing::warn!(redis = %crate::config::redact_url(&url), "following the new Redis master");
                 }
-            }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot connect to the new Redis master")
+                }
+            },
+            Ok(Ok(_)) => {}
             Ok(Err(e)) => {
                 tracing::warn!(redis = %sentinel.shown(), error = %e, "no Redis master found yet")
             }

@@ -128,6 +128,11 @@ impl Sentinel {
         crate::tls::client(url, &self.tls)
     }
 
+    /// Whether `url` is the master as last found.
+    pub(crate) fn is_current(&self, url: &str) -> bool {
+        self.current.borrow().as_deref() == Some(url)
+    }
+
     /// Records the master found; true if it is a different one.
     pub(crate) fn set_current(&self, url: &str) -> bool {
         self.current.send_if_modified(|cur| {

@@ -140,6 +140,10 @@ async fn run(source: Source, events: EventSender, inner: Arc<Inner>, ready: ones
             }
             None => {
                 inner.count_reconnect();
+                // The link dropped: Redis may have restarted or failed over and lost
+                // the sweep index's latest marks with it. The next sweep round marks
+                // every bucket due (the backstop, otherwise every 10 minutes).
+                inner.marks.full_sweep_soon();
                 tracing::info!(redis = %shown, "resubscribed; resyncing");
                 if events.send(NodeEvent::Resync).await.is_err() {
                     return;
