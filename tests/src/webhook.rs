@@ -43,6 +43,8 @@ struct State {
     hang: tokio::sync::watch::Sender<bool>,
     /// Requests read while hanging.
     hung: AtomicU32,
+    /// How long each answer waits (ms): a slow receiver.
+    delay_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Default for State {
@@ -53,6 +55,7 @@ impl Default for State {
             down: AtomicBool::new(false),
             hang: tokio::sync::watch::channel(false).0,
             hung: AtomicU32::new(0),
+            delay_ms: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -140,6 +143,13 @@ impl Receiver {
     /// then their connections close without an answer).
     pub fn set_hang(&self, hang: bool) {
         self.state.hang.send_replace(hang);
+    }
+
+    /// Every answer from now on waits this long (a slow receiver).
+    pub fn set_delay(&self, delay: Duration) {
+        self.state
+            .delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// Requests left unanswered by hanging so far.
@@ -232,6 +242,10 @@ async fn serve(sock: tokio::net::TcpStream, state: &State) -> std::io::Result<()
             status,
             at: Instant::now(),
         });
+        let delay = state.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
         let reason = if fail { "Internal Server Error" } else { "OK" };
         wr.write_all(format!("HTTP/1.1 {status} {reason}\r\ncontent-length: 0\r\n\r\n").as_bytes())
             .await?;

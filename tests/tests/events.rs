@@ -534,3 +534,30 @@ async fn events_older_than_the_max_age_are_dropped_counted_and_left_in_the_strea
     );
     receiver.assert_all_signed();
 }
+
+/// A slow receiver and few POST slots: a batch is taken only once its node has a
+/// slot for it. Taken first, batches waited for a slot past the claim bound, were
+/// taken over by the other node and posted by both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_waiting_behind_a_slow_receiver_are_not_taken_over_and_posted_twice() {
+    let receiver = Receiver::start().await;
+    receiver.set_delay(Duration::from_millis(700));
+    let env = env_of(&receiver, &[("SESSIONHUB_WEBHOOK_MAX_IN_FLIGHT", "1")]);
+    let cluster = cluster(2, &env).await;
+    let api = Api::new(&cluster.nodes[0]);
+    let users: Vec<String> = (0..12).map(|i| format!("slow-{i}")).collect();
+    for u in &users {
+        api.create_session(u, "test").await;
+    }
+    for u in &users {
+        wait_types(&receiver, u, &["session.created"], EVENT_WAIT).await;
+    }
+    let ids: Vec<String> = receiver
+        .accepted()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect();
+    let unique: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "events posted twice: {ids:?}");
+    receiver.assert_all_signed();
+}

@@ -348,6 +348,17 @@ impl Deliverer {
         let mut failures: u32 = 0;
         let mut last_head: Option<String> = None;
         loop {
+            // A POST slot first, then the batch: taking a batch restarts its idle
+            // time, which is what keeps other nodes off it, so a batch must not be
+            // taken and then wait for a slot (behind a slow receiver, longer than
+            // the claim bound: another node took it over and both posted it).
+            let permit = tokio::select! {
+                _ = self.stop.cancelled() => return Drained::Stopped,
+                p = self.permits.acquire() => match p {
+                    Ok(p) => p,
+                    Err(_) => return Drained::Stopped,
+                },
+            };
             let take = self
                 .streams
                 .take(b, WEBHOOK_GROUP, self.config.batch, self.config.claim_idle)
@@ -400,7 +411,7 @@ impl Deliverer {
                 continue;
             };
             self.stats.oldest[b.index()].store(oldest, Ordering::Relaxed);
-            match self.post(&send).await {
+            match self.post(&send, permit).await {
                 Ok(()) => {
                     let now = now_ms();
                     for e in &send {
@@ -488,19 +499,17 @@ impl Deliverer {
         }
     }
 
-    /// POSTs one batch. `Err(None)`: the node is stopping.
-    async fn post(&self, batch: &[Ready]) -> Result<(), Option<PostError>> {
+    /// POSTs one batch in the slot `permit`, given up when the answer is in.
+    /// `Err(None)`: the node is stopping.
+    async fn post(
+        &self,
+        batch: &[Ready],
+        permit: tokio::sync::SemaphorePermit<'_>,
+    ) -> Result<(), Option<PostError>> {
         let events: Vec<&LifecycleEvent> = batch.iter().map(|r| &r.event).collect();
         let body = match serde_json::to_vec(&serde_json::json!({ "events": events })) {
             Ok(b) => b,
             Err(e) => return Err(Some(PostError::Transport(e.to_string()))),
-        };
-        let permit = tokio::select! {
-            _ = self.stop.cancelled() => return Err(None),
-            p = self.permits.acquire() => match p {
-                Ok(p) => p,
-                Err(_) => return Err(None),
-            },
         };
         let t = (now_ms() / 1000) as u64;
         let request = self
