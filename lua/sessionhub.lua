@@ -1345,7 +1345,8 @@ end)
 --   none; all of bucket B)
 --   Returns {session ids (one per socket) that no longer exist, connection ids of
 --   sockets whose session may recover frames after their offset, or whose user's
---   history was renumbered since}.
+--   history was renumbered since, or lost offsets the socket got (its numbering is
+--   restarted then)}.
 --   The form of 0.2 nodes, which call the shared library's plain names (still read,
 --   for a rolling upgrade from 0.2): ARGV lease expiry, now, then per socket cid,
 --   sid, user_id, connected_at; returns the session ids alone.
@@ -1379,6 +1380,15 @@ register('sh_reassert', function(keys, args)
         local now_epoch, top = meta[1], tonumber(meta[2] or '0') or 0
         -- No numbering now: nothing was published since the socket's one expired.
         if now_epoch and now_epoch ~= epoch then
+          table.insert(missed, cid)
+        elseif now_epoch and top < seen then
+          -- Redis lost its newest writes (restarted from an AOF or snapshot that
+          -- was behind, or failed over to a replica that was): the offsets after
+          -- `top` would be given again to other frames. A new numbering, and the
+          -- socket (whose client holds offsets of the lost one) is told it missed.
+          local hk = history_key(P, B, uid)
+          redis.call('HSET', hk .. ':meta', 'epoch', new_epoch(), 'offset', '0')
+          redis.call('DEL', hk)
           table.insert(missed, cid)
         elseif now_epoch and top > seen then
           local ok, frames = history_recover(P, B, uid, sid, cfg, now_epoch, top, args[i + 5], epoch)

@@ -248,3 +248,51 @@ async fn an_open_socket_gets_messages_after_its_users_numbering_restarts() {
     assert_eq!(sent.iter().map(|(_, o)| *o).collect::<Vec<_>>(), [1, 2, 3]);
     assert_eq!(messages(&mut ws, 3).await, sent);
 }
+
+/// Redis loses its newest history writes (it restarted from an AOF that was behind,
+/// or failed over to a replica that was): here the last two offsets are removed by
+/// hand and the node's link cut. The node's resync finds its socket holding offsets
+/// Redis no longer knows: the user's numbering restarts (the lost offsets would
+/// otherwise be given again to other frames, and a client recovering from one of
+/// them would skip the new ones) and the socket is closed 1012 to recover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_lost_by_redis_restart_the_numbering_instead_of_being_reused() {
+    let cluster = TestCluster::start(1).await;
+    let node = &cluster.nodes[0];
+    let api = Api::new(node);
+    let s = api.create_session("alice", "laptop").await;
+    let mut ws = WsClient::connect(node, &s.token).await.unwrap();
+    let (_, epoch) = hello_point(&ws);
+    let mut top = 0;
+    for data in ["a", "b", "c"] {
+        top = publish(&api, json!({ "user": "alice" }), data).await;
+    }
+    assert_eq!(messages(&mut ws, 3).await.last().unwrap().1, top);
+
+    // The last two writes are lost.
+    let tag = &s.session_id[..2];
+    let hk = format!("sh:{{{tag}}}:user:alice:history");
+    let mut c = cluster.redis.conn().await;
+    let _: () = redis::pipe()
+        .cmd("HSET")
+        .arg(format!("{hk}:meta"))
+        .arg("offset")
+        .arg(top - 2)
+        .cmd("XDEL")
+        .arg(&hk)
+        .arg(format!("{}-0", top - 1))
+        .arg(format!("{top}-0"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(cluster.redis.kill_pubsub_clients().await >= 1);
+
+    let (code, _) = ws.expect_close().await;
+    assert_eq!(code, 1012, "the socket holds offsets Redis lost");
+    let next = publish(&api, json!({ "user": "alice" }), "d").await;
+    assert_eq!(next, 1, "a new numbering, not offset {} again", top - 1);
+    // Coming back from where it was, in the old numbering: not recoverable.
+    let back = connect_with_query(node, &s.token, &format!("since={top}&epoch={epoch}")).await;
+    assert_eq!(back.hello["recovered"], false, "{}", back.hello);
+    assert_ne!(back.hello["epoch"], epoch.as_str());
+}
