@@ -1483,7 +1483,8 @@ register_with{
 --   now holds: its own pending ones again (a retry; their idle time restarts), those
 --   of another consumer idle for claim_idle_ms or more (a node that died
 --   mid-delivery: XAUTOCLAIM), or else new ones (XREADGROUP); "deleted ids": pending
---   entries the stream's cap trimmed away before delivery. {"busy", ms}: another
+--   entries the stream's cap trimmed away before delivery[, and for "new" the number
+--   of entries it trimmed away before the group read them]. {"busy", ms}: another
 --   consumer holds this bucket's batch, claimable in ms if it stays idle. With nothing
 --   pending and nothing new, consumers idle for claim_idle_ms or more are forgotten
 --   (forget_idle_consumers). The nodes
@@ -1505,6 +1506,29 @@ local function forget_idle_consumers(sk, group, me, idle_ms)
   end
 end
 
+-- How many of the stream's entries its cap trimmed away before group `group` read
+-- them; the group's read counter is then moved past them, so each is counted once.
+-- (The counter is Redis's `entries-read`: a group reading on after a trim counts one
+-- per entry read, not the ones trimmed.) 0 when Redis cannot tell (an invalid
+-- counter).
+local function trimmed_unread(sk, group)
+  local info = redis.call('XINFO', 'STREAM', sk)
+  local st = {}
+  for i = 1, #info, 2 do st[info[i]] = info[i + 1] end
+  local removed = tonumber(st['entries-added']) - tonumber(st['length'])
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', sk)) do
+    local f = {}
+    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
+    if f.name == group then
+      local read = tonumber(f['entries-read'])
+      if not read or removed <= read then return 0 end
+      redis.call('XGROUP', 'SETID', sk, group, f['last-delivered-id'], 'ENTRIESREAD', removed)
+      return removed - read
+    end
+  end
+  return 0
+end
+
 register('sh_events_take', function(keys, args)
   local sk, group, me, count, claim = keys[1], args[1], args[2], tonumber(args[3]), tonumber(args[4])
   if not string.match(sk, '}:events$') then return bad_key('P{B}:events') end
@@ -1520,13 +1544,14 @@ register('sh_events_take', function(keys, args)
     local got = redis.call('XAUTOCLAIM', sk, group, me, 0, '0-0', 'COUNT', count)
     return { 'mine', got[2], got[3] or {} }
   end
+  local skipped = trimmed_unread(sk, group)
   local got = redis.call('XREADGROUP', 'GROUP', group, me, 'COUNT', count, 'STREAMS', sk, '>')
   if not got then
     -- Nothing pending and nothing new: the bucket's delivery is idle.
     forget_idle_consumers(sk, group, me, claim)
-    return { 'new', {}, {} }
+    return { 'new', {}, {}, skipped }
   end
-  return { 'new', got[1][2], {} }
+  return { 'new', got[1][2], {}, skipped }
 end)
 -- The sweep index. Psweep (no hash tag) is a zset: bucket (two hex digits) -> the
 -- earliest time the bucket may need an sh_expire call (a session may end, a lease

@@ -561,3 +561,48 @@ async fn batches_waiting_behind_a_slow_receiver_are_not_taken_over_and_posted_tw
     assert_eq!(unique.len(), ids.len(), "events posted twice: {ids:?}");
     receiver.assert_all_signed();
 }
+
+/// Events the stream's cap trims away while the receiver is down are counted as
+/// dropped whether or not a node had read them: delivered plus counted is every
+/// event written (only the batch a node held was counted; the unread ones
+/// vanished without a count or a log line).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_trimmed_before_any_node_read_them_are_counted() {
+    let receiver = Receiver::start().await;
+    receiver.set_down(true);
+    let env = env_of(&receiver, &[("SESSIONHUB_EVENTS_MAXLEN", "10")]);
+    let cluster = cluster(1, &env).await;
+    let node = &cluster.nodes[0];
+    let api = Api::new(node);
+    let first = api.create_session("flood", "0").await;
+    for i in 1..150 {
+        api.create_session("flood", &i.to_string()).await;
+    }
+    let key = format!("sh:{{{}}}:events", &first.session_id[..2]);
+    let mut c = cluster.redis.conn().await;
+    let info: HashMap<String, redis::Value> = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(&key)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let written: i64 = redis::from_redis_value_ref(&info["entries-added"]).unwrap();
+    // 150 logins, and 50 sessions ended by the per-user cap of 100.
+    assert_eq!(written, 200);
+
+    receiver.set_down(false);
+    wait_for("every event delivered or counted", EVENT_WAIT, || async {
+        let text = reqwest::get(format!("{}/metrics", node.base))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let trimmed = metric(&text, "sessionhub_webhook_dropped_total{cause=\"trimmed\"}");
+        let delivered = receiver.accepted_of("flood").len() as f64;
+        (delivered + trimmed == written as f64).then_some(())
+    })
+    .await;
+    node.wait_log("trimmed from the stream before delivery", WAIT)
+        .await;
+}

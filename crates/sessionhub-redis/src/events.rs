@@ -146,7 +146,8 @@ pub struct StoredEvent {
 #[derive(Debug)]
 pub enum Take {
     /// Entries this consumer now holds (possibly none), in stream order; `trimmed`:
-    /// pending entries the stream's cap removed before they were delivered.
+    /// entries the stream's cap removed before they were delivered (pending ones,
+    /// and ones no consumer had read yet).
     Batch {
         /// The entries.
         events: Vec<StoredEvent>,
@@ -291,7 +292,14 @@ fn parse_take(b: Bucket, reply: Value) -> Result<Take, String> {
         }
         "new" | "mine" => {
             let entries = parts.get(1).map(array).transpose()?.unwrap_or(&[]);
-            let trimmed = parts.get(2).map(array).transpose()?.map_or(0, <[_]>::len);
+            let trimmed_pending = parts.get(2).map(array).transpose()?.map_or(0, <[_]>::len);
+            // Unread entries the cap trimmed away (not sent by older libraries).
+            let trimmed_unread: i64 = parts
+                .get(3)
+                .map(|v| redis::from_redis_value_ref(v).map_err(|e| e.to_string()))
+                .transpose()?
+                .unwrap_or(0);
+            let trimmed = trimmed_pending + usize::try_from(trimmed_unread).unwrap_or(0);
             let events = entries
                 .iter()
                 .map(|e| parse_entry(b, e))
