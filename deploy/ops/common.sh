@@ -3,7 +3,8 @@
 #                    (on Redis Cluster add -c: redis-cli then follows each key's slot)
 #   SESSIONHUB_KEY_PREFIX   key prefix (default sh:)
 set -euo pipefail
-P=${SESSIONHUB_KEY_PREFIX:-sh:}
+# Set but empty is the empty prefix, as the nodes read it.
+P=${SESSIONHUB_KEY_PREFIX-sh:}
 read -r -a _rcli_args <<<"${REDIS_CLI_ARGS:-}"
 rcli() { redis-cli "${_rcli_args[@]}" "$@"; }
 # A user's bucket, the hash tag of their keys: the first 2 hex digits of SHA-256 of

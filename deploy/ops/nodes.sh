@@ -5,7 +5,7 @@
 # of HLEN per node and bucket (the node's records are kept per bucket).
 source "$(dirname "$0")/common.sh"
 leases=$(rcli_one ZRANGE "${P}nodes" 0 -1 WITHSCORES | pairs)
-[ -n "$leases" ] || exit 0
+[ -n "$leases" ] || die "no live node under key prefix $P (every node down, or another prefix or database)"
 nodes=() expiries=()
 while read -r node expiry; do
   nodes+=("$node")

@@ -935,3 +935,69 @@ fn cluster_sh_stop_leaves_a_reused_pid_alone() {
     let _ = bystander.kill();
     let _ = bystander.wait();
 }
+
+/// The kill scripts against a Redis that answers with an error (here: no function
+/// library loaded; equally a replica's READONLY, NOAUTH, a forgotten `-c`): they
+/// fail with Redis's answer. redis-cli exits 0 on an error reply, and they printed
+/// "killed READONLY ... session(s)" or "no such session", exit 0 for the former.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_kill_scripts_fail_on_an_error_reply() {
+    require("redis-cli", "apt-get install -y redis-tools");
+    let redis = sessionhub_tests::RedisServer::start().await;
+    let run = |script: &str, arg: &str| {
+        let out = std::process::Command::new(repo_root().join("deploy/ops").join(script))
+            .arg(arg)
+            .env("REDIS_CLI_ARGS", format!("-p {}", redis.port()))
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stdout, stderr) = run("kill-user.sh", "alice");
+    assert!(!ok, "kill-user.sh succeeded: {stdout}");
+    assert!(!stdout.contains("killed"), "{stdout}");
+    assert!(stderr.contains("Function not found"), "{stderr}");
+    let (ok, stdout, stderr) = run("kill-session.sh", &"ab".repeat(16));
+    assert!(!ok, "kill-session.sh succeeded: {stdout}");
+    assert!(stderr.contains("Function not found"), "{stderr}");
+    assert!(!stderr.contains("no such session"), "{stderr}");
+    let (ok, _, stderr) = run("kill-session.sh", "not-a-session");
+    assert!(!ok);
+    assert!(stderr.contains("not a session id"), "{stderr}");
+    let (ok, _, stderr) = run("nodes.sh", "");
+    assert!(!ok);
+    assert!(
+        stderr.contains("no live node under key prefix sh:"),
+        "{stderr}"
+    );
+}
+
+/// A body over the shipped nginx config's limit gets the API's JSON 413, not
+/// nginx's HTML page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_refuses_an_oversized_body_with_the_apis_json() {
+    let cluster = ScriptCluster::start();
+    let body = format!(
+        r#"{{"user_id":"alice","user_agent":"{}"}}"#,
+        "x".repeat(200 * 1024)
+    );
+    let res = reqwest::Client::new()
+        .post(format!("{}/api/v1/sessions", cluster.nginx()))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(
+        res.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json")
+    );
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["error"], "too_large", "{body}");
+}
