@@ -413,9 +413,11 @@ impl Inner {
         };
         let found = tokio::time::timeout(self.command_timeout, find).await;
         match found {
-            // The master is recorded (which moves the subscriber too) only once its
-            // connection is made: recorded first, a failure here left every later
-            // look finding it "current" and the commands on the old master.
+            // The master is recorded (which moves the subscriber too) only once a
+            // client for it is built (the connection itself is made lazily):
+            // recorded first, a client that could not be built (its URL, the TLS
+            // setup) left every later look finding it "current" and the commands
+            // on the old master.
             Ok(Ok(url)) if !sentinel.is_current(&url) => match sentinel
                 .client(&url)
                 .and_then(|c| single_manager(c, self.command_timeout))

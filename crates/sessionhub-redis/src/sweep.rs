@@ -137,13 +137,13 @@ impl Marks {
         }
     }
 
-    /// Whether a periodic chore whose next time is in `next` is due at `now`; if
-    /// so, its next time moves `every` later.
     /// Makes the next sweep round mark every bucket due.
     pub(crate) fn full_sweep_soon(&self) {
         self.next_full.store(0, Ordering::Relaxed);
     }
 
+    /// Whether a periodic chore whose next time is in `next` is due at `now`; if
+    /// so, its next time moves `every` later.
     fn due(next: &AtomicI64, now: i64, every: Duration) -> bool {
         let at = next.load(Ordering::Relaxed);
         at <= now

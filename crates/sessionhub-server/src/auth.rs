@@ -260,13 +260,18 @@ pub fn refresh_ms(state: &AppState, session: &Session) -> i64 {
 }
 
 /// Records activity for the idle timeout, at most once per refresh interval (see
-/// [`refresh_ms`]), so that Redis is not written on every request.
-pub async fn touch_if_due(state: &AppState, session: &Session) {
+/// [`refresh_ms`]), so that Redis is not written on every request. False if it was
+/// due and could not be recorded.
+pub async fn touch_if_due(state: &AppState, session: &Session) -> bool {
     if now_ms() - session.last_seen_at < refresh_ms(state, session) {
-        return;
+        return true;
     }
-    if let Err(e) = state.engine.touch(&session.session_id).await {
-        tracing::warn!(error = %e, "could not record session activity");
+    match state.engine.touch(&session.session_id).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not record session activity");
+            false
+        }
     }
 }
 

@@ -375,6 +375,8 @@ impl Deliverer {
                 }) => (events, trimmed, pending),
                 Err(e) => {
                     tracing::warn!(bucket = %b, error = %e, "could not read lifecycle events");
+                    // Not kept through the pause: other buckets may post meanwhile.
+                    drop(permit);
                     if !self.pause(STORE_RETRY_DELAY).await {
                         return Drained::Stopped;
                     }

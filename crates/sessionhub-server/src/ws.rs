@@ -731,11 +731,14 @@ impl Socket {
     async fn activity(&mut self) {
         let now = sessionhub_core::time::now_ms();
         if now - self.session.last_seen_at >= crate::auth::refresh_ms(&self.state, &self.session) {
-            crate::auth::touch_if_due(&self.state, &self.session).await;
-            // Its idle timeout stays what it was.
-            let idle = self.session.idle_ms();
-            self.session.last_seen_at = now;
-            self.session.idle_expires_at = now + idle;
+            // Only once recorded: after a failed write the next activity tries
+            // again, rather than half an idle timeout later, when it may be late.
+            if crate::auth::touch_if_due(&self.state, &self.session).await {
+                // Its idle timeout stays what it was.
+                let idle = self.session.idle_ms();
+                self.session.last_seen_at = now;
+                self.session.idle_expires_at = now + idle;
+            }
         }
     }
 
