@@ -17,10 +17,16 @@ out=$(
     for b in $(buckets); do echo "FCALL sh_presence_counts 1 \"${P}{$b}:online\" ${nodes[*]}"; done
   } | rcli_batch
 )
+# Every bucket's counts came back (on Redis Cluster a master that cannot be reached
+# leaves its buckets' answers out): else nothing is printed, not a partial page.
+printf '%s\n' "$out" | awk '
+  $0 == "-- counts --" { counting = 1; next }
+  counting && NF { i++ }
+  END { exit !(counting && i == 512) }' || die "incomplete answer from Redis (a master unreachable?)"
 # Each bucket holds its own users in order: merge one page of each (an empty page
 # prints a blank line, dropped).
 printf '%s\n' "$out" | awk '$0 == "-- counts --" { done = 1 } !done && NF' | pairs | LC_ALL=C sort | awk -v n="$limit" 'NR <= n'
 printf '%s\n' "$out" | awk -v n="${#nodes[@]}" '
   $0 == "-- counts --" { counting = 1; next }
   counting && NF { if (++i % 2) u += $1; else c += $1 }
-  END { if (!counting) exit 1; printf "online_users=%d connections=%d nodes=%d\n", u, c, n }'
+  END { printf "online_users=%d connections=%d nodes=%d\n", u, c, n }'
