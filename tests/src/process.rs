@@ -428,6 +428,19 @@ impl Node {
         assert!(status.success(), "kill -s {sig} {pid}");
     }
 
+    /// A metric's value in the node's `/metrics` (a line `<name> <value>`), if the
+    /// node answers and has it.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let text = reqwest::get(format!("{}/metrics", self.base))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
     /// `GET /healthz` as JSON.
     pub async fn health(&self) -> serde_json::Value {
         reqwest::get(format!("{}/healthz", self.base))

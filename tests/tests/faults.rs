@@ -502,13 +502,23 @@ async fn a_client_that_stops_reading_is_closed_within_the_pong_timeout() {
     let cluster = TestCluster::start_with(1, &env).await;
     let node = &cluster.nodes[0];
     let api = Api::new(node);
+    let (s, _deaf) = deaf_client(node, &api).await;
+    assert_eq!(node.health().await["hub"]["slow_closes"], 0);
+    api.wait_no_connections(
+        &s.session_id,
+        "the client that stopped reading to be closed",
+    )
+    .await;
+    assert_eq!(node.health().await["hub"]["sockets"], 0);
+}
+
+/// A socket on `node` whose client never reads (a 4 KiB window), sent far more than
+/// TCP and actix-ws take: the node's writes to it wait. 150 frames of 60 KiB, under
+/// the 256 that close a socket with 1013 when its queue overflows.
+async fn deaf_client(node: &Node, api: &Api) -> (Created, tokio::net::TcpStream) {
     let s = api.create_session("deaf", "test").await;
-    // Never read: once its small window and the node's buffers are full, the
-    // node's writes wait.
-    let _deaf = sessionhub_tests::raw_upgrade(node, &s.token, Some(4096)).await;
+    let deaf = sessionhub_tests::raw_upgrade(node, &s.token, Some(4096)).await;
     let big = "x".repeat(60 * 1024);
-    // 150 frames: far more than TCP and actix-ws take, under the 256 that close a
-    // socket with 1013 when its queue overflows.
     for _ in 0..150 {
         let res = api
             .service(
@@ -519,13 +529,7 @@ async fn a_client_that_stops_reading_is_closed_within_the_pong_timeout() {
             .await;
         assert_eq!(res.status(), StatusCode::ACCEPTED);
     }
-    assert_eq!(node.health().await["hub"]["slow_closes"], 0);
-    api.wait_no_connections(
-        &s.session_id,
-        "the client that stopped reading to be closed",
-    )
-    .await;
-    assert_eq!(node.health().await["hub"]["sockets"], 0);
+    (s, deaf)
 }
 
 /// Clients that reset the connection while their socket registers leave nothing in
@@ -597,17 +601,11 @@ async fn a_node_leaving_while_a_heartbeat_waits_in_redis_leaves_no_lease() {
     );
 }
 
-/// A metric's value in the node's `/metrics` (a line `<name> <value>`).
+/// A metric's value in the node's `/metrics`; panics if it has none.
 async fn metric(node: &Node, name: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", node.base))
+    node.metric(name)
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+        .unwrap_or_else(|| panic!("no {name} in {}'s /metrics", node.id))
 }
 
 /// The node's lease in `sh:nodes`, if it has one.
@@ -1150,19 +1148,7 @@ async fn a_starting_node_refuses_connections_until_it_has_reached_redis() {
 async fn sigterm_exits_within_10_s_with_a_deaf_client_and_redis_paused() {
     let mut cluster = TestCluster::start(1).await;
     let api = Api::new(&cluster.nodes[0]);
-    let s = api.create_session("deaf", "test").await;
-    let _deaf = sessionhub_tests::raw_upgrade(&cluster.nodes[0], &s.token, Some(4096)).await;
-    let big = "x".repeat(60 * 1024);
-    for _ in 0..150 {
-        let res = api
-            .service(
-                Method::POST,
-                "/api/v1/publish",
-                Some(json!({ "to": { "session": s.session_id }, "event": "e", "data": big })),
-            )
-            .await;
-        assert_eq!(res.status(), StatusCode::ACCEPTED);
-    }
+    let (_, _deaf) = deaf_client(&cluster.nodes[0], &api).await;
     cluster.redis.signal("STOP");
     let started = Instant::now();
     cluster.nodes[0].signal("TERM");

@@ -80,14 +80,8 @@ pub(crate) async fn run(inner: Arc<Inner>, events: EventSender) {
         tokio::select! {
             _ = inner.stop.cancelled() => return,
             _ = heartbeat.tick() => {
-                match renew(&inner).await {
-                    Renewal::Held => {}
-                    Renewal::Lost => {
-                        if !rejoin(&inner, &events).await {
-                            return;
-                        }
-                    }
-                    Renewal::Superseded => return supersede(&inner, &events).await,
+                if !renew_or_rejoin(&inner, &events).await {
+                    return;
                 }
                 probe(&inner).await;
             }
@@ -96,17 +90,24 @@ pub(crate) async fn run(inner: Arc<Inner>, events: EventSender) {
             // after it), and a second rejoin would fence the new lease and drop the
             // records the first one restored: rejoin only if the lease is gone.
             _ = inner.rejoin.notified() => {
-                match renew(&inner).await {
-                    Renewal::Held => {}
-                    Renewal::Lost => {
-                        if !rejoin(&inner, &events).await {
-                            return;
-                        }
-                    }
-                    Renewal::Superseded => return supersede(&inner, &events).await,
+                if !renew_or_rejoin(&inner, &events).await {
+                    return;
                 }
             }
             _ = reap.tick() => reap_dead(&inner).await,
+        }
+    }
+}
+
+/// Renews, and rejoins if the lease was lost; false once the node's id turned out
+/// to be another process's (the lease task ends).
+async fn renew_or_rejoin(inner: &Inner, events: &EventSender) -> bool {
+    match renew(inner).await {
+        Renewal::Held => true,
+        Renewal::Lost => rejoin(inner, events).await,
+        Renewal::Superseded => {
+            supersede(inner, events).await;
+            false
         }
     }
 }
