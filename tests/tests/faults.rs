@@ -23,6 +23,19 @@ async fn kill(api: &Api, sid: &str) {
     assert_eq!(res.status(), StatusCode::NO_CONTENT);
 }
 
+/// Waits, within [`FAST_REAP_BOUND`], until session `sid` has no connection left: the
+/// paused or killed `node` holding them was reaped.
+async fn reaped(api: &Api, sid: &str, node: &str) {
+    wait_for(&format!("{node} to be reaped"), FAST_REAP_BOUND, || async {
+        api.connection_nodes(sid)
+            .await
+            .unwrap()
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+}
+
 /// Reads until the socket closes; returns the close code and how long it took.
 async fn closed_within(ws: &mut WsClient, started: Instant) -> (u16, Duration) {
     let (code, _) = ws.expect_close().await;
@@ -112,18 +125,7 @@ async fn a_paused_node_fences_itself_and_closes_a_session_killed_meanwhile() {
 
     cluster.nodes[1].signal("STOP");
     // Past its lease: the others reap its records.
-    wait_for("B to be reaped", FAST_REAP_BOUND, || {
-        let api = api.clone();
-        let sid = keeper.session_id.clone();
-        async move {
-            api.connection_nodes(&sid)
-                .await
-                .unwrap()
-                .is_empty()
-                .then_some(())
-        }
-    })
-    .await;
+    reaped(&api, &keeper.session_id, "B").await;
     kill(&api, &victim.session_id).await;
     // Upgrades that reach B while it is paused: registered under the lease it lost,
     // they are answered FENCED once it resumes, after (or while) it rejoins.
@@ -1059,17 +1061,7 @@ async fn a_node_resuming_after_its_id_was_taken_stops_and_leaves_the_new_runs_re
 
     // node-a pauses past its lease; a new process takes the id meanwhile.
     cluster.nodes[0].pause().await;
-    wait_for("node-a to be reaped", FAST_REAP_BOUND, || {
-        let (api, sid) = (api.clone(), alice.session_id.clone());
-        async move {
-            api.connection_nodes(&sid)
-                .await
-                .unwrap()
-                .is_empty()
-                .then_some(())
-        }
-    })
-    .await;
+    reaped(&api, &alice.session_id, "node-a").await;
     let successor = Node::start(same_id(&cluster.redis, "node-a")).await;
     let mut bob_ws = WsClient::connect(&successor, &bob.token).await.unwrap();
     let bob_cid = bob_ws.connection_id().to_owned();
