@@ -98,12 +98,16 @@ impl Api {
 
     /// Creates a session for `user`.
     pub async fn create_session(&self, user: &str, user_agent: &str) -> Created {
+        self.create_session_with(
+            json!({ "user_id": user, "user_agent": user_agent, "ip": "192.0.2.7" }),
+        )
+        .await
+    }
+
+    /// Creates a session from a `POST /api/v1/sessions` body (lifetimes, ...).
+    pub async fn create_session_with(&self, body: Value) -> Created {
         let res = self
-            .service(
-                Method::POST,
-                "/api/v1/sessions",
-                Some(json!({ "user_id": user, "user_agent": user_agent, "ip": "192.0.2.7" })),
-            )
+            .service(Method::POST, "/api/v1/sessions", Some(body))
             .await;
         assert_eq!(res.status(), StatusCode::CREATED, "create session");
         let created: Created = res.json().await.unwrap();

@@ -108,18 +108,10 @@ async fn a_short_idle_timeout_is_kept_alive_by_activity() {
     let cluster = TestCluster::start(1).await;
     let node = &cluster.nodes[0];
     let api = Api::new(node);
-    let res = api
-        .service(
-            Method::POST,
-            "/api/v1/sessions",
-            Some(json!({ "user_id": "busy", "idle_timeout_secs": 2 })),
-        )
+    let s = api
+        .create_session_with(json!({ "user_id": "busy", "idle_timeout_secs": 2 }))
         .await;
-    let s: Value = res.json().await.unwrap();
-    let token = s["token"].as_str().unwrap().to_owned();
-    let sid = s["session_id"].as_str().unwrap().to_owned();
-    secrets::remember(&token);
-    let mut ws = WsClient::connect(node, &token).await.unwrap();
+    let mut ws = WsClient::connect(node, &s.token).await.unwrap();
     // Activity every 0.4 s for 6 s: three idle timeouts.
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(6) {
@@ -127,7 +119,7 @@ async fn a_short_idle_timeout_is_kept_alive_by_activity() {
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
     assert!(
-        api.connection_nodes(&sid).await.is_some(),
+        api.connection_nodes(&s.session_id).await.is_some(),
         "the session idled out while its socket was in use"
     );
     // Left alone, it ends by its idle timeout.
@@ -145,17 +137,10 @@ async fn a_sweep_index_lost_with_the_link_is_rebuilt_on_resubscription() {
     let node = &cluster.nodes[0];
     let api = Api::new(node);
     let started = Instant::now();
-    let res = api
-        .service(
-            Method::POST,
-            "/api/v1/sessions",
-            Some(json!({ "user_id": "short", "ttl_secs": 3 })),
-        )
+    let s = api
+        .create_session_with(json!({ "user_id": "short", "ttl_secs": 3 }))
         .await;
-    let s: Value = res.json().await.unwrap();
-    let token = s["token"].as_str().unwrap().to_owned();
-    secrets::remember(&token);
-    let mut ws = WsClient::connect(node, &token).await.unwrap();
+    let mut ws = WsClient::connect(node, &s.token).await.unwrap();
     let mut c = cluster.redis.conn().await;
     let gone: u64 = redis::cmd("DEL")
         .arg("sh:sweep")

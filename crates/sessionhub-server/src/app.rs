@@ -118,7 +118,7 @@ impl Application {
         let to_listen = socket
             .try_clone()
             .map_err(|source| StartError::Bind { addr, source })?;
-        let boot = Arc::new(Boot::new(config, to_listen));
+        let boot = Arc::new(Boot::new(config, to_listen, addr));
         let factory_boot = boot.clone();
         let server = HttpServer::new(move || {
             let boot = factory_boot.clone();
@@ -192,7 +192,6 @@ impl Application {
         .shutdown_timeout(SERVER_STOP_TIMEOUT.as_secs())
         .listen(std::net::TcpListener::from(socket))
         .map_err(|source| StartError::Bind { addr, source })?;
-        let _ = boot.addr.set(addr);
         let mut server = Box::pin(server.run());
         let handle = server.handle();
         // The first poll starts the workers and returns once each has started (or
@@ -297,8 +296,8 @@ enum Built {
 struct Boot {
     /// Taken by the worker that builds the state.
     config: std::sync::Mutex<Option<Config>>,
-    /// The bound address, known before any worker starts.
-    addr: std::sync::OnceLock<SocketAddr>,
+    /// The bound address.
+    addr: SocketAddr,
     built: tokio::sync::watch::Sender<Built>,
     error: std::sync::Mutex<Option<StartError>>,
     /// The server's socket, bound but not listening: made to listen once the state
@@ -308,10 +307,10 @@ struct Boot {
 }
 
 impl Boot {
-    fn new(config: Config, listener: socket2::Socket) -> Self {
+    fn new(config: Config, listener: socket2::Socket, addr: SocketAddr) -> Self {
         Self {
             config: std::sync::Mutex::new(Some(config)),
-            addr: std::sync::OnceLock::new(),
+            addr,
             built: tokio::sync::watch::Sender::new(Built::Pending),
             error: std::sync::Mutex::new(None),
             listener: std::sync::Mutex::new(Some(listener)),
@@ -321,12 +320,14 @@ impl Boot {
     /// Makes the server's socket listen: the node takes connections from now on.
     fn start_listening(&self) -> Result<(), StartError> {
         let socket = self.listener.lock().ok().and_then(|mut l| l.take());
-        let addr = self.addr.get().copied();
-        match (socket, addr) {
-            (Some(socket), Some(addr)) => socket
+        match socket {
+            Some(socket) => socket
                 .listen(LISTEN_BACKLOG)
-                .map_err(|source| StartError::Bind { addr, source }),
-            _ => Ok(()),
+                .map_err(|source| StartError::Bind {
+                    addr: self.addr,
+                    source,
+                }),
+            None => Ok(()),
         }
     }
 
@@ -335,7 +336,7 @@ impl Boot {
     async fn state(&self) -> Result<AppState, ()> {
         let config = self.config.lock().ok().and_then(|mut c| c.take());
         if let Some(config) = config {
-            let addr = self.addr.get().copied().unwrap_or(config.listen);
+            let addr = self.addr;
             let built = match build_state(config, addr).await {
                 Ok(state) => match self.start_listening() {
                     Ok(()) => Ok(state),
